@@ -1,0 +1,35 @@
+"""One exception tree for the whole library; only the CLI turns these into exit codes."""
+
+from __future__ import annotations
+
+
+class ProbkitError(Exception):
+    """Base of every error probkit raises on purpose (exit code 1 in the CLI)."""
+
+    exit_code = 1
+
+
+class SpecError(ProbkitError, ValueError):
+    """The spec is malformed: bad YAML, unknown key, bad expression, shape mismatch (exit 2)."""
+
+    exit_code = 2
+
+
+class DataError(ProbkitError, ValueError):
+    """The data set cannot be loaded or is malformed (exit 2: fix the input)."""
+
+    exit_code = 2
+
+
+class UsageError(ProbkitError, ValueError):
+    """A command-line or API argument is wrong (exit 2)."""
+
+    exit_code = 2
+
+
+class FitError(ProbkitError, RuntimeError):
+    """Fitting failed while running, e.g. a non-finite loss (exit 1)."""
+
+
+class RunError(ProbkitError):
+    """A run folder is missing or unreadable (exit 1)."""
