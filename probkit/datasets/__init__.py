@@ -2,132 +2,149 @@
 
 Every loader returns `RawImages` at the source's native resolution (float32 in [0, 1],
 N x C x H x W); resizing, channel matching and transforms happen in `probkit.data`.
+A source is a built-in name (`mnist`) or a path relative to the spec's folder: a folder of
+images, a `.npy` / `.npz` file, or an MNIST-format IDX file. Write `./mnist` to mean a
+folder that happens to share a built-in name.
 """
 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+import hashlib
 from pathlib import Path
 
-import numpy as np
-
+from probkit.datasets.arrays import load_array_file
+from probkit.datasets.builtin import BUILTIN, Loader, missing_requirement
+from probkit.datasets.cache import cache_dir, cached_arrays, clear_cache
+from probkit.datasets.folder import image_suffixes, load_image_folder
+from probkit.datasets.idx import IDX_TYPES, find_labels_file, is_idx_name, load_idx
+from probkit.datasets.raw import DatasetInfo, RawImages, take_subset
 from probkit.errors import DataError
 
+__all__ = [
+    "BUILTIN",
+    "DatasetInfo",
+    "Loader",
+    "RawImages",
+    "cache_dir",
+    "cached_arrays",
+    "clear_cache",
+    "describe",
+    "load_source",
+    "missing_requirement",
+    "resolve_path",
+    "source_fingerprint",
+]
 
-@dataclass
-class RawImages:
-    """Images as loaded, before resizing and transforms."""
-
-    images: np.ndarray  # float32, N x C x H x W, values in [0, 1]
-    labels: np.ndarray | None = None  # int64, N
-    label_names: list[str] | None = None
-    notes: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What `probkit datasets` prints about a built-in set."""
-
-    name: str
-    images: str
-    resolution: str
-    labels: str
-    channels: int
-    package: str
-    licence: str
+_SOURCE_KINDS = (
+    "a built-in data set name, a folder of images, a .npy or .npz file, or an MNIST-format "
+    "IDX file (name ending -idx3-ubyte or .idx, optionally .gz)"
+)
 
 
-def _load_digits(*, seed: int, count: int | None) -> RawImages:
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    images = (bunch.images.astype(np.float32) / 16.0)[:, None]
-    return RawImages(images, bunch.target.astype(np.int64), [str(d) for d in range(10)])
+def describe() -> list[DatasetInfo]:
+    """One entry per built-in set, in listing order, for `probkit datasets`."""
+    return [info for info, _ in BUILTIN.values()]
 
 
-BUILTIN: dict[str, tuple[DatasetInfo, object]] = {
-    "digits": (
-        DatasetInfo(
-            "digits", "1797", "8x8 (17 levels)", "digit 0-9", 1, "scikit-learn",
-            "UCI optical digits, CC BY 4.0",
-        ),
-        _load_digits,
-    ),
-}
+def load_source(
+    source: str,
+    *,
+    base_dir: Path,
+    seed: int = 0,
+    count: int | None = None,
+    size: int | None = None,
+) -> RawImages:
+    """Load a built-in set by name, or a user path relative to the spec's folder.
 
-
-def _load_array_file(path: Path) -> RawImages:
-    try:
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as archive:
-                if "images" not in archive:
-                    raise DataError(
-                        f"{path}: a .npz needs its images under the key 'images' "
-                        f"(found keys: {sorted(archive.files)})"
-                    )
-                images = archive["images"]
-                labels = archive["labels"] if "labels" in archive else None
-        else:
-            images, labels = np.load(path, allow_pickle=False), None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read the array file ({exc})") from exc
-    return RawImages(_to_nchw(images, path), _check_labels(labels, len(images), path))
-
-
-def _to_nchw(images: np.ndarray, path: Path) -> np.ndarray:
-    """Accept N x H x W, N x H x W x C or N x C x H x W; uint8 0-255 or float 0-1."""
-    if images.ndim == 3:
-        images = images[:, None]
-    elif images.ndim == 4:
-        if images.shape[-1] in (1, 3, 4) and images.shape[1] not in (1, 3, 4):
-            images = np.moveaxis(images, -1, 1)
-    else:
-        raise DataError(
-            f"{path}: expected an array of rank 3 (N x H x W) or 4 (N x H x W x C or "
-            f"N x C x H x W), found rank {images.ndim} with shape {images.shape}"
-        )
-    if images.shape[1] == 4:  # drop alpha
-        images = images[:, :3]
-    if images.dtype == np.uint8:
-        return images.astype(np.float32) / 255.0
-    images = images.astype(np.float32)
-    bad = ~np.isfinite(images) | (images < 0) | (images > 1)
-    if bad.any():
-        index = int(np.argwhere(bad.reshape(len(images), -1).any(1))[0, 0])
-        raise DataError(
-            f"{path}: image {index} has values outside [0, 1] or NaN; float images must "
-            "lie in [0, 1] (or store them as uint8 0-255)"
-        )
-    return images
-
-
-def _check_labels(labels: np.ndarray | None, n: int, path: Path) -> np.ndarray | None:
-    if labels is None:
-        return None
-    labels = np.asarray(labels).reshape(-1)
-    if len(labels) != n:
-        raise DataError(f"{path}: {len(labels)} labels for {n} images; they must match")
-    return labels.astype(np.int64)
-
-
-def load_source(source: str, *, base_dir: Path, seed: int = 0, count: int | None = None) -> RawImages:
-    """Load a built-in set by name, or a user path relative to the spec's folder."""
+    seed: picks the random patches (textures), patterns (wallpaper), or the `count`
+        images kept from a fixed-size source.
+    count: how many images; None means the whole source (or the set's default size).
+    size: the resolution generated sets are drawn at (wallpaper); others ignore it.
+    """
     if source in BUILTIN:
         _, loader = BUILTIN[source]
-        return loader(seed=seed, count=count)
-    path = Path(source)
+        return loader(seed=seed, count=count, size=size)
+    path = resolve_path(source, base_dir=base_dir)
+    if path.is_dir():
+        raw = load_image_folder(path)
+    elif path.suffix.lower() in (".npy", ".npz"):
+        raw = load_array_file(path)
+    elif is_idx_name(path) or _has_idx_header(path):
+        raw = load_idx(path)
+    elif path.suffix.lower() in image_suffixes():
+        raise DataError(
+            f"{path}: is a single image; point the data source at the folder that holds "
+            f"the images ({path.parent})"
+        )
+    else:
+        raise DataError(f"{path}: unsupported data source; expected {_SOURCE_KINDS}")
+    return take_subset(raw, count, seed=seed, where=str(path))
+
+
+def resolve_path(source: str, *, base_dir: Path) -> Path:
+    """The existing file or folder `source` names (relative to `base_dir`), or a DataError."""
+    if not source.strip():
+        raise DataError(f"the data source is empty; expected {_SOURCE_KINDS}")
+    path = Path(source).expanduser()
     if not path.is_absolute():
-        path = base_dir / path
-    if path.suffix in (".npy", ".npz"):
-        if not path.exists():
-            raise DataError(f"data file not found: {path}")
-        return _load_array_file(path)
-    if not path.exists():
-        close = difflib.get_close_matches(source, list(BUILTIN), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        path = Path(base_dir) / path
+    if path.exists():
+        return path
+    looks_like_name = Path(source).suffix == "" and len(Path(source).parts) == 1
+    hint = _did_you_mean(source, path, builtin_first=looks_like_name)
+    if looks_like_name:
         raise DataError(
             f"unknown data source '{source}': not a built-in data set "
-            f"({', '.join(BUILTIN)}) and no such file {path}{hint}"
+            f"({', '.join(BUILTIN)}) and no file or folder {path}{hint}"
         )
-    raise DataError(f"{path}: unsupported data source (expected a .npy or .npz file)")
+    raise DataError(f"data file not found: {path}{hint}")
+
+
+def source_fingerprint(source: str, *, base_dir: Path) -> str:
+    """A short hash that changes when the data behind `source` (or its loader) changes.
+
+    Put it in a `cached_arrays` key so an edited file or an upgraded package is re-read.
+    Built-in sets hash the loader code and the providing package's version; user paths
+    hash each file's name, size and modification time (not the contents: that is fast).
+    """
+    digest = hashlib.sha256()
+    for module in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(module.read_bytes())
+    if source in BUILTIN:
+        digest.update(f"builtin:{source}:{_package_version(BUILTIN[source][0].package)}".encode())
+        return digest.hexdigest()[:16]
+    path = resolve_path(source, base_dir=base_dir).resolve()
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    labels = find_labels_file(path) if path.is_file() and is_idx_name(path) else None
+    for file in files + ([labels] if labels else []):
+        if file.is_file():
+            stat = file.stat()
+            digest.update(f"{file}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _package_version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except (PackageNotFoundError, ValueError):
+        return "unknown"
+
+
+def _has_idx_header(path: Path) -> bool:
+    """IDX files saved under another name still start with 00 00 <type> <ndim>."""
+    if not path.is_file():
+        return False
+    with path.open("rb") as stream:
+        head = stream.read(4)
+    return len(head) == 4 and head[:2] == b"\0\0" and head[2] in IDX_TYPES and 1 <= head[3] <= 4
+
+
+def _did_you_mean(source: str, path: Path, *, builtin_first: bool) -> str:
+    siblings = [p.name for p in path.parent.iterdir()] if path.parent.is_dir() else []
+    builtin = difflib.get_close_matches(source.lower(), list(BUILTIN), n=1)
+    nearby = difflib.get_close_matches(path.name, siblings, n=1)
+    choices = builtin + nearby if builtin_first else nearby + builtin
+    return f"; did you mean '{choices[0]}'?" if choices else ""

@@ -1,0 +1,207 @@
+"""The `probkit` command: a thin typer layer over the library API.
+
+Commands declare options and call library code; library code raises ProbkitError and
+only this module prints messages and chooses exit codes (0 ok, 1 failure, 2 bad input).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from probkit import api
+from probkit.errors import ProbkitError, UsageError
+from probkit.spec import suggest
+
+app = typer.Typer(
+    help="Declare a probability model of images in YAML; fit, sample and evaluate it with Pyro.",
+    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+SpecArg = Annotated[str, typer.Argument(help="a spec file (its run is runs/<name>/) or a run folder")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="the run folder (default runs/<name>/)")]
+
+
+def reports_errors(command):
+    """Turn ProbkitError into a one-paragraph message and its exit code; never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except ProbkitError as exc:
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted; the last checkpoint in the run folder is kept (--resume continues)")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.command()
+@reports_errors
+def validate(spec: Annotated[str, typer.Argument(help="the spec file")]):
+    """Parse, compile and shape-check a spec; print what it declares."""
+    prepared = api.prepare(spec)
+    from probkit.summary import summary_tables
+
+    for table in summary_tables(prepared):
+        console.print(table)
+    console.print(f"[green]ok[/]: {spec} is a valid spec")
+
+
+@app.command()
+@reports_errors
+def show(
+    spec: Annotated[str, typer.Argument(help="the spec file")],
+    npy: Annotated[Optional[Path], typer.Option("--npy", help="where to write the training array the program loads")] = None,
+):
+    """Print the spec's Pyro program as standalone Python (model, guide, fit loop)."""
+    from probkit.show import program_source, write_training_array
+
+    prepared = api.prepare(spec)
+    path = npy or Path("runs") / prepared.loaded.name / "train.npy"
+    write_training_array(prepared, path)
+    sys.stdout.write(program_source(prepared, path))
+    err_console.print(f"(the program reads the training images from {path})")
+
+
+@app.command()
+@reports_errors
+def fit(
+    spec: Annotated[str, typer.Argument(help="the spec file")],
+    steps: Annotated[Optional[int], typer.Option("--steps", help="optimiser steps (default: fit.steps)")] = None,
+    device: DeviceOpt = "auto",
+    seed: Annotated[Optional[int], typer.Option("--seed", help="default: fit.seed")] = None,
+    out: OutOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from the run folder's checkpoint")] = False,
+    engine: Annotated[str, typer.Option("--engine", help="fused (fast) | pyro (TraceEnum_ELBO)")] = "fused",
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="show the progress bar")] = True,
+):
+    """Fit theta (MAP or MLE) and write the run folder."""
+    prepared_spec = api.load_spec(spec)
+    total = prepared_spec.spec.fit.steps if steps is None else steps
+    bar = Progress(
+        TextColumn("[bold]fit[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("held-out {task.fields[bpd]} bits/dim"),
+        TextColumn("{task.fields[rate]} steps/s"), TimeRemainingColumn(),
+        console=err_console, disable=not progress, transient=False,
+    )
+    state = {"last": time.perf_counter(), "count": 0, "rate": "-", "bpd": "-"}
+    with bar:
+        task = bar.add_task(prepared_spec.name, total=total, loss="-", bpd="-", rate="-")
+
+        def on_step(step: int, loss: float, test_bpd: float | None):
+            state["count"] += 1
+            now = time.perf_counter()
+            if test_bpd is not None:
+                state["bpd"] = f"{test_bpd:.4f}"
+            if now - state["last"] > 0.5 or step == total:
+                state["rate"] = f"{state['count'] / (now - state['last']):.0f}"
+                state["last"], state["count"] = now, 0
+                bar.update(task, completed=step, loss=f"{loss:.4g}", bpd=state["bpd"], rate=state["rate"])
+
+        result = api.fit(prepared_spec, steps=steps, device=device, seed=seed, out=out, resume=resume,
+                         engine=engine, on_step=on_step)
+        bar.update(task, completed=total)
+    _print_metrics(result.metrics)
+    console.print(f"run folder: {result.run_dir}")
+    if result.samples_png:
+        console.print(f"samples: {result.samples_png}")
+
+
+@app.command()
+@reports_errors
+def sample(
+    target: SpecArg,
+    n: Annotated[int, typer.Option("-n", "--n", help="how many images")] = 64,
+    given: Annotated[Optional[list[str]], typer.Option("--given", help="fix a latent, e.g. y=3 (repeatable)")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: DeviceOpt = "cpu",
+    out: Annotated[Optional[Path], typer.Option("--out", help="a .png path or a folder (default: the run folder)")] = None,
+):
+    """Draw new images from a fitted run: a PNG grid and a .npy."""
+    from probkit.runs import resolve_run
+    from probkit.sampling import parse_given
+
+    run = resolve_run(target)
+    suffix = "" if not given else "-" + "-".join(g.replace("=", "") for g in given)
+    destination = out or run.path / f"sample{suffix}.png"
+    _, files = api.sample(run, n, given=parse_given(given), seed=seed, device=device, out=destination)
+    console.print(f"{n} samples: {files['png']} (grid), {files['npy']} (array)")
+
+
+@app.command()
+@reports_errors
+def evaluate(
+    target: SpecArg,
+    device: DeviceOpt = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+):
+    """Train and held-out NLL (nats/image) and bits/dim of a fitted run."""
+    metrics = api.evaluate(target, device=device)
+    if as_json:
+        typer.echo(json.dumps(metrics))
+    else:
+        _print_metrics(metrics)
+
+
+def _print_metrics(metrics: dict) -> None:
+    table = Table(title="fit quality")
+    table.add_column("split")
+    table.add_column("NLL (nats/image)", justify="right")
+    table.add_column("bits/dim", justify="right")
+    for part in ("train", "test"):
+        row = metrics.get(part)
+        if row:
+            table.add_row("held-out" if part == "test" else part, f"{row['nll']:.3f}", f"{row['bits_per_dim']:.4f}")
+    console.print(table)
+
+
+@app.command()
+@reports_errors
+def datasets(
+    name: Annotated[Optional[str], typer.Argument(help="a data set to look at")] = None,
+    show_grid: Annotated[bool, typer.Option("--show", help="write a PNG grid of examples")] = False,
+    size: Annotated[int, typer.Option("--size", help="image size for --show")] = 32,
+    out: Annotated[Optional[Path], typer.Option("--out", help="PNG path for --show")] = None,
+):
+    """List the built-in data sets, or write a grid of examples of one."""
+    from probkit.datasets import describe
+
+    infos = describe()
+    if name is not None and name not in {i.name for i in infos}:
+        if not show_grid:
+            raise UsageError(f"unknown data set '{name}'{suggest(name, [i.name for i in infos])}")
+    if not show_grid:
+        table = Table(title="built-in data sets")
+        for column in ("name", "images", "resolution", "labels", "channels", "package", "licence"):
+            table.add_column(column)
+        for info in infos:
+            if name in (None, info.name):
+                table.add_row(info.name, info.images, info.resolution, info.labels, str(info.channels),
+                              info.package, info.licence)
+        console.print(table)
+        return
+    if name is None:
+        raise UsageError("--show needs a data set name, e.g. probkit datasets digits --show")
+    path = api.dataset_examples(name, out or Path(f"{name}-examples.png"), size=size)
+    console.print(f"examples of {name}: {path}")
+
+
+def main():  # pragma: no cover - the console script
+    app()

@@ -1,0 +1,211 @@
+"""From a spec's `data:` block to training and held-out tensors the model sees.
+
+Loading (built-in sets, user files) lives in `probkit.datasets`; this module resizes,
+matches channels, splits deterministically, and applies the transforms of DESIGN section 5,
+including the per-epoch randomness of `continuous` and `binarize: dynamic`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from probkit.datasets import RawImages, cached_arrays, load_source, source_fingerprint
+from probkit.errors import DataError
+from probkit.spec import DataSpec
+
+LUMINANCE = (0.299, 0.587, 0.114)
+
+
+def resize_images(images: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Antialiased bilinear resize of N x C x H x W float images in [0, 1]."""
+    if images.shape[-2:] == tuple(hw):
+        return images.astype(np.float32, copy=False)
+    out = F.interpolate(
+        torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)),
+        size=hw, mode="bilinear", antialias=True, align_corners=False,
+    )
+    return out.clamp_(0, 1).numpy()
+
+
+def match_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """Grayscale <-> RGB so the images have the spec's channel count."""
+    have = images.shape[1]
+    if have == channels:
+        return images
+    if channels == 3 and have == 1:
+        return np.repeat(images, 3, axis=1)
+    if channels == 1 and have == 3:
+        weights = np.asarray(LUMINANCE, dtype=np.float32).reshape(1, 3, 1, 1)
+        return (images * weights).sum(1, keepdims=True).astype(np.float32)
+    raise DataError(f"cannot convert images with {have} channels to {channels}")
+
+
+@dataclass
+class Dataset:
+    """Prepared images, flattened channel-first to N x D, with the transform to apply."""
+
+    spec: DataSpec
+    channels: int
+    height: int
+    width: int
+    train_levels: torch.Tensor  # N x D integer levels 0..255 as float (or intensities for binary)
+    test_levels: torch.Tensor
+    train_labels: torch.Tensor | None
+    test_labels: torch.Tensor | None
+    label_names: list[str] | None
+    notes: list[str] = field(default_factory=list)
+    _fixed: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def D(self) -> int:
+        return self.channels * self.height * self.width
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train_levels)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.test_levels)
+
+    @property
+    def transform(self) -> str:
+        return self.spec.transform
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the training x changes every epoch (dequantisation, dynamic binarising)."""
+        return self.transform == "continuous" or (
+            self.transform == "binary" and self.spec.binarize == "dynamic"
+        )
+
+    def apply(self, levels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """The transform of DESIGN section 5; `generator` draws the noise (None: none needed)."""
+        if self.transform == "discrete":
+            return levels
+        if self.transform == "continuous":
+            noise = torch.rand(levels.shape, generator=generator, device=levels.device)
+            return (levels + noise) / 256.0
+        intensity = levels / 255.0
+        if self.spec.binarize == "dynamic":
+            return torch.bernoulli(intensity, generator=generator)
+        return (intensity > self.spec.threshold).to(levels.dtype)
+
+    def fixed(self, part: str) -> torch.Tensor:
+        """Training or held-out x with fixed noise (seeded by data.seed): used for metrics."""
+        if part not in self._fixed:
+            levels = self.train_levels if part == "train" else self.test_levels
+            generator = torch.Generator(device=levels.device).manual_seed(self.spec.seed + (part == "test"))
+            self._fixed[part] = self.apply(levels, generator)
+        return self._fixed[part]
+
+    def to(self, device: torch.device) -> "Dataset":
+        def move(t):
+            return None if t is None else t.to(device)
+
+        return Dataset(
+            self.spec, self.channels, self.height, self.width, move(self.train_levels),
+            move(self.test_levels), move(self.train_labels), move(self.test_labels),
+            self.label_names, self.notes,
+        )
+
+    def bits_per_dim(self, nll_per_image: float) -> float:
+        """DESIGN section 5: continuous densities pay D ln 256 to compare with discrete ones."""
+        offset = self.D * math.log(256.0) if self.transform == "continuous" else 0.0
+        return (nll_per_image + offset) / (self.D * math.log(2.0))
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for tensor in (self.train_levels, self.test_levels, self.train_labels, self.test_labels):
+            if tensor is not None:
+                digest.update(tensor.detach().cpu().to(torch.int16).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def images(self, x: torch.Tensor) -> np.ndarray:
+        """Flat model-scale x -> N x C x H x W display intensities in [0, 1]."""
+        scale = 255.0 if self.transform == "discrete" else 1.0
+        flat = (x.detach().cpu().float() / scale).clamp(0, 1)
+        return flat.reshape(-1, self.channels, self.height, self.width).numpy()
+
+
+def prepare(raw: RawImages, spec: DataSpec) -> np.ndarray:
+    """Resize and match channels; returns uint8-valued float levels N x C x H x W."""
+    images = match_channels(resize_images(raw.images, spec.hw), spec.channels)
+    return np.round(images * 255.0).astype(np.float32)
+
+
+def load_dataset(spec: DataSpec, base_dir: Path) -> Dataset:
+    """Load, prepare and split the spec's data (deterministic in `data.seed`)."""
+    levels, labels_np, label_names, notes = _prepared_levels(spec, base_dir)
+    n = len(levels)
+    n_test = math.ceil(n * spec.test_fraction - 1e-9)
+    if spec.test_fraction > 0 and n_test == 0:
+        n_test = 1
+    if n - n_test < 1:
+        raise DataError(f"data source '{spec.source}' has {n} images: too few to split off a held-out set")
+    order = np.random.default_rng(spec.seed).permutation(n)
+    test_idx, train_idx = np.sort(order[:n_test]), np.sort(order[n_test:])
+    flat = torch.from_numpy(levels.reshape(n, -1))
+    labels = None if labels_np is None else torch.from_numpy(labels_np.astype(np.int64))
+    C, H, W = levels.shape[1:]
+    return Dataset(
+        spec, C, H, W, flat[train_idx].contiguous(), flat[test_idx].contiguous(),
+        None if labels is None else labels[train_idx],
+        None if labels is None else labels[test_idx],
+        label_names, notes,
+    )
+
+
+PREPARE_VERSION = 1  # bump when resizing or channel matching changes, to invalidate the cache
+
+
+def _prepared_levels(spec: DataSpec, base_dir: Path):
+    """Load, resize and match channels, through the on-disk cache (keyed by source and options)."""
+    found: dict[str, RawImages] = {}
+
+    def build() -> dict[str, np.ndarray]:
+        raw = load_source(spec.source, base_dir=base_dir, seed=spec.seed, count=spec.count, size=max(spec.hw))
+        if len(raw.images) == 0:
+            raise DataError(f"data source '{spec.source}' has no images")
+        found["raw"] = raw
+        arrays = {"levels": prepare(raw, spec).astype(np.uint8)}
+        if raw.labels is not None:
+            arrays["labels"] = raw.labels.astype(np.int64)
+        return arrays
+
+    key = {
+        "source": spec.source, "fingerprint": source_fingerprint(spec.source, base_dir=base_dir),
+        "size": list(spec.hw), "channels": spec.channels, "seed": spec.seed, "count": spec.count,
+        "version": PREPARE_VERSION,
+    }
+    arrays = cached_arrays(key, build)
+    raw = found.get("raw")
+    label_names = raw.label_names if raw is not None else _label_names(spec, base_dir)
+    notes = list(raw.notes) if raw is not None else []
+    return arrays["levels"].astype(np.float32), arrays.get("labels"), label_names, notes
+
+
+def _label_names(spec: DataSpec, base_dir: Path) -> list[str] | None:
+    from probkit.datasets import BUILTIN
+
+    if spec.source in BUILTIN:
+        return BUILTIN[spec.source][0].label_names if hasattr(BUILTIN[spec.source][0], "label_names") else None
+    return None
+
+
+def summarize(dataset: Dataset) -> dict:
+    return {
+        "source": dataset.spec.source,
+        "train": dataset.n_train,
+        "test": dataset.n_test,
+        "shape": [dataset.channels, dataset.height, dataset.width],
+        "transform": dataset.transform,
+        "labels": dataset.train_labels is not None,
+    }

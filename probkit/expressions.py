@@ -1,0 +1,304 @@
+"""Spec expressions: a small safe subset of Python, parsed with `ast` and never `eval`-ed.
+
+`parse` checks every node against a whitelist and every name against the names in scope;
+`evaluate` interprets the checked tree with torch; `render` prints it as Python source for
+`probkit show`. All three walk the same tree, so what is shown is what is run.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from probkit.distributions import FAMILIES
+from probkit.errors import SpecError
+from probkit.spec import KeyPath, SourceMap, dotted, suggest
+
+
+@dataclass(frozen=True)
+class Function:
+    """A whitelisted function: how to run it and how to print it."""
+
+    run: Callable[..., Any]
+    source: str  # format string over the rendered arguments
+
+
+def _reduce(op):
+    def run(x, dim=None):
+        return op(x) if dim is None else op(x, dim=dim)
+
+    return run
+
+
+FUNCTIONS: dict[str, Function] = {
+    "exp": Function(torch.exp, "torch.exp({0})"),
+    "log": Function(torch.log, "torch.log({0})"),
+    "log1p": Function(torch.log1p, "torch.log1p({0})"),
+    "expm1": Function(torch.expm1, "torch.expm1({0})"),
+    "sqrt": Function(torch.sqrt, "torch.sqrt({0})"),
+    "abs": Function(torch.abs, "torch.abs({0})"),
+    "square": Function(torch.square, "torch.square({0})"),
+    "sigmoid": Function(torch.sigmoid, "torch.sigmoid({0})"),
+    "logit": Function(torch.logit, "torch.logit({0})"),
+    "tanh": Function(torch.tanh, "torch.tanh({0})"),
+    "softplus": Function(F.softplus, "F.softplus({0})"),
+    "softmax": Function(lambda x, dim=-1: torch.softmax(x, dim), "torch.softmax({0}, {1})"),
+    "log_softmax": Function(lambda x, dim=-1: torch.log_softmax(x, dim), "torch.log_softmax({0}, {1})"),
+    "sum": Function(_reduce(torch.sum), "torch.sum({0}, {1})"),
+    "mean": Function(_reduce(torch.mean), "torch.mean({0}, {1})"),
+    "transpose": Function(lambda x: x.transpose(-1, -2), "{0}.transpose(-1, -2)"),
+    "diag": Function(torch.diag_embed, "torch.diag_embed({0})"),
+    "eye": Function(lambda n: torch.eye(int(n)), "torch.eye({0})"),
+    "zeros": Function(lambda *s: torch.zeros([int(v) for v in s]), "torch.zeros({all})"),
+    "ones": Function(lambda *s: torch.ones([int(v) for v in s]), "torch.ones({all})"),
+}
+_DEFAULT_DIM = {"softmax": "-1", "log_softmax": "-1", "sum": "None", "mean": "None"}
+
+_BINOPS = {
+    ast.Add: ("+", lambda a, b: a + b),
+    ast.Sub: ("-", lambda a, b: a - b),
+    ast.Mult: ("*", lambda a, b: a * b),
+    ast.Div: ("/", lambda a, b: a / b),
+    ast.Pow: ("**", lambda a, b: a**b),
+    ast.MatMult: ("@", lambda a, b: a @ b),
+}
+
+
+class Expr:
+    """A checked expression with its source text and where it came from in the spec."""
+
+    def __init__(self, text: str, tree: ast.expr, path: KeyPath, smap: SourceMap | None):
+        self.text = text
+        self.tree = tree
+        self.path = path
+        self.smap = smap
+
+    def error(self, message: str, node: ast.AST | None = None) -> SpecError:
+        where = self.where(node)
+        return SpecError(f"{where}: {dotted(self.path)}: {message} (in '{self.text}')")
+
+    def where(self, node: ast.AST | None = None) -> str:
+        if self.smap is None:
+            return "<expression>"
+        if node is None or not hasattr(node, "lineno"):
+            return self.smap.where(self.path)
+        return self.smap.expression_where(self.path, node.lineno, node.col_offset)
+
+    @property
+    def call_name(self) -> str | None:
+        """The family name when the expression is a distribution call, else None."""
+        tree = self.tree
+        if isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name) and tree.func.id in FAMILIES:
+            return tree.func.id
+        return None
+
+    def names(self) -> set[str]:
+        return {
+            n.id
+            for n in ast.walk(self.tree)
+            if isinstance(n, ast.Name) and n.id not in FUNCTIONS and n.id not in FAMILIES
+        }
+
+    def __repr__(self) -> str:
+        return f"Expr({self.text!r})"
+
+
+def parse(
+    text: str | float | int,
+    *,
+    path: KeyPath,
+    smap: SourceMap | None,
+    names: set[str],
+    allow_distribution: bool,
+    require_distribution: bool = False,
+) -> Expr:
+    """Parse and check one expression; anything outside the whitelist raises SpecError."""
+    source = str(text)
+    try:
+        tree = ast.parse(source.strip(), mode="eval").body
+    except SyntaxError as exc:
+        expr = Expr(source, ast.Constant(0), path, smap)
+        node = ast.Constant(0)
+        node.lineno, node.col_offset = exc.lineno or 1, max((exc.offset or 1) - 1, 0)
+        raise expr.error(f"not a valid expression: {exc.msg}", node) from None
+    expr = Expr(source, tree, path, smap)
+    _check(expr, tree, names, allow_distribution, top=True)
+    if require_distribution and expr.call_name is None:
+        raise expr.error(
+            "expected a distribution such as Normal(loc, scale) or Bernoulli(probs=p)", tree
+        )
+    return expr
+
+
+def _check(expr: Expr, node: ast.AST, names: set[str], allow_dist: bool, top: bool = False) -> None:
+    if isinstance(node, ast.Constant):
+        if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
+            raise expr.error(f"only numbers are allowed as constants, found {node.value!r}", node)
+    elif isinstance(node, ast.Name):
+        if node.id in FUNCTIONS or node.id in FAMILIES:
+            raise expr.error(f"'{node.id}' is a function; call it, e.g. {node.id}(...)", node)
+        if node.id not in names:
+            pool = sorted(names) + list(FUNCTIONS) + list(FAMILIES)
+            raise expr.error(
+                f"unknown name '{node.id}'{suggest(node.id, pool)} (names in scope: "
+                f"{', '.join(sorted(names)) or 'none'})",
+                node,
+            )
+    elif isinstance(node, ast.BinOp):
+        if type(node.op) not in _BINOPS:
+            raise expr.error(f"operator {type(node.op).__name__} is not allowed", node)
+        _check(expr, node.left, names, False)
+        _check(expr, node.right, names, False)
+    elif isinstance(node, ast.UnaryOp):
+        if not isinstance(node.op, (ast.USub, ast.UAdd)):
+            raise expr.error(f"operator {type(node.op).__name__} is not allowed", node)
+        _check(expr, node.operand, names, False)
+    elif isinstance(node, ast.Subscript):
+        _check(expr, node.value, names, False)
+        index = node.slice
+        for part in index.elts if isinstance(index, ast.Tuple) else [index]:
+            if isinstance(part, ast.Slice):
+                for bound in (part.lower, part.upper, part.step):
+                    if bound is not None:
+                        _check(expr, bound, names, False)
+            else:
+                _check(expr, part, names, False)
+    elif isinstance(node, ast.Call):
+        _check_call(expr, node, names, allow_dist and top)
+    else:
+        raise expr.error(f"{type(node).__name__} is not allowed in a spec expression", node)
+
+
+def _check_call(expr: Expr, node: ast.Call, names: set[str], allow_dist: bool) -> None:
+    if not isinstance(node.func, ast.Name):
+        raise expr.error("only calls of named functions or distributions are allowed", node)
+    name = node.func.id
+    if name in FAMILIES:
+        if not allow_dist:
+            raise expr.error(f"a distribution ({name}) is only allowed as the whole expression", node)
+        family = FAMILIES[name]
+        if len(node.args) > len(family.args):
+            raise expr.error(f"{name} takes at most {len(family.args)} arguments: {', '.join(family.args)}", node)
+        for keyword in node.keywords:
+            if keyword.arg not in family.args:
+                raise expr.error(
+                    f"{name} has no argument '{keyword.arg}'{suggest(keyword.arg, family.args)} "
+                    f"(arguments: {', '.join(family.args)})",
+                    keyword.value,
+                )
+    elif name in FUNCTIONS:
+        for keyword in node.keywords:
+            if keyword.arg != "dim":
+                raise expr.error(f"{name}() takes no keyword '{keyword.arg}' (only dim=)", keyword.value)
+    else:
+        looks_like_dist = name[:1].isupper()
+        pool = list(FAMILIES) if looks_like_dist else list(FUNCTIONS)
+        kind = "distribution" if looks_like_dist else "function"
+        raise expr.error(
+            f"unknown {kind} '{name}'{suggest(name, list(FAMILIES) + list(FUNCTIONS))} "
+            f"(known {kind}s: {', '.join(pool)})",
+            node.func,
+        )
+    for arg in node.args:
+        _check(expr, arg, names, False)
+    for keyword in node.keywords:
+        _check(expr, keyword.value, names, False)
+
+
+def evaluate(expr: Expr, env: dict[str, Any]) -> Any:
+    """Interpret a checked expression; a distribution call returns (family name, kwargs)."""
+    return _eval(expr, expr.tree, env)
+
+
+def _eval(expr: Expr, node: ast.AST, env: dict[str, Any]) -> Any:
+    if isinstance(node, ast.Constant):
+        return float(node.value)
+    if isinstance(node, ast.Name):
+        return env[node.id]
+    if isinstance(node, ast.BinOp):
+        return _BINOPS[type(node.op)][1](_eval(expr, node.left, env), _eval(expr, node.right, env))
+    if isinstance(node, ast.UnaryOp):
+        value = _eval(expr, node.operand, env)
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.Subscript):
+        index = node.slice
+        parts = index.elts if isinstance(index, ast.Tuple) else [index]
+        key = tuple(_index(expr, p, env) for p in parts)
+        return _eval(expr, node.value, env)[key if len(key) > 1 else key[0]]
+    if isinstance(node, ast.Call):
+        args = [_eval(expr, a, env) for a in node.args]
+        kwargs = {k.arg: _eval(expr, k.value, env) for k in node.keywords}
+        name = node.func.id
+        if name in FAMILIES:
+            family = FAMILIES[name]
+            kwargs.update(zip(family.args, args))
+            return name, kwargs
+        if "dim" in kwargs:
+            kwargs["dim"] = int(kwargs["dim"])
+        return FUNCTIONS[name].run(*args, **kwargs)
+    raise AssertionError(f"unchecked node {node!r}")
+
+
+def _index(expr: Expr, node: ast.AST, env: dict[str, Any]):
+    if isinstance(node, ast.Slice):
+        bounds = [None if b is None else int(_eval(expr, b, env)) for b in (node.lower, node.upper, node.step)]
+        return slice(*bounds)
+    value = _eval(expr, node, env)
+    if isinstance(value, float):
+        return int(value)
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.long()
+    return value
+
+
+def render(expr: Expr, rename: Callable[[str], str] = lambda n: n) -> str:
+    """Python source for the expression, as used by `probkit show`."""
+    return _render(expr.tree, rename)
+
+
+def _render(node: ast.AST, rename) -> str:
+    if isinstance(node, ast.Constant):
+        return repr(float(node.value))
+    if isinstance(node, ast.Name):
+        return rename(node.id)
+    if isinstance(node, ast.BinOp):
+        symbol = _BINOPS[type(node.op)][0]
+        return f"({_render(node.left, rename)} {symbol} {_render(node.right, rename)})"
+    if isinstance(node, ast.UnaryOp):
+        sign = "-" if isinstance(node.op, ast.USub) else "+"
+        return f"({sign}{_render(node.operand, rename)})"
+    if isinstance(node, ast.Subscript):
+        index = node.slice
+        parts = index.elts if isinstance(index, ast.Tuple) else [index]
+        return f"{_render(node.value, rename)}[{', '.join(_render_index(p, rename) for p in parts)}]"
+    if isinstance(node, ast.Call):
+        name = node.func.id
+        args = [_render(a, rename) for a in node.args]
+        if name in FAMILIES:
+            family = FAMILIES[name]
+            named = [f"{n}={a}" for n, a in zip(family.args, args)]
+            named += [f"{k.arg}={_render(k.value, rename)}" for k in node.keywords]
+            return f"dist.{name}({', '.join(named)})"
+        dim = next((_render(k.value, rename) for k in node.keywords), None)
+        if dim is not None:
+            dim = str(int(float(dim)))
+        elif len(args) > 1 and name in _DEFAULT_DIM:
+            dim = str(int(float(args.pop())))
+        template = FUNCTIONS[name].source
+        if "{all}" in template:
+            return template.format(all=", ".join(f"int({a})" for a in args))
+        return template.format(*args, dim or _DEFAULT_DIM.get(name, ""))
+    raise AssertionError(f"unchecked node {node!r}")
+
+
+def _render_index(node: ast.AST, rename) -> str:
+    if isinstance(node, ast.Slice):
+        bounds = ["" if b is None else f"int({_render(b, rename)})" for b in (node.lower, node.upper, node.step)]
+        return ":".join(bounds).rstrip(":") or ":"
+    if isinstance(node, ast.Constant):
+        return str(int(node.value))
+    return _render(node, rename)

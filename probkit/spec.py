@@ -1,0 +1,342 @@
+"""The spec: YAML text -> a validated pydantic object whose errors point at file:line:column.
+
+YAML is composed into nodes first so that every value keeps its position; pydantic then
+checks the structure (unknown keys are errors), and each error is translated back to the
+line and column of the offending key or value, with a "did you mean" where one fits.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from probkit.errors import SpecError
+
+Location = tuple[int, int]  # 1-based line, column
+KeyPath = tuple[Union[str, int], ...]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class DataSpec(_Strict):
+    """Where the images come from and how they are prepared (DESIGN section 4 and 5)."""
+
+    source: str = Field(description="a built-in data set name, or a path relative to the spec")
+    size: Union[int, tuple[int, int]] = Field(32, description="resize to size x size or [H, W]")
+    channels: Literal[1, 3] = Field(1, description="1 grayscale, 3 RGB")
+    transform: Literal["binary", "continuous", "discrete"] = Field("binary")
+    threshold: float = Field(0.5, gt=0, lt=1, description="binary: pixels above are 1")
+    binarize: Literal["fixed", "dynamic"] = Field(
+        "fixed", description="binary: 'dynamic' resamples x ~ Bernoulli(intensity) each epoch"
+    )
+    test_fraction: float = Field(0.2, ge=0, lt=1)
+    seed: int = Field(0, description="fixes the train/held-out split and generated data")
+    count: int | None = Field(None, gt=0, description="how many images to generate or keep")
+
+    @field_validator("size")
+    @classmethod
+    def _positive_size(cls, value):
+        sizes = (value,) if isinstance(value, int) else value
+        if any(s < 1 or s > 512 for s in sizes):
+            raise ValueError("size must be between 1 and 512 pixels")
+        return value
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+
+
+class ParamSpec(_Strict):
+    """A global random variable of theta."""
+
+    shape: list[Union[int, str]] = Field(default_factory=list, description="dims: ints or names")
+    prior: str | None = Field(None, description="a distribution expression; makes the fit MAP")
+    support: str | None = Field(None, description="the constraint of a param without prior")
+    init: Union[float, str, None] = Field(None, description="a number or an expression")
+
+    @model_validator(mode="after")
+    def _prior_or_support(self):
+        if self.prior is None and self.support is None:
+            raise ValueError(
+                "a param needs either 'prior:' (a distribution) or 'support:' "
+                "(real, positive, unit_interval, simplex, lower_cholesky, ...)"
+            )
+        return self
+
+
+class LatentSpec(_Strict):
+    """A per-image random variable, either summed out or observed as the data set's label."""
+
+    dist: str = Field(description="a discrete distribution expression")
+    observed: Literal["label"] | None = Field(None, description="'label' to see it in training")
+
+
+class LikelihoodSpec(_Strict):
+    x: str = Field(description="the distribution of the flat image x (D values)")
+
+
+class FitSpec(_Strict):
+    method: Literal["map", "mle"] = "map"
+    optimizer: Literal["adam", "lbfgs"] = "adam"
+    lr: float = Field(0.05, gt=0)
+    steps: int = Field(2000, ge=0)
+    batch_size: Union[int, Literal["full"]] = "full"
+    seed: int = 0
+    eval_every: int | None = Field(None, gt=0, description="held-out evaluation period (steps)")
+
+    @field_validator("batch_size")
+    @classmethod
+    def _positive_batch(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError("batch_size must be a positive integer or 'full'")
+        return value
+
+
+class Spec(_Strict):
+    """A whole probkit spec (DESIGN section 2)."""
+
+    probkit: Literal[1] = Field(description="spec format version")
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    description: str = ""
+    data: DataSpec
+    constants: dict[str, Union[int, float]] = Field(default_factory=dict)
+    params: dict[str, ParamSpec] = Field(default_factory=dict)
+    latent: dict[str, Union[str, LatentSpec]] = Field(default_factory=dict)
+    likelihood: LikelihoodSpec
+    fit: FitSpec = Field(default_factory=FitSpec)
+
+
+class SourceMap:
+    """Positions of keys and values in the YAML text, so any error can name its line."""
+
+    def __init__(self, file: str, text: str):
+        self.file = file
+        self.text = text
+        self.values: dict[KeyPath, Location] = {}
+        self.keys: dict[KeyPath, Location] = {}
+        self.plain: dict[KeyPath, bool] = {}
+
+    def where(self, path: KeyPath, *, key: bool = False) -> str:
+        """`file:line:col` of the deepest known prefix of path."""
+        table = self.keys if key else self.values
+        for cut in range(len(path), -1, -1):
+            prefix = tuple(path[:cut])
+            if prefix in table:
+                line, col = table[prefix]
+                return f"{self.file}:{line}:{col}"
+            if prefix in self.values:
+                line, col = self.values[prefix]
+                return f"{self.file}:{line}:{col}"
+        return f"{self.file}:1:1"
+
+    def expression_where(self, path: KeyPath, lineno: int, col_offset: int) -> str:
+        """Position of a character inside an expression-valued scalar."""
+        if path not in self.values:
+            return self.where(path)
+        line, col = self.values[path]
+        quote = 0 if self.plain.get(path, True) else 1
+        if lineno == 1:
+            return f"{self.file}:{line}:{col + quote + col_offset}"
+        return f"{self.file}:{line + lineno - 1}:{col_offset + 1}"
+
+
+def dotted(path: KeyPath) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def suggest(word: str, choices) -> str:
+    """A ' did you mean ...?' suffix, or '' when nothing is close."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _node_to_python(node, loader, path: KeyPath, smap: SourceMap):
+    start = node.start_mark
+    smap.values[path] = (start.line + 1, start.column + 1)
+    if isinstance(node, yaml.MappingNode):
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int)):
+                raise SpecError(
+                    f"{smap.file}:{key_node.start_mark.line + 1}:{key_node.start_mark.column + 1}: "
+                    f"keys must be plain names, found {key!r}"
+                )
+            key = str(key)
+            child = path + (key,)
+            if key in out:
+                raise SpecError(
+                    f"{smap.file}:{key_node.start_mark.line + 1}:{key_node.start_mark.column + 1}: "
+                    f"{dotted(child)}: duplicate key '{key}'; each key may appear once"
+                )
+            smap.keys[child] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            out[key] = _node_to_python(value_node, loader, child, smap)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_node_to_python(item, loader, path + (i,), smap) for i, item in enumerate(node.value)]
+    smap.plain[path] = node.style in (None, "")
+    return loader.construct_object(node, deep=True)
+
+
+def parse_yaml(text: str, file: str = "<spec>") -> tuple[Any, SourceMap]:
+    """YAML text -> (plain Python data, SourceMap); malformed YAML raises SpecError."""
+    smap = SourceMap(file, text)
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise SpecError(f"{file}:1:1: the spec is empty; it needs at least probkit, name, data, likelihood")
+        data = _node_to_python(node, loader, (), smap)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else f"{file}:1:1"
+        problem = getattr(exc, "problem", None) or str(exc)
+        context = getattr(exc, "context", None)
+        detail = f"{problem} ({context})" if context else problem
+        raise SpecError(f"{where}: malformed YAML: {detail}") from None
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        raise SpecError(f"{file}:1:1: a spec is a mapping of keys (probkit, name, data, ...), found {type(data).__name__}")
+    return data, smap
+
+
+def _model_at(path: KeyPath):
+    """The pydantic model class that validates the mapping at path (for 'did you mean')."""
+    model: Any = Spec
+    for part in path:
+        fields = getattr(model, "model_fields", None)
+        if fields is None:
+            return None
+        if part in fields:
+            annotation = fields[part].annotation
+            model = _unwrap(annotation)
+        elif model is Spec:
+            return None
+        else:
+            return None
+        if model is None:
+            return None
+    return model
+
+
+def _unwrap(annotation):
+    """dict[str, ParamSpec] -> ParamSpec; Optional/Union[...] -> the BaseModel inside."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _unwrap(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _model_path(loc: tuple) -> KeyPath:
+    """Pydantic loc -> our key path, dropping union branch labels like 'LatentSpec' or 'str'."""
+    out = []
+    for part in loc:
+        if isinstance(part, str) and (part[:1].isupper() or part in ("str", "int", "float", "tuple[int, int]")):
+            continue
+        if isinstance(part, str) and part.startswith(("literal[", "function-")):
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    return text if len(text) < 60 else text[:57] + "..."
+
+
+def _translate(exc: ValidationError, smap: SourceMap) -> SpecError:
+    lines = []
+    seen = set()
+    for err in exc.errors():
+        if "str" in err["loc"] and isinstance(err.get("input"), dict):
+            continue  # the mapping branch of `str | Mapping` says what is wrong
+        path = _model_path(err["loc"])
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            key = path[-1]
+            parent = path[:-1]
+            model = _model_at(tuple(p for p in parent if not _is_dynamic(parent, p)))
+            allowed = list(model.model_fields) if model else []
+            msg = (
+                f"{smap.where(path, key=True)}: {dotted(path)}: unknown key '{key}'"
+                f"{suggest(key, allowed)} (expected one of: {', '.join(allowed)})"
+            )
+        elif kind == "missing":
+            msg = f"{smap.where(path[:-1])}: {dotted(path)}: required key '{path[-1]}' is missing"
+        else:
+            found = _describe(err.get("input"))
+            expected = err["msg"].replace("Value error, ", "").replace("Input should be", "expected")
+            guess = ""
+            if kind == "literal_error":
+                options = err.get("ctx", {}).get("expected", "").replace("'", "").split(" or ")
+                guess = suggest(err.get("input"), options)
+            msg = f"{smap.where(path)}: {dotted(path)}: {expected}; found {found}{guess}"
+        if msg not in seen:
+            seen.add(msg)
+            lines.append(msg)
+    # a union of str | LatentSpec reports both branches; the first lines are the informative ones
+    return SpecError("\n".join(lines[:6]))
+
+
+def _is_dynamic(parent: KeyPath, part) -> bool:
+    """Names the user chose (param and latent names) are not schema fields."""
+    index = parent.index(part)
+    return index > 0 and parent[index - 1] in ("params", "latent", "constants")
+
+
+class LoadedSpec:
+    """A validated spec with its source map and the folder relative paths start from."""
+
+    def __init__(self, spec: Spec, smap: SourceMap, base_dir: Path, text: str):
+        self.spec = spec
+        self.smap = smap
+        self.base_dir = base_dir
+        self.text = text
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def where(self, path: KeyPath) -> str:
+        return self.smap.where(path)
+
+    def latents(self) -> dict[str, LatentSpec]:
+        return {
+            name: (LatentSpec(dist=value) if isinstance(value, str) else value)
+            for name, value in self.spec.latent.items()
+        }
+
+
+def spec_from_text(text: str, file: str = "<spec>", base_dir: Path | None = None) -> LoadedSpec:
+    """Parse and validate spec text; structural errors raise SpecError naming the line."""
+    data, smap = parse_yaml(text, file)
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as exc:
+        raise _translate(exc, smap) from None
+    return LoadedSpec(spec, smap, base_dir or Path.cwd(), text)
+
+
+def read_spec(path: str | Path) -> LoadedSpec:
+    """Read a spec file (structure only; `probkit.compiler.compile_spec` checks the maths)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"spec file not found: {path}") from None
+    except OSError as exc:
+        raise SpecError(f"cannot read spec file {path}: {exc}") from None
+    return spec_from_text(text, str(path), path.resolve().parent)
