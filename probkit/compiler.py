@@ -287,11 +287,21 @@ class CompiledModel:
         expr = self._parse(self.spec.likelihood.x, ("likelihood", "x"), names, dist=True)
         self.family = FAMILIES[expr.call_name]
         d = self._likelihood_dist(self.initial_values(), expr=expr, validate=None)
-        self._check_likelihood_shape(d, expr)
+        self._check_likelihood_shape(d, expr, self.grid_shape)
+        # as in the Pyro model: one value of each latent per image of a batch
+        batch = self._probe_batch_size()
+        env = {**self.base_env(), **self.initial_values(),
+               **{l.name: torch.zeros(batch, dtype=torch.long, device=self.device) for l in self.latents}}
+        family_name, kwargs = self._evaluate(expr, env)
+        self._check_likelihood_shape(self._build(family_name, kwargs, expr), expr, (batch,) if self.latents else ())
         return expr
 
-    def _check_likelihood_shape(self, d, expr: Expr) -> None:
-        grid = tuple(l.cardinality for l in self.latents)
+    def _probe_batch_size(self) -> int:
+        """A batch size that no param dimension equals, so a missing index cannot hide."""
+        used = {d for p in self.params for d in p.shape} | set(self.grid_shape) | {self.dims.D}
+        return next(b for b in (7, 11, 13, 17, 19, 23, 29, 31, 37) if b not in used)
+
+    def _check_likelihood_shape(self, d, expr: Expr, grid: tuple[int, ...]) -> None:
         D = self.dims.D
         if self.family.multivariate:
             ok = tuple(d.event_shape) == (D,) and _broadcasts(d.batch_shape, grid)
@@ -301,6 +311,7 @@ class CompiledModel:
             ok = ok or len(d.batch_shape) == 0
             found = str(list(d.batch_shape))
         if not ok:
+            grid = self.grid_shape
             hint = ""
             if self.latents:
                 hint = f"; index the per-component parameters by the latents, e.g. probs[{self.latents[0].name}]"

@@ -52,7 +52,7 @@ FUNCTIONS: dict[str, Function] = {
     "mean": Function(_reduce(torch.mean), "torch.mean({0}, {1})"),
     "transpose": Function(lambda x: x.transpose(-1, -2), "{0}.transpose(-1, -2)"),
     "diag": Function(torch.diag_embed, "torch.diag_embed({0})"),
-    "eye": Function(lambda n: torch.eye(int(n)), "torch.eye({0})"),
+    "eye": Function(lambda n: torch.eye(int(n)), "torch.eye(int({0}))"),
     "zeros": Function(lambda *s: torch.zeros([int(v) for v in s]), "torch.zeros({all})"),
     "ones": Function(lambda *s: torch.ones([int(v) for v in s]), "torch.ones({all})"),
 }

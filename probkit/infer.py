@@ -20,7 +20,7 @@ from typing import Callable
 import pyro
 import torch
 import yaml
-from pyro.infer import TraceEnum_ELBO
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO
 from safetensors.torch import load_file
 
 from probkit import __version__
@@ -111,7 +111,7 @@ class Trainer:
         self.generator = torch.Generator(device=dataset.train_levels.device).manual_seed(settings.seed)
         if resume:
             self._resume()
-        self.elbo = TraceEnum_ELBO(max_plate_nesting=1) if settings.engine == "pyro" else None
+        self.elbo = pyro_elbo(compiled) if settings.engine == "pyro" else None
 
     def _make_optimizer(self):
         if self.settings.optimizer == "lbfgs":
@@ -238,6 +238,11 @@ class Trainer:
             if on_step is not None:
                 on_step(done, loss_value, test_bpd)
         return self.history
+
+
+def pyro_elbo(compiled: CompiledModel):
+    """Pyro's ELBO for the model: TraceEnum_ELBO when there are latents to sum out."""
+    return TraceEnum_ELBO(max_plate_nesting=1) if compiled.latents else Trace_ELBO()
 
 
 def _generator_state(generator: torch.Generator) -> str:

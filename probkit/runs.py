@@ -41,7 +41,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
 
 
 def tensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    return save({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, metadata=metadata)
 
 
 def history_csv(rows: list[dict]) -> str:

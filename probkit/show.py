@@ -87,7 +87,7 @@ def program_source(prepared: Prepared, npy_path: Path) -> str:
     emit("import torch")
     emit("import torch.nn.functional as F")
     emit("from pyro import poutine")
-    emit("from pyro.infer import TraceEnum_ELBO")
+    emit("from pyro.infer import " + ("TraceEnum_ELBO" if compiled.latents else "Trace_ELBO"))
     emit("from pyro.infer.autoguide import AutoDelta, init_to_value")
     emit("from torch.distributions import constraints, transform_to\n")
     emit(f"C, H, W = {dims.C}, {dims.H}, {dims.W}")
@@ -169,7 +169,7 @@ def program_source(prepared: Prepared, npy_path: Path) -> str:
     emit("    optimizer = " + ("torch.optim.LBFGS(list(guide.parameters()), lr=LR, max_iter=20, "
                                "line_search_fn='strong_wolfe')" if fit.optimizer == "lbfgs"
                                else "torch.optim.Adam(list(guide.parameters()), lr=LR)"))
-    emit("    elbo = TraceEnum_ELBO(max_plate_nesting=1)")
+    emit("    elbo = " + ("TraceEnum_ELBO(max_plate_nesting=1)" if compiled.latents else "Trace_ELBO()"))
     emit("    batches = training_batches(levels, labels, torch.Generator().manual_seed(SEED))")
     emit("    for step in range(steps):")
     emit("        x, y, total = next(batches)")

@@ -124,9 +124,10 @@ class SourceMap:
 
     def where(self, path: KeyPath, *, key: bool = False) -> str:
         """`file:line:col` of the deepest known prefix of path."""
-        table = self.keys if key else self.values
         for cut in range(len(path), -1, -1):
             prefix = tuple(path[:cut])
+            # a mapping or list "is" where its key is written; a scalar where its value is
+            table = self.keys if key or prefix not in self.plain else self.values
             if prefix in table:
                 line, col = table[prefix]
                 return f"{self.file}:{line}:{col}"

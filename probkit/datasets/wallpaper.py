@@ -258,7 +258,8 @@ def _clearance(centre: np.ndarray, lattice: WallpaperLattice) -> float:
     gaps = inverse @ (matrices @ centre + shifts - centre).T
     gaps -= np.round(gaps)
     steps = np.stack(np.meshgrid(np.arange(-1, 2), np.arange(-1, 2))).reshape(2, -1)
-    lengths = np.linalg.norm(lattice.basis @ (gaps[:, :, None] + steps[:, None]), axis=0)
+    vectors = np.einsum("ij,jnk->ink", lattice.basis, gaps[:, :, None] + steps[:, None])
+    lengths = np.linalg.norm(vectors, axis=0)  # elements x neighbouring cells
     lengths[0, steps.shape[1] // 2] = np.inf  # the point itself: identity, no translation
     return float(lengths.min())
 
