@@ -219,12 +219,17 @@ class Trainer:
             def closure():
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = self._loss(x, labels, scale)
+                if not math.isfinite(float(loss.detach())):
+                    raise _NonFinite  # before the update, so the params that gave it stay put
                 loss.backward()
                 return loss
 
-            loss = self.optimizer.step(closure)
+            try:
+                loss = self.optimizer.step(closure)
+            except _NonFinite:
+                raise self._fail(step, x, labels, scale, last_saved) from None
             loss_value = float(loss.detach())
-            if not math.isfinite(loss_value) or not all(torch.isfinite(u).all() for u in self.unconstrained):
+            if not all(torch.isfinite(u).all() for u in self.unconstrained):
                 raise self._fail(step, x, labels, scale, last_saved)
             done = step + 1
             test_bpd = None
@@ -238,6 +243,10 @@ class Trainer:
             if on_step is not None:
                 on_step(done, loss_value, test_bpd)
         return self.history
+
+
+class _NonFinite(Exception):
+    """Raised inside the optimiser's closure when the loss is NaN or infinite."""
 
 
 def pyro_elbo(compiled: CompiledModel):

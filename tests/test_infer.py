@@ -1,0 +1,196 @@
+"""Fits against closed forms (MLE/MAP), resume, checkpoints and non-finite losses."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import probkit
+from probkit.api import prepare
+from probkit.errors import FitError
+
+BERNOULLI = """\
+probkit: 1
+name: bern
+data: {source: digits, size: 8, transform: binary}
+params:
+  probs:
+    shape: [D]
+    prior: Beta(A, B)
+constants: {A: 2.0, B: 3.0}
+likelihood:
+  x: Bernoulli(probs=probs)
+fit: {method: METHOD, optimizer: lbfgs, lr: 1.0, steps: 30}
+"""
+
+
+def _train_pixels(spec_path) -> np.ndarray:
+    return prepare(spec_path).dataset.fixed("train").double().numpy()
+
+
+def test_mle_bernoulli_is_the_pixel_mean(write_spec, tmp_path):
+    spec = write_spec(BERNOULLI.replace("METHOD", "mle"))
+    result = probkit.fit(spec, out=tmp_path / "run", device="cpu", samples=0)
+    x = _train_pixels(spec)
+    fitted = result.values["probs"].double().numpy()
+    assert np.abs(fitted - x.mean(0)).max() <= 1e-3
+
+
+def test_map_bernoulli_with_beta_prior_is_the_posterior_mode(write_spec, tmp_path):
+    spec = write_spec(BERNOULLI.replace("METHOD", "map"))
+    result = probkit.fit(spec, out=tmp_path / "run", device="cpu", samples=0)
+    x = _train_pixels(spec)
+    a, b, n = 2.0, 3.0, len(x)
+    expected = (x.sum(0) + a - 1) / (n + a + b - 2)
+    assert np.abs(result.values["probs"].double().numpy() - expected).max() <= 1e-3
+
+
+GAUSSIAN = """\
+probkit: 1
+name: gauss
+data: {source: data.npy, size: 6, transform: discrete, test_fraction: 0.25}
+params:
+  loc: {shape: [D], support: real, init: 0.0}
+  scale: {shape: [D], support: positive, init: 1.0}
+likelihood:
+  x: Normal(loc=100.0 * loc, scale=100.0 * scale)   # levels 0..255: params of order 1
+fit: {method: mle, optimizer: lbfgs, lr: 1.0, steps: 40}
+"""
+
+
+def test_mle_gaussian_is_the_sample_mean_and_std(write_spec, tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "data.npy", rng.integers(0, 256, size=(200, 6, 6)).astype(np.uint8))
+    spec = write_spec(GAUSSIAN)
+    result = probkit.fit(spec, out=tmp_path / "run", device="cpu", samples=0)
+    x = _train_pixels(spec)
+    loc = 100.0 * result.values["loc"].double().numpy()
+    scale = 100.0 * result.values["scale"].double().numpy()
+    assert np.allclose(loc, x.mean(0), rtol=1e-3)
+    assert np.allclose(scale, x.std(0), rtol=1e-3)  # the MLE divides by N
+
+
+PPCA = """\
+probkit: 1
+name: ppca
+data: {source: digits, size: 8, transform: binary}
+constants: {R: 3}
+params:
+  loc: {shape: [D], support: real}
+  factors: {shape: [D, R], support: real}
+  noise: {shape: [], support: positive, init: 0.1}
+likelihood:
+  x: LowRankMultivariateNormal(loc=loc, cov_factor=factors, cov_diag=noise * ones(D))
+fit: {method: mle, optimizer: lbfgs, lr: 1.0, steps: 60}
+"""
+
+
+def test_mle_ppca_matches_tipping_bishop(write_spec, tmp_path):
+    spec = write_spec(PPCA)
+    result = probkit.fit(spec, out=tmp_path / "run", device="cpu", samples=0)
+    x = _train_pixels(spec)
+    n, d = x.shape
+    r = 3
+    centred = x - x.mean(0)
+    cov = centred.T @ centred / n
+    eigvals, eigvecs = np.linalg.eigh(cov)
+    eigvals, eigvecs = eigvals[::-1], eigvecs[:, ::-1]
+    sigma2 = eigvals[r:].mean()
+    w = eigvecs[:, :r] * np.sqrt(eigvals[:r] - sigma2)
+    c = w @ w.T + sigma2 * np.eye(d)
+    _, logdet = np.linalg.slogdet(c)
+    closed_form = -0.5 * n * (d * math.log(2 * math.pi) + logdet + np.trace(np.linalg.solve(c, cov)))
+    prepared = prepare(spec)
+    fitted = float(prepared.compiled.log_marginal(result.values, prepared.dataset.fixed("train")).double().sum())
+    assert abs(fitted - closed_form) <= 1e-3 * abs(closed_form), (fitted, closed_form)
+
+
+def test_mixture_beats_independent_pixels_on_held_out_digits(tmp_path):
+    specs = Path(__file__).resolve().parent.parent / "specs"
+    mixture = probkit.fit(specs / "digits-mixture.yaml", steps=150, out=tmp_path / "mix", device="cpu", samples=0)
+    independent = probkit.fit(specs / "digits-bernoulli.yaml", steps=150, out=tmp_path / "ind", device="cpu",
+                              samples=0)
+    assert mixture.metrics["test"]["nll"] < independent.metrics["test"]["nll"] - 10
+
+
+def test_class_conditional_samples_look_like_the_given_digit(tmp_path):
+    spec = Path(__file__).resolve().parent.parent / "specs" / "digits-class-mixture.yaml"
+    probkit.fit(spec, steps=150, out=tmp_path / "run", device="cpu", samples=0)
+    prepared = prepare(spec)
+    x = prepared.dataset.fixed("train")
+    labels = prepared.dataset.train_labels
+    means = torch.stack([x[labels == d].mean(0) for d in range(10)])
+    correct = 0
+    for digit in range(10):
+        images, _ = probkit.sample(tmp_path / "run", 20, given={"y": digit}, seed=digit)
+        flat = torch.from_numpy(images.reshape(20, -1))
+        nearest = torch.cdist(flat, means).argmin(1)
+        correct += int((nearest == digit).sum())
+    assert correct / 200 >= 0.8, correct
+
+
+def test_resume_continues_exactly(tmp_path):
+    spec = Path(__file__).parent / "specs" / "tiny-mixture.yaml"
+    straight = probkit.fit(spec, steps=20, out=tmp_path / "a", device="cpu", samples=0)
+    probkit.fit(spec, steps=10, out=tmp_path / "b", device="cpu", samples=0)
+    resumed = probkit.fit(spec, steps=20, out=tmp_path / "b", device="cpu", samples=0, resume=True)
+    for name, value in straight.values.items():
+        assert torch.allclose(value, resumed.values[name], atol=1e-6), name
+    assert [r["step"] for r in resumed.history] == [r["step"] for r in straight.history]
+
+
+def test_interrupted_fit_keeps_the_last_checkpoint(tmp_path):
+    spec = Path(__file__).parent / "specs" / "tiny-mixture.yaml"
+
+    def stop(step, loss, bpd):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        probkit.fit(spec, steps=10, out=tmp_path / "run", device="cpu", samples=0, on_step=stop)
+    assert (tmp_path / "run" / "checkpoint.safetensors").exists()
+    assert not (tmp_path / "run" / "run.json").exists()  # no result claimed
+    resumed = probkit.fit(spec, steps=10, out=tmp_path / "run", device="cpu", samples=0, resume=True)
+    straight = probkit.fit(spec, steps=10, out=tmp_path / "straight", device="cpu", samples=0)
+    for name, value in straight.values.items():
+        assert torch.allclose(value, resumed.values[name], atol=1e-6), name
+
+
+NAN = """\
+probkit: 1
+name: nan
+data: {source: digits, size: 8, transform: binary}
+params:
+  loc: {shape: [D], support: real, init: 0.5}
+  shrink: {shape: [D], support: real, init: 0.0}
+likelihood:
+  x: Normal(loc=loc, scale=1.0 - shrink)   # a big first step pushes the scale below zero
+fit: {method: mle, lr: 5.0, steps: 5}
+"""
+
+
+def test_non_finite_loss_stops_with_step_and_term(write_spec, tmp_path):
+    with pytest.raises(FitError, match=r"non-finite at step 2 \(term: likelihood x\).*last good checkpoint \(step 1\)"):
+        probkit.fit(write_spec(NAN), out=tmp_path / "run", device="cpu", samples=0)
+    assert (tmp_path / "run" / "checkpoint.safetensors").exists()
+    assert not (tmp_path / "run" / "run.json").exists()  # nothing reported as a result
+
+
+def test_pyro_engine_reaches_the_fused_engine_params(tmp_path):
+    spec = Path(__file__).parent / "specs" / "tiny-mixture.yaml"
+    fused = probkit.fit(spec, steps=10, out=tmp_path / "a", device="cpu", samples=0)
+    slow = probkit.fit(spec, steps=10, out=tmp_path / "b", device="cpu", samples=0, engine="pyro")
+    for name, value in fused.values.items():
+        assert torch.allclose(value, slow.values[name], atol=1e-4), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fit_matches_cpu(tmp_path):
+    spec = Path(__file__).parent / "specs" / "tiny-mixture.yaml"
+    cpu = probkit.fit(spec, steps=20, out=tmp_path / "cpu", device="cpu", samples=0)
+    gpu = probkit.fit(spec, steps=20, out=tmp_path / "gpu", device="cuda", samples=8)
+    for name, value in cpu.values.items():
+        assert torch.allclose(value, gpu.values[name].cpu(), atol=1e-4), name
+    assert abs(cpu.metrics["test"]["nll"] - gpu.metrics["test"]["nll"]) < 1e-2
