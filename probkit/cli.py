@@ -189,7 +189,8 @@ def datasets(
             raise UsageError(f"unknown data set '{name}'{suggest(name, [i.name for i in infos])}")
     if not show_grid:
         table = Table(title="built-in data sets")
-        for column in ("name", "images", "resolution", "labels", "channels", "package", "licence"):
+        table.add_column("name", no_wrap=True)
+        for column in ("images", "resolution", "labels", "channels", "package", "licence"):
             table.add_column(column)
         for info in infos:
             if name in (None, info.name):

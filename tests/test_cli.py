@@ -1,0 +1,102 @@
+"""The CLI: exit codes, line-naming messages without tracebacks, and every command end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from probkit.cli import app
+
+runner = CliRunner()
+TINY = Path(__file__).parent / "specs" / "tiny-mixture.yaml"
+
+GOOD = TINY.read_text()
+
+
+def _invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.replace("name: tiny-mixture", "name: [tiny"), r"spec\.yaml:\d+:\d+: malformed YAML"),
+    (lambda t: t.replace("  transform: binary", "  transfrom: binary"),
+     r"spec\.yaml:7:3: data\.transfrom: unknown key 'transfrom'; did you mean 'transform'\?"),
+    (lambda t: t.replace("Bernoulli(probs=probs[z])", "Bernouli(probs=probs[z])"),
+     r"spec\.yaml:20:6: likelihood\.x: unknown distribution 'Bernouli'; did you mean 'Bernoulli'\?"),
+    (lambda t: t.replace("Categorical(probs=weights)", "Categorical(probs=wieghts)"),
+     r"spec\.yaml:18:24: latent\.z: unknown name 'wieghts'; did you mean 'weights'\?"),
+    (lambda t: t.replace("probs[z]", "probs"), r"spec\.yaml:20:6: likelihood\.x: the likelihood has shape \[3, 64\]"),
+])
+def test_bad_specs_exit_2_with_the_line_and_no_traceback(write_spec, edit, message):
+    spec = write_spec(edit(GOOD))
+    for command in ("validate", "fit"):
+        result = _invoke(command, spec)
+        assert result.exit_code == 2, result.output
+        flat = " ".join(result.output.split())
+        assert __import__("re").search(message, flat), result.output
+        assert "Traceback" not in result.output
+
+
+def test_missing_spec_file_exits_2(tmp_path):
+    result = _invoke("validate", tmp_path / "nope.yaml")
+    assert result.exit_code == 2
+    assert "spec file not found" in result.output
+
+
+def test_validate_prints_the_summary():
+    result = _invoke("validate", TINY)
+    assert result.exit_code == 0, result.output
+    for text in ("weights", "[3, 64]", "192", "Dirichlet(2.0)", "enumerated", "Bernoulli(probs=probs[z])", "1×8×8"):
+        assert text in result.output, text
+
+
+def test_fit_evaluate_sample_end_to_end(tmp_path):
+    run = tmp_path / "run"
+    result = _invoke("fit", TINY, "--steps", 5, "--out", run, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    for name in ("spec.yaml", "params.safetensors", "run.json", "history.csv", "samples.png"):
+        assert (run / name).exists(), name
+    info = json.loads((run / "run.json").read_text())
+    assert info["steps"] == 5 and info["data"]["n_train"] == 1437 and "fingerprint" in info["data"]
+    result = _invoke("evaluate", run, "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output)
+    assert set(metrics) == {"train", "test"}
+    assert metrics["test"]["bits_per_dim"] == pytest.approx(metrics["test"]["nll"] / (64 * np.log(2)))
+    assert metrics["test"]["nll"] == pytest.approx(info["test"]["nll"], rel=1e-6)
+    result = _invoke("sample", run, "-n", 9, "--out", tmp_path / "s.png")
+    assert result.exit_code == 0, result.output
+    drawn = np.load(tmp_path / "s.npy")
+    assert drawn.shape == (9, 1, 8, 8) and set(np.unique(drawn)) <= {0.0, 1.0}
+
+
+def test_sample_given_an_unknown_latent_exits_2(tmp_path):
+    run = tmp_path / "run"
+    assert _invoke("fit", TINY, "--steps", 2, "--out", run).exit_code == 0
+    result = _invoke("sample", run, "--given", "zz=1")
+    assert result.exit_code == 2
+    assert "did you mean 'z'" in result.output
+
+
+def test_sample_unfitted_spec_says_how_to_fit(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = _invoke("sample", TINY)
+    assert result.exit_code == 1
+    assert "probkit fit" in result.output
+
+
+def test_python_dash_m_help():
+    result = subprocess.run([sys.executable, "-m", "probkit", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "fit" in result.stdout and "sample" in result.stdout
+
+
+def test_datasets_lists_the_builtin_sets():
+    result = _invoke("datasets")
+    assert result.exit_code == 0, result.output
+    for name in ("digits", "mnist", "faces", "textures", "wallpaper"):
+        assert name in result.output
