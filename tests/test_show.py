@@ -26,7 +26,7 @@ def test_shown_program_reaches_the_same_params(tmp_path, spec):
     done = subprocess.run([sys.executable, str(program), str(steps), str(tmp_path / "fitted.npz")],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr
-    fitted = np.load(tmp_path / "fitted.npz")
     reference = probkit.fit(spec, steps=steps, out=tmp_path / "run", device="cpu", samples=0)
-    for name, value in reference.values.items():
-        assert np.allclose(fitted[name], value.numpy(), atol=1e-4), name
+    with np.load(tmp_path / "fitted.npz") as fitted:
+        for name, value in reference.values.items():
+            assert np.allclose(fitted[name], value.numpy(), atol=1e-4), name
