@@ -166,3 +166,115 @@ def dataset_examples(source: str, out: str | Path, *, size: int = 32, n: int = 6
     spec = DataSpec(source=source, size=size, channels=raw.images.shape[1])
     levels = prepare_levels(raw, spec)[:n]
     return save_grid(out, levels / 255.0)
+
+
+def _read_input_images(path: Path, dataset: Dataset) -> np.ndarray:
+    """A PNG or .npy file -> N x C x H x W floats in [0, 1] at the spec's size and channels.
+
+    A PNG is read as RGB (or grayscale), scaled to [0, 1] and resized like the spec's data; a
+    .npy holds (H, W), (C, H, W) or (N, C, H, W) (or N x H x W) values in [0, 1], or levels
+    0..255 when its maximum exceeds 1, at exactly the spec's H x W."""
+    from probkit.data import match_channels, resize_images
+
+    H, W, C = dataset.height, dataset.width, dataset.channels
+    if not path.is_file():
+        raise UsageError(f"--input {path}: no such file")
+    if path.suffix.lower() == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--input {path}: cannot read it as a .npy array ({exc})") from None
+        if not np.issubdtype(array.dtype, np.number):
+            raise UsageError(f"--input {path}: expected a numeric array, found dtype {array.dtype}")
+        array = array.astype(np.float32)
+        if array.ndim == 2:
+            array = array[None, None]
+        elif array.ndim == 3:
+            array = array[None] if array.shape[0] in (1, 3) and array.shape[0] == C else array[:, None]
+        if array.ndim != 4 or array.shape[1] not in (1, 3) or array.shape[-2:] != (H, W) or len(array) == 0:
+            raise UsageError(
+                f"--input {path}: the array has shape {list(np.load(path, mmap_mode='r').shape)}; expected "
+                f"images of {H} x {W} (the spec's size): (H, W), (C, H, W), (N, H, W) or (N, C, H, W)"
+            )
+        if array.max() > 1.0:
+            array = array / 255.0
+        images = np.clip(array, 0.0, 1.0)
+    elif path.suffix.lower() == ".png":
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as image:
+                mode = "L" if image.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
+                pixels = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
+        except (UnidentifiedImageError, OSError) as exc:
+            raise UsageError(f"--input {path}: cannot read it as a PNG image ({exc})") from None
+        images = pixels[None, None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)[None]
+        images = resize_images(images, (H, W))
+    else:
+        raise UsageError(f"--input {path}: expected a .png or .npy file")
+    return match_channels(images, C)
+
+
+def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, input: str | Path | None = None,
+             k: int = 4, seed: int = 0, device: str = "cpu", out: str | Path | None = None,
+             run_out: str | Path | None = None):
+    """Condition a fitted run on the observed pixels of images and sample the missing ones.
+
+    The images are the first `images` held-out images, or those of `input` (a PNG or .npy,
+    preprocessed like the spec's data: resized, channels matched, quantised to 256 levels;
+    binary and discrete then apply the spec's transform; continuous takes each level's
+    midpoint, (level + 0.5) / 256, instead of random dequantisation noise). `mask` names the
+    missing pixels (see `probkit.completion.make_mask`).
+
+    Returns (CompletionResult, files). When `out` is given (a .png path or a folder, where the
+    file is complete-<mask>.png) it writes a PNG grid, one row per image: the original, what
+    was observed (missing pixels in red), then the k completions; and a .npy of the
+    completions, N x k x C x H x W on the display scale [0, 1].
+    """
+    from probkit.completion import complete_images, load_mask, mask_label
+
+    if images < 1:
+        raise UsageError(f"--images must be at least 1, found {images}")
+    run, prepared = open_run(target, device=device, out=run_out)
+    dataset, compiled = prepared.dataset, prepared.compiled
+    C, H, W = dataset.channels, dataset.height, dataset.width
+    mask_tensor, notes = load_mask(mask, C, H, W, seed=seed)
+    if input is None:
+        x = dataset.fixed("test")[:images]
+        if len(x) == 0:
+            raise UsageError("the spec's data has no held-out images; pass --input FILE")
+    else:
+        pixels = _read_input_images(Path(input), dataset)
+        levels = torch.from_numpy(np.round(pixels * 255.0).reshape(len(pixels), -1)).to(prepared.device)
+        if dataset.transform == "continuous":
+            x = (levels + 0.5) / 256.0
+        else:
+            generator = torch.Generator(device=levels.device).manual_seed(seed)
+            x = dataset.apply(levels, generator)
+        x = x.to(torch.get_default_dtype())
+    result = complete_images(compiled, run.values, x, mask_tensor.to(prepared.device), k=k, seed=seed)
+    result.notes[:0] = notes
+    files: dict[str, Path] = {}
+    if out is not None:
+        from probkit.images import save_grid
+        from probkit.runs import atomic_write
+
+        out = Path(out)
+        png = out if out.suffix == ".png" else out / f"complete-{mask_label(mask)}.png"
+        n = len(x)
+        original = dataset.images(x)
+        drawn = dataset.images(result.completions.reshape(n * k, -1)).reshape(n, k, C, H, W)
+        rgb = lambda a: np.repeat(a, 3, axis=-3) if a.shape[-3] == 1 else a  # noqa: E731
+        observed = rgb(original).copy()
+        hole = mask_tensor.cpu().numpy().reshape(C, H, W).any(0)
+        observed[:, 0][:, hole], observed[:, 1][:, hole], observed[:, 2][:, hole] = 1.0, 0.0, 0.0
+        rows = np.concatenate([rgb(original)[:, None], observed[:, None], rgb(drawn)], axis=1)
+        save_grid(png, rows.reshape(n * (k + 2), 3, H, W), columns=k + 2)
+        import io
+
+        buffer = io.BytesIO()
+        np.save(buffer, drawn.astype(np.float32))
+        npy = png.with_suffix(".npy")
+        atomic_write(npy, buffer.getvalue())
+        files = {"png": png, "npy": npy}
+    return result, files

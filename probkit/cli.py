@@ -206,3 +206,42 @@ def datasets(
 
 def main():  # pragma: no cover - the console script
     app()
+
+
+@app.command()
+@reports_errors
+def complete(
+    target: SpecArg,
+    mask: Annotated[str, typer.Option("--mask", help="missing region: half|bottom|top|left|right|center|border|"
+                                                     "random:P|checkerboard or a PNG (white = missing)")] = "half",
+    images: Annotated[int, typer.Option("--images", help="how many held-out images to complete")] = 16,
+    input: Annotated[Optional[Path], typer.Option("--input", help="complete the images of a PNG or .npy file")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="completions per image")] = 4,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    device: DeviceOpt = "cpu",
+    out: Annotated[Optional[Path], typer.Option("--out", help="a .png path or a folder (default: the run folder)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+):
+    """Condition on the observed pixels of images and sample the missing ones (exact methods)."""
+    from probkit.completion import mask_label
+    from probkit.runs import resolve_run
+
+    run = resolve_run(target)
+    destination = out or run.path / f"complete-{mask_label(mask)}.png"
+    result, files = api.complete(run, mask=mask, images=images, input=input, k=k, seed=seed, device=device,
+                                 out=destination)
+    if as_json:
+        typer.echo(json.dumps({**result.metrics(), "png": str(files["png"]), "npy": str(files["npy"])}))
+        return
+    table = Table(title="completion")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("method", result.method)
+    table.add_row("images", str(result.images))
+    table.add_row("missing pixels per image", str(result.missing_pixels))
+    table.add_row("conditional NLL (bits/missing pixel)", f"{result.cond_nll_bits_per_pixel:.4f}")
+    table.add_row("PSNR of the mean on missing pixels (dB)", f"{result.psnr_db:.2f}")
+    console.print(table)
+    for note in result.notes:
+        console.print(f"note: {escape(note)}", highlight=False)
+    console.print(f"completions: {files['png']} (grid), {files['npy']} (array)")

@@ -14,6 +14,8 @@ TraceEnum_ELBO on the same model and guide.
 
 from __future__ import annotations
 
+import ast
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +36,20 @@ from probkit.expressions import Expr
 from probkit.spec import LoadedSpec, suggest
 
 RESERVED = ("x", "D", "C", "H", "W", "N")
+_GUIDES = 0  # guides made in this process
+
+# likelihood arguments that are per-image locations, and how one training image becomes one
+_LOCATION_ARGS = {
+    ("Bernoulli", "probs"): lambda x: 0.25 + 0.5 * x,   # a binary image, pulled towards 1/2
+    ("Binomial", "probs"): lambda x: (x + 32.0) / (255.0 + 64.0),
+    ("ContinuousBernoulli", "probs"): lambda x: 0.25 + 0.5 * x,
+    ("Normal", "loc"): lambda x: x,
+    ("Laplace", "loc"): lambda x: x,
+    ("StudentT", "loc"): lambda x: x,
+    ("Cauchy", "loc"): lambda x: x,
+    ("MultivariateNormal", "loc"): lambda x: x,
+    ("LowRankMultivariateNormal", "loc"): lambda x: x,
+}
 _SHAPE_ERRORS = (RuntimeError, IndexError, ValueError, TypeError)
 
 
@@ -322,12 +338,13 @@ class CompiledModel:
 
     # ----- values ----------------------------------------------------------------------
 
-    def initial_values(self, seed: int | None = None) -> dict[str, torch.Tensor]:
-        """Constrained starting values: `init:` if given, else a prior draw, else near-zero.
-
-        Drawn on the CPU from torch's global generator seeded with `seed`, in spec order, so
-        the program printed by `probkit show` starts from the very same values.
-        """
+    def initial_values(self, seed: int | None = None, data: tuple[torch.Tensor, torch.Tensor | None] | None = None
+                       ) -> dict[str, torch.Tensor]:
+        """Constrained starting values, seeded: `init:` if given, else a prior draw (the prior
+        mean for matrices), else near zero; then, with `data` (x, labels), every per-component
+        location the likelihood indexes by latents (probs[z], loc[y, z]) starts at a distinct
+        training image (of the right class for observed latents), so no two components start
+        identical. Drawn on the CPU in spec order, so a run is reproducible on any device."""
         if seed is None:
             if self._init_cache is None:
                 self._init_cache = self.initial_values(0)
@@ -338,9 +355,53 @@ class CompiledModel:
         try:
             for site in self.params:
                 values[site.name] = self._initial_value(site, values)
+            if data is not None:
+                generator = torch.Generator().manual_seed(seed)
+                x, labels = data
+                self._initial_locations(values, x.detach().cpu(), None if labels is None else labels.cpu(), generator)
         finally:
             self.device = device
         return {k: v.to(device) for k, v in values.items()}
+
+    def _initial_locations(self, values, x, labels, generator) -> None:
+        tree = self.likelihood.tree
+        family = self.family
+        arguments = dict(zip(family.args, tree.args))
+        arguments.update({k.arg: k.value for k in tree.keywords})
+        latents = {l.name: (i, l) for i, l in enumerate(self.latents)}
+        explicit = {p.name for p in self.params if p.init is not None}
+        for arg, node in arguments.items():
+            scale = _LOCATION_ARGS.get((family.name, arg))
+            if scale is None or not isinstance(node, ast.Subscript) or not isinstance(node.value, ast.Name):
+                continue
+            name = node.value.id
+            parts = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+            if name not in values or name in explicit or not all(
+                    isinstance(p, ast.Name) and p.id in latents for p in parts):
+                continue
+            index_latents = [latents[p.id][1] for p in parts]
+            shape = tuple(l.cardinality for l in index_latents) + (self.dims.D,)
+            if tuple(values[name].shape) != shape:
+                continue
+            value = values[name].clone()
+            taken = torch.zeros(len(x), dtype=torch.bool)
+            for combo in itertools.product(*(range(l.cardinality) for l in index_latents)):
+                allowed = ~taken
+                for latent, level in zip(index_latents, combo):
+                    if latent.observed and labels is not None:
+                        allowed &= labels == level
+                pool = allowed.nonzero().flatten()
+                if len(pool) == 0:
+                    continue
+                pick = pool[torch.randint(len(pool), (1,), generator=generator)]
+                taken[pick] = True
+                value[combo] = scale(x[pick[0]].float())
+            if bool(self._site_support(name).check(value).all()):
+                values[name] = value
+
+    def _site_support(self, name: str):
+        site = next(p for p in self.params if p.name == name)
+        return self._site_constraint(site)
 
     def _initial_value(self, site: ParamSite, values: dict[str, torch.Tensor]) -> torch.Tensor:
         if site.init is not None:
@@ -355,7 +416,10 @@ class CompiledModel:
                 raise site.init.error(f"the init lies outside params.{site.name}'s support ({site.support_name})")
             return value
         if site.prior is not None:
-            return self._shaped_prior(site, values).sample()
+            prior = self._shaped_prior(site, values)
+            if FAMILIES[site.prior.call_name].event_dim == 2:
+                return prior.mean.clone()  # a draw of a random matrix can be near singular
+            return prior.sample()
         transform = transform_to(self._site_constraint(site))
         return transform(0.1 * torch.randn(transform.inverse_shape(site.shape)))
 
@@ -405,6 +469,10 @@ class CompiledModel:
             poutine.block(self.model, expose=exposed),
             init_loc_fn=init_to_value(values={k: v.detach().clone() for k, v in start.items()}),
         )
+        # a name of its own, so Pyro's global param store never hands it another guide's values
+        global _GUIDES
+        _GUIDES += 1
+        guide._pyro_name = f"probkit.{self.spec.name}.{_GUIDES}"
         probe = torch.zeros(1, self.dims.D, device=self.device)
         labels = torch.zeros(1, dtype=torch.long, device=self.device) if self.observed_latents else None
         with torch.no_grad(), poutine.block():
@@ -477,19 +545,45 @@ class CompiledModel:
         grid = self.grid_shape
         d = self._likelihood_dist(values)
         n = len(x)
-        if self.family.name == "Bernoulli":
+        D = self.dims.D
+        if self.family.name in ("Bernoulli", "Binomial"):
+            # log p = x * logit - n * softplus(logit) + log C(n, x): one matrix product
             logits = d.logits if "logits" in d.__dict__ else probs_to_logits(d.probs, is_binary=True)
-            logits = logits.expand(grid + (self.dims.D,)).reshape(-1, self.dims.D)
-            table = x @ logits.T - F.softplus(logits).sum(-1)
+            logits = logits.expand(grid + (D,)).reshape(-1, D)
+            count = getattr(d, "total_count", None)
+            if count is None:
+                table = x @ logits.T - F.softplus(logits).sum(-1)
+            else:
+                count = torch.as_tensor(count, device=x.device).expand(grid + (D,)).reshape(-1, D)
+                if not bool((count == count.reshape(-1)[0]).all()):
+                    return self._generic_table(d, x, grid)
+                n_trials = count.reshape(-1)[0]
+                log_choose = (torch.lgamma(n_trials + 1) - torch.lgamma(x + 1) - torch.lgamma(n_trials - x + 1)).sum(-1)
+                table = x @ logits.T - (count * F.softplus(logits)).sum(-1) + log_choose[:, None]
             return table.reshape((n,) + grid)
+        if self.family.name == "Categorical":
+            # per-pixel categorical over levels: gather log-probabilities, no N x G x D x L tensor
+            logp = d.logits.expand(grid + (D, d.logits.shape[-1])).reshape(-1, D, d.logits.shape[-1])
+            levels = logp.shape[-1]
+            flat = logp.reshape(len(logp), D * levels)
+            index = (torch.arange(D, device=x.device) * levels + x.long()).reshape(-1)
+            budget = max(1, (1 << 25) // max(len(flat) * D, 1))
+            parts = [flat[:, index[i * D:(i + budget) * D]].reshape(len(flat), -1, D).sum(-1)
+                     for i in range(0, n, budget)]
+            return torch.cat(parts, dim=1).T.reshape((n,) + grid)
         if self.family.multivariate:
             return _chunked(lambda xs: d.log_prob(xs.reshape((len(xs),) + (1,) * len(grid) + (self.dims.D,))),
                             x, len(grid) and math.prod(grid) * self.dims.D)
+        return self._generic_table(d, x, grid)
+
+    def _generic_table(self, d, x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        """Per-pixel log_prob broadcast over configurations, in chunks of images."""
+        D = self.dims.D
         if not d.batch_shape:
-            d = d.expand((self.dims.D,))
+            d = d.expand((D,))
         return _chunked(
-            lambda xs: d.log_prob(xs.reshape((len(xs),) + (1,) * len(grid) + (self.dims.D,))).sum(-1),
-            x, max(1, math.prod(grid)) * self.dims.D,
+            lambda xs: d.log_prob(xs.reshape((len(xs),) + (1,) * len(grid) + (D,))).sum(-1),
+            x, max(1, math.prod(grid)) * D,
         )
 
     def log_joint_table(self, values, x) -> torch.Tensor:

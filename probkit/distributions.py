@@ -34,7 +34,10 @@ _UNIVARIATE = [
     "Poisson", "Cauchy", "Geometric", "Gumbel", "Weibull", "InverseGamma", "Kumaraswamy",
 ]
 _DISCRETE = {"Bernoulli", "Binomial", "Poisson", "Geometric", "Categorical"}
-_MULTIVARIATE = ["Categorical", "Dirichlet", "MultivariateNormal", "LowRankMultivariateNormal"]
+_MULTIVARIATE = ["Categorical", "Dirichlet", "MultivariateNormal", "LowRankMultivariateNormal", "Wishart",
+                 "LKJCholesky"]
+_EVENT_DIM = {"Dirichlet": 1, "MultivariateNormal": 1, "LowRankMultivariateNormal": 1, "Wishart": 2,
+              "LKJCholesky": 2}
 
 
 def _arg_names(cls) -> tuple[str, ...]:
@@ -45,7 +48,7 @@ def _arg_names(cls) -> tuple[str, ...]:
 def _family(name: str) -> Family:
     cls = getattr(dist, name)
     # Categorical draws one integer per batch element: event_dim 0, though its probs are a vector
-    event_dim = 1 if name in ("Dirichlet", "MultivariateNormal", "LowRankMultivariateNormal") else 0
+    event_dim = _EVENT_DIM.get(name, 0)
     return Family(name, cls, _arg_names(cls), event_dim, name in _DISCRETE)
 
 
@@ -56,6 +59,8 @@ VECTOR_ARGS = {
     "Dirichlet": {"concentration": 0},
     "MultivariateNormal": {"loc": 0, "covariance_matrix": 1, "precision_matrix": 1, "scale_tril": 1},
     "LowRankMultivariateNormal": {"loc": 0, "cov_diag": 0},
+    # Wishart's matrices already have the param's shape [..., D, D]
+    "Wishart": {"covariance_matrix": 0, "precision_matrix": 0, "scale_tril": 0},
 }
 
 SUPPORTS = {

@@ -103,7 +103,8 @@ class Trainer:
         self.history: list[dict] = []
         self.start_step = 0
         pyro.set_rng_seed(settings.seed)
-        self.guide = compiled.make_guide(settings.seed)
+        start = compiled.initial_values(settings.seed, data=(dataset.fixed("train"), dataset.train_labels))
+        self.guide = compiled.make_guide(settings.seed, start)
         self.names = [p.name for p in compiled.params]
         self.unconstrained = [compiled.unconstrained_of(self.guide, n) for n in self.names]
         self.transforms = [compiled.transform_of(self.guide, n) for n in self.names]
@@ -251,7 +252,8 @@ class _NonFinite(Exception):
 
 def pyro_elbo(compiled: CompiledModel):
     """Pyro's ELBO for the model: TraceEnum_ELBO when there are latents to sum out."""
-    return TraceEnum_ELBO(max_plate_nesting=1) if compiled.latents else Trace_ELBO()
+    enumerated = any(not latent.observed for latent in compiled.latents)
+    return TraceEnum_ELBO(max_plate_nesting=1) if enumerated else Trace_ELBO()
 
 
 def _generator_state(generator: torch.Generator) -> str:

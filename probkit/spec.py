@@ -275,6 +275,9 @@ def _translate(exc: ValidationError, smap: SourceMap) -> SpecError:
                 f"{smap.where(path, key=True)}: {dotted(path)}: unknown key '{key}'"
                 f"{suggest(key, allowed)} (expected one of: {', '.join(allowed)})"
             )
+            if any(ch in str(key) for ch in "()=*"):
+                msg += ("; a comma inside {...} splits an expression in two: quote it, "
+                        "e.g. prior: \"Beta(2.0, 2.0)\", or write the mapping in block style")
         elif kind == "missing":
             msg = f"{smap.where(path[:-1])}: {dotted(path)}: required key '{path[-1]}' is missing"
         else:

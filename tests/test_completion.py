@@ -1,0 +1,345 @@
+"""Completion (issue 4): masks, the exact conditionals against independent references, the CLI.
+
+References are computed independently: numpy/scipy in float64 for the Gaussian conditionals,
+a per-component float64 loop for the Bernoulli-mixture posterior. Tolerances are stated at
+each check; float32 model parameters limit agreement to about 1e-5 relative.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.stats import multivariate_normal
+from typer.testing import CliRunner
+
+import probkit
+from probkit.cli import app
+from probkit.completion import (complete_images, discrete_posterior, gaussian_conditional, load_mask,
+                                make_mask)
+from probkit.errors import UsageError
+
+from conftest import SPECS, TEST_SPECS
+
+DATA8 = """
+data:
+  source: digits
+  size: 8
+  transform: continuous
+"""
+
+
+def _spec(write_spec, body: str, name: str):
+    return probkit.prepare(write_spec(f"probkit: 1\nname: {name}\n{DATA8}\n{body}", name))
+
+
+# ----- masks -------------------------------------------------------------------------------
+
+def test_mask_names_and_layout():
+    C, H, W = 2, 4, 6
+    half = make_mask("half", C, H, W)
+    assert half.dtype == torch.bool and half.shape == (C * H * W,)
+    assert torch.equal(half, make_mask("bottom", C, H, W))
+    grid = half.reshape(C, H, W)
+    assert torch.equal(grid[0], grid[1])  # the same in every channel
+    assert grid[0, 2:].all() and not grid[0, :2].any()
+    assert make_mask("top", C, H, W).reshape(C, H, W)[0, :2].all()
+    assert make_mask("left", C, H, W).reshape(C, H, W)[0, :, :3].all()
+    assert make_mask("right", C, H, W).reshape(C, H, W)[0, :, 3:].all()
+    center = make_mask("center", 1, 8, 8).reshape(8, 8)
+    assert center[2:6, 2:6].all() and int(center.sum()) == 16
+    assert torch.equal(make_mask("border", 1, 8, 8).reshape(8, 8), ~center)
+    checker = make_mask("checkerboard", 1, 8, 8)
+    assert int(checker.sum()) == 32
+    rnd = make_mask("random:0.5", 1, 32, 32, seed=3)
+    assert torch.equal(rnd, make_mask("random:0.5", 1, 32, 32, seed=3))
+    assert 0.4 < rnd.float().mean() < 0.6
+
+
+def test_png_mask_is_resized_white_missing(tmp_path):
+    picture = np.zeros((16, 16), dtype=np.uint8)
+    picture[:, 8:] = 255  # right half white = missing
+    path = tmp_path / "m.png"
+    Image.fromarray(picture).save(path)
+    mask, notes = load_mask(str(path), 1, 8, 8)
+    assert torch.equal(mask, make_mask("right", 1, 8, 8))
+    assert any("resized" in n for n in notes)
+
+
+@pytest.mark.parametrize("spec,words", [
+    ("cntr", "did you mean 'center'"), ("random:0", "no pixel missing"), ("random:1.5", "probability"),
+    ("random:x", "probability"), ("missing.png", "no such PNG"),
+])
+def test_bad_masks_raise_usage_error(spec, words):
+    with pytest.raises(UsageError, match=words):
+        make_mask(spec, 1, 8, 8)
+
+
+def test_unreadable_png_mask(tmp_path):
+    path = tmp_path / "bad.png"
+    path.write_text("not a png")
+    with pytest.raises(UsageError, match="cannot read"):
+        make_mask(str(path), 1, 8, 8)
+
+
+# ----- univariate likelihoods ------------------------------------------------------------
+
+def test_independent_gaussian_conditional_is_the_marginal(write_spec):
+    prepared = _spec(write_spec, """
+params:
+  loc: {shape: [D], support: real}
+  scale: {shape: [D], support: positive}
+likelihood:
+  x: Normal(loc=loc, scale=scale)
+""", "indep")
+    g = torch.Generator().manual_seed(1)
+    values = {"loc": torch.rand(64, generator=g), "scale": 0.1 + torch.rand(64, generator=g)}
+    x = prepared.dataset.fixed("test")[:20]
+    mask = make_mask("half", 1, 8, 8)
+    result = complete_images(prepared.compiled, values, x, mask, k=3)
+    assert result.method == "exact-discrete-latents"
+    # the completion mean on missing pixels is the marginal mean, exactly
+    assert torch.allclose(result.mean[:, mask], values["loc"][mask].expand(20, -1), atol=1e-6)
+    # the conditional NLL is the marginal NLL of the missing pixels (reference: scipy-free float64 formula)
+    xm = x[:, mask].double().numpy()
+    mu, sd = values["loc"][mask].double().numpy(), values["scale"][mask].double().numpy()
+    marginal = -(-0.5 * ((xm - mu) / sd) ** 2 - np.log(sd) - 0.5 * math.log(2 * math.pi)).sum(1).mean()
+    bits = (marginal + 32 * math.log(256)) / (32 * math.log(2))
+    assert result.cond_nll_bits_per_pixel == pytest.approx(bits, rel=1e-5)
+    # and the draws follow the marginal: many completions, mean within 5 standard errors
+    many = complete_images(prepared.compiled, values, x[:1], mask, k=4000, seed=2).completions[0][:, mask]
+    err = (many.mean(0) - values["loc"][mask]).abs() / (values["scale"][mask] / math.sqrt(4000))
+    assert float(err.max()) < 5.0
+
+
+def test_bernoulli_mixture_posterior_is_bayes_rule():
+    prepared = probkit.prepare(TEST_SPECS / "tiny-mixture.yaml")
+    g = torch.Generator().manual_seed(0)
+    values = {"weights": torch.tensor([0.2, 0.5, 0.3]), "probs": 0.02 + 0.96 * torch.rand(3, 64, generator=g)}
+    x = prepared.dataset.fixed("test")[:30]
+    mask = make_mask("half", 1, 8, 8)
+    log_post = discrete_posterior(prepared.compiled, values, x, mask)
+    # brute force in float64: p(k | x_obs) ∝ w_k prod_{observed d} p_kd^x (1 - p_kd)^(1 - x)
+    xs, w, p = x.double().numpy(), values["weights"].double().numpy(), values["probs"].double().numpy()
+    obs = ~mask.numpy()
+    expected = np.zeros((len(xs), 3))
+    for n in range(len(xs)):
+        for k in range(3):
+            terms = xs[n, obs] * np.log(p[k, obs]) + (1 - xs[n, obs]) * np.log(1 - p[k, obs])
+            expected[n, k] = math.log(w[k]) + terms.sum()
+    expected -= np.logaddexp.reduce(expected, axis=1, keepdims=True)
+    assert np.allclose(log_post.exp().double().numpy(), np.exp(expected), atol=1e-5)
+    # the completion mean on missing pixels is the posterior-weighted component mean
+    result = complete_images(prepared.compiled, values, x, mask, k=2)
+    mean = np.exp(expected) @ p
+    assert np.allclose(result.mean[:, mask].double().numpy(), mean[:, mask.numpy()], atol=1e-5)
+    # and the conditional NLL is -log sum_k post_k p(x_miss | k), per missing pixel in bits
+    miss = mask.numpy()
+    ll = np.array([[(xs[n, miss] * np.log(p[k, miss]) + (1 - xs[n, miss]) * np.log(1 - p[k, miss])).sum()
+                    for k in range(3)] for n in range(len(xs))])
+    nll = -np.logaddexp.reduce(expected + ll, axis=1).mean()
+    assert result.cond_nll_bits_per_pixel == pytest.approx(nll / (32 * math.log(2)), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def digit_runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("digit-runs")
+    out = {}
+    for name in ("digits-mixture", "digits-bernoulli"):
+        probkit.fit(SPECS / f"{name}.yaml", steps=100, out=base / name, device="cpu", samples=0)
+        out[name] = base / name
+    return out
+
+
+def test_mixture_beats_independent_model_top_half_observed(digit_runs):
+    results = {}
+    for name, path in digit_runs.items():
+        result, _ = probkit.complete(path, mask="half", images=1000, k=1)
+        assert result.images == 360 and result.missing_pixels == 512
+        results[name] = result
+    assert results["digits-mixture"].cond_nll_bits_per_pixel < results["digits-bernoulli"].cond_nll_bits_per_pixel - 0.05
+    assert results["digits-mixture"].psnr_db > results["digits-bernoulli"].psnr_db
+
+
+# ----- Gaussian likelihoods --------------------------------------------------------------
+
+def _closed_form(cov, loc, x, miss):
+    obs = ~miss
+    S_oo, S_uo, S_uu = cov[np.ix_(obs, obs)], cov[np.ix_(miss, obs)], cov[np.ix_(miss, miss)]
+    gain = S_uo @ np.linalg.inv(S_oo)
+    mean = loc[miss] + (x[:, obs] - loc[obs]) @ gain.T
+    return mean, S_uu - gain @ S_uo.T
+
+
+def test_full_covariance_conditional_matches_numpy(write_spec):
+    prepared = _spec(write_spec, """
+params:
+  loc: {shape: [D], support: real}
+  L: {shape: [D, D], support: lower_cholesky}
+likelihood:
+  x: MultivariateNormal(loc=loc, scale_tril=L)
+""", "fullcov")
+    g = torch.Generator().manual_seed(0)
+    L = torch.tril(0.1 * torch.randn(64, 64, generator=g), -1) + torch.diag(0.3 + 0.5 * torch.rand(64, generator=g))
+    values = {"loc": torch.rand(64, generator=g), "L": L}
+    x = prepared.dataset.fixed("test")[:10]
+    for name in ("half", "center", "random:0.3"):
+        mask = make_mask(name, 1, 8, 8, seed=4)
+        cond = gaussian_conditional(prepared.compiled, values, x, mask)
+        L64 = L.double().numpy()
+        mean, cov = _closed_form(L64 @ L64.T, values["loc"].double().numpy(), x.double().numpy(), mask.numpy())
+        assert np.allclose(cond.mean[:, 0].numpy(), mean, atol=1e-5, rtol=0)
+        assert np.allclose(cond.covariance()[0].numpy(), cov, atol=1e-5, rtol=0)
+        result = complete_images(prepared.compiled, values, x, mask, k=2)
+        assert result.method == "exact-gaussian"
+        assert np.allclose(result.mean[:, mask].double().numpy(), mean, atol=1e-5)
+        nll = -np.mean([multivariate_normal(mean[n], cov).logpdf(x[n, mask].double().numpy())
+                        for n in range(len(x))])
+        expected = (nll + mask.sum().item() * math.log(256)) / (mask.sum().item() * math.log(2))
+        assert result.cond_nll_bits_per_pixel == pytest.approx(expected, rel=1e-6)
+
+
+LOWRANK = """
+constants: {K: 2, R: 3}
+params:
+  weights: {shape: [K], support: simplex}
+  loc: {shape: [K, D], support: real}
+  factors: {shape: [K, D, R], support: real}
+  noise: {shape: [K, D], support: positive}
+latent:
+  z: Categorical(probs=weights)
+likelihood:
+  x: LowRankMultivariateNormal(loc=loc[z], cov_factor=factors[z], cov_diag=noise[z])
+"""
+
+DENSE = """
+constants: {K: 2}
+params:
+  weights: {shape: [K], support: simplex}
+  loc: {shape: [K, D], support: real}
+  cov: {shape: [K, D, D], support: positive_definite}
+latent:
+  z: Categorical(probs=weights)
+likelihood:
+  x: MultivariateNormal(loc=loc[z], covariance_matrix=cov[z])
+"""
+
+
+def test_low_rank_mixture_agrees_with_dense_and_scipy(write_spec):
+    low = _spec(write_spec, LOWRANK, "lowrank")
+    dense = _spec(write_spec, DENSE, "dense")
+    g = torch.Generator().manual_seed(0)
+    values = {"weights": torch.tensor([0.4, 0.6]), "loc": 0.5 * torch.rand(2, 64, generator=g),
+              "factors": 0.3 * torch.randn(2, 64, 3, generator=g), "noise": 0.02 + 0.05 * torch.rand(2, 64, generator=g)}
+    F64, psi = values["factors"].double(), values["noise"].double()
+    cov64 = F64 @ F64.transpose(-1, -2) + torch.diag_embed(psi)
+    dense_values = {"weights": values["weights"], "loc": values["loc"], "cov": cov64.float()}
+    x = low.dataset.fixed("test")[:12]
+    mask = make_mask("half", 1, 8, 8)
+    a32 = gaussian_conditional(low.compiled, values, x, mask)  # default: low rank in x's dtype
+    a = gaussian_conditional(low.compiled, values, x, mask, dtype=torch.float64)
+    b = gaussian_conditional(dense.compiled, dense_values, x, mask)  # default: dense in float64
+    assert a.factor is not None and b.scale_tril is not None  # the two paths really ran
+    assert a32.mean.dtype == torch.float32 and b.mean.dtype == torch.float64
+    # the dense params were rounded to float32: agreement to 1e-4 absolute (values are O(1))
+    for low_rank in (a, a32):
+        assert torch.allclose(low_rank.mean.double(), b.mean, atol=1e-4)
+        assert torch.allclose(low_rank.covariance().double(), b.covariance(), atol=1e-4)
+        assert torch.allclose(low_rank.log_post.exp().double(), b.log_post.exp(), atol=1e-4)
+    # the posterior over components from scipy's observed-block marginal, in float64
+    obs, xs, loc = ~mask.numpy(), x.double().numpy(), values["loc"].double().numpy()
+    logp = np.array([[math.log(values["weights"][k].item())
+                      + multivariate_normal(loc[k, obs], cov64[k].numpy()[np.ix_(obs, obs)]).logpdf(xs[n, obs])
+                      for k in range(2)] for n in range(len(xs))])
+    logp -= np.logaddexp.reduce(logp, axis=1, keepdims=True)
+    assert np.allclose(a.log_post.exp().numpy(), np.exp(logp), atol=1e-6)
+    for k in range(2):
+        mean, cov = _closed_form(cov64[k].numpy(), loc[k], xs, mask.numpy())
+        assert np.allclose(a.mean[:, k].numpy(), mean, atol=1e-5)
+        assert np.allclose(a.covariance()[k].numpy(), cov, atol=1e-5)
+    ra = complete_images(low.compiled, values, x, mask, k=2)
+    rb = complete_images(dense.compiled, dense_values, x, mask, k=2)
+    assert ra.cond_nll_bits_per_pixel == pytest.approx(rb.cond_nll_bits_per_pixel, rel=1e-4)
+    assert ra.psnr_db == pytest.approx(rb.psnr_db, rel=1e-4)
+
+
+def test_observed_pixels_never_change(write_spec):
+    cases = [(probkit.prepare(TEST_SPECS / "tiny-mixture.yaml"), None), (_spec(write_spec, LOWRANK, "lowrank"), None)]
+    for prepared, _ in cases:
+        values = prepared.compiled.initial_values(0)
+        x = prepared.dataset.fixed("test")[:7]
+        for name in ("half", "border", "random:0.5", "checkerboard"):
+            mask = make_mask(name, 1, 8, 8)
+            result = complete_images(prepared.compiled, values, x, mask, k=3)
+            assert torch.equal(result.completions[:, :, ~mask], x[:, None, ~mask].expand(-1, 3, -1))
+            assert torch.equal(result.mean[:, ~mask], x[:, ~mask])
+            assert result.completions.shape == (7, 3, 64) and torch.isfinite(result.completions).all()
+
+
+def test_unsupported_likelihood_is_a_usage_error(write_spec):
+    prepared = _spec(write_spec, """
+params:
+  conc: {shape: [D], support: positive, init: 1.0}
+likelihood:
+  x: Dirichlet(conc)
+""", "dirichlet")
+    x = torch.full((2, 64), 1 / 64)
+    with pytest.raises(UsageError, match="not available for a Dirichlet"):
+        complete_images(prepared.compiled, prepared.compiled.initial_values(0), x, make_mask("half", 1, 8, 8))
+
+
+# ----- library API and CLI ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "run"
+    probkit.fit(TEST_SPECS / "tiny-mixture.yaml", steps=5, out=path, device="cpu", samples=0)
+    return path
+
+
+def test_cli_complete_json_and_files(tiny_run, tmp_path):
+    out = tmp_path / "c.png"
+    result = CliRunner().invoke(app, ["complete", str(tiny_run), "--mask", "center", "--images", "5",
+                                      "-k", "3", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["method"] == "exact-discrete-latents" and data["images"] == 5 and data["missing_pixels"] == 16
+    assert math.isfinite(data["cond_nll_bits_per_pixel"]) and math.isfinite(data["psnr_db"])
+    assert np.load(tmp_path / "c.npy").shape == (5, 3, 1, 8, 8)
+    with Image.open(out) as picture:  # 5 rows of original, observed, 3 completions: 8x8 tiles, pad 1, x2
+        assert picture.size == ((5 * 9 + 1) * 2, (5 * 9 + 1) * 2)
+        red = np.asarray(picture.convert("RGB"))[2 * (9 + 4), 2 * (1 * 9 + 1 + 4)]  # observed tile, centre
+    assert tuple(red) == (255, 0, 0)
+
+
+def test_cli_table_and_nothing_observed_note(tiny_run, tmp_path):
+    result = CliRunner().invoke(app, ["complete", str(tiny_run), "--mask", "random:1", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "plain samples" in result.stdout
+    assert (tmp_path / "complete-random1.png").exists()
+
+
+def test_input_files(tiny_run, tmp_path):
+    images = np.random.default_rng(0).random((3, 8, 8))
+    np.save(tmp_path / "in.npy", images)
+    result, files = probkit.complete(tiny_run, input=tmp_path / "in.npy", k=2, out=tmp_path)
+    assert result.images == 3 and files["npy"].exists()
+    Image.fromarray((images[0] * 255).astype(np.uint8)).resize((20, 20)).save(tmp_path / "in.png")
+    result, _ = probkit.complete(tiny_run, input=tmp_path / "in.png", k=2)
+    assert result.images == 1
+
+
+@pytest.mark.parametrize("args", [
+    ["--mask", "cntr"], ["--mask", "random:0"], ["--mask", "random:7"], ["--mask", "nope.png"],
+    ["--input", "WRONG"], ["--images", "0"], ["-k", "0"],
+])
+def test_cli_bad_usage_exits_2(tiny_run, tmp_path, args):
+    np.save(tmp_path / "wrong.npy", np.zeros((5, 5)))
+    args = [str(tmp_path / "wrong.npy") if a == "WRONG" else a for a in args]
+    result = CliRunner().invoke(app, ["complete", str(tiny_run), "--out", str(tmp_path), *args])
+    assert result.exit_code == 2, result.output
+    assert "error" in result.output
