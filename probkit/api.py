@@ -93,7 +93,8 @@ def fit(spec: SpecLike, *, steps: int | None = None, device: str = "auto", seed:
     wall = time.perf_counter() - started
     values = {k: v.detach() for k, v in trainer.values().items()}
     evaluator = Evaluator(compiled, dataset)
-    metrics = {"train": evaluator.metrics(values, "train"), "test": evaluator.metrics(values, "test")}
+    metrics = {"train": evaluator.metrics(values, "train"), "test": evaluator.metrics(values, "test"),
+               "components": evaluator.component_usage(values)}
     info = run_info(compiled, dataset, settings, prepared.device, wall, metrics, prepared.loaded.base_dir)
     write_run(run_dir, compiled, trainer, info, fitted_spec_text(prepared.loaded, settings))
     png = None

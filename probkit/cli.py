@@ -119,6 +119,13 @@ def fit(
                          engine=engine, on_step=on_step)
         bar.update(task, completed=total)
     _print_metrics(result.metrics)
+    for latent, usage in (result.metrics.get("components") or {}).items():
+        if usage["collapsed"]:
+            err_console.print(
+                f"[yellow]warning:[/] {len(usage['collapsed'])} of {len(usage['expected_images'])} values of "
+                f"latent '{latent}' explain less than one training image (collapsed: {usage['collapsed']}); "
+                "fewer components, a stronger prior on the weights, or another seed may serve better"
+            )
     console.print(f"run folder: {result.run_dir}")
     if result.samples_png:
         console.print(f"samples: {result.samples_png}")
@@ -219,7 +226,8 @@ def complete(
     k: Annotated[int, typer.Option("-k", "--k", help="completions per image")] = 4,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: DeviceOpt = "cpu",
-    out: Annotated[Optional[Path], typer.Option("--out", help="a .png path or a folder (default: the run folder)")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="a .png path or a folder (default: the run folder)")
+                   ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ):
     """Condition on the observed pixels of images and sample the missing ones (exact methods)."""

@@ -4,7 +4,7 @@ Masks name the *missing* pixels (DESIGN section 3). Two exact methods exist, cho
 likelihood's family; `CompletionResult.method` says which one ran:
 
 - ``exact-discrete-latents``: likelihoods independent across pixels given the discrete
-  latents (Bernoulli, Normal, Binomial, ... and their mixtures; also no-latent models). The
+  latents (Bernoulli, Normal, Binomial, per-pixel Categorical, ... and their mixtures; also no-latent models). The
   posterior over the latent configurations uses the observed pixels only,
   ``p(k | x_obs) ∝ p(k) prod_{d observed} p(x_d | k)``; each completion draws a configuration
   from it and then every missing pixel from ``p(x_d | k)``. For Bernoulli the observed
@@ -16,7 +16,8 @@ likelihood's family; `CompletionResult.method` says which one ran:
   conditional is again low rank: loc mu_u + W_u C^-1 W_o^T psi_o^-1 (x_o - mu_o), factor
   W_u L_C^-T, diagonal psi_u), weighted by the posterior from the observed-block marginal.
 
-Other likelihoods (Categorical, Dirichlet) raise UsageError: a general method (e.g. MCMC
+A per-pixel Categorical over intensity levels counts as univariate (its level axis is the
+last one). Other likelihoods (Dirichlet) raise UsageError: a general method (e.g. MCMC
 over the missing pixels) is not implemented yet.
 
 Metrics: the conditional NLL of the true missing pixels, ``-log p(x_miss | x_obs)``, in bits
@@ -43,6 +44,7 @@ from probkit.spec import suggest
 
 MASKS = ("half", "bottom", "top", "left", "right", "center", "border", "random:P", "checkerboard")
 UNIVARIATE_FAMILIES = {
+    "Categorical",  # per pixel over intensity levels (the discrete transform)
     "Normal", "Bernoulli", "Beta", "Gamma", "Exponential", "HalfNormal", "HalfCauchy",
     "LogNormal", "Laplace", "StudentT", "Uniform", "Binomial", "ContinuousBernoulli",
     "Poisson", "Cauchy", "Geometric", "Gumbel", "Weibull", "InverseGamma", "Kumaraswamy",
@@ -192,7 +194,8 @@ class GaussianConditional:
         if self.mean.shape[1] == 1:  # one configuration: no gather, no masking
             mean = self.mean.expand(n, k, self.mean.shape[-1])
             if self.scale_tril is not None:
-                return mean + torch.randn(n, k, self.scale_tril.shape[-1], dtype=mean.dtype, device=mean.device) @ self.scale_tril[0].T
+                eps = torch.randn(n, k, self.scale_tril.shape[-1], dtype=mean.dtype, device=mean.device)
+                return mean + eps @ self.scale_tril[0].T
             eps = torch.randn(n, k, self.factor.shape[-1], dtype=mean.dtype, device=mean.device)
             return (mean + eps @ self.factor[0].T
                     + self.diag[0].sqrt() * torch.randn(n, k, mean.shape[-1], dtype=mean.dtype, device=mean.device))
@@ -208,7 +211,8 @@ class GaussianConditional:
                 noise = eps @ self.scale_tril[c].T
             else:
                 eps = torch.randn(count, self.factor.shape[-1], dtype=mean.dtype, device=mean.device)
-                noise = eps @ self.factor[c].T + self.diag[c].sqrt() * torch.randn(count, mean.shape[-1], dtype=mean.dtype, device=mean.device)
+                white = torch.randn(count, mean.shape[-1], dtype=mean.dtype, device=mean.device)
+                noise = eps @ self.factor[c].T + self.diag[c].sqrt() * white
             out[picked] = mean[picked] + noise
         return out
 
@@ -225,7 +229,10 @@ def _flat_config_kwargs(compiled: CompiledModel, values) -> tuple[dict, int]:
     for key, value in kwargs.items():
         value = torch.as_tensor(value, dtype=torch.get_default_dtype(), device=compiled.device) \
             if not isinstance(value, torch.Tensor) else value
-        flat[key] = torch.broadcast_to(value, grid + (D,)).reshape(K, D)
+        if compiled.family.name == "Categorical":  # per-pixel levels: grid + (D, L)
+            flat[key] = torch.broadcast_to(value, grid + (D, value.shape[-1])).reshape(K, D, value.shape[-1])
+        else:
+            flat[key] = torch.broadcast_to(value, grid + (D,)).reshape(K, D)
     return flat, K
 
 
@@ -237,6 +244,16 @@ def _observed_loglik_univariate(family: str, d, x: torch.Tensor, m: torch.Tensor
     K, D = d.batch_shape
     step = max(1, (1 << 24) // max(1, K * D))
     keep = m.to(torch.bool)
+    if family == "Categorical":  # gather each pixel's level: no N x K x D x L tensor
+        levels = d.logits.shape[-1]
+        flat = d.logits.reshape(K, D * levels)
+        offset = torch.arange(D, device=x.device) * levels
+        parts = []
+        for i in range(0, len(x), step):
+            index = (offset + x[i:i + step].long()).reshape(-1)
+            lp = flat[:, index].reshape(K, -1, D)
+            parts.append(torch.where(keep, lp, torch.zeros((), dtype=lp.dtype, device=lp.device)).sum(-1).T)
+        return torch.cat(parts) if parts else x.new_zeros((0, K))
     parts = []
     for i in range(0, len(x), step):
         lp = d.log_prob(x[i:i + step].unsqueeze(1))
@@ -272,10 +289,20 @@ def _complete_univariate(compiled, values, x, mask, k):
     if family.name == "Bernoulli":
         probs = d.probs[choice]
         draws = (torch.rand(probs.shape, dtype=probs.dtype, device=probs.device) < probs).to(x.dtype)
+    elif family.name == "Categorical":  # chunks of images: the picked logits are N x k x D x L
+        levels = d.logits.shape[-1]
+        step = max(1, (1 << 24) // max(1, k * compiled.dims.D * levels))
+        draws = torch.cat([
+            torch.distributions.Categorical(logits=d.logits[choice[i:i + step]], validate_args=False).sample()
+            for i in range(0, len(x), step)
+        ]).to(x.dtype)
     else:
         picked = family.cls(**{key: v[choice] for key, v in kwargs.items()}, validate_args=False)
         draws = picked.sample().to(x.dtype)
-    mean_k = d.mean
+    if family.name == "Categorical":
+        mean_k = d.probs @ torch.arange(d.probs.shape[-1], dtype=d.probs.dtype, device=d.probs.device)
+    else:
+        mean_k = d.mean
     notes = []
     if not bool(torch.isfinite(mean_k).all()):
         notes.append(f"{family.name} has no finite mean; the completion mean is the average of the k completions")

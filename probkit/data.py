@@ -21,6 +21,7 @@ from probkit.errors import DataError
 from probkit.spec import DataSpec
 
 LUMINANCE = (0.299, 0.587, 0.114)
+EDGE = 2.0**-20  # dequantised values stay this far inside (0, 1)
 
 
 def resize_images(images: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -92,7 +93,9 @@ class Dataset:
             return levels
         if self.transform == "continuous":
             noise = torch.rand(levels.shape, generator=generator, device=levels.device)
-            return (levels + noise) / 256.0
+            # strictly inside (0, 1): a draw of exactly 0 (or a sum that rounds to 1) would put a
+            # Beta or logit-space density at infinity; the clamp moves < 1e-6 of probability mass
+            return ((levels + noise) / 256.0).clamp_(EDGE, 1.0 - EDGE)
         intensity = levels / 255.0
         if self.spec.binarize == "dynamic":
             return torch.bernoulli(intensity, generator=generator)

@@ -188,7 +188,7 @@ def _transform_source(dataset) -> str:
     if dataset.transform == "discrete":
         return "levels"
     if dataset.transform == "continuous":
-        return "(levels + torch.rand(levels.shape, generator=generator)) / 256.0"
+        return "((levels + torch.rand(levels.shape, generator=generator)) / 256.0).clamp_(2.0**-20, 1.0 - 2.0**-20)"
     if spec.binarize == "dynamic":
         return "torch.bernoulli(levels / 255.0, generator=generator)"
     return f"(levels / 255.0 > {spec.threshold!r}).float()"

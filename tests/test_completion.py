@@ -161,7 +161,8 @@ def test_mixture_beats_independent_model_top_half_observed(digit_runs):
         result, _ = probkit.complete(path, mask="half", images=1000, k=1)
         assert result.images == 360 and result.missing_pixels == 512
         results[name] = result
-    assert results["digits-mixture"].cond_nll_bits_per_pixel < results["digits-bernoulli"].cond_nll_bits_per_pixel - 0.05
+    mixture, independent = results["digits-mixture"], results["digits-bernoulli"]
+    assert mixture.cond_nll_bits_per_pixel < independent.cond_nll_bits_per_pixel - 0.05
     assert results["digits-mixture"].psnr_db > results["digits-bernoulli"].psnr_db
 
 
@@ -234,7 +235,8 @@ def test_low_rank_mixture_agrees_with_dense_and_scipy(write_spec):
     dense = _spec(write_spec, DENSE, "dense")
     g = torch.Generator().manual_seed(0)
     values = {"weights": torch.tensor([0.4, 0.6]), "loc": 0.5 * torch.rand(2, 64, generator=g),
-              "factors": 0.3 * torch.randn(2, 64, 3, generator=g), "noise": 0.02 + 0.05 * torch.rand(2, 64, generator=g)}
+              "factors": 0.3 * torch.randn(2, 64, 3, generator=g),
+              "noise": 0.02 + 0.05 * torch.rand(2, 64, generator=g)}
     F64, psi = values["factors"].double(), values["noise"].double()
     cov64 = F64 @ F64.transpose(-1, -2) + torch.diag_embed(psi)
     dense_values = {"weights": values["weights"], "loc": values["loc"], "cov": cov64.float()}
@@ -265,6 +267,70 @@ def test_low_rank_mixture_agrees_with_dense_and_scipy(write_spec):
     rb = complete_images(dense.compiled, dense_values, x, mask, k=2)
     assert ra.cond_nll_bits_per_pixel == pytest.approx(rb.cond_nll_bits_per_pixel, rel=1e-4)
     assert ra.psnr_db == pytest.approx(rb.psnr_db, rel=1e-4)
+
+
+def test_gaussian_mixture_draws_follow_the_conditional(write_spec):
+    """Monte Carlo check of the K > 1 sampling path: the average of many completions is the
+    posterior-weighted conditional mean, within 5 standard errors (bound from the largest variance)."""
+    low = _spec(write_spec, LOWRANK, "lowrank")
+    g = torch.Generator().manual_seed(1)
+    values = {"weights": torch.tensor([0.5, 0.5]), "loc": 0.5 * torch.rand(2, 64, generator=g),
+              "factors": 0.1 * torch.randn(2, 64, 3, generator=g),
+              "noise": 0.02 + 0.05 * torch.rand(2, 64, generator=g)}
+    x = 0.5 * values["loc"].mean(0, keepdim=True)  # roughly between the components: both have weight
+    mask = make_mask("half", 1, 8, 8)
+    draws = complete_images(low.compiled, values, x, mask, k=20000, seed=3)
+    cond = gaussian_conditional(low.compiled, values, x, mask, dtype=torch.float64)
+    post = cond.log_post.exp()[0]
+    mean = post @ cond.mean[0]
+    second = sum(post[k] * (cond.covariance()[k].diagonal() + cond.mean[0, k] ** 2) for k in range(2))
+    sd = (second - mean ** 2).sqrt()
+    err = (draws.completions[0][:, mask].double().mean(0) - mean).abs() / (sd / math.sqrt(20000))
+    assert float(err.max()) < 5.0
+    assert torch.allclose(draws.mean[0, mask].double(), mean, atol=1e-5)
+
+
+def test_normal_mixture_posterior_and_discrete_scale(write_spec):
+    prepared = _spec(write_spec, """
+constants: {K: 3}
+params:
+  weights: {shape: [K], support: simplex}
+  loc: {shape: [K, D], support: real}
+  scale: {shape: [K, D], support: positive}
+latent:
+  z: Categorical(probs=weights)
+likelihood:
+  x: Normal(loc=loc[z], scale=scale[z])
+""", "normal-mixture")
+    g = torch.Generator().manual_seed(2)
+    values = {"weights": torch.tensor([0.3, 0.3, 0.4]), "loc": torch.rand(3, 64, generator=g),
+              "scale": 0.2 + 0.3 * torch.rand(3, 64, generator=g)}
+    x = prepared.dataset.fixed("test")[:15]
+    mask = make_mask("left", 1, 8, 8)
+    log_post = discrete_posterior(prepared.compiled, values, x, mask)
+    obs = ~mask.numpy()
+    xs, mu, sd = x.double().numpy(), values["loc"].double().numpy(), values["scale"].double().numpy()
+    expected = np.array([[math.log(values["weights"][k].item())
+                          + (-0.5 * ((xs[n, obs] - mu[k, obs]) / sd[k, obs]) ** 2 - np.log(sd[k, obs])
+                             - 0.5 * math.log(2 * math.pi)).sum() for k in range(3)] for n in range(len(xs))])
+    expected -= np.logaddexp.reduce(expected, axis=1, keepdims=True)
+    assert np.allclose(log_post.exp().double().numpy(), np.exp(expected), atol=1e-5)
+    # discrete transform: levels 0..255, PSNR on levels / 255 (reference computed by hand)
+    discrete = probkit.prepare(write_spec("""probkit: 1
+name: binomial
+data: {source: digits, size: 8, transform: discrete}
+params:
+  probs: {shape: [D], support: unit_interval}
+likelihood:
+  x: Binomial(total_count=255, probs=probs)
+""", "binomial"))
+    probs = 0.05 + 0.9 * torch.rand(64, generator=g)
+    xd = discrete.dataset.fixed("test")[:10]
+    result = complete_images(discrete.compiled, {"probs": probs}, xd, mask, k=2)
+    assert torch.allclose(result.mean[:, mask], 255 * probs[mask].expand(10, -1), atol=1e-3)
+    mse = float((((255 * probs[mask] - xd[:, mask]) / 255.0) ** 2).double().mean())
+    assert result.psnr_db == pytest.approx(10 * math.log10(1 / mse), rel=1e-5)
+    assert ((result.completions >= 0) & (result.completions <= 255)).all()
 
 
 def test_observed_pixels_never_change(write_spec):
@@ -343,3 +409,37 @@ def test_cli_bad_usage_exits_2(tiny_run, tmp_path, args):
     result = CliRunner().invoke(app, ["complete", str(tiny_run), "--out", str(tmp_path), *args])
     assert result.exit_code == 2, result.output
     assert "error" in result.output
+
+
+def test_per_pixel_categorical_mixture_matches_brute_force(write_spec):
+    prepared = probkit.prepare(write_spec("""probkit: 1
+name: categorical-mixture
+data: {source: digits, size: 8, transform: discrete}
+constants: {K: 2, L: 256}
+params:
+  weights: {shape: [K], support: simplex}
+  logits: {shape: [K, D, L], support: real}
+latent:
+  z: Categorical(probs=weights)
+likelihood:
+  x: Categorical(logits=logits[z])
+""", "categorical-mixture"))
+    g = torch.Generator().manual_seed(5)
+    values = {"weights": torch.tensor([0.35, 0.65]), "logits": 2 * torch.randn(2, 64, 256, generator=g)}
+    x = prepared.dataset.fixed("test")[:8]
+    mask = make_mask("center", 1, 8, 8)
+    result = complete_images(prepared.compiled, values, x, mask, k=3)
+    assert result.method == "exact-discrete-latents"
+    logp = torch.log_softmax(values["logits"].double(), -1).numpy()  # K x D x L
+    xs = x.long().numpy()
+    miss = mask.numpy()
+    per_pixel = np.stack([logp[k, np.arange(64), xs] for k in range(2)], 1)  # N x K x D
+    prior = np.log(values["weights"].double().numpy())
+    post = prior + per_pixel[:, :, ~miss].sum(-1)
+    post -= np.logaddexp.reduce(post, axis=1, keepdims=True)
+    nll = -np.logaddexp.reduce(post + per_pixel[:, :, miss].sum(-1), axis=1).mean()
+    assert result.cond_nll_bits_per_pixel == pytest.approx(nll / (miss.sum() * math.log(2)), rel=1e-5)
+    means = np.exp(logp) @ np.arange(256)  # K x D
+    assert np.allclose(result.mean[:, mask].double().numpy(), (np.exp(post) @ means)[:, miss], atol=1e-2)
+    draws = result.completions
+    assert torch.equal(draws, draws.round()) and ((draws >= 0) & (draws <= 255)).all()
