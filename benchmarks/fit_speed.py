@@ -26,7 +26,6 @@ import argparse
 import math
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -54,7 +53,7 @@ def parse_args(argv=None):
                    help="torch.set_num_threads (default: leave torch's default)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--wait-idle", type=float, default=30.0, metavar="S",
-                   help="before each timed (a)/(b) run, wait up to S seconds for the CPUs to be idle "
+                   help="before each timed run, wait up to S seconds for the CPUs to be idle "
                         "(for shared machines; default 30; 0: do not wait)")
     p.add_argument("--spec", default=str(SPEC), help=argparse.SUPPRESS)
     p.add_argument("--skip-slow", action="store_true", help="skip (a') and (c)")
@@ -101,8 +100,7 @@ class CpuLoad:
 
     @staticmethod
     def _own_s() -> float:
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        return r.ru_utime + r.ru_stime
+        return time.process_time()  # this process, all its threads
 
     def __enter__(self):
         self._b0, self._o0, self._w0 = self._busy_s(), self._own_s(), time.perf_counter()
@@ -404,7 +402,7 @@ def main(argv=None) -> int:
             f"{k} {100 * v:.0f}%" for k, v in shares.items())
         if max(shares.values()) > 0.05:
             note += (" [yellow](above 5% the timings are disturbed: rerun on an idle machine, "
-                     "or with --wait-idle)[/]")
+                     "or with a longer --wait-idle)[/]")
         console.print(note)
     else:
         others = None

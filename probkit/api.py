@@ -117,20 +117,36 @@ def open_run(target: SpecLike | Run, *, device: str = "cpu", out: str | Path | N
     return run, prepared
 
 
-def evaluate(target: SpecLike | Run, *, device: str = "cpu", out: str | Path | None = None) -> dict:
-    """Train and held-out NLL (nats/image) and bits/dim of a fitted run."""
+def evaluate(target: SpecLike | Run, *, device: str = "cpu", out: str | Path | None = None,
+             memorisation_samples: int = 500, seed: int = 0) -> dict:
+    """Train and held-out NLL (nats/image) and bits/dim of a fitted run, and the
+    memorisation check: how close samples come to training vs held-out images."""
+    from probkit.memorisation import memorisation_report
+    from probkit.sampling import draw_samples
+
     run, prepared = open_run(target, device=device, out=out)
     evaluator = Evaluator(prepared.compiled, prepared.dataset)
-    return {"train": evaluator.metrics(run.values, "train"), "test": evaluator.metrics(run.values, "test")}
+    metrics = {"train": evaluator.metrics(run.values, "train"), "test": evaluator.metrics(run.values, "test")}
+    if memorisation_samples and prepared.dataset.n_test:
+        dataset = prepared.dataset
+        drawn = draw_samples(prepared.compiled, run.values, memorisation_samples, seed=seed)
+
+        def flat(x):
+            return torch.from_numpy(dataset.images(x).reshape(len(x), -1))
+
+        metrics["memorisation"] = memorisation_report(flat(drawn), flat(dataset.fixed("train")),
+                                                      flat(dataset.fixed("test")))
+    return metrics
 
 
 def sample(target: SpecLike | Run, n: int = 64, *, given: dict[str, int] | None = None, seed: int = 0,
-           device: str = "cpu", out: str | Path | None = None, run_out: str | Path | None = None
-           ) -> tuple[np.ndarray, dict[str, Path]]:
+           device: str = "cpu", out: str | Path | None = None, run_out: str | Path | None = None,
+           mean: bool = False) -> tuple[np.ndarray, dict[str, Path]]:
     """Draw n images from a fitted run; `given` fixes latents (e.g. {"y": 3}).
 
     Returns the images (N x C x H x W in [0, 1]) and the files written (png, npy) when
-    `out` is a folder or a .png path."""
+    `out` is a folder or a .png path. `mean`: each image's expected pixels given its
+    latents (smooth probabilities for Bernoulli models) instead of a draw."""
     from probkit.images import save_grid
     from probkit.runs import atomic_write
     from probkit.sampling import draw_samples
@@ -138,7 +154,7 @@ def sample(target: SpecLike | Run, n: int = 64, *, given: dict[str, int] | None 
     if n < 1:
         raise UsageError(f"-n must be at least 1, found {n}")
     run, prepared = open_run(target, device=device, out=run_out)
-    drawn = draw_samples(prepared.compiled, run.values, n, given=given, seed=seed)
+    drawn = draw_samples(prepared.compiled, run.values, n, given=given, seed=seed, mean=mean)
     images = prepared.dataset.images(drawn)
     files: dict[str, Path] = {}
     if out is not None:

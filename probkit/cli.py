@@ -140,6 +140,7 @@ def sample(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     device: DeviceOpt = "cpu",
     out: Annotated[Optional[Path], typer.Option("--out", help="a .png path or a folder (default: the run folder)")] = None,
+    mean: Annotated[bool, typer.Option("--mean", help="show each sample's expected pixels given its latents")] = False,
 ):
     """Draw new images from a fitted run: a PNG grid and a .npy."""
     from probkit.runs import resolve_run
@@ -148,7 +149,7 @@ def sample(
     run = resolve_run(target)
     suffix = "" if not given else "-" + "-".join(g.replace("=", "") for g in given)
     destination = out or run.path / f"sample{suffix}.png"
-    _, files = api.sample(run, n, given=parse_given(given), seed=seed, device=device, out=destination)
+    _, files = api.sample(run, n, given=parse_given(given), seed=seed, device=device, out=destination, mean=mean)
     console.print(f"{n} samples: {files['png']} (grid), {files['npy']} (array)")
 
 
@@ -163,8 +164,16 @@ def evaluate(
     metrics = api.evaluate(target, device=device)
     if as_json:
         typer.echo(json.dumps(metrics))
-    else:
-        _print_metrics(metrics)
+        return
+    _print_metrics(metrics)
+    check = metrics.get("memorisation")
+    if check:
+        console.print(
+            f"memorisation check ({check['samples']} samples): nearest training image "
+            f"{check['nearest_train_rms']:.4f} RMS, nearest held-out image {check['nearest_test_rms']:.4f} RMS, "
+            f"ratio {check['train_to_test_ratio']:.3f}, near-copies {check['copies']:.1%} "
+            "(a ratio far below 1 or many near-copies mean the model copies its training set)"
+        )
 
 
 def _print_metrics(metrics: dict) -> None:

@@ -26,8 +26,9 @@ def parse_given(items: list[str] | None) -> dict[str, int]:
 
 
 def draw_samples(compiled: CompiledModel, values: dict[str, torch.Tensor], n: int, *,
-                 given: dict[str, int] | None = None, seed: int = 0) -> torch.Tensor:
-    """n draws of x (flat, model scale) with params fixed and `given` latents conditioned."""
+                 given: dict[str, int] | None = None, seed: int = 0, mean: bool = False) -> torch.Tensor:
+    """n draws of x (flat, model scale) with params fixed and `given` latents conditioned;
+    with `mean`, the likelihood's mean given each draw's latents instead of a draw of x."""
     latents = {l.name: l for l in compiled.latents}
     data = {k: v for k, v in values.items()}
     for name, value in (given or {}).items():
@@ -42,4 +43,6 @@ def draw_samples(compiled: CompiledModel, values: dict[str, torch.Tensor], n: in
     pyro.set_rng_seed(seed)
     with torch.no_grad():
         trace = poutine.trace(poutine.condition(compiled.model, data=data)).get_trace(None, None, n=n)
-    return trace.nodes["x"]["value"].reshape(n, -1)
+    site = trace.nodes["x"]
+    value = site["fn"].mean if mean else site["value"]
+    return value.expand(n, compiled.dims.D).reshape(n, -1)
