@@ -21,6 +21,8 @@ from probkit.errors import RunError
 from probkit.spec import LoadedSpec, read_spec, spec_from_text
 
 RUNS_DIR = "runs"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 CHECKPOINT = "checkpoint.safetensors"
 
 
@@ -29,6 +31,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     payload = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a plain open() would respect the umask
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()
