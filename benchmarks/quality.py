@@ -56,6 +56,8 @@ def parse_args(argv=None):
                    help="share of the training set held back to choose scikit-learn settings")
     p.add_argument("--kde-cv-max", type=int, default=1500,
                    help="KDE bandwidth CV uses at most this many training images (subsampled)")
+    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES),
+                   help="probkit spec families to fit (fullcov = L-BFGS at D=1024 is slow)")
     p.add_argument("--skip-probkit", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--skip-sklearn", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -287,6 +289,8 @@ def probkit_rows(name, args):
 
     rows = []
     for key, family in FAMILIES.items():
+        if key not in args.families:
+            continue
         path = SPECS / f"{name}-{key}.yaml"
         if not path.exists():
             continue

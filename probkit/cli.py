@@ -195,9 +195,14 @@ def datasets(
     show_grid: Annotated[bool, typer.Option("--show", help="write a PNG grid of examples")] = False,
     size: Annotated[int, typer.Option("--size", help="image size for --show")] = 32,
     out: Annotated[Optional[Path], typer.Option("--out", help="PNG path for --show")] = None,
+    clear_cache: Annotated[bool, typer.Option("--clear-cache", help="delete the cached resized arrays")] = False,
 ):
     """List the built-in data sets, or write a grid of examples of one."""
-    from probkit.datasets import describe
+    from probkit.datasets import cache_dir, clear_cache as clear, describe
+
+    if clear_cache:
+        console.print(f"removed {clear()} cached array file(s) from {cache_dir()}")
+        return
 
     infos = describe()
     if name is not None and name not in {i.name for i in infos}:

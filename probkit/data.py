@@ -154,7 +154,8 @@ def load_dataset(spec: DataSpec, base_dir: Path) -> Dataset:
     if n - n_test < 1:
         raise DataError(f"data source '{spec.source}' has {n} images: too few to split off a held-out set")
     order = np.random.default_rng(spec.seed).permutation(n)
-    test_idx, train_idx = np.sort(order[:n_test]), np.sort(order[n_test:])
+    # kept in shuffled order: sources sorted by label (mnist) still give a mixed first page
+    test_idx, train_idx = order[:n_test], order[n_test:]
     flat = torch.from_numpy(levels.reshape(n, -1))
     labels = None if labels_np is None else torch.from_numpy(labels_np.astype(np.int64))
     C, H, W = levels.shape[1:]
