@@ -31,7 +31,7 @@ from torch.distributions.utils import probs_to_logits
 
 from probkit import expressions
 from probkit.distributions import FAMILIES, SUPPORT_EVENT_DIM, SUPPORTS, VECTOR_ARGS, Family
-from probkit.errors import SpecError
+from probkit.errors import FitError, SpecError
 from probkit.expressions import Expr
 from probkit.spec import LoadedSpec, suggest
 
@@ -114,6 +114,7 @@ class CompiledModel:
         self.label_count = label_count
         self._base_priors: dict[str, Any] = {}
         self._init_cache: dict[str, torch.Tensor] | None = None
+        self._ready = False
         self._check_names()
         self.params: list[ParamSite] = []
         for name in self.spec.params:
@@ -122,6 +123,7 @@ class CompiledModel:
         for name, latent in loaded.latents().items():
             self.latents.append(self._compile_latent(name, latent.dist, latent.observed == "label"))
         self.likelihood = self._compile_likelihood()
+        self._ready = True
 
     # ----- names and sites -------------------------------------------------------------
 
@@ -226,6 +228,11 @@ class CompiledModel:
         try:
             return family.cls(**args, validate_args=validate)
         except _SHAPE_ERRORS as exc:
+            if self._ready:  # the spec compiled: it is the current values that are bad
+                raise FitError(
+                    f"{expr.where()}: {family_name} cannot be built from the current parameter values "
+                    f"({str(exc).splitlines()[0]}); a stronger prior or a smaller fit.lr usually helps"
+                ) from None
             raise expr.error(f"cannot build {family_name}: {exc}") from None
 
     def _evaluate(self, expr: Expr, env: dict[str, Any]):

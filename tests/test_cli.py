@@ -65,7 +65,8 @@ def test_fit_evaluate_sample_end_to_end(tmp_path):
     result = _invoke("evaluate", run, "--json")
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.output)
-    assert set(metrics) == {"train", "test"}
+    assert set(metrics) == {"train", "test", "memorisation"}
+    assert 0 < metrics["memorisation"]["train_to_test_ratio"] <= 1.5
     assert metrics["test"]["bits_per_dim"] == pytest.approx(metrics["test"]["nll"] / (64 * np.log(2)))
     assert metrics["test"]["nll"] == pytest.approx(info["test"]["nll"], rel=1e-6)
     result = _invoke("sample", run, "-n", 9, "--out", tmp_path / "s.png")
