@@ -568,6 +568,16 @@ class CompiledModel:
                 log_choose = (torch.lgamma(n_trials + 1) - torch.lgamma(x + 1) - torch.lgamma(n_trials - x + 1)).sum(-1)
                 table = x @ logits.T - (count * F.softplus(logits)).sum(-1) + log_choose[:, None]
             return table.reshape((n,) + grid)
+        if self.family.name == "Normal":
+            # sum_d log N(x_d; mu, sigma) as matrix products of (x, x^2) with (mu/s^2, 1/s^2); in
+            # float64, because the expanded square cancels badly in float32 when sigma is small
+            loc = d.loc.expand(grid + (D,)).reshape(-1, D).double()
+            scale = d.scale.expand(grid + (D,)).reshape(-1, D).double()
+            precision = scale.pow(-2)
+            xd = x.double()
+            quadratic = (xd * xd) @ precision.T - 2.0 * xd @ (loc * precision).T + (loc * loc * precision).sum(-1)
+            table = -0.5 * quadratic - scale.log().sum(-1) - 0.5 * D * math.log(2 * math.pi)
+            return table.to(x.dtype).reshape((n,) + grid)
         if self.family.name == "Categorical":
             # per-pixel categorical over levels: gather log-probabilities, no N x G x D x L tensor
             logp = d.logits.expand(grid + (D, d.logits.shape[-1])).reshape(-1, D, d.logits.shape[-1])
