@@ -257,33 +257,33 @@ def _index(expr: Expr, node: ast.AST, env: dict[str, Any]):
 
 def render(expr: Expr, rename: Callable[[str], str] = lambda n: n) -> str:
     """Python source for the expression, as used by `probkit show`."""
-    return _render(expr.tree, rename)
+    return render_node(expr.tree, rename)
 
 
-def _render(node: ast.AST, rename) -> str:
+def render_node(node: ast.AST, rename=lambda name: name) -> str:
     if isinstance(node, ast.Constant):
         return repr(float(node.value))
     if isinstance(node, ast.Name):
         return rename(node.id)
     if isinstance(node, ast.BinOp):
         symbol = _BINOPS[type(node.op)][0]
-        return f"({_render(node.left, rename)} {symbol} {_render(node.right, rename)})"
+        return f"({render_node(node.left, rename)} {symbol} {render_node(node.right, rename)})"
     if isinstance(node, ast.UnaryOp):
         sign = "-" if isinstance(node.op, ast.USub) else "+"
-        return f"({sign}{_render(node.operand, rename)})"
+        return f"({sign}{render_node(node.operand, rename)})"
     if isinstance(node, ast.Subscript):
         index = node.slice
         parts = index.elts if isinstance(index, ast.Tuple) else [index]
-        return f"{_render(node.value, rename)}[{', '.join(_render_index(p, rename) for p in parts)}]"
+        return f"{render_node(node.value, rename)}[{', '.join(_render_index(p, rename) for p in parts)}]"
     if isinstance(node, ast.Call):
         name = node.func.id
-        args = [_render(a, rename) for a in node.args]
+        args = [render_node(a, rename) for a in node.args]
         if name in FAMILIES:
             family = FAMILIES[name]
             named = [f"{n}={a}" for n, a in zip(family.args, args)]
-            named += [f"{k.arg}={_render(k.value, rename)}" for k in node.keywords]
+            named += [f"{k.arg}={render_node(k.value, rename)}" for k in node.keywords]
             return f"dist.{name}({', '.join(named)})"
-        dim = next((_render(k.value, rename) for k in node.keywords), None)
+        dim = next((render_node(k.value, rename) for k in node.keywords), None)
         if dim is not None:
             dim = str(int(float(dim)))
         elif len(args) > 1 and name in _DEFAULT_DIM:
@@ -297,8 +297,8 @@ def _render(node: ast.AST, rename) -> str:
 
 def _render_index(node: ast.AST, rename) -> str:
     if isinstance(node, ast.Slice):
-        bounds = ["" if b is None else f"int({_render(b, rename)})" for b in (node.lower, node.upper, node.step)]
+        bounds = ["" if b is None else f"int({render_node(b, rename)})" for b in (node.lower, node.upper, node.step)]
         return ":".join(bounds).rstrip(":") or ":"
     if isinstance(node, ast.Constant):
         return str(int(node.value))
-    return _render(node, rename)
+    return render_node(node, rename)

@@ -15,7 +15,7 @@ from torch.distributions import constraints
 
 from probkit.api import Prepared
 from probkit.distributions import FAMILIES, SUPPORTS, VECTOR_ARGS
-from probkit.expressions import render
+from probkit.expressions import render, render_node
 from probkit.runs import atomic_write
 
 _NAMED_CONSTRAINTS = {id(c): name for name, c in SUPPORTS.items()}
@@ -40,29 +40,19 @@ def _shaped_prior_source(site) -> str:
     call = render(site.prior)
     vector = VECTOR_ARGS.get(family.name, {})
     if vector and site.shape:
-        # rebuild the call with vector arguments broadcast to the param's shape
-        import ast
-
+        # as the compiler does: vector arguments broadcast to the param's shape
         tree = site.prior.tree
-        args = [render_node(a) for a in tree.args]
-        named = dict(zip(family.args, args))
+        named = dict(zip(family.args, (render_node(a) for a in tree.args)))
         named.update({k.arg: render_node(k.value) for k in tree.keywords})
         for key, extra in vector.items():
             if key in named:
                 target = tuple(site.shape) + (site.shape[-1],) * extra
                 named[key] = f"torch.broadcast_to(torch.as_tensor({named[key]}), {target})"
         call = f"dist.{family.name}({', '.join(f'{k}={v}' for k, v in named.items())})"
-        del ast
     batch = list(site.shape[: len(site.shape) - family.event_dim])
     if batch:
         call += f".expand({batch}).to_event({len(batch)})"
     return call
-
-
-def render_node(node) -> str:
-    from probkit.expressions import _render
-
-    return _render(node, lambda n: n)
 
 
 def _constraint_of(compiled, site):
