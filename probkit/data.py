@@ -167,21 +167,22 @@ def load_dataset(spec: DataSpec, base_dir: Path) -> Dataset:
     )
 
 
-PREPARE_VERSION = 1  # bump when resizing or channel matching changes, to invalidate the cache
+PREPARE_VERSION = 2  # bump when resizing or channel matching changes, to invalidate the cache
 
 
 def _prepared_levels(spec: DataSpec, base_dir: Path):
     """Load, resize and match channels, through the on-disk cache (keyed by source and options)."""
-    found: dict[str, RawImages] = {}
-
     def build() -> dict[str, np.ndarray]:
         raw = load_source(spec.source, base_dir=base_dir, seed=spec.seed, count=spec.count, size=max(spec.hw))
         if len(raw.images) == 0:
             raise DataError(f"data source '{spec.source}' has no images")
-        found["raw"] = raw
         arrays = {"levels": prepare(raw, spec).astype(np.uint8)}
         if raw.labels is not None:
             arrays["labels"] = raw.labels.astype(np.int64)
+        if raw.label_names:
+            arrays["label_names"] = np.asarray(raw.label_names, dtype=str)
+        if raw.notes:
+            arrays["notes"] = np.asarray(raw.notes, dtype=str)
         return arrays
 
     key = {
@@ -190,18 +191,9 @@ def _prepared_levels(spec: DataSpec, base_dir: Path):
         "version": PREPARE_VERSION,
     }
     arrays = cached_arrays(key, build)
-    raw = found.get("raw")
-    label_names = raw.label_names if raw is not None else _label_names(spec, base_dir)
-    notes = list(raw.notes) if raw is not None else []
+    label_names = [str(n) for n in arrays["label_names"]] if "label_names" in arrays else None
+    notes = [str(n) for n in arrays["notes"]] if "notes" in arrays else []
     return arrays["levels"].astype(np.float32), arrays.get("labels"), label_names, notes
-
-
-def _label_names(spec: DataSpec, base_dir: Path) -> list[str] | None:
-    from probkit.datasets import BUILTIN
-
-    if spec.source in BUILTIN:
-        return BUILTIN[spec.source][0].label_names if hasattr(BUILTIN[spec.source][0], "label_names") else None
-    return None
 
 
 def summarize(dataset: Dataset) -> dict:
