@@ -234,22 +234,32 @@ def _read_input_images(path: Path, dataset: Dataset) -> np.ndarray:
 
 def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, input: str | Path | None = None,
              k: int = 4, seed: int = 0, device: str = "cpu", out: str | Path | None = None,
-             run_out: str | Path | None = None):
+             run_out: str | Path | None = None, method: str = "auto", mcmc_warmup: int | None = None,
+             mcmc_samples: int | None = None):
     """Condition a fitted run on the observed pixels of images and sample the missing ones.
 
     The images are the first `images` held-out images, or those of `input` (a PNG or .npy,
     preprocessed like the spec's data: resized, channels matched, quantised to 256 levels;
     binary and discrete then apply the spec's transform; continuous takes each level's
     midpoint, (level + 0.5) / 256, instead of random dequantisation noise). `mask` names the
-    missing pixels (see `probkit.completion.make_mask`).
+    missing pixels (see `probkit.completion.make_mask`). `method`: 'auto' (exact where the
+    likelihood allows, else the general NUTS method) or 'mcmc' (always NUTS over the missing
+    pixels, `mcmc_warmup` / `mcmc_samples` steps per image; defaults in
+    `probkit.completion.MCMC_DEFAULTS`); `result.method` says which ran, `result.settings`
+    holds the mcmc settings and diagnostics.
 
     Returns (CompletionResult, files). When `out` is given (a .png path or a folder, where the
     file is complete-<mask>.png) it writes a PNG grid, one row per image: the original, what
     was observed (missing pixels in red), then the k completions; and a .npy of the
     completions, N x k x C x H x W on the display scale [0, 1].
     """
-    from probkit.completion import complete_images, load_mask, mask_label
+    from probkit.completion import MCMC_DEFAULTS, complete_images, load_mask, mask_label
 
+    mcmc_warmup = MCMC_DEFAULTS["warmup_steps"] if mcmc_warmup is None else mcmc_warmup
+    mcmc_samples = MCMC_DEFAULTS["num_samples"] if mcmc_samples is None else mcmc_samples
+    if mcmc_warmup < 0 or mcmc_samples < 1:
+        raise UsageError(f"--mcmc-warmup must be >= 0 and --mcmc-samples >= 1, found {mcmc_warmup} and "
+                         f"{mcmc_samples}")
     if images < 1:
         raise UsageError(f"--images must be at least 1, found {images}")
     run, prepared = open_run(target, device=device, out=run_out)
@@ -269,7 +279,8 @@ def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, in
             generator = torch.Generator(device=levels.device).manual_seed(seed)
             x = dataset.apply(levels, generator)
         x = x.to(torch.get_default_dtype())
-    result = complete_images(compiled, run.values, x, mask_tensor.to(prepared.device), k=k, seed=seed)
+    result = complete_images(compiled, run.values, x, mask_tensor.to(prepared.device), k=k, seed=seed,
+                             method=method, mcmc_warmup=mcmc_warmup, mcmc_samples=mcmc_samples)
     result.notes[:0] = notes
     files: dict[str, Path] = {}
     if out is not None:

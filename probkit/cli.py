@@ -243,15 +243,25 @@ def complete(
     out: Annotated[Optional[Path], typer.Option("--out", help="a .png path or a folder (default: the run folder)")
                    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    method: Annotated[str, typer.Option("--method", help="auto (exact where the model allows, else mcmc) "
+                                                         "or mcmc (NUTS over the missing pixels)")] = "auto",
+    mcmc_warmup: Annotated[Optional[int], typer.Option("--mcmc-warmup", help="NUTS warmup steps per image "
+                                                                             "(default 200)")] = None,
+    mcmc_samples: Annotated[Optional[int], typer.Option("--mcmc-samples", help="NUTS samples kept per image "
+                                                                               "(default 500)")] = None,
 ):
-    """Condition on the observed pixels of images and sample the missing ones (exact methods)."""
+    """Condition on the observed pixels of images and sample the missing ones (exact where the
+    model allows, else NUTS over the missing pixels; the method and its settings are printed)."""
+    import math
+
     from probkit.completion import mask_label
     from probkit.runs import resolve_run
 
     run = resolve_run(target)
     destination = out or run.path / f"complete-{mask_label(mask)}.png"
     result, files = api.complete(run, mask=mask, images=images, input=input, k=k, seed=seed, device=device,
-                                 out=destination)
+                                 out=destination, method=method, mcmc_warmup=mcmc_warmup,
+                                 mcmc_samples=mcmc_samples)
     if as_json:
         typer.echo(json.dumps({**result.metrics(), "png": str(files["png"]), "npy": str(files["npy"])}))
         return
@@ -261,8 +271,13 @@ def complete(
     table.add_row("method", result.method)
     table.add_row("images", str(result.images))
     table.add_row("missing pixels per image", str(result.missing_pixels))
-    table.add_row("conditional NLL (bits/missing pixel)", f"{result.cond_nll_bits_per_pixel:.4f}")
+    nll = result.cond_nll_bits_per_pixel
+    table.add_row("conditional NLL (bits/missing pixel)",
+                  f"{nll:.4f}" if math.isfinite(nll) else "not estimated (mcmc)")
     table.add_row("PSNR of the mean on missing pixels (dB)", f"{result.psnr_db:.2f}")
+    for key, value in result.settings.items():
+        shown = "n/a" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+        table.add_row(f"mcmc {key}", shown)
     console.print(table)
     for note in result.notes:
         console.print(f"note: {escape(note)}", highlight=False)

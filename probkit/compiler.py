@@ -33,6 +33,7 @@ from probkit import expressions
 from probkit.distributions import FAMILIES, SUPPORT_EVENT_DIM, SUPPORTS, VECTOR_ARGS, Family
 from probkit.errors import FitError, SpecError
 from probkit.expressions import Expr
+from probkit.priors import fast_log_prior
 from probkit.spec import LoadedSpec, suggest
 
 RESERVED = ("x", "D", "C", "H", "W", "N")
@@ -115,6 +116,7 @@ class CompiledModel:
         self._base_priors: dict[str, Any] = {}
         self._init_cache: dict[str, torch.Tensor] | None = None
         self._ready = False
+        self._grid_cache: dict = {}
         self._check_names()
         self.params: list[ParamSite] = []
         for name in self.spec.params:
@@ -430,13 +432,20 @@ class CompiledModel:
         transform = transform_to(self._site_constraint(site))
         return transform(0.1 * torch.randn(transform.inverse_shape(site.shape)))
 
-    def _grid(self, latents: list[LatentSite]) -> dict[str, torch.Tensor]:
-        """Each latent's values on its own dimension: the first latent varies along dim 0."""
-        m = len(latents)
-        return {
-            l.name: torch.arange(l.cardinality, device=self.device).reshape((-1,) + (1,) * (m - 1 - i))
-            for i, l in enumerate(latents)
-        }
+    def _grid(self, latents: list[LatentSite]) -> dict[str, Any]:
+        """Each latent's values on its own dimension: the first latent varies along dim 0.
+        Cached, and registered so that indexing a param by the whole grid skips the gather."""
+        key = (tuple((l.name, l.cardinality) for l in latents), str(self.device))
+        cached = self._grid_cache.get(key)
+        if cached is None:
+            m = len(latents)
+            cached = {
+                l.name: torch.arange(l.cardinality, device=self.device).reshape((-1,) + (1,) * (m - 1 - i))
+                for i, l in enumerate(latents)
+            }
+            cached[expressions.GRID_KEY] = {id(cached[l.name]): (i, m) for i, l in enumerate(latents)}
+            self._grid_cache[key] = cached
+        return cached
 
     @property
     def grid_shape(self) -> tuple[int, ...]:
@@ -514,12 +523,14 @@ class CompiledModel:
             if site.prior is None:
                 continue
             if site.prior.names() & set(values):  # hierarchical: rebuild each time
+                total = total + self._shaped_prior(site, values, validate=False).log_prob(values[site.name]).sum()
+                continue
+            term = self._base_priors.get(site.name)
+            if term is None:
                 prior = self._shaped_prior(site, values, validate=False)
-            else:
-                prior = self._base_priors.get(site.name)
-                if prior is None:
-                    prior = self._base_priors[site.name] = self._shaped_prior(site, values, validate=False)
-            total = total + prior.log_prob(values[site.name]).sum()
+                term = fast_log_prior(prior) or (lambda v, prior=prior: prior.log_prob(v).sum())
+                self._base_priors[site.name] = term
+            total = total + term(values[site.name])
         return total
 
     def prior_terms(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

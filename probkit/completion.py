@@ -17,8 +17,25 @@ likelihood's family; `CompletionResult.method` says which one ran:
   W_u L_C^-T, diagonal psi_u), weighted by the posterior from the observed-block marginal.
 
 A per-pixel Categorical over intensity levels counts as univariate (its level axis is the
-last one). Other likelihoods (Dirichlet) raise UsageError: a general method (e.g. MCMC
-over the missing pixels) is not implemented yet.
+last one).
+
+The general method, ``mcmc``, serves every other likelihood the language accepts with
+continuous pixels (Dirichlet), and any continuous one on request (``method="mcmc"``): per
+image, Pyro's NUTS (one chain, no JIT) samples the missing pixels from p(x_miss | x_obs; θ)
+under the compiled Pyro model itself, with the params conditioned on their fitted values
+(``poutine.condition``) and the discrete latents enumerated by NUTS (max_plate_nesting=1).
+The missing block is a latent site with a flat (ImproperUniform) prior over the pixel
+family's support, scattered into the image that the model's ``x`` site observes, so its
+density is exactly p(x_miss, x_obs | θ) ∝ p(x_miss | x_obs; θ). (Pyro's ``obs_mask`` cannot
+do this here: it masks the batch of the ``x`` site, one whole image per element, not single
+pixels.) For a simplex (Dirichlet) the missing block is (1 - Σ x_obs) times a point of the
+M-simplex; the scale is fixed by the observed pixels, so the Jacobian is a constant.
+Discrete pixel families (Bernoulli, Binomial, Poisson, Geometric, Categorical) cannot use
+NUTS over x; they always have an exact method and ``mcmc`` refuses them. The mcmc method
+reports no conditional NLL (None): log p(x_obs) has no closed form in general and the
+density estimates one could build from the samples would not be honest bounds; its PSNR is
+of the average over all kept MCMC samples. Its settings and diagnostics (min effective
+sample size, max split R-hat) are in ``CompletionResult.settings`` and the notes.
 
 Metrics: the conditional NLL of the true missing pixels, ``-log p(x_miss | x_obs)``, in bits
 per missing pixel; for the ``continuous`` transform ``ln 256`` is added per missing pixel
@@ -147,13 +164,15 @@ class CompletionResult:
     images: int
     missing_pixels: int  # per image
     notes: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)  # the general method's settings and diagnostics
 
     def metrics(self) -> dict:
+        nll = self.cond_nll_bits_per_pixel
         return {
-            "cond_nll_bits_per_pixel": self.cond_nll_bits_per_pixel,
+            "cond_nll_bits_per_pixel": nll if math.isfinite(nll) else None,  # None: not estimated (mcmc)
             "psnr_db": self.psnr_db if math.isfinite(self.psnr_db) else None,  # None: a perfect mean
             "method": self.method, "images": self.images, "missing_pixels": self.missing_pixels,
-            "notes": list(self.notes),
+            "notes": list(self.notes), **({"settings": dict(self.settings)} if self.settings else {}),
         }
 
 
@@ -393,24 +412,189 @@ def _complete_gaussian(compiled, values, x, mask, k):
     return draws, mean, cond_ll.to(x.dtype), []
 
 
-def completion_method(compiled: CompiledModel) -> str:
-    """Which exact method applies to this model; UsageError when none does."""
+# ----- the general method: NUTS over the missing pixels ------------------------------------
+
+METHODS = ("auto", "mcmc")
+MCMC_DEFAULTS = {"warmup_steps": 200, "num_samples": 500}
+
+
+@dataclass
+class MCMCSettings:
+    """The general method's settings: NUTS with one chain per image, no JIT, seeded."""
+
+    warmup_steps: int = MCMC_DEFAULTS["warmup_steps"]
+    num_samples: int = MCMC_DEFAULTS["num_samples"]
+    seed: int = 0
+    num_chains: int = 1
+    kernel: str = "NUTS"
+    max_plate_nesting: int = 1
+    jit_compile: bool = False
+
+    def describe(self) -> str:
+        return (f"{self.kernel} (Pyro), {self.num_chains} chain per image, warmup_steps={self.warmup_steps}, "
+                f"num_samples={self.num_samples}, seed={self.seed}, jit_compile={self.jit_compile}, "
+                f"max_plate_nesting={self.max_plate_nesting}, discrete latents enumerated")
+
+
+def _missing_support(compiled: CompiledModel, values):
+    """The constraint of one pixel (or 'simplex' for the whole image); UsageError for discrete pixels."""
+    from torch.distributions import constraints
+
+    family = compiled.family
+    if family.discrete:
+        raise UsageError(
+            f"the mcmc method needs continuous pixels, but {family.name} pixels are discrete (NUTS cannot "
+            f"move over them); use the exact method (--method auto), which covers every {family.name} spec"
+        )
+    support = compiled._likelihood_dist(values).support
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    if isinstance(support, type(constraints.simplex)):
+        return "simplex"
+    bounds = {attr: getattr(support, attr) for attr in ("lower_bound", "upper_bound") if hasattr(support, attr)}
+    if any(isinstance(b, torch.Tensor) and b.numel() > 1 for b in bounds.values()):  # e.g. Uniform(low, high)
+        if not all(bool((b == b.reshape(-1)[0]).all()) for b in bounds.values() if isinstance(b, torch.Tensor)):
+            raise UsageError(
+                f"the mcmc method needs one support for all pixels, but the {family.name} support's bounds "
+                "differ between pixels or components; use the exact method (--method auto)"
+            )
+        support = type(support)(**{a: b.reshape(-1)[0] if isinstance(b, torch.Tensor) else b
+                                   for a, b in bounds.items()})
+    return support
+
+
+def mcmc_conditional_samples(compiled: CompiledModel, values: dict[str, torch.Tensor], x: torch.Tensor,
+                             mask: torch.Tensor, settings: MCMCSettings | None = None
+                             ) -> tuple[torch.Tensor, dict]:
+    """NUTS draws of the missing pixels of each image from p(x_miss | x_obs; θ).
+
+    Returns (samples N x S x M, in the order of `mask.nonzero()`; diagnostics) where the
+    diagnostics hold the smallest effective sample size and largest split R-hat over all
+    images and missing pixels (pyro.ops.stats, single chain)."""
+    import pyro
+    import pyro.distributions as pdist
+    from pyro import poutine
+    from pyro.infer import MCMC, NUTS
+    from pyro.infer.autoguide import init_to_value
+    from torch.distributions import constraints, transform_to
+    from pyro.ops.stats import effective_sample_size, split_gelman_rubin
+
+    settings = settings or MCMCSettings()
+    if settings.warmup_steps < 0 or settings.num_samples < 1:
+        raise UsageError(f"mcmc needs warmup >= 0 and samples >= 1, found {settings.warmup_steps} and "
+                         f"{settings.num_samples}")
+    mask = torch.as_tensor(mask, dtype=torch.bool).reshape(-1).to(x.device)
+    miss = mask.nonzero().squeeze(-1)
+    M = len(miss)
+    support = _missing_support(compiled, values)
+    fixed = {key: v.detach() for key, v in values.items()}
+    conditioned = poutine.condition(compiled.model, data=fixed)
+    out = torch.empty((len(x), settings.num_samples, M), dtype=x.dtype, device=x.device)
+    min_ess, max_rhat = float("inf"), float("-inf")
+    for n in range(len(x)):
+        image = x[n].detach()
+        if support == "simplex":
+            rest = 1.0 - image[~mask].sum()
+            if not float(rest) > 0:
+                raise UsageError(f"image {n}: the observed pixels of a simplex image already sum to "
+                                 f"{1 - float(rest):.4g}, leaving nothing for the missing ones")
+            if M == 1:  # the one missing pixel is determined
+                out[n] = rest
+                continue
+            prior = pdist.ImproperUniform(constraints.simplex, (), (M,))
+            start = torch.full((M,), 1.0 / M, dtype=x.dtype, device=x.device)
+        else:
+            rest = None
+            prior = pdist.ImproperUniform(support, (), (M,))
+            if support is constraints.real:  # start at the observed pixels' average
+                start = (image[~mask].mean() if bool((~mask).any()) else image.new_zeros(())).expand(M).clone()
+            else:  # the image of 0 under the support's bijection: 1 for positive, 1/2 for (0, 1), ...
+                start = transform_to(support)(torch.zeros(M, dtype=x.dtype, device=x.device))
+
+        def model(image=image, prior=prior, rest=rest):
+            block = pyro.sample("x_missing", prior)
+            if rest is not None:
+                block = rest * block
+            full = image.index_put((miss,), block.to(image.dtype))
+            return conditioned(full.unsqueeze(0))
+
+        pyro_seed = settings.seed * 1_000_003 + n
+        with torch.random.fork_rng(devices=[]), torch.enable_grad(), pyro.validation_enabled(support != "simplex"):
+            torch.manual_seed(pyro_seed)
+            kernel = NUTS(model, jit_compile=False, max_plate_nesting=settings.max_plate_nesting,
+                          init_strategy=init_to_value(values={"x_missing": start}))
+            mcmc = MCMC(kernel, num_samples=settings.num_samples, warmup_steps=settings.warmup_steps,
+                        num_chains=1, disable_progbar=True)
+            mcmc.run()
+            draws = mcmc.get_samples()["x_missing"].detach()
+        if rest is not None:
+            draws = rest * draws
+        out[n] = draws.to(x.dtype)
+        chain = draws.unsqueeze(0).double()  # 1 chain x S x M
+        if settings.num_samples >= 4:
+            ess = effective_sample_size(chain, chain_dim=0, sample_dim=1)
+            rhat = split_gelman_rubin(chain, chain_dim=0, sample_dim=1)
+            finite = torch.isfinite(ess)
+            if bool(finite.any()):
+                min_ess = min(min_ess, float(ess[finite].min()))
+            finite = torch.isfinite(rhat)
+            if bool(finite.any()):
+                max_rhat = max(max_rhat, float(rhat[finite].max()))
+    diagnostics = {"min_ess": min_ess if math.isfinite(min_ess) else None,
+                   "max_split_rhat": max_rhat if math.isfinite(max_rhat) else None}
+    return out, diagnostics
+
+
+def _complete_mcmc(compiled, values, x, mask, k, settings: MCMCSettings):
+    samples, diagnostics = mcmc_conditional_samples(compiled, values, x, mask, settings)
+    S = samples.shape[1]
+    pick = torch.linspace(0, S - 1, k).round().long() if k > 1 else torch.tensor([S - 1])
+    draws = x.unsqueeze(1).repeat(1, k, 1)
+    draws[:, :, mask] = samples[:, pick.to(samples.device)]
+    mean = x.clone()
+    mean[:, mask] = samples.mean(1)
+    cond_ll = torch.full((len(x),), float("nan"), dtype=x.dtype, device=x.device)
+    notes = [f"mcmc: {settings.describe()}; the k completions are evenly spaced draws of the chain",
+             "mcmc: the conditional NLL is not estimated (reported as None); the PSNR is of the mean of "
+             "all kept MCMC draws, so it carries Monte Carlo error"]
+    ess, rhat = diagnostics["min_ess"], diagnostics["max_split_rhat"]
+    if ess is not None:
+        notes.append(f"mcmc diagnostics: min effective sample size {ess:.0f} of {S}, max split R-hat {rhat:.3f}"
+                     + (" (poor mixing: raise --mcmc-warmup / --mcmc-samples)" if rhat > 1.1 or ess < 20 else ""))
+    info = {"kernel": settings.kernel, "warmup_steps": settings.warmup_steps, "num_samples": settings.num_samples,
+            "num_chains": settings.num_chains, "seed": settings.seed, "jit_compile": settings.jit_compile,
+            "max_plate_nesting": settings.max_plate_nesting, **diagnostics}
+    return draws, mean, cond_ll, notes, info
+
+
+def exact_method(compiled: CompiledModel) -> str | None:
+    """The exact method for this model's likelihood, or None when only mcmc applies."""
     name = compiled.family.name
     if name in GAUSSIAN_FAMILIES:
         return "exact-gaussian"
     if name in UNIVARIATE_FAMILIES:
         return "exact-discrete-latents"
-    raise UsageError(
-        f"completion is not available for a {name} likelihood: exact completion supports likelihoods "
-        f"independent across pixels given the discrete latents ({', '.join(sorted(UNIVARIATE_FAMILIES))}) "
-        f"and Gaussian ones ({', '.join(sorted(GAUSSIAN_FAMILIES))}); a general (MCMC) method is not "
-        "implemented yet"
-    )
+    return None
+
+
+def completion_method(compiled: CompiledModel, method: str = "auto") -> str:
+    """The method that runs for `method` ('auto': exact where one exists, else 'mcmc'; or 'mcmc')."""
+    if method not in METHODS:
+        raise UsageError(f"unknown completion method '{method}'{suggest(method, list(METHODS))} "
+                         f"(expected one of: {', '.join(METHODS)})")
+    exact = exact_method(compiled)
+    return exact if method == "auto" and exact is not None else "mcmc"
 
 
 def complete_images(compiled: CompiledModel, values: dict[str, torch.Tensor], x: torch.Tensor,
-                    mask: torch.Tensor, *, k: int = 4, seed: int = 0) -> CompletionResult:
+                    mask: torch.Tensor, *, k: int = 4, seed: int = 0, method: str = "auto",
+                    mcmc_warmup: int = MCMC_DEFAULTS["warmup_steps"],
+                    mcmc_samples: int = MCMC_DEFAULTS["num_samples"]) -> CompletionResult:
     """Complete N flat model-scale images x (N x D) whose pixels `mask` (D,) names as missing.
+
+    method: 'auto' (the exact method where the likelihood has one, else the general NUTS
+    method) or 'mcmc' (always the general method; `mcmc_warmup` / `mcmc_samples` NUTS steps
+    per image, seeded by `seed`).
 
     Observed pixels are copied into every completion unchanged. Discrete latents the spec
     observes as labels in training are summed out here like the others.
@@ -425,16 +609,22 @@ def complete_images(compiled: CompiledModel, values: dict[str, torch.Tensor], x:
         raise UsageError("the mask leaves no pixel missing; there is nothing to complete")
     if k < 1:
         raise UsageError(f"-k must be at least 1, found {k}")
-    method = completion_method(compiled)
+    method = completion_method(compiled, method)
+    if method == "mcmc":
+        _missing_support(compiled, values)  # discrete pixels: a usage error before anything runs
     notes: list[str] = []
     if bool(mask.all()):
         notes.append("no pixel is observed: the completions are plain samples from the model")
     for latent in compiled.observed_latents:
         notes.append(f"latent '{latent.name}' (a label in training) is not given and is summed out")
     values = {key: v.to(compiled.device) for key, v in values.items()}
+    settings: dict = {}
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if method == "exact-gaussian":
+        if method == "mcmc":
+            draws, mean, cond_ll, more, settings = _complete_mcmc(
+                compiled, values, x, mask, k, MCMCSettings(mcmc_warmup, mcmc_samples, seed))
+        elif method == "exact-gaussian":
             draws, mean, cond_ll, more = _complete_gaussian(compiled, values, x, mask, k)
         else:
             draws, mean, cond_ll, more = _complete_univariate(compiled, values, x, mask, k)
@@ -444,7 +634,7 @@ def complete_images(compiled: CompiledModel, values: dict[str, torch.Tensor], x:
     mean = torch.where(mask, mean, x)
     missing = int(mask.sum())
     transform = compiled.spec.data.transform
-    nats = -float(cond_ll.double().mean())
+    nats = -float(cond_ll.double().mean())  # nan for mcmc: not estimated
     if transform == "continuous":
         nats += missing * math.log(256.0)
     bits = nats / (missing * math.log(2.0))
@@ -452,4 +642,4 @@ def complete_images(compiled: CompiledModel, values: dict[str, torch.Tensor], x:
     err = ((mean[:, mask] - x[:, mask]).double() / scale) ** 2
     mse = float(err.mean()) if err.numel() else float("nan")
     psnr = 10 * math.log10(1.0 / mse) if mse > 0 else float("inf")
-    return CompletionResult(draws, mean, bits, psnr, method, len(x), missing, notes)
+    return CompletionResult(draws, mean, bits, psnr, method, len(x), missing, notes, settings)

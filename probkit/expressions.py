@@ -228,7 +228,10 @@ def _eval(expr: Expr, node: ast.AST, env: dict[str, Any]) -> Any:
         index = node.slice
         parts = index.elts if isinstance(index, ast.Tuple) else [index]
         key = tuple(_index(expr, p, env) for p in parts)
-        return _eval(expr, node.value, env)[key if len(key) > 1 else key[0]]
+        value = _eval(expr, node.value, env)
+        if _is_identity(key, value, env.get(GRID_KEY)):
+            return value  # params[z] over the whole latent grid: the gather would copy it unchanged
+        return value[key if len(key) > 1 else key[0]]
     if isinstance(node, ast.Call):
         args = [_eval(expr, a, env) for a in node.args]
         kwargs = {k.arg: _eval(expr, k.value, env) for k in node.keywords}
@@ -241,6 +244,22 @@ def _eval(expr: Expr, node: ast.AST, env: dict[str, Any]) -> Any:
             kwargs["dim"] = int(kwargs["dim"])
         return FUNCTIONS[name].run(*args, **kwargs)
     raise AssertionError(f"unchecked node {node!r}")
+
+
+GRID_KEY = "__grid__"  # env entry: {id(grid tensor): (dim, number of grid dims)}; not a spec name
+
+
+def _is_identity(key: tuple, value, grid: dict | None) -> bool:
+    """True when key is (latent grids in order) spanning the leading dims of value exactly."""
+    if not grid or not isinstance(value, torch.Tensor):
+        return False
+    for position, part in enumerate(key):
+        where = grid.get(id(part))
+        if where is None or where != (position, len(key)) or value.dim() <= position:
+            return False
+        if value.shape[position] != part.numel():
+            return False
+    return True
 
 
 def _index(expr: Expr, node: ast.AST, env: dict[str, Any]):

@@ -258,11 +258,12 @@ class Trainer:
             except _NonFinite:
                 raise self._fail(step, x, labels, scale, last_saved) from None
             loss_value = float(loss.detach())
-            if not all(torch.isfinite(u).all() for u in self.unconstrained):
-                raise self._fail(step, x, labels, scale, last_saved)
             done = step + 1
             test_bpd = None
             if done % settings.eval_every == 0 or done == settings.steps:
+                # an update to non-finite params shows in the next loss; check before saving them
+                if not all(torch.isfinite(u).all() for u in self.unconstrained):
+                    raise self._fail(step, x, labels, scale, last_saved)
                 if self.dataset.n_test:
                     test_bpd = self.dataset.bits_per_dim(self.evaluator.nll(self.values(), "test"))
                 self.history.append({"step": done, "loss": loss_value, "test_bits_per_dim": test_bpd,

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from probkit.api import prepare
+from probkit.distributions import FAMILIES
 from probkit.errors import SpecError
 from probkit.infer import pyro_elbo
 
@@ -97,3 +98,20 @@ def test_init_outside_support_is_rejected(write_spec):
     text = text.replace("prior: Dirichlet(2.0)", "prior: Dirichlet(2.0)\n    init: -1.0")
     with pytest.raises(SpecError, match=r"params\.weights\.init: the init lies outside"):
         prepare(write_spec(text))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda p: p.stem)
+def test_log_prior_equals_the_prior_sites_of_the_pyro_model(spec):
+    from pyro import poutine
+
+    prepared = prepare(spec)
+    compiled = prepared.compiled
+    values = compiled.initial_values(2, data=(prepared.dataset.fixed("train"), prepared.dataset.train_labels))
+    trace = poutine.trace(poutine.condition(compiled.model, data=values)).get_trace(None, n=1)
+    # float64 values on both sides, so float32 summation error (~1e-5 relative) does not blur the check
+    # (matrix families such as Wishart only take float32 values; their term is the same on both sides)
+    matrix_valued = {p.name for p in compiled.params if p.prior and FAMILIES[p.prior.call_name].event_dim == 2}
+    doubled = {k: v if k in matrix_valued else v.double() for k, v in values.items()}
+    expected = sum(trace.nodes[p.name]["fn"].log_prob(doubled[p.name]).sum().double() for p in compiled.params)
+    got = compiled.log_prior(doubled)
+    assert torch.allclose(got.double(), torch.as_tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-3)

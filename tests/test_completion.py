@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 import probkit
 from probkit.cli import app
-from probkit.completion import (complete_images, discrete_posterior, gaussian_conditional, load_mask,
-                                make_mask)
+from probkit.completion import (MCMCSettings, complete_images, completion_method, discrete_posterior,
+                                gaussian_conditional, load_mask, make_mask, mcmc_conditional_samples)
 from probkit.errors import UsageError
 
 from conftest import SPECS, TEST_SPECS
@@ -346,16 +346,129 @@ def test_observed_pixels_never_change(write_spec):
             assert result.completions.shape == (7, 3, 64) and torch.isfinite(result.completions).all()
 
 
-def test_unsupported_likelihood_is_a_usage_error(write_spec):
-    prepared = _spec(write_spec, """
+def test_method_choice_and_mcmc_refusals(write_spec):
+    prepared = probkit.prepare(TEST_SPECS / "tiny-mixture.yaml")  # Bernoulli pixels
+    values, x = prepared.compiled.initial_values(0), prepared.dataset.fixed("test")[:2]
+    mask = make_mask("half", 1, 8, 8)
+    with pytest.raises(UsageError, match="Bernoulli pixels are discrete"):
+        complete_images(prepared.compiled, values, x, mask, method="mcmc")
+    with pytest.raises(UsageError, match="unknown completion method"):
+        complete_images(prepared.compiled, values, x, mask, method="gibbs")
+    assert completion_method(prepared.compiled) == "exact-discrete-latents"
+
+
+# ----- the general method (NUTS over the missing pixels) against exact paths ----------------
+#
+# Tolerance: each MCMC estimate (the mean and the variance of each missing pixel) must be within
+# 4 Monte Carlo standard errors of the exact value. The standard error is sd / sqrt(ESS) of the
+# quantity averaged: the pixel itself for the mean, its squared deviation for the variance, with
+# the effective sample size from pyro.ops.stats.effective_sample_size on the same draws
+# (autocorrelation of the single NUTS chain). Runs are seeded, so the check is deterministic; at
+# 4 SE a correct sampler would fail a given check with probability ~6e-5.
+
+MC_SE = 4.0
+
+
+def _assert_within_mc_error(draws: torch.Tensor, mean: torch.Tensor, var: torch.Tensor):
+    """draws: S x M from one chain; mean, var: M exact conditional moments."""
+    from pyro.ops.stats import effective_sample_size
+
+    draws = draws.double()
+    mean, var = mean.double(), var.double()
+    sq = (draws - draws.mean(0)) ** 2
+    for series, exact in ((draws, mean), (sq, var)):
+        ess = effective_sample_size(series.unsqueeze(0), chain_dim=0, sample_dim=1)
+        assert bool((ess > 100).all()), ess  # the chain mixed: at least 100 effective draws
+        se = series.std(0) / ess.sqrt()
+        z = (series.mean(0) - exact).abs() / se
+        assert float(z.max()) < MC_SE, (series.mean(0), exact, se)
+
+
+DATA2 = "data: {source: digits, size: 2, transform: continuous}\n"  # 2 x 2 images: D = 4
+
+
+def test_mcmc_agrees_with_exact_gaussian(write_spec):
+    prepared = probkit.prepare(write_spec("""probkit: 1
+name: mvn4
+""" + DATA2 + """params:
+  loc: {shape: [D], support: real}
+  L: {shape: [D, D], support: lower_cholesky}
+likelihood:
+  x: MultivariateNormal(loc=loc, scale_tril=L)
+""", "mvn4"))
+    values = {"loc": torch.tensor([0.2, 0.5, 0.4, 0.6]),
+              "L": torch.tensor([[0.3, 0, 0, 0], [0.1, 0.25, 0, 0], [-0.1, 0.05, 0.2, 0], [0.05, -0.1, 0.1, 0.3]])}
+    x = prepared.dataset.fixed("test")[:1]
+    mask = make_mask("half", 1, 2, 2)
+    exact = gaussian_conditional(prepared.compiled, values, x, mask)
+    samples, diagnostics = mcmc_conditional_samples(prepared.compiled, values, x, mask,
+                                                    MCMCSettings(warmup_steps=300, num_samples=1000, seed=0))
+    assert samples.shape == (1, 1000, 2) and diagnostics["max_split_rhat"] < 1.1
+    _assert_within_mc_error(samples[0], exact.mean[0, 0], exact.covariance()[0].diagonal())
+    result = complete_images(prepared.compiled, values, x, mask, k=3, method="mcmc", mcmc_warmup=50,
+                             mcmc_samples=60)
+    assert result.method == "mcmc" and math.isnan(result.cond_nll_bits_per_pixel)
+    assert result.metrics()["cond_nll_bits_per_pixel"] is None and result.settings["warmup_steps"] == 50
+    assert any("not estimated" in n for n in result.notes) and any("NUTS" in n for n in result.notes)
+    assert torch.equal(result.completions[:, :, ~mask], x[:, None, ~mask].expand(-1, 3, -1))
+
+
+def test_mcmc_agrees_with_exact_normal_mixture(write_spec):
+    """Two components, enumerated by NUTS: the conditional is a two-component mixture."""
+    prepared = probkit.prepare(write_spec("""probkit: 1
+name: normal-mixture4
+""" + DATA2 + """constants: {K: 2}
 params:
+  weights: {shape: [K], support: simplex}
+  loc: {shape: [K, D], support: real}
+  scale: {shape: [K, D], support: positive}
+latent:
+  z: Categorical(probs=weights)
+likelihood:
+  x: Normal(loc=loc[z], scale=scale[z])
+""", "normal-mixture4"))
+    values = {"weights": torch.tensor([0.4, 0.6]),
+              "loc": torch.tensor([[0.2, 0.3, 0.3, 0.3], [0.6, 0.5, 0.6, 0.8]]),
+              "scale": torch.tensor([[0.3, 0.3, 0.25, 0.3], [0.3, 0.3, 0.3, 0.25]])}
+    x = torch.tensor([[0.4, 0.4, 0.0, 0.0]])  # between the components: both keep weight
+    # the components overlap, so one NUTS chain moves between them (ESS > 100 checked below)
+    mask = make_mask("half", 1, 2, 2)
+    post = discrete_posterior(prepared.compiled, values, x, mask).exp()[0].double()
+    assert float(post.min()) > 0.2
+    mu, sd = values["loc"][:, mask].double(), values["scale"][:, mask].double()
+    mean = post @ mu
+    var = post @ (sd ** 2 + mu ** 2) - mean ** 2
+    exact = complete_images(prepared.compiled, values, x, mask, k=1)
+    assert exact.method == "exact-discrete-latents"
+    assert torch.allclose(exact.mean[0, mask].double(), mean, atol=1e-5)
+    samples, _ = mcmc_conditional_samples(prepared.compiled, values, x, mask,
+                                          MCMCSettings(warmup_steps=200, num_samples=800, seed=1))
+    _assert_within_mc_error(samples[0], mean, var)
+
+
+def test_mcmc_is_the_method_for_a_dirichlet_likelihood(write_spec):
+    """No exact method applies to Dirichlet pixels; the missing block given the observed one is
+    (1 - sum x_obs) * Dirichlet(conc_missing) (aggregation), so a pixel's marginal is a scaled Beta."""
+    prepared = probkit.prepare(write_spec("""probkit: 1
+name: dirichlet4
+""" + DATA2 + """params:
   conc: {shape: [D], support: positive, init: 1.0}
 likelihood:
   x: Dirichlet(conc)
-""", "dirichlet")
-    x = torch.full((2, 64), 1 / 64)
-    with pytest.raises(UsageError, match="not available for a Dirichlet"):
-        complete_images(prepared.compiled, prepared.compiled.initial_values(0), x, make_mask("half", 1, 8, 8))
+""", "dirichlet4"))
+    conc = torch.tensor([2.0, 3.0, 4.0, 5.0])
+    x = torch.full((1, 4), 0.25)
+    mask = make_mask("half", 1, 2, 2)  # pixels 2 and 3 missing; they share 1 - 0.5 = 0.5
+    assert completion_method(prepared.compiled) == "mcmc"
+    result = complete_images(prepared.compiled, {"conc": conc}, x, mask, k=2, mcmc_warmup=300, mcmc_samples=800)
+    assert result.method == "mcmc"
+    assert torch.allclose(result.completions.sum(-1), torch.ones(1, 2), atol=1e-5)
+    samples, _ = mcmc_conditional_samples(prepared.compiled, {"conc": conc}, x, mask,
+                                          MCMCSettings(warmup_steps=300, num_samples=800, seed=2))
+    a, total = conc[mask].double(), float(conc[mask].sum())
+    mean = 0.5 * a / total
+    var = 0.25 * a * (total - a) / (total ** 2 * (total + 1))
+    _assert_within_mc_error(samples[0], mean, var)
 
 
 # ----- library API and CLI ---------------------------------------------------------------
@@ -389,6 +502,34 @@ def test_cli_table_and_nothing_observed_note(tiny_run, tmp_path):
     assert (tmp_path / "complete-random1.png").exists()
 
 
+def test_cli_mcmc_prints_its_settings(tmp_path, write_spec):
+    spec = write_spec("probkit: 1\nname: normal4\n" + DATA2 + """params:
+  loc: {shape: [D], support: real}
+  scale: {shape: [D], support: positive}
+likelihood:
+  x: Normal(loc=loc, scale=scale)
+""", "normal4")
+    run = tmp_path / "run"
+    probkit.fit(spec, steps=5, out=run, device="cpu", samples=0)
+    args = ["complete", str(run), "--method", "mcmc", "--images", "2", "-k", "2", "--mcmc-warmup", "20",
+            "--mcmc-samples", "15", "--seed", "3", "--out", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for words in ("mcmc", "warmup_steps", "num_samples", "not estimated", "NUTS", "min_ess"):
+        assert words in result.stdout, words
+    assert "warmup_steps=20" in " ".join(result.stdout.split()) and "num_samples=15" in result.stdout
+    result = CliRunner().invoke(app, args + ["--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["method"] == "mcmc" and data["cond_nll_bits_per_pixel"] is None
+    assert data["settings"]["warmup_steps"] == 20 and data["settings"]["num_samples"] == 15
+    assert data["settings"]["seed"] == 3 and data["settings"]["num_chains"] == 1
+    assert np.load(tmp_path / "complete-half.npy").shape == (2, 2, 1, 2, 2)
+    # auto picks the exact method for the same run
+    data = json.loads(CliRunner().invoke(app, args[:2] + ["--json", "--out", str(tmp_path)]).stdout)
+    assert data["method"] == "exact-discrete-latents" and "settings" not in data
+
+
 def test_input_files(tiny_run, tmp_path):
     images = np.random.default_rng(0).random((3, 8, 8))
     np.save(tmp_path / "in.npy", images)
@@ -402,6 +543,7 @@ def test_input_files(tiny_run, tmp_path):
 @pytest.mark.parametrize("args", [
     ["--mask", "cntr"], ["--mask", "random:0"], ["--mask", "random:7"], ["--mask", "nope.png"],
     ["--input", "WRONG"], ["--images", "0"], ["-k", "0"],
+    ["--method", "mcmc"], ["--method", "gibbs"], ["--mcmc-samples", "0"],  # mcmc: Bernoulli pixels are discrete
 ])
 def test_cli_bad_usage_exits_2(tiny_run, tmp_path, args):
     np.save(tmp_path / "wrong.npy", np.zeros((5, 5)))
