@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from probkit.cli import app
 
 runner = CliRunner()
-TINY = Path(__file__).parent / "specs" / "tiny-mixture.yaml"
+HERE_SPECS = Path(__file__).parent / "specs"
+TINY = HERE_SPECS / "tiny-mixture.yaml"
 
 GOOD = TINY.read_text()
 
@@ -101,3 +102,19 @@ def test_datasets_lists_the_builtin_sets():
     assert result.exit_code == 0, result.output
     for name in ("digits", "mnist", "faces", "textures", "wallpaper"):
         assert name in result.output
+
+
+def test_bad_data_exits_2_before_any_work(write_spec, tmp_path):
+    spec = write_spec(GOOD.replace("source: digits", "source: no-such-images.npy"))
+    result = _invoke("fit", spec, "--out", tmp_path / "run")
+    assert result.exit_code == 2, result.output
+    assert "no-such-images.npy" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()  # nothing half-written
+
+
+def test_observed_label_without_labels_exits_2(write_spec, tmp_path):
+    np.save(tmp_path / "plain.npy", np.zeros((20, 8, 8), dtype=np.uint8))
+    text = (HERE_SPECS / "tiny-class.yaml").read_text().replace("source: digits", "source: plain.npy")
+    result = _invoke("validate", write_spec(text))
+    assert result.exit_code == 2, result.output
+    assert "has no labels" in " ".join(result.output.split())
