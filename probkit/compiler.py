@@ -589,6 +589,8 @@ class CompiledModel:
             quadratic = (xd * xd) @ precision.T - 2.0 * xd @ (loc * precision).T + (loc * loc * precision).sum(-1)
             table = -0.5 * quadratic - scale.log().sum(-1) - 0.5 * D * math.log(2 * math.pi)
             return table.to(x.dtype).reshape((n,) + grid)
+        if self.family.name == "LowRankMultivariateNormal":
+            return self._low_rank_table(d, x, grid)
         if self.family.name == "Categorical":
             # per-pixel categorical over levels: gather log-probabilities, no N x G x D x L tensor
             logp = d.logits.expand(grid + (D, d.logits.shape[-1])).reshape(-1, D, d.logits.shape[-1])
@@ -603,6 +605,30 @@ class CompiledModel:
             return _chunked(lambda xs: d.log_prob(xs.reshape((len(xs),) + (1,) * len(grid) + (self.dims.D,))),
                             x, len(grid) and math.prod(grid) * self.dims.D)
         return self._generic_table(d, x, grid)
+
+    def _low_rank_table(self, d, x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
+        """log N(x; mu, W W^T + diag(psi)) for every configuration by Woodbury, as matrix
+        products of x with (1/psi, mu/psi, psi^-1 W): no N x K x D tensor. In float64, since
+        the expanded squares cancel badly in float32 when psi is small."""
+        D, n = self.dims.D, len(x)
+        G = max(1, math.prod(grid))
+        R = d.cov_factor.shape[-1]
+        loc = d.loc.expand(grid + (D,)).reshape(G, D).double()
+        factor = d.cov_factor.expand(grid + (D, R)).reshape(G, D, R).double()
+        psi = d.cov_diag.expand(grid + (D,)).reshape(G, D).double()
+        inv_psi = psi.reciprocal()
+        xd = x.double()
+        diagonal = (xd * xd) @ inv_psi.T - 2.0 * xd @ (loc * inv_psi).T + (loc * loc * inv_psi).sum(-1)
+        scaled = factor * inv_psi[..., None]  # psi^-1 W, G x D x R
+        capacitance = torch.eye(R, dtype=torch.float64, device=x.device) + factor.transpose(-1, -2) @ scaled
+        chol = torch.linalg.cholesky(capacitance)
+        projected = (xd @ scaled.permute(1, 0, 2).reshape(D, G * R)).reshape(n, G, R)
+        projected = projected - (loc[..., None] * scaled).sum(1)  # W^T psi^-1 (x - mu)
+        whitened = torch.linalg.solve_triangular(chol, projected.permute(1, 2, 0), upper=False)  # G x R x N
+        low_rank = whitened.pow(2).sum(1).T
+        log_det = 2.0 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1) + psi.log().sum(-1)
+        table = -0.5 * (D * math.log(2 * math.pi) + log_det + diagonal - low_rank)
+        return table.to(x.dtype).reshape((n,) + grid)
 
     def _generic_table(self, d, x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
         """Per-pixel log_prob broadcast over configurations, in chunks of images."""
