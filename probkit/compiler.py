@@ -552,17 +552,26 @@ class CompiledModel:
             table = table + d.log_prob(env[latent.name])
         return table
 
-    def _likelihood_dist(self, values, *, expr: Expr | None = None, validate=False):
+    def _likelihood_dist(self, values, *, expr: Expr | None = None, validate=False, dtype=None):
         expr = expr or self.likelihood
         env = {**self.base_env(), **values, **self._grid(self.latents)}
         family_name, kwargs = self._evaluate(expr, env)
+        if dtype is not None:
+            kwargs = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                      for k, v in kwargs.items()}
         return self._build(family_name, kwargs, expr, validate=validate)
 
     def likelihood_table(self, values: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """log p(x_n | latents) for every image and configuration: shape (N,) + grid_shape."""
         grid = self.grid_shape
-        d = self._likelihood_dist(values)
         n = len(x)
+        if self.family.name == "MultivariateNormal":
+            # a dense D x D factorisation: float64, where float32 fails on ill-conditioned matrices
+            d = self._likelihood_dist(values, dtype=torch.float64)
+            table = _chunked(lambda xs: d.log_prob(xs.double().reshape((len(xs),) + (1,) * len(grid) + (self.dims.D,))),
+                             x, max(1, math.prod(grid)) * self.dims.D)
+            return table.to(x.dtype)
+        d = self._likelihood_dist(values)
         D = self.dims.D
         if self.family.name in ("Bernoulli", "Binomial"):
             # log p = x * logit - n * softplus(logit) + log C(n, x): one matrix product
