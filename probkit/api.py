@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import pyro
 import torch
 
 from probkit.compiler import CompiledModel, Dims, compile_spec
