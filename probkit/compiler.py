@@ -105,14 +105,13 @@ class CompiledModel:
     """A spec compiled against data dimensions: the Pyro model, guide and fused log-joint."""
 
     def __init__(self, loaded: LoadedSpec, dims: Dims, *, device: torch.device | str = "cpu",
-                 method: str | None = None, label_count: int | None = None):
+                 method: str | None = None):
         self.loaded = loaded
         self.spec = loaded.spec
         self.dims = dims
         self.device = torch.device(device)
         self.method = method or self.spec.fit.method
         self.constants = dict(self.spec.constants)
-        self.label_count = label_count
         self._base_priors: dict[str, Any] = {}
         self._init_cache: dict[str, torch.Tensor] | None = None
         self._ready = False
@@ -688,7 +687,6 @@ def _chunked(fn, x: torch.Tensor, per_image: int, budget: int = 1 << 25) -> torc
     return torch.cat([fn(x[i : i + step]) for i in range(0, len(x), step)])
 
 
-def compile_spec(loaded: LoadedSpec, dims: Dims, *, device="cpu", method: str | None = None,
-                 label_count: int | None = None) -> CompiledModel:
+def compile_spec(loaded: LoadedSpec, dims: Dims, *, device="cpu", method: str | None = None) -> CompiledModel:
     """Compile and shape-check a spec; every problem raises SpecError naming its line."""
-    return CompiledModel(loaded, dims, device=device, method=method, label_count=label_count)
+    return CompiledModel(loaded, dims, device=device, method=method)

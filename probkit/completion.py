@@ -284,10 +284,12 @@ def _latent_prior(compiled: CompiledModel, values) -> torch.Tensor:
     return compiled.latent_table(values).reshape(-1)
 
 
-def discrete_posterior(compiled: CompiledModel, values, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """log p(k | x_obs) over the flattened latent configurations: N x K (univariate likelihoods)."""
-    kwargs, _ = _flat_config_kwargs(compiled, values)
-    d = compiled.family.cls(**kwargs, validate_args=False)
+def discrete_posterior(compiled: CompiledModel, values, x: torch.Tensor, mask: torch.Tensor, d=None) -> torch.Tensor:
+    """log p(k | x_obs) over the flattened latent configurations: N x K (univariate likelihoods).
+    `d`: the per-configuration pixel distribution, when the caller has built it already."""
+    if d is None:
+        kwargs, _ = _flat_config_kwargs(compiled, values)
+        d = compiled.family.cls(**kwargs, validate_args=False)
     observed = (~mask).to(x.dtype)
     table = _latent_prior(compiled, values) + _observed_loglik_univariate(compiled.family.name, d, x, observed)
     return table.log_softmax(-1)
@@ -298,8 +300,7 @@ def _complete_univariate(compiled, values, x, mask, k):
     family = compiled.family
     d = family.cls(**kwargs, validate_args=False)
     missing_f = mask.to(x.dtype)
-    log_post = (_latent_prior(compiled, values)
-                + _observed_loglik_univariate(family.name, d, x, 1.0 - missing_f)).log_softmax(-1)
+    log_post = discrete_posterior(compiled, values, x, mask, d)
     # log p(x_miss | x_obs) = logsumexp_k log p(k | x_obs) + log p(x_miss | k)
     miss_ll = _observed_loglik_univariate(family.name, d, x, missing_f)
     cond_ll = (log_post + miss_ll).logsumexp(-1)

@@ -136,6 +136,9 @@ class Trainer:
         self.transforms = [compiled.transform_of(self.guide, n) for n in self.names]
         self.optimizer = self._make_optimizer()
         self.generator = torch.Generator(device=dataset.train_levels.device).manual_seed(settings.seed)
+        self.epoch_state = self.generator.get_state()
+        self.batch_in_epoch = 0
+        self.skip_batches = 0
         if resume:
             self._resume()
         self.elbo = pyro_elbo(compiled) if settings.engine == "pyro" else None
@@ -162,7 +165,8 @@ class Trainer:
         return tensors
 
     def save_checkpoint(self, step: int) -> None:
-        meta = {"step": str(step), "seed": str(self.settings.seed), "generator": _generator_state(self.generator)}
+        meta = {"step": str(step), "seed": str(self.settings.seed),
+                "epoch_generator": _generator_state(self.epoch_state), "batch_in_epoch": str(self.batch_in_epoch)}
         atomic_write(self.run_dir / CHECKPOINT, tensors_bytes(self.checkpoint_tensors(), meta))
         atomic_write(self.run_dir / "history.csv", history_csv(self.history))
 
@@ -189,8 +193,12 @@ class Trainer:
                     "exp_avg_sq": tensors[f"adam/{n}/exp_avg_sq"].to(u.device),
                 }
         self.start_step = int(meta.get("step", 0))
-        if "generator" in meta:
-            _set_generator_state(self.generator, meta["generator"])
+        if self.start_step > self.settings.steps:
+            raise UsageError(f"--resume: the checkpoint in {self.run_dir} is already at step {self.start_step}; "
+                             f"pass --steps {self.start_step} or more")
+        if "epoch_generator" in meta:
+            _set_generator_state(self.generator, meta["epoch_generator"])
+            self.skip_batches = int(meta.get("batch_in_epoch", 0))
         self.history = [r for r in read_history(self.run_dir / "history.csv") if r["step"] <= self.start_step]
 
     # ----- the loop --------------------------------------------------------------------
@@ -211,15 +219,26 @@ class Trainer:
         deterministic = not self.dataset.stochastic or self.settings.optimizer == "lbfgs"
         fixed_x = self.dataset.fixed("train") if deterministic else None
         while True:
+            # a checkpoint stores the generator as it was when the epoch began, and how many of
+            # its batches were used, so a resumed fit replays the same epoch from the same place
+            self.epoch_state = self.generator.get_state()
             x = fixed_x if fixed_x is not None else self.dataset.apply(levels, self.generator)
             if self.settings.batch_size is None:
+                self.batch_in_epoch = 1
+                if self.skip_batches:  # this epoch's step was done before the checkpoint
+                    self.skip_batches = 0
+                    continue
                 yield x, labels, 1.0
                 continue
             order = torch.randperm(n, generator=self.generator, device=self.generator.device)
             size = self.settings.batch_size
-            for start in range(0, n - size + 1, size):
+            for index, start in enumerate(range(0, n - size + 1, size)):
+                if index < self.skip_batches:
+                    continue
+                self.batch_in_epoch = index + 1
                 idx = order[start : start + size]
                 yield x[idx], None if labels is None else labels[idx], n / size
+            self.skip_batches = 0
 
     def _fail(self, step: int, x, labels, scale, last_saved: int | None) -> FitError:
         with torch.no_grad():
@@ -285,8 +304,8 @@ def pyro_elbo(compiled: CompiledModel):
     return TraceEnum_ELBO(max_plate_nesting=1) if enumerated else Trace_ELBO()
 
 
-def _generator_state(generator: torch.Generator) -> str:
-    return generator.get_state().cpu().numpy().tobytes().hex()
+def _generator_state(state: torch.Tensor) -> str:
+    return state.cpu().numpy().tobytes().hex()
 
 
 def _set_generator_state(generator: torch.Generator, hex_state: str) -> None:

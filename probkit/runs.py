@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from probkit.errors import RunError
+from probkit.errors import RunError, UsageError
 from probkit.spec import LoadedSpec, read_spec, spec_from_text
 
 RUNS_DIR = "runs"
@@ -105,7 +105,7 @@ def resolve_run(target: str | Path, out: str | Path | None = None) -> Run:
     if target.is_dir():
         return load_run(target)
     if not target.exists():
-        raise RunError(f"no such spec file or run folder: {target}")
+        raise UsageError(f"no such spec file or run folder: {target}")
     loaded = read_spec(target)
     run_dir = Path(out) if out else default_run_dir(loaded.name)
     if not (run_dir / "run.json").exists():

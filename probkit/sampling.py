@@ -44,5 +44,18 @@ def draw_samples(compiled: CompiledModel, values: dict[str, torch.Tensor], n: in
     with torch.no_grad():
         trace = poutine.trace(poutine.condition(compiled.model, data=data)).get_trace(None, None, n=n)
     site = trace.nodes["x"]
-    value = site["fn"].mean if mean else site["value"]
+    value = site["value"]
+    if mean:
+        value = _expected_pixels(site["fn"])
+        if not bool(torch.isfinite(value).all()):
+            raise UsageError(f"--mean: {compiled.family.name} has no finite mean here; sample without --mean")
     return value.expand(n, compiled.dims.D).reshape(n, -1)
+
+
+def _expected_pixels(d) -> torch.Tensor:
+    """E[x | latents]; a Categorical over intensity levels averages its levels."""
+    base = d.base_dist if hasattr(d, "base_dist") else d
+    if isinstance(base, torch.distributions.Categorical):
+        levels = torch.arange(base.probs.shape[-1], dtype=base.probs.dtype, device=base.probs.device)
+        return (base.probs * levels).sum(-1).expand(d.batch_shape + d.event_shape)
+    return d.mean

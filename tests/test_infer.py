@@ -194,3 +194,29 @@ def test_cuda_fit_matches_cpu(tmp_path):
     for name, value in cpu.values.items():
         assert torch.allclose(value, gpu.values[name].cpu(), atol=1e-4), name
     assert abs(cpu.metrics["test"]["nll"] - gpu.metrics["test"]["nll"]) < 1e-2
+
+
+@pytest.mark.parametrize("stop_at", [3, 5, 7])
+def test_resume_mid_epoch_replays_the_same_batches(tmp_path, stop_at):
+    # tiny-class: minibatches of 256 (5 per epoch) and dynamic binarisation redrawn each epoch
+    spec = Path(__file__).parent / "specs" / "tiny-class.yaml"
+    straight = probkit.fit(spec, steps=10, out=tmp_path / "a", device="cpu", samples=0)
+
+    def stop(step, loss, bpd):
+        if step == stop_at + 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        probkit.fit(spec, steps=10, out=tmp_path / "b", device="cpu", samples=0, on_step=stop)
+    resumed = probkit.fit(spec, steps=10, out=tmp_path / "b", device="cpu", samples=0, resume=True)
+    for name, value in straight.values.items():
+        assert torch.allclose(value, resumed.values[name], atol=1e-6), name
+
+
+def test_resume_to_fewer_steps_than_the_checkpoint_is_refused(tmp_path):
+    from probkit.errors import UsageError
+
+    spec = Path(__file__).parent / "specs" / "tiny-mixture.yaml"
+    probkit.fit(spec, steps=6, out=tmp_path / "run", device="cpu", samples=0)
+    with pytest.raises(UsageError, match="already at step 6; pass --steps 6 or more"):
+        probkit.fit(spec, steps=3, out=tmp_path / "run", device="cpu", samples=0, resume=True)
