@@ -63,6 +63,7 @@ class Dataset:
     label_names: list[str] | None
     notes: list[str] = field(default_factory=list)
     _fixed: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _cached: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def D(self) -> int:
@@ -125,11 +126,14 @@ class Dataset:
         return (nll_per_image + offset) / (self.D * math.log(2.0))
 
     def fingerprint(self) -> str:
+        if "fingerprint" in self._cached:
+            return self._cached["fingerprint"]
         digest = hashlib.sha256()
         for tensor in (self.train_levels, self.test_levels, self.train_labels, self.test_labels):
             if tensor is not None:
                 digest.update(tensor.detach().cpu().to(torch.int16).numpy().tobytes())
-        return digest.hexdigest()[:16]
+        self._cached["fingerprint"] = digest.hexdigest()[:16]
+        return self._cached["fingerprint"]
 
     def images(self, x: torch.Tensor) -> np.ndarray:
         """Flat model-scale x -> N x C x H x W display intensities in [0, 1]."""

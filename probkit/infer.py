@@ -165,7 +165,7 @@ class Trainer:
         return tensors
 
     def save_checkpoint(self, step: int) -> None:
-        meta = {"step": str(step), "seed": str(self.settings.seed),
+        meta = {"step": str(step), "seed": str(self.settings.seed), "data": self.dataset.fingerprint(),
                 "epoch_generator": _generator_state(self.epoch_state), "batch_in_epoch": str(self.batch_in_epoch)}
         atomic_write(self.run_dir / CHECKPOINT, tensors_bytes(self.checkpoint_tensors(), meta))
         atomic_write(self.run_dir / "history.csv", history_csv(self.history))
@@ -193,6 +193,9 @@ class Trainer:
                     "exp_avg_sq": tensors[f"adam/{n}/exp_avg_sq"].to(u.device),
                 }
         self.start_step = int(meta.get("step", 0))
+        if meta.get("data") not in (None, self.dataset.fingerprint()):
+            raise UsageError(f"--resume: the checkpoint in {self.run_dir} was fitted on other data "
+                             "(its data fingerprint differs); start without --resume or use another --out")
         if self.start_step > self.settings.steps:
             raise UsageError(f"--resume: the checkpoint in {self.run_dir} is already at step {self.start_step}; "
                              f"pass --steps {self.start_step} or more")

@@ -220,3 +220,13 @@ def test_resume_to_fewer_steps_than_the_checkpoint_is_refused(tmp_path):
     probkit.fit(spec, steps=6, out=tmp_path / "run", device="cpu", samples=0)
     with pytest.raises(UsageError, match="already at step 6; pass --steps 6 or more"):
         probkit.fit(spec, steps=3, out=tmp_path / "run", device="cpu", samples=0, resume=True)
+
+
+def test_resume_on_other_data_is_refused(tmp_path, write_spec):
+    from probkit.errors import UsageError
+
+    spec = Path(__file__).parent / "specs" / "tiny-mixture.yaml"
+    probkit.fit(spec, steps=3, out=tmp_path / "run", device="cpu", samples=0)
+    other = write_spec(spec.read_text().replace("  size: 8", "  size: 8\n  seed: 1"), "other")
+    with pytest.raises(UsageError, match="fitted on other data"):
+        probkit.fit(other, steps=6, out=tmp_path / "run", device="cpu", samples=0, resume=True)
