@@ -80,8 +80,20 @@ def _check_labels(compiled: CompiledModel, dataset: Dataset, loaded: LoadedSpec)
 
 def fit(spec: SpecLike, *, steps: int | None = None, device: str = "auto", seed: int | None = None,
         out: str | Path | None = None, resume: bool = False, engine: str = "fused",
-        samples: int = 64, on_step: Callable[[int, float, float | None], None] | None = None) -> FitResult:
-    """Fit theta by MAP or MLE and write the run folder (DESIGN section 6)."""
+        samples: int = 64, on_step: Callable[[int, float, float | None], None] | None = None,
+        progress: bool = False) -> FitResult:
+    """Fit theta by MAP or MLE and write the run folder (DESIGN section 6).
+
+    on_step(step, loss, held_out_bits_per_dim or None) is called after every step;
+    progress=True shows the CLI's progress bar instead (on stderr)."""
+    if progress and on_step is None:
+        from probkit.progress import fit_progress
+
+        loaded = load_spec(spec)
+        total = loaded.spec.fit.steps if steps is None else steps
+        with fit_progress(loaded.name, total) as bar:
+            return fit(loaded, steps=steps, device=device, seed=seed, out=out, resume=resume, engine=engine,
+                       samples=samples, on_step=bar)
     prepared = prepare(spec, device=device)
     compiled, dataset = prepared.compiled, prepared.dataset
     settings = settings_from(compiled, dataset.n_train, steps=steps, seed=seed, engine=engine)

@@ -9,14 +9,12 @@ from __future__ import annotations
 import functools
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from probkit import api
@@ -93,31 +91,13 @@ def fit(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="show the progress bar")] = True,
 ):
     """Fit theta (MAP or MLE) and write the run folder."""
+    from probkit.progress import fit_progress
+
     prepared_spec = api.load_spec(spec)
     total = prepared_spec.spec.fit.steps if steps is None else steps
-    bar = Progress(
-        TextColumn("[bold]fit[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("held-out {task.fields[bpd]} bits/dim"),
-        TextColumn("{task.fields[rate]} steps/s"), TimeRemainingColumn(),
-        console=err_console, disable=not progress, transient=False,
-    )
-    state = {"last": time.perf_counter(), "count": 0, "rate": "-", "bpd": "-"}
-    with bar:
-        task = bar.add_task(prepared_spec.name, total=total, loss="-", bpd="-", rate="-")
-
-        def on_step(step: int, loss: float, test_bpd: float | None):
-            state["count"] += 1
-            now = time.perf_counter()
-            if test_bpd is not None:
-                state["bpd"] = f"{test_bpd:.4f}"
-            if now - state["last"] > 0.5 or step == total:
-                state["rate"] = f"{state['count'] / (now - state['last']):.0f}"
-                state["last"], state["count"] = now, 0
-                bar.update(task, completed=step, loss=f"{loss:.4g}", bpd=state["bpd"], rate=state["rate"])
-
+    with fit_progress(prepared_spec.name, total, console=err_console, enabled=progress) as on_step:
         result = api.fit(prepared_spec, steps=steps, device=device, seed=seed, out=out, resume=resume,
                          engine=engine, on_step=on_step)
-        bar.update(task, completed=total)
     _print_metrics(result.metrics)
     for latent, usage in (result.metrics.get("components") or {}).items():
         if usage["collapsed"]:

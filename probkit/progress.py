@@ -1,0 +1,41 @@
+"""The fit progress bar (loss, held-out bits/dim, steps/s), shared by the CLI and `fit(progress=True)`."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+OnStep = Callable[[int, float, "float | None"], None]
+
+
+@contextmanager
+def fit_progress(name: str, total: int, *, console: Console | None = None, enabled: bool = True,
+                 refresh_s: float = 0.5) -> Iterator[OnStep]:
+    """Yields an `on_step(step, loss, held_out_bpd)` callback that drives a rich progress bar;
+    the bar is redrawn at most every `refresh_s` seconds, so it costs nothing per step."""
+    bar = Progress(
+        TextColumn("[bold]fit[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("held-out {task.fields[bpd]} bits/dim"),
+        TextColumn("{task.fields[rate]} steps/s"), TimeRemainingColumn(),
+        console=console or Console(stderr=True), disable=not enabled, transient=False,
+    )
+    state = {"last": time.perf_counter(), "count": 0, "bpd": "-"}
+    with bar:
+        task = bar.add_task(name, total=total, loss="-", bpd="-", rate="-")
+
+        def on_step(step: int, loss: float, test_bpd: float | None) -> None:
+            state["count"] += 1
+            now = time.perf_counter()
+            if test_bpd is not None:
+                state["bpd"] = f"{test_bpd:.4f}"
+            if now - state["last"] > refresh_s or step == total:
+                rate = f"{state['count'] / max(now - state['last'], 1e-9):.0f}"
+                state["last"], state["count"] = now, 0
+                bar.update(task, completed=step, loss=f"{loss:.4g}", bpd=state["bpd"], rate=rate)
+
+        yield on_step
+        bar.update(task, completed=total)
