@@ -352,7 +352,9 @@ class CompiledModel:
         mean for matrices), else near zero; then, with `data` (x, labels), every per-component
         location the likelihood indexes by latents (probs[z], loc[y, z]) starts at a distinct
         training image (of the right class for observed latents), so no two components start
-        identical. Drawn on the CPU in spec order, so a run is reproducible on any device."""
+        identical (k-means++ seeding: each next start is drawn with probability proportional to its
+        squared distance from the starts so far). Drawn on the CPU in spec order, so a run is
+        reproducible on any device."""
         if seed is None:
             if self._init_cache is None:
                 self._init_cache = self.initial_values(0)
@@ -393,6 +395,8 @@ class CompiledModel:
                 continue
             value = values[name].clone()
             taken = torch.zeros(len(x), dtype=torch.bool)
+            flat = x.reshape(len(x), -1).double()
+            nearest = torch.full((len(x),), float("inf"), dtype=torch.float64)
             for combo in itertools.product(*(range(l.cardinality) for l in index_latents)):
                 allowed = ~taken
                 for latent, level in zip(index_latents, combo):
@@ -401,8 +405,15 @@ class CompiledModel:
                 pool = allowed.nonzero().flatten()
                 if len(pool) == 0:
                     continue
-                pick = pool[torch.randint(len(pool), (1,), generator=generator)]
+                # k-means++ seeding: far from the starts chosen so far, with probability ~ distance^2
+                weights = nearest[pool]
+                if torch.isinf(weights).all() or not bool((weights > 0).any()):
+                    pick = pool[torch.randint(len(pool), (1,), generator=generator)]
+                else:
+                    weights = torch.where(torch.isinf(weights), weights[~torch.isinf(weights)].max(), weights)
+                    pick = pool[torch.multinomial(weights, 1, generator=generator)]
                 taken[pick] = True
+                nearest = torch.minimum(nearest, (flat - flat[pick[0]]).pow(2).sum(-1))
                 value[combo] = scale(x[pick[0]].float())
             if bool(self._site_support(name).check(value).all()):
                 values[name] = value

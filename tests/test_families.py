@@ -109,6 +109,7 @@ def test_collapsed_components_are_reported():
     prepared = prepare(spec)
     values = prepared.compiled.initial_values(0, data=(prepared.dataset.fixed("train"), None))
     values["weights"] = torch.tensor([0.5, 0.5 - 1e-6, 1e-6])  # above float32 clamping of probs
+    values["probs"][2] = values["probs"][0]  # a copy of component 0 with almost no weight explains nothing
     usage = Evaluator(prepared.compiled, prepared.dataset).component_usage(values)["z"]
     x = prepared.dataset.fixed("train").double()
     p = values["probs"].double()
