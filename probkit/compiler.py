@@ -556,10 +556,14 @@ class CompiledModel:
         """log p(latents) for every configuration, shape grid_shape (a scalar without latents)."""
         env = {**self.base_env(), **values, **self._grid(self.latents)}
         table = torch.zeros(self.grid_shape, device=self.device)
-        for latent in self.latents:
+        for i, latent in enumerate(self.latents):
             family_name, kwargs = self._evaluate(latent.expr, env)
             d = self._build(family_name, kwargs, latent.expr, validate=False)
-            table = table + d.log_prob(env[latent.name])
+            if family_name == "Categorical" and i == len(self.latents) - 1 and not d.batch_shape:
+                # an unconditioned last latent's grid is arange(K) on the last dim: log_prob is the logits
+                table = table + d.logits
+            else:
+                table = table + d.log_prob(env[latent.name])
         return table
 
     def _likelihood_dist(self, values, *, expr: Expr | None = None, validate=False, dtype=None):

@@ -76,6 +76,7 @@ class Expr:
         self.tree = tree
         self.path = path
         self.smap = smap
+        self._names: frozenset[str] | None = None
 
     def error(self, message: str, node: ast.AST | None = None) -> SpecError:
         where = self.where(node)
@@ -97,11 +98,13 @@ class Expr:
         return None
 
     def names(self) -> set[str]:
-        return {
-            n.id
-            for n in ast.walk(self.tree)
-            if isinstance(n, ast.Name) and n.id not in FUNCTIONS and n.id not in FAMILIES
-        }
+        """The spec names the expression reads (computed once: the fit asks every step)."""
+        if self._names is None:
+            self._names = frozenset(
+                n.id for n in ast.walk(self.tree)
+                if isinstance(n, ast.Name) and n.id not in FUNCTIONS and n.id not in FAMILIES
+            )
+        return set(self._names)
 
     def __repr__(self) -> str:
         return f"Expr({self.text!r})"
