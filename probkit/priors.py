@@ -17,18 +17,33 @@ from torch.distributions import Independent
 import pyro.distributions as dist
 
 
+def _weighted_log_sum(weight: torch.Tensor, complement: bool = False):
+    """v -> sum(xlogy(weight, v)) (or of 1 - v); a constant weight multiplies one summed log
+    (0 * log 0 counts as 0, as in xlogy)."""
+    if bool((weight == weight.reshape(-1)[0]).all()):
+        w = float(weight.reshape(-1)[0])
+        if w == 0.0:
+            return lambda v: 0.0
+        if complement:
+            return lambda v: w * torch.log1p(-v).sum()
+        return lambda v: w * torch.log(v).sum()
+    if complement:
+        return lambda v: torch.xlogy(weight, 1 - v).sum()
+    return lambda v: torch.xlogy(weight, v).sum()
+
+
 def _beta(d):
     a, b = d.concentration1.double(), d.concentration0.double()
     norm = (torch.lgamma(a + b) - torch.lgamma(a) - torch.lgamma(b)).sum()
-    a1, b1 = d.concentration1 - 1, d.concentration0 - 1
-    return lambda v: (torch.xlogy(a1, v) + torch.xlogy(b1, 1 - v)).sum(), norm
+    heads = _weighted_log_sum(d.concentration1 - 1)
+    tails = _weighted_log_sum(d.concentration0 - 1, complement=True)
+    return lambda v: heads(v) + tails(v), norm
 
 
 def _dirichlet(d):
     c = d.concentration.double()
     norm = (torch.lgamma(c.sum(-1)) - torch.lgamma(c).sum(-1)).sum()
-    c1 = d.concentration - 1
-    return lambda v: torch.xlogy(c1, v).sum(), norm
+    return _weighted_log_sum(d.concentration - 1), norm
 
 
 def _normal(d):
@@ -40,8 +55,9 @@ def _normal(d):
 def _gamma(d):
     alpha, beta = d.concentration.double(), d.rate.double()
     norm = (alpha * beta.log() - torch.lgamma(alpha)).expand(d.batch_shape).sum()
-    a1, rate = d.concentration - 1, d.rate
-    return lambda v: (torch.xlogy(a1, v) - rate * v).sum(), norm
+    shape_term = _weighted_log_sum(d.concentration - 1)
+    rate = d.rate
+    return lambda v: shape_term(v) - (rate * v).sum(), norm
 
 
 _KERNELS = {dist.Beta: _beta, dist.Dirichlet: _dirichlet, dist.Normal: _normal, dist.Gamma: _gamma}
