@@ -159,7 +159,7 @@ def sample(target: SpecLike | Run, n: int = 64, *, given: dict[str, int] | None 
     `out` is a folder or a .png path. `mean`: each image's expected pixels given its
     latents (smooth probabilities for Bernoulli models) instead of a draw."""
     from probkit.images import save_grid
-    from probkit.runs import atomic_write
+    from probkit.runs import save_array
     from probkit.sampling import draw_samples
 
     if n < 1:
@@ -172,12 +172,7 @@ def sample(target: SpecLike | Run, n: int = 64, *, given: dict[str, int] | None 
         out = Path(out)
         png = out if out.suffix == ".png" else out / "samples.png"
         save_grid(png, images)
-        npy = png.with_suffix(".npy")
-        import io
-
-        buffer = io.BytesIO()
-        np.save(buffer, drawn.cpu().numpy().reshape(images.shape))
-        atomic_write(npy, buffer.getvalue())
+        npy = save_array(png.with_suffix(".npy"), drawn.cpu().numpy().reshape(images.shape))
         files = {"png": png, "npy": npy}
     return images, files
 
@@ -296,7 +291,7 @@ def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, in
     files: dict[str, Path] = {}
     if out is not None:
         from probkit.images import save_grid
-        from probkit.runs import atomic_write
+        from probkit.runs import save_array
 
         out = Path(out)
         png = out if out.suffix == ".png" else out / f"complete-{mask_label(mask)}.png"
@@ -309,11 +304,6 @@ def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, in
         observed[:, 0][:, hole], observed[:, 1][:, hole], observed[:, 2][:, hole] = 1.0, 0.0, 0.0
         rows = np.concatenate([rgb(original)[:, None], observed[:, None], rgb(drawn)], axis=1)
         save_grid(png, rows.reshape(n * (k + 2), 3, H, W), columns=k + 2)
-        import io
-
-        buffer = io.BytesIO()
-        np.save(buffer, drawn.astype(np.float32))
-        npy = png.with_suffix(".npy")
-        atomic_write(npy, buffer.getvalue())
+        npy = save_array(png.with_suffix(".npy"), drawn.astype(np.float32))
         files = {"png": png, "npy": npy}
     return result, files

@@ -532,7 +532,7 @@ class CompiledModel:
         for site in self.params:
             if site.prior is None:
                 continue
-            if site.prior.names() & set(values):  # hierarchical: rebuild each time
+            if not site.prior.names().isdisjoint(values):  # hierarchical: rebuild each time
                 total = total + self._shaped_prior(site, values, validate=False).log_prob(values[site.name]).sum()
                 continue
             term = self._base_priors.get(site.name)

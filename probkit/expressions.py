@@ -97,14 +97,14 @@ class Expr:
             return tree.func.id
         return None
 
-    def names(self) -> set[str]:
+    def names(self) -> frozenset[str]:
         """The spec names the expression reads (computed once: the fit asks every step)."""
         if self._names is None:
             self._names = frozenset(
                 n.id for n in ast.walk(self.tree)
                 if isinstance(n, ast.Name) and n.id not in FUNCTIONS and n.id not in FAMILIES
             )
-        return set(self._names)
+        return self._names
 
     def __repr__(self) -> str:
         return f"Expr({self.text!r})"

@@ -43,6 +43,16 @@ def atomic_write(path: Path, data: bytes | str) -> None:
         raise
 
 
+def save_array(path: Path, array) -> Path:
+    """A .npy file written atomically (never pickled)."""
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    atomic_write(Path(path), buffer.getvalue())
+    return Path(path)
+
+
 def tensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     return save({k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}, metadata=metadata)
 
