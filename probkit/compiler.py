@@ -15,7 +15,6 @@ TraceEnum_ELBO on the same model and guide.
 from __future__ import annotations
 
 import ast
-import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +28,7 @@ from pyro.infer.autoguide import AutoDelta, init_to_value
 from torch.distributions import transform_to
 from torch.distributions.utils import probs_to_logits
 
-from probkit import expressions
+from probkit import expressions, initialise
 from probkit.distributions import FAMILIES, SUPPORT_EVENT_DIM, SUPPORTS, VECTOR_ARGS, Family
 from probkit.errors import FitError, SpecError
 from probkit.expressions import Expr
@@ -39,18 +38,6 @@ from probkit.spec import LoadedSpec, suggest
 RESERVED = ("x", "D", "C", "H", "W", "N")
 _GUIDES = 0  # guides made in this process
 
-# likelihood arguments that are per-image locations, and how one training image becomes one
-_LOCATION_ARGS = {
-    ("Bernoulli", "probs"): lambda x: 0.25 + 0.5 * x,   # a binary image, pulled towards 1/2
-    ("Binomial", "probs"): lambda x: (x + 32.0) / (255.0 + 64.0),
-    ("ContinuousBernoulli", "probs"): lambda x: 0.25 + 0.5 * x,
-    ("Normal", "loc"): lambda x: x,
-    ("Laplace", "loc"): lambda x: x,
-    ("StudentT", "loc"): lambda x: x,
-    ("Cauchy", "loc"): lambda x: x,
-    ("MultivariateNormal", "loc"): lambda x: x,
-    ("LowRankMultivariateNormal", "loc"): lambda x: x,
-}
 _SHAPE_ERRORS = (RuntimeError, IndexError, ValueError, TypeError)
 
 
@@ -349,12 +336,10 @@ class CompiledModel:
     def initial_values(self, seed: int | None = None, data: tuple[torch.Tensor, torch.Tensor | None] | None = None
                        ) -> dict[str, torch.Tensor]:
         """Constrained starting values, seeded: `init:` if given, else a prior draw (the prior
-        mean for matrices), else near zero; then, with `data` (x, labels), every per-component
-        location the likelihood indexes by latents (probs[z], loc[y, z]) starts at a distinct
-        training image (of the right class for observed latents), so no two components start
-        identical (k-means++ seeding: each next start is drawn with probability proportional to its
-        squared distance from the starts so far). Drawn on the CPU in spec order, so a run is
-        reproducible on any device."""
+        mean for matrices), else near zero; then, with `data` (x, labels), the locations and
+        spreads the likelihood uses start from the training images (k-means++ seeding and one
+        hard M-step, see probkit.initialise), so no two components start identical. Drawn on
+        the CPU in spec order, so a run is reproducible on any device."""
         if seed is None:
             if self._init_cache is None:
                 self._init_cache = self.initial_values(0)
@@ -368,59 +353,10 @@ class CompiledModel:
             if data is not None:
                 generator = torch.Generator().manual_seed(seed)
                 x, labels = data
-                self._initial_locations(values, x.detach().cpu(), None if labels is None else labels.cpu(), generator)
+                initialise.from_data(self, values, x.detach().cpu(), None if labels is None else labels.cpu(), generator)
         finally:
             self.device = device
         return {k: v.to(device) for k, v in values.items()}
-
-    def _initial_locations(self, values, x, labels, generator) -> None:
-        tree = self.likelihood.tree
-        family = self.family
-        arguments = dict(zip(family.args, tree.args))
-        arguments.update({k.arg: k.value for k in tree.keywords})
-        latents = {l.name: (i, l) for i, l in enumerate(self.latents)}
-        explicit = {p.name for p in self.params if p.init is not None}
-        for arg, node in arguments.items():
-            scale = _LOCATION_ARGS.get((family.name, arg))
-            if scale is None or not isinstance(node, ast.Subscript) or not isinstance(node.value, ast.Name):
-                continue
-            name = node.value.id
-            parts = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
-            if name not in values or name in explicit or not all(
-                    isinstance(p, ast.Name) and p.id in latents for p in parts):
-                continue
-            index_latents = [latents[p.id][1] for p in parts]
-            shape = tuple(l.cardinality for l in index_latents) + (self.dims.D,)
-            if tuple(values[name].shape) != shape:
-                continue
-            value = values[name].clone()
-            taken = torch.zeros(len(x), dtype=torch.bool)
-            flat = x.reshape(len(x), -1).double()
-            nearest = torch.full((len(x),), float("inf"), dtype=torch.float64)
-            for combo in itertools.product(*(range(l.cardinality) for l in index_latents)):
-                allowed = ~taken
-                for latent, level in zip(index_latents, combo):
-                    if latent.observed and labels is not None:
-                        allowed &= labels == level
-                pool = allowed.nonzero().flatten()
-                if len(pool) == 0:
-                    continue
-                # k-means++ seeding: far from the starts chosen so far, with probability ~ distance^2
-                weights = nearest[pool]
-                if torch.isinf(weights).all() or not bool((weights > 0).any()):
-                    pick = pool[torch.randint(len(pool), (1,), generator=generator)]
-                else:
-                    weights = torch.where(torch.isinf(weights), weights[~torch.isinf(weights)].max(), weights)
-                    pick = pool[torch.multinomial(weights, 1, generator=generator)]
-                taken[pick] = True
-                nearest = torch.minimum(nearest, (flat - flat[pick[0]]).pow(2).sum(-1))
-                value[combo] = scale(x[pick[0]].float())
-            if bool(self._site_support(name).check(value).all()):
-                values[name] = value
-
-    def _site_support(self, name: str):
-        site = next(p for p in self.params if p.name == name)
-        return self._site_constraint(site)
 
     def _initial_value(self, site: ParamSite, values: dict[str, torch.Tensor]) -> torch.Tensor:
         if site.init is not None:

@@ -34,6 +34,22 @@ def _reduce(op):
     return run
 
 
+def grid_rbf(channels, height, width, lengthscale) -> torch.Tensor:
+    """The D x D squared-exponential correlation of an image grid: exp(-d^2 / (2 l^2)) between
+    two pixels of one channel at distance d (in pixels), 0 between channels. As the scale of a
+    covariance prior it says "neighbouring pixels move together"."""
+    rows = torch.arange(float(height)).repeat_interleave(int(width))
+    cols = torch.arange(float(width)).repeat(int(height))
+    d2 = (rows[:, None] - rows[None]).square() + (cols[:, None] - cols[None]).square()
+    return torch.kron(torch.eye(int(channels)), torch.exp(-0.5 * d2 / torch.as_tensor(lengthscale) ** 2))
+
+
+_GRID_RBF_SOURCE = (
+    "(lambda r, c: torch.kron(torch.eye(int({0})), torch.exp(-0.5 * ((r[:, None] - r[None]).square() "
+    "+ (c[:, None] - c[None]).square()) / torch.as_tensor({3}) ** 2)))"
+    "(torch.arange(float({1})).repeat_interleave(int({2})), torch.arange(float({2})).repeat(int({1})))"
+)
+
 FUNCTIONS: dict[str, Function] = {
     "exp": Function(torch.exp, "torch.exp({0})"),
     "log": Function(torch.log, "torch.log({0})"),
@@ -55,6 +71,7 @@ FUNCTIONS: dict[str, Function] = {
     "eye": Function(lambda n: torch.eye(int(n)), "torch.eye(int({0}))"),
     "zeros": Function(lambda *s: torch.zeros([int(v) for v in s]), "torch.zeros({all})"),
     "ones": Function(lambda *s: torch.ones([int(v) for v in s]), "torch.ones({all})"),
+    "grid_rbf": Function(grid_rbf, _GRID_RBF_SOURCE),
 }
 _DEFAULT_DIM = {"softmax": "-1", "log_softmax": "-1", "sum": "None", "mean": "None"}
 

@@ -1,5 +1,9 @@
 """Expressions: whitelisted syntax only, evaluated by our interpreter, rendered for show."""
 
+import itertools
+import math
+
+import numpy as np
 import pytest
 import torch
 
@@ -56,3 +60,18 @@ def test_rendered_source_computes_the_same_value():
     source = render(expr)
     namespace = {"torch": torch, "F": torch.nn.functional, "a": a}
     assert torch.allclose(eval(source, namespace), evaluate(expr, {"a": a}))  # noqa: S307 - our own output
+
+
+def test_grid_rbf_against_a_loop_over_pixel_pairs():
+    C, H, W, ell = 2, 3, 4, 1.5
+    names = ("C", "H", "W", "ell")
+    kernel = evaluate(_parse("grid_rbf(C, H, W, ell)", names), {"C": C, "H": H, "W": W, "ell": ell})
+    expected = np.zeros((C * H * W, C * H * W))
+    for c, i, j in itertools.product(range(C), range(H), range(W)):
+        for i2, j2 in itertools.product(range(H), range(W)):
+            d2 = (i - i2) ** 2 + (j - j2) ** 2
+            expected[(c * H + i) * W + j, (c * H + i2) * W + j2] = math.exp(-d2 / (2 * ell**2))
+    assert np.allclose(kernel.numpy(), expected, atol=1e-6)
+    source = render(_parse("grid_rbf(C, H, W, ell)", names))  # what `probkit show` prints runs the same
+    namespace = {"torch": torch, "C": C, "H": H, "W": W, "ell": ell}
+    assert torch.allclose(eval(source, namespace), kernel)  # noqa: S307 - our own output

@@ -95,13 +95,15 @@ def test_mixture_initialisation_is_data_driven_distinct_and_seeded():
     assert torch.equal(first["probs"], again["probs"])
     assert not torch.equal(first["probs"], other["probs"])
     assert len(torch.unique(probs, dim=0)) == len(probs)  # no two components start identical
-    # each class's components start at a training image of that class: 0.25 + 0.5 * x
-    images = dataset.fixed("train")
+    # k-means within each class: every start is 0.25 + 0.5 * (the mean of the class's images
+    # nearest to it), a fixed point of Lloyd's iteration, recomputed here from the images
+    images, labels = dataset.fixed("train").double(), dataset.train_labels
     for y in range(10):
+        centres = (first["probs"][y].double() - 0.25) / 0.5
+        members = images[labels == y]
+        nearest = torch.cdist(members, centres).argmin(1)
         for k in range(2):
-            start = (first["probs"][y, k] - 0.25) / 0.5
-            matches = (images == start).all(1).nonzero().flatten()
-            assert len(matches) > 0 and bool((dataset.train_labels[matches] == y).all())
+            assert torch.allclose(centres[k], members[nearest == k].mean(0), atol=1e-6)
 
 
 def test_collapsed_components_are_reported():
@@ -128,3 +130,106 @@ def test_memorisation_check_flags_a_copying_model():
     assert copied["copies"] == 1.0 and copied["train_to_test_ratio"] == 0.0
     fresh = memorisation_report(test[:100], train, test[100:])
     assert fresh["copies"] < 0.5 and fresh["train_to_test_ratio"] > 0.3
+
+
+GAUSSIAN_WISHART = """\
+probkit: 1
+name: wishart
+data: {source: digits, size: 4, transform: continuous}
+params:
+  loc: {shape: [D], support: real}
+  precision:
+    shape: [D, D]
+    prior: "Wishart(df=D + 3.0, precision_matrix=0.5 * eye(D))"
+likelihood:
+  x: MultivariateNormal(loc=loc, precision_matrix=precision)
+fit: {optimizer: lbfgs, lr: 1.0, steps: 20}
+"""
+
+
+def _wishart_map(x: np.ndarray, df: float, prior_precision: np.ndarray) -> np.ndarray:
+    """Closed form: the posterior of the precision is Wishart(df + N, (V^-1 + scatter)^-1), and
+    with the mean at the sample mean its mode is (df + N - D - 1) (V^-1 + scatter)^-1."""
+    n, d = x.shape
+    centred = x - x.mean(0)
+    return (df + n - d - 1) * np.linalg.inv(prior_precision + centred.T @ centred)
+
+
+def test_map_gaussian_with_a_wishart_prior_is_the_conjugate_posterior_mode(write_spec, tmp_path):
+    spec = write_spec(GAUSSIAN_WISHART)
+    prepared = prepare(spec)
+    x = prepared.dataset.fixed("train").double().numpy()
+    D = x.shape[1]
+    expected = _wishart_map(x, D + 3.0, 0.5 * np.eye(D))
+    # the data-driven start is that mode already ...
+    start = prepared.compiled.initial_values(0, data=(prepared.dataset.fixed("train"), None))
+    assert np.linalg.norm(start["precision"].double().numpy() - expected) <= 1e-5 * np.linalg.norm(expected)
+    assert np.allclose(start["loc"].double().numpy(), x.mean(0), atol=1e-6)
+    # ... and it is where probkit's log joint peaks: L-BFGS started there does not move away
+    # (a wrong prior or likelihood term would have a gradient there and pull the fit off it)
+    result = probkit.fit(spec, out=tmp_path / "run", device="cpu", samples=0)
+    fitted = result.values["precision"].double().numpy()
+    assert np.linalg.norm(fitted - expected) <= 1e-4 * np.linalg.norm(expected)
+    assert np.allclose(result.values["loc"].double().numpy(), x.mean(0), atol=1e-5)
+
+
+PPCA_START = """\
+probkit: 1
+name: ppca
+data: {source: digits, size: 4, transform: continuous}
+constants: {R: 3}
+params:
+  loc: {shape: [D], support: real}
+  factors: {shape: [D, R], support: real}
+  noise: {shape: [D], support: positive}
+likelihood:
+  x: LowRankMultivariateNormal(loc=loc, cov_factor=factors, cov_diag=noise)
+fit: {method: mle, optimizer: lbfgs, steps: 5}
+"""
+
+
+def test_low_rank_gaussian_starts_at_the_ppca_solution(write_spec):
+    prepared = prepare(write_spec(PPCA_START))
+    x = prepared.dataset.fixed("train").double().numpy()
+    start = prepared.compiled.initial_values(0, data=(prepared.dataset.fixed("train"), None))
+    # Tipping & Bishop: top-R eigenvectors, noise = mean of the remaining eigenvalues
+    eigenvalues, vectors = np.linalg.eigh(np.cov(x, rowvar=False, bias=True))
+    eigenvalues, vectors = eigenvalues[::-1], vectors[:, ::-1]
+    noise = eigenvalues[3:].mean()
+    expected = (vectors[:, :3] * (eigenvalues[:3] - noise)) @ vectors[:, :3].T + noise * np.eye(x.shape[1])
+    factors = start["factors"].double().numpy()
+    covariance = factors @ factors.T + np.diag(start["noise"].double().numpy())
+    assert np.linalg.norm(covariance - expected) <= 1e-5 * np.linalg.norm(expected)
+
+
+DIAG_MIXTURE = """\
+probkit: 1
+name: diag
+data: {source: digits, size: 8, transform: continuous}
+constants: {K: 4}
+params:
+  weights: {shape: [K], prior: Dirichlet(2.0)}
+  loc: {shape: [K, D], prior: "Normal(0.5, 1.0)"}
+  scale: {shape: [K, D], prior: "Gamma(1.1, 10.0)"}
+latent:
+  z: Categorical(probs=weights)
+likelihood:
+  x: Normal(loc=loc[z], scale=scale[z])
+fit: {optimizer: lbfgs, steps: 5}
+"""
+
+
+def test_mixture_spreads_start_at_each_clusters_moments(write_spec):
+    prepared = prepare(write_spec(DIAG_MIXTURE))
+    x = prepared.dataset.fixed("train").double()
+    start = prepared.compiled.initial_values(3, data=(prepared.dataset.fixed("train"), None))
+    nearest = torch.cdist(x, start["loc"].double()).argmin(1)
+    for k in range(4):
+        members = x[nearest == k]
+        assert len(members) >= 2
+        assert torch.allclose(start["loc"][k].double(), members.mean(0), atol=1e-6)
+        assert torch.allclose(start["scale"][k].double(), members.std(0, unbiased=False).clamp_min(1e-6), rtol=1e-4, atol=1e-6)
+    # with Adam, no spread starts narrower than its step (fit.lr), which would collapse components
+    adam = prepare(write_spec(DIAG_MIXTURE.replace("optimizer: lbfgs", "optimizer: adam, lr: 0.05"), name="adam"))
+    start = adam.compiled.initial_values(3, data=(adam.dataset.fixed("train"), None))
+    assert float(start["scale"].min()) >= 0.05 - 1e-7

@@ -1,0 +1,285 @@
+"""Data-driven starting values: k-means, then one hard M-step.
+
+What a careful hand-written EM does before its first iteration, applied to the params the
+likelihood uses directly (`loc[z]`, `scale[z]`, `precision`, `cov_factor[z]` ...):
+
+1. per-component locations come from k-means over the training images: k-means++ seeding
+   (each component starts at a distinct image, of the right class when the latent is
+   observed), then Lloyd iterations until no image changes component, so each starts at
+   the mean of its images; an unindexed location starts at the training mean;
+2. with every image in its nearest component, each component's spread starts at the
+   moments of its images: per-pixel standard deviations for `scale`, the covariance (or its
+   inverse, or Cholesky factor) for a MultivariateNormal, the PPCA solution (top principal
+   directions and the mean remaining variance) for a LowRankMultivariateNormal. A Wishart
+   prior on a precision is combined with the moments as its conjugate update would be (the
+   posterior mode), so a single MAP Gaussian starts at its optimum and a mixture near it.
+   With Adam, spreads start no narrower than its step size (fit.lr): Adam's first steps move
+   every location coordinate by about lr, which would throw images out of components whose
+   spread is far narrower (a background pixel's is ~0.001) and collapse them.
+
+A param with an explicit `init:`, or used through an expression rather than by name, keeps
+the start the spec gives it. Every start is checked against the param's support.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import pyro.distributions as dist
+import torch
+
+if TYPE_CHECKING:
+    from probkit.compiler import CompiledModel, LatentSite
+
+# likelihood arguments that are per-image locations, and how one training image becomes one
+LOCATION_ARGS: dict[tuple[str, str], Callable[[torch.Tensor], torch.Tensor]] = {
+    ("Bernoulli", "probs"): lambda x: 0.25 + 0.5 * x,   # a binary image, pulled towards 1/2
+    ("Binomial", "probs"): lambda x: (x + 32.0) / (255.0 + 64.0),
+    ("ContinuousBernoulli", "probs"): lambda x: 0.25 + 0.5 * x,
+    ("Normal", "loc"): lambda x: x,
+    ("Laplace", "loc"): lambda x: x,
+    ("StudentT", "loc"): lambda x: x,
+    ("Cauchy", "loc"): lambda x: x,
+    ("MultivariateNormal", "loc"): lambda x: x,
+    ("LowRankMultivariateNormal", "loc"): lambda x: x,
+}
+# likelihood arguments that are spreads, started from each component's moments
+LLOYD_ITERATIONS = 100  # Lloyd iterations at most; they stop when no image changes component
+SPREAD_ARGS = {
+    ("Normal", "scale"), ("Laplace", "scale"), ("StudentT", "scale"), ("Cauchy", "scale"),
+    ("MultivariateNormal", "covariance_matrix"), ("MultivariateNormal", "precision_matrix"),
+    ("MultivariateNormal", "scale_tril"),
+    ("LowRankMultivariateNormal", "cov_factor"), ("LowRankMultivariateNormal", "cov_diag"),
+}
+
+
+@dataclass
+class _Use:
+    """A likelihood argument that is a param, used whole or indexed by latents only."""
+
+    arg: str
+    name: str
+    latents: list[LatentSite]
+
+
+def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Tensor,
+              labels: torch.Tensor | None, generator: torch.Generator) -> None:
+    """Replace the starts in `values` (constrained, CPU) by data-driven ones where it applies."""
+    family = model.family
+    explicit = {p.name for p in model.params if p.init is not None}
+    uses = [u for u in _param_uses(model) if u.name in values and u.name not in explicit]
+    flat = x.reshape(len(x), -1).double()
+    groups = None  # (latents the locations are indexed by, each image's component)
+    for use in uses:
+        start = LOCATION_ARGS.get((family.name, use.arg))
+        if start is None:
+            continue
+        if not use.latents:
+            _put(model, values, use.name, start(flat.mean(0)).float())
+            continue
+        shape = tuple(l.cardinality for l in use.latents) + (flat.shape[1],)
+        if tuple(values[use.name].shape) != shape:
+            continue
+        if groups is None or [l.name for l in groups[0]] != [l.name for l in use.latents]:
+            centres, assignment = _kmeans(flat, labels, use.latents, generator)
+        else:
+            _, assignment, centres = groups
+        value = values[use.name].clone()
+        for combo, centre in centres.items():
+            value[combo] = start(centre.float())
+        if _put(model, values, use.name, value) and groups is None:
+            groups = (use.latents, assignment, centres)
+    spreads = [u for u in uses if (family.name, u.arg) in SPREAD_ARGS]
+    if not spreads:
+        return
+    fit = model.spec.fit
+    step = float(fit.lr) if fit.optimizer == "adam" else 0.0
+    for use in spreads:
+        if use.latents and (groups is None or [l.name for l in groups[0]] != [l.name for l in use.latents]):
+            members = {(): torch.ones(len(flat), dtype=torch.bool)}  # not the locations' grouping
+        elif use.latents:
+            latents, assignment, _ = groups
+            members = {combo: assignment == i for i, combo in enumerate(_combos(latents))}
+        else:
+            members = {(): torch.ones(len(flat), dtype=torch.bool)}
+        value = values[use.name].clone()
+        shape_ok = True
+        for combo, member in members.items():
+            rows = flat[member] if int(member.sum()) >= 2 else flat
+            spread = _spread(model, use, values, rows, step)
+            if spread is None:
+                shape_ok = False
+                break
+            if use.latents and combo == ():
+                value[...] = spread.float()
+            else:
+                try:
+                    value[combo] = spread.float()
+                except RuntimeError:
+                    shape_ok = False
+                    break
+        if shape_ok:
+            _put(model, values, use.name, value)
+
+
+def _param_uses(model: CompiledModel) -> list[_Use]:
+    tree = model.likelihood.tree
+    arguments = dict(zip(model.family.args, tree.args))
+    arguments.update({k.arg: k.value for k in tree.keywords})
+    params = {p.name for p in model.params}
+    latents = {l.name: l for l in model.latents}
+    uses = []
+    for arg, node in arguments.items():
+        if isinstance(node, ast.Name) and node.id in params:
+            uses.append(_Use(arg, node.id, []))
+        elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id in params:
+            parts = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+            if parts and all(isinstance(p, ast.Name) and p.id in latents for p in parts):
+                uses.append(_Use(arg, node.value.id, [latents[p.id] for p in parts]))
+    return uses
+
+
+def _combos(latents) -> list[tuple[int, ...]]:
+    return list(itertools.product(*(range(l.cardinality) for l in latents)))
+
+
+def _allowed(labels, latents, combo) -> torch.Tensor | None:
+    """Which images may belong to `combo` (observed latents must match the labels)."""
+    allowed = None
+    for latent, level in zip(latents, combo):
+        if latent.observed and labels is not None:
+            match = labels == level
+            allowed = match if allowed is None else allowed & match
+    return allowed
+
+
+def _kmeans_pp(flat, labels, latents, generator) -> dict[tuple[int, ...], int]:
+    """One distinct training image per component: each next start is drawn with probability
+    proportional to its squared distance from the starts so far (k-means++)."""
+    taken = torch.zeros(len(flat), dtype=torch.bool)
+    nearest = torch.full((len(flat),), float("inf"), dtype=torch.float64)
+    picks = {}
+    for combo in _combos(latents):
+        allowed = ~taken
+        match = _allowed(labels, latents, combo)
+        if match is not None:
+            allowed &= match
+        pool = allowed.nonzero().flatten()
+        if len(pool) == 0:
+            continue
+        weights = nearest[pool]
+        if torch.isinf(weights).all() or not bool((weights > 0).any()):
+            pick = pool[torch.randint(len(pool), (1,), generator=generator)]
+        else:
+            weights = torch.where(torch.isinf(weights), weights[~torch.isinf(weights)].max(), weights)
+            pick = pool[torch.multinomial(weights, 1, generator=generator)]
+        taken[pick] = True
+        nearest = torch.minimum(nearest, (flat - flat[pick[0]]).pow(2).sum(-1))
+        picks[combo] = int(pick[0])
+    return picks
+
+
+def _kmeans(flat, labels, latents, generator, iterations: int = LLOYD_ITERATIONS):
+    """k-means++ starts refined by a few Lloyd iterations: each component's centre (the mean
+    of its images) and each image's component (index into _combos)."""
+    picks = _kmeans_pp(flat, labels, latents, generator)
+    centres = {combo: flat[pick] for combo, pick in picks.items()}
+    combos = _combos(latents)
+    masks = [_allowed(labels, latents, combo) for combo in combos]
+    assignment = None
+    for _ in range(iterations):
+        distance = torch.full((len(flat), len(combos)), float("inf"), dtype=torch.float64)
+        sq = flat.pow(2).sum(-1)
+        for i, combo in enumerate(combos):
+            if combo in centres:
+                d = sq - 2.0 * flat @ centres[combo] + centres[combo].pow(2).sum()
+                distance[:, i] = d if masks[i] is None else torch.where(masks[i], d, torch.inf)
+        new = distance.argmin(-1)
+        if assignment is not None and torch.equal(new, assignment):
+            break
+        assignment = new
+        for i, combo in enumerate(combos):
+            member = assignment == i
+            if combo in centres and bool(member.any()):
+                centres[combo] = flat[member].mean(0)
+    return centres, assignment
+
+
+def _spread(model: CompiledModel, use: _Use, values, rows: torch.Tensor, step: float) -> torch.Tensor | None:
+    """The start of one component's spread argument from the moments of its images, each
+    pixel's standard deviation at least `step`."""
+    n, D = rows.shape
+    centred = rows - rows.mean(0)
+    variance = centred.pow(2).mean(0)
+    tiny = max(float(variance.mean()) * 1e-6, 1e-12)
+    floor = max(tiny, step**2)
+    if use.arg == "scale":
+        return variance.clamp_min(floor).sqrt()
+    scatter = centred.T @ centred
+    covariance = scatter / n + step**2 * torch.eye(D, dtype=torch.float64)
+    if use.arg in ("cov_factor", "cov_diag"):
+        rank = values[use.name].shape[-1] if use.arg == "cov_factor" else _rank_of(model, values)
+        if rank is None:
+            return None
+        eigenvalues, vectors = torch.linalg.eigh(covariance)
+        eigenvalues, vectors = eigenvalues.flip(-1), vectors.flip(-1)
+        rest = eigenvalues[rank:]
+        noise = max(float(rest.mean()) if len(rest) else floor, floor)
+        if use.arg == "cov_diag":
+            return torch.full((D,), noise, dtype=torch.float64)
+        return vectors[:, :rank] * (eigenvalues[:rank] - noise).clamp_min(0.0).sqrt()
+    conjugate = _wishart(model, use, values) if use.arg == "precision_matrix" else None
+    if conjugate is not None:  # the mode of the Wishart posterior given these images
+        df, prior_precision = conjugate
+        if n + df - D - 1 > 0:
+            return _symmetric((n + df - D - 1) * torch.linalg.inv(n * covariance + prior_precision))
+    ridge = tiny
+    eye = torch.eye(D, dtype=torch.float64)
+    for _ in range(12):
+        chol, info = torch.linalg.cholesky_ex(covariance + ridge * eye)
+        if int(info) == 0:
+            break
+        ridge *= 10.0
+    else:
+        return None
+    if use.arg == "scale_tril":
+        return chol
+    if use.arg == "precision_matrix":
+        return _symmetric(torch.cholesky_inverse(chol))
+    return covariance + ridge * eye
+
+
+def _symmetric(matrix: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (matrix + matrix.mT)
+
+
+def _rank_of(model: CompiledModel, values) -> int | None:
+    """The rank of a LowRankMultivariateNormal's cov_factor, when it is a param."""
+    for use in _param_uses(model):
+        if use.arg == "cov_factor":
+            return values[use.name].shape[-1]
+    return None
+
+
+def _wishart(model: CompiledModel, use: _Use, values) -> tuple[float, torch.Tensor] | None:
+    site = next(p for p in model.params if p.name == use.name)
+    if site.prior is None or model.method != "map" or site.prior.call_name != "Wishart":
+        return None
+    prior = model._shaped_prior(site, values)
+    while hasattr(prior, "base_dist"):
+        prior = prior.base_dist
+    if not isinstance(prior, dist.Wishart):
+        return None
+    D = prior.event_shape[-1]
+    return float(prior.df.reshape(-1)[0]), prior.precision_matrix.reshape(-1, D, D)[0].double()
+
+
+def _put(model: CompiledModel, values, name: str, value: torch.Tensor) -> bool:
+    site = next(p for p in model.params if p.name == name)
+    if not torch.isfinite(value).all() or not bool(model._site_constraint(site).check(value).all()):
+        return False
+    values[name] = value
+    return True
