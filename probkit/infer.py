@@ -267,12 +267,26 @@ class Trainer:
         for step in range(self.start_step, settings.steps):
             x, labels, scale = next(batches)
 
+            first: list[float] = []
+
             def closure():
                 self.optimizer.zero_grad(set_to_none=True)
-                loss = self._loss(x, labels, scale)
-                if not math.isfinite(float(loss.detach())):
-                    raise _NonFinite  # before the update, so the params that gave it stay put
+                try:
+                    loss = self._loss(x, labels, scale)
+                    finite = math.isfinite(float(loss.detach()))
+                except FitError:  # e.g. a covariance that cannot be factorised
+                    if not first:
+                        raise
+                    finite = False
+                if not finite:
+                    if not first:
+                        raise _NonFinite  # before the update, so the params that gave it stay put
+                    # an L-BFGS line search tried a point outside the model's domain: far worse
+                    # than where it started (no gradient), so the search steps back from it
+                    return torch.tensor(first[0] + 1e6 * (1.0 + abs(first[0])))
                 loss.backward()
+                if not first:
+                    first.append(float(loss.detach()))
                 return loss
 
             try:

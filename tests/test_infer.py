@@ -230,3 +230,36 @@ def test_resume_on_other_data_is_refused(tmp_path, write_spec):
     other = write_spec(spec.read_text().replace("  size: 8", "  size: 8\n  seed: 1"), "other")
     with pytest.raises(UsageError, match="fitted on other data"):
         probkit.fit(other, steps=6, out=tmp_path / "run", device="cpu", samples=0, resume=True)
+
+
+@pytest.mark.parametrize("outside", ["inf", "error"])
+def test_lbfgs_line_search_steps_back_from_points_outside_the_domain(write_spec, tmp_path, monkeypatch, outside):
+    """A trial point of L-BFGS's line search where the loss is non-finite (or the model cannot
+    be built, e.g. a covariance that will not factorise) counts as far worse than the start,
+    instead of ending the fit: the fit goes on, ends inside the domain and better than it began.
+    (It need not reach the optimum: near the edge of the domain the search can stall.)"""
+    from probkit.infer import Trainer
+
+    spec = write_spec(BERNOULLI.replace("METHOD", "mle").replace("prior: Beta(A, B)", "support: unit_interval")
+                      .replace("lr: 1.0", "lr: 3.0"))  # long steps, so trial points land outside
+    mean = torch.from_numpy(_train_pixels(spec).mean(0)).float()
+    original = Trainer._loss
+    trials = {"outside": 0, "inside": 0}
+
+    def fenced(self, x, labels, scale):
+        probs = self.values()["probs"]  # the domain: within half the way from the optimum to 0 or 1
+        if bool(((probs < 0.5 * mean) | (probs > 0.5 + 0.5 * mean)).any()):
+            trials["outside"] += 1
+            if outside == "error":
+                raise FitError("cannot be built from the current parameter values")
+            return torch.tensor(float("inf"))
+        trials["inside"] += 1
+        return original(self, x, labels, scale)
+
+    monkeypatch.setattr(Trainer, "_loss", fenced)
+    result = probkit.fit(spec, out=tmp_path / "run", device="cpu", samples=0)
+    assert trials["outside"] > 0, trials  # the case under test happened
+    fitted = result.values["probs"]
+    assert bool(((fitted >= 0.5 * mean) & (fitted <= 0.5 + 0.5 * mean)).all())
+    losses = [h["loss"] for h in result.history]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
