@@ -21,7 +21,6 @@ import itertools
 import math
 
 import numpy as np
-
 import quality
 
 
@@ -54,7 +53,7 @@ def main(argv=None):
         ds, train, _ = quality.load(name, 32)
         fit_part, val = quality.split(train, args.val_fraction)
         var = float(train.var(0).mean())
-        side = int(math.isqrt(ds.D))
+        side = math.isqrt(ds.D)
         scores = []
         for ell, nu, nugget in grid:
             mean, cov = map_covariance(fit_part, var, ell, nu, nugget, side)

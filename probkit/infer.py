@@ -3,8 +3,10 @@
 The guide's unconstrained parameters are optimised against the negative log joint of the
 compiled model. By default it is evaluated in fused form (`CompiledModel.loss`); with
 `engine="pyro"` it is Pyro's TraceEnum_ELBO on the very same model and guide. Checkpoints
-are written atomically, a non-finite loss stops the fit and names the term, and nothing
-untouched is ever reported as a result.
+are written atomically, a non-finite loss at the current params stops the fit and names the
+term (a trial point of L-BFGS's line search where the model cannot be evaluated only makes
+the search step back), and
+nothing untouched is ever reported as a result.
 """
 
 from __future__ import annotations
@@ -264,10 +266,11 @@ class Trainer:
         batches = self._batches()
         last_saved = self.start_step if self.start_step else None
         started = time.perf_counter()
+        lbfgs = settings.optimizer == "lbfgs"
         for step in range(self.start_step, settings.steps):
             x, labels, scale = next(batches)
 
-            first: list[float] = []
+            last: list = []  # L-BFGS: the latest (loss, gradients) inside the model's domain
 
             def closure():
                 self.optimizer.zero_grad(set_to_none=True)
@@ -275,18 +278,23 @@ class Trainer:
                     loss = self._loss(x, labels, scale)
                     finite = math.isfinite(float(loss.detach()))
                 except FitError:  # e.g. a covariance that cannot be factorised
-                    if not first:
+                    if not last:
                         raise
                     finite = False
                 if not finite:
-                    if not first:
+                    if not last:
                         raise _NonFinite  # before the update, so the params that gave it stay put
-                    # an L-BFGS line search tried a point outside the model's domain: far worse
-                    # than where it started (no gradient), so the search steps back from it
-                    return torch.tensor(first[0] + 1e6 * (1.0 + abs(first[0])))
+                    # a trial point of L-BFGS's line search outside the model's domain: report it
+                    # as no better than the latest good point and sloping back up towards it, so
+                    # the search's cubic interpolation halves the step there
+                    value, grads = last
+                    for u, g in zip(self.unconstrained, grads):
+                        u.grad = -g
+                    return torch.tensor(value)
                 loss.backward()
-                if not first:
-                    first.append(float(loss.detach()))
+                if lbfgs:
+                    last[:] = [float(loss.detach()),
+                               [torch.zeros_like(u) if u.grad is None else u.grad.clone() for u in self.unconstrained]]
                 return loss
 
             try:

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import ast
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import pyro.distributions as dist
 import torch
@@ -72,7 +73,7 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
     explicit = {p.name for p in model.params if p.init is not None}
     uses = [u for u in _param_uses(model) if u.name in values and u.name not in explicit]
     flat = x.reshape(len(x), -1).double()
-    groups = None  # (latents the locations are indexed by, each image's component)
+    groups = None  # (the latents locations are indexed by, each image's component, the centres)
     for use in uses:
         start = LOCATION_ARGS.get((family.name, use.arg))
         if start is None:
@@ -83,7 +84,7 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
         shape = tuple(l.cardinality for l in use.latents) + (flat.shape[1],)
         if tuple(values[use.name].shape) != shape:
             continue
-        if groups is None or [l.name for l in groups[0]] != [l.name for l in use.latents]:
+        if groups is None or not _same(groups[0], use.latents):
             centres, assignment = _kmeans(flat, labels, use.latents, generator)
         else:
             _, assignment, centres = groups
@@ -98,31 +99,25 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
     fit = model.spec.fit
     step = float(fit.lr) if fit.optimizer == "adam" else 0.0
     for use in spreads:
-        if use.latents and (groups is None or [l.name for l in groups[0]] != [l.name for l in use.latents]):
-            members = {(): torch.ones(len(flat), dtype=torch.bool)}  # not the locations' grouping
-        elif use.latents:
-            latents, assignment, _ = groups
-            members = {combo: assignment == i for i, combo in enumerate(_combos(latents))}
-        else:
-            members = {(): torch.ones(len(flat), dtype=torch.bool)}
+        members = {(): torch.ones(len(flat), dtype=torch.bool)}  # one start for every component
+        if use.latents and groups is not None and _same(groups[0], use.latents):
+            members = {combo: groups[1] == i for i, combo in enumerate(_combos(use.latents))}
         value = values[use.name].clone()
-        shape_ok = True
         for combo, member in members.items():
             rows = flat[member] if int(member.sum()) >= 2 else flat
             spread = _spread(model, use, values, rows, step)
             if spread is None:
-                shape_ok = False
                 break
-            if use.latents and combo == ():
-                value[...] = spread.float()
-            else:
-                try:
-                    value[combo] = spread.float()
-                except RuntimeError:
-                    shape_ok = False
-                    break
-        if shape_ok:
+            try:
+                value[combo if combo else ...] = spread.float()
+            except RuntimeError:  # not the param's shape: keep the spec's start
+                break
+        else:
             _put(model, values, use.name, value)
+
+
+def _same(a: list[LatentSite], b: list[LatentSite]) -> bool:
+    return [l.name for l in a] == [l.name for l in b]
 
 
 def _param_uses(model: CompiledModel) -> list[_Use]:

@@ -12,6 +12,11 @@ import probkit
 from probkit.api import prepare
 from probkit.infer import Evaluator
 
+
+def _data_driven_start(prepared, seed: int = 0) -> dict[str, torch.Tensor]:
+    return prepared.compiled.initial_values(seed, data=(prepared.dataset.fixed("train"), None))
+
+
 FULLCOV = """\
 probkit: 1
 name: fullcov
@@ -109,7 +114,7 @@ def test_mixture_initialisation_is_data_driven_distinct_and_seeded():
 def test_collapsed_components_are_reported():
     spec = Path(__file__).parent / "specs" / "tiny-mixture.yaml"
     prepared = prepare(spec)
-    values = prepared.compiled.initial_values(0, data=(prepared.dataset.fixed("train"), None))
+    values = _data_driven_start(prepared)
     values["weights"] = torch.tensor([0.5, 0.5 - 1e-6, 1e-6])  # above float32 clamping of probs
     values["probs"][2] = values["probs"][0]  # a copy of component 0 with almost no weight explains nothing
     usage = Evaluator(prepared.compiled, prepared.dataset).component_usage(values)["z"]
@@ -162,7 +167,7 @@ def test_map_gaussian_with_a_wishart_prior_is_the_conjugate_posterior_mode(write
     D = x.shape[1]
     expected = _wishart_map(x, D + 3.0, 0.5 * np.eye(D))
     # the data-driven start is that mode already ...
-    start = prepared.compiled.initial_values(0, data=(prepared.dataset.fixed("train"), None))
+    start = _data_driven_start(prepared)
     assert np.linalg.norm(start["precision"].double().numpy() - expected) <= 1e-5 * np.linalg.norm(expected)
     assert np.allclose(start["loc"].double().numpy(), x.mean(0), atol=1e-6)
     # ... and it is where probkit's log joint peaks: L-BFGS started there does not move away
@@ -191,7 +196,7 @@ fit: {method: mle, optimizer: lbfgs, steps: 5}
 def test_low_rank_gaussian_starts_at_the_ppca_solution(write_spec):
     prepared = prepare(write_spec(PPCA_START))
     x = prepared.dataset.fixed("train").double().numpy()
-    start = prepared.compiled.initial_values(0, data=(prepared.dataset.fixed("train"), None))
+    start = _data_driven_start(prepared)
     # Tipping & Bishop: top-R eigenvectors, noise = mean of the remaining eigenvalues
     eigenvalues, vectors = np.linalg.eigh(np.cov(x, rowvar=False, bias=True))
     eigenvalues, vectors = eigenvalues[::-1], vectors[:, ::-1]
@@ -222,7 +227,7 @@ fit: {optimizer: lbfgs, steps: 5}
 def test_mixture_spreads_start_at_each_clusters_moments(write_spec):
     prepared = prepare(write_spec(DIAG_MIXTURE))
     x = prepared.dataset.fixed("train").double()
-    start = prepared.compiled.initial_values(3, data=(prepared.dataset.fixed("train"), None))
+    start = _data_driven_start(prepared, 3)
     nearest = torch.cdist(x, start["loc"].double()).argmin(1)
     for k in range(4):
         members = x[nearest == k]
@@ -231,5 +236,5 @@ def test_mixture_spreads_start_at_each_clusters_moments(write_spec):
         assert torch.allclose(start["scale"][k].double(), members.std(0, unbiased=False).clamp_min(1e-6), rtol=1e-4, atol=1e-6)
     # with Adam, no spread starts narrower than its step (fit.lr), which would collapse components
     adam = prepare(write_spec(DIAG_MIXTURE.replace("optimizer: lbfgs", "optimizer: adam, lr: 0.05"), name="adam"))
-    start = adam.compiled.initial_values(3, data=(adam.dataset.fixed("train"), None))
+    start = _data_driven_start(adam, 3)
     assert float(start["scale"].min()) >= 0.05 - 1e-7

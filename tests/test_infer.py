@@ -236,8 +236,7 @@ def test_resume_on_other_data_is_refused(tmp_path, write_spec):
 def test_lbfgs_line_search_steps_back_from_points_outside_the_domain(write_spec, tmp_path, monkeypatch, outside):
     """A trial point of L-BFGS's line search where the loss is non-finite (or the model cannot
     be built, e.g. a covariance that will not factorise) counts as far worse than the start,
-    instead of ending the fit: the fit goes on, ends inside the domain and better than it began.
-    (It need not reach the optimum: near the edge of the domain the search can stall.)"""
+    instead of ending the fit: the search steps back, and the fit goes on inside the domain."""
     from probkit.infer import Trainer
 
     spec = write_spec(BERNOULLI.replace("METHOD", "mle").replace("prior: Beta(A, B)", "support: unit_interval")
