@@ -131,7 +131,9 @@ class Trainer:
         self.history: list[dict] = []
         self.start_step = 0
         pyro.set_rng_seed(settings.seed)
-        start = compiled.initial_values(settings.seed, data=(dataset.fixed("train"), dataset.train_labels))
+        # a resumed fit takes its values from the checkpoint: no data-driven start to compute
+        data = None if resume else (dataset.fixed("train"), dataset.train_labels)
+        start = compiled.initial_values(settings.seed, data=data)
         self.guide = compiled.make_guide(settings.seed, start)
         self.names = [p.name for p in compiled.params]
         self.unconstrained = [compiled.unconstrained_of(self.guide, n) for n in self.names]
@@ -277,7 +279,7 @@ class Trainer:
                 try:
                     loss = self._loss(x, labels, scale)
                     finite = math.isfinite(float(loss.detach()))
-                except FitError:  # e.g. a covariance that cannot be factorised
+                except (FitError, torch.linalg.LinAlgError):  # e.g. a covariance that will not factorise
                     if not last:
                         raise
                     finite = False
@@ -286,7 +288,9 @@ class Trainer:
                         raise _NonFinite  # before the update, so the params that gave it stay put
                     # a trial point of L-BFGS's line search outside the model's domain: report it
                     # as no better than the latest good point and sloping back up towards it, so
-                    # the search's cubic interpolation halves the step there
+                    # the search's cubic interpolation halves the step there. Every point the
+                    # search has evaluated has a loss at least that of its best point so far, so
+                    # this one fails the sufficient-decrease test and is never the one it keeps.
                     value, grads = last
                     for u, g in zip(self.unconstrained, grads):
                         u.grad = -g

@@ -79,7 +79,7 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
         if start is None:
             continue
         if not use.latents:
-            _put(model, values, use.name, start(flat.mean(0)).float())
+            _put(model, values, use.name, start(flat.mean(0)).float())  # if it is one image
             continue
         shape = tuple(l.cardinality for l in use.latents) + (flat.shape[1],)
         if tuple(values[use.name].shape) != shape:
@@ -98,6 +98,7 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
         return
     fit = model.spec.fit
     step = float(fit.lr) if fit.optimizer == "adam" else 0.0
+    diag_is_fitted = any(u.arg == "cov_diag" for u in spreads)
     for use in spreads:
         members = {(): torch.ones(len(flat), dtype=torch.bool)}  # one start for every component
         if use.latents and groups is not None and _same(groups[0], use.latents):
@@ -105,7 +106,7 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
         value = values[use.name].clone()
         for combo, member in members.items():
             rows = flat[member] if int(member.sum()) >= 2 else flat
-            spread = _spread(model, use, values, rows, step)
+            spread = _spread(model, use, values, rows, step, diag_is_fitted)
             if spread is None:
                 break
             try:
@@ -178,32 +179,37 @@ def _kmeans_pp(flat, labels, latents, generator) -> dict[tuple[int, ...], int]:
 
 
 def _kmeans(flat, labels, latents, generator, iterations: int = LLOYD_ITERATIONS):
-    """k-means++ starts refined by a few Lloyd iterations: each component's centre (the mean
-    of its images) and each image's component (index into _combos)."""
+    """k-means++ starts refined by Lloyd iterations until no image changes component: each
+    component's centre (the mean of its images) and each image's component (index into _combos)."""
     picks = _kmeans_pp(flat, labels, latents, generator)
-    centres = {combo: flat[pick] for combo, pick in picks.items()}
+    if not picks:
+        return {}, torch.zeros(len(flat), dtype=torch.long)
     combos = _combos(latents)
-    masks = [_allowed(labels, latents, combo) for combo in combos]
+    seeded = [i for i, combo in enumerate(combos) if combo in picks]  # components with a start
+    centres = flat[[picks[combos[i]] for i in seeded]]
+    allowed = torch.ones(len(flat), len(seeded), dtype=torch.bool)
+    for j, i in enumerate(seeded):
+        match = _allowed(labels, latents, combos[i])
+        if match is not None:
+            allowed[:, j] = match
+    squares = flat.pow(2).sum(-1, keepdim=True)
     assignment = None
     for _ in range(iterations):
-        distance = torch.full((len(flat), len(combos)), float("inf"), dtype=torch.float64)
-        sq = flat.pow(2).sum(-1)
-        for i, combo in enumerate(combos):
-            if combo in centres:
-                d = sq - 2.0 * flat @ centres[combo] + centres[combo].pow(2).sum()
-                distance[:, i] = d if masks[i] is None else torch.where(masks[i], d, torch.inf)
-        new = distance.argmin(-1)
-        if assignment is not None and torch.equal(new, assignment):
+        distance = squares - 2.0 * flat @ centres.T + centres.pow(2).sum(-1)
+        nearest = distance.masked_fill(~allowed, torch.inf).argmin(-1)
+        if assignment is not None and torch.equal(nearest, assignment):
             break
-        assignment = new
-        for i, combo in enumerate(combos):
-            member = assignment == i
-            if combo in centres and bool(member.any()):
-                centres[combo] = flat[member].mean(0)
-    return centres, assignment
+        assignment = nearest
+        counts = torch.bincount(assignment, minlength=len(seeded)).double()
+        sums = torch.zeros_like(centres).index_add_(0, assignment, flat)
+        filled = counts > 0  # an empty component keeps its centre
+        centres[filled] = sums[filled] / counts[filled, None]
+    index = torch.tensor(seeded)[assignment]  # into _combos
+    return {combos[i]: centres[j] for j, i in enumerate(seeded)}, index
 
 
-def _spread(model: CompiledModel, use: _Use, values, rows: torch.Tensor, step: float) -> torch.Tensor | None:
+def _spread(model: CompiledModel, use: _Use, values, rows: torch.Tensor, step: float,
+            diag_is_fitted: bool = True) -> torch.Tensor | None:
     """The start of one component's spread argument from the moments of its images, each
     pixel's standard deviation at least `step`."""
     n, D = rows.shape
@@ -225,7 +231,11 @@ def _spread(model: CompiledModel, use: _Use, values, rows: torch.Tensor, step: f
         noise = max(float(rest.mean()) if len(rest) else floor, floor)
         if use.arg == "cov_diag":
             return torch.full((D,), noise, dtype=torch.float64)
-        return vectors[:, :rank] * (eigenvalues[:rank] - noise).clamp_min(0.0).sqrt()
+        if not diag_is_fitted:  # cov_diag is an expression: factor against the noise it starts at
+            noise = max(float(_current_cov_diag(model, values).mean()), floor)
+        # Tipping & Bishop's W = U (L - noise)^1/2, every column kept alive (a zero column has
+        # zero gradient and would never move)
+        return vectors[:, :rank] * (eigenvalues[:rank] - noise).clamp_min(1e-2 * noise).sqrt()
     conjugate = _wishart(model, use, values) if use.arg == "precision_matrix" else None
     if conjugate is not None:  # the mode of the Wishart posterior given these images
         df, prior_precision = conjugate
@@ -251,6 +261,11 @@ def _symmetric(matrix: torch.Tensor) -> torch.Tensor:
     return 0.5 * (matrix + matrix.mT)
 
 
+def _current_cov_diag(model: CompiledModel, values) -> torch.Tensor:
+    """The LowRankMultivariateNormal's cov_diag at the current starts (when it is an expression)."""
+    return model._likelihood_dist(values, expr=model.likelihood, validate=False).cov_diag.double()
+
+
 def _rank_of(model: CompiledModel, values) -> int | None:
     """The rank of a LowRankMultivariateNormal's cov_factor, when it is a param."""
     for use in _param_uses(model):
@@ -273,8 +288,11 @@ def _wishart(model: CompiledModel, use: _Use, values) -> tuple[float, torch.Tens
 
 
 def _put(model: CompiledModel, values, name: str, value: torch.Tensor) -> bool:
+    """Take `value` as the start of param `name` if it has the param's shape and lies in its support."""
     site = next(p for p in model.params if p.name == name)
-    if not torch.isfinite(value).all() or not bool(model._site_constraint(site).check(value).all()):
+    if tuple(value.shape) != tuple(site.shape) or not torch.isfinite(value).all():
+        return False
+    if not bool(model._site_constraint(site).check(value).all()):
         return False
     values[name] = value
     return True

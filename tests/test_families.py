@@ -233,8 +233,37 @@ def test_mixture_spreads_start_at_each_clusters_moments(write_spec):
         members = x[nearest == k]
         assert len(members) >= 2
         assert torch.allclose(start["loc"][k].double(), members.mean(0), atol=1e-6)
-        assert torch.allclose(start["scale"][k].double(), members.std(0, unbiased=False).clamp_min(1e-6), rtol=1e-4, atol=1e-6)
+        assert torch.allclose(start["scale"][k].double(), members.std(0, unbiased=False), rtol=1e-4, atol=1e-6)
     # with Adam, no spread starts narrower than its step (fit.lr), which would collapse components
     adam = prepare(write_spec(DIAG_MIXTURE.replace("optimizer: lbfgs", "optimizer: adam, lr: 0.05"), name="adam"))
     start = _data_driven_start(adam, 3)
     assert float(start["scale"].min()) >= 0.05 - 1e-7
+
+
+def test_starts_keep_each_params_shape_and_low_rank_factors_fit_the_noise_they_start_with(write_spec):
+    # a scalar location stays a scalar (a data-driven start is an image, so it does not apply)
+    scalar = prepare(write_spec("""\
+probkit: 1
+name: scalar
+data: {source: digits, size: 4, transform: continuous}
+params:
+  loc: {shape: [], support: real}
+  scale: {shape: [], support: positive}
+likelihood:
+  x: Normal(loc, scale)
+fit: {optimizer: lbfgs, steps: 5}
+""", name="scalar"))
+    assert _data_driven_start(scalar)["loc"].shape == ()
+    # factors against an isotropic noise that is an expression of its own param (kept at its
+    # init): the start's covariance has the data's top R eigenvalues, none of its columns is zero
+    ppca = prepare(write_spec(PPCA_START.replace("  noise: {shape: [D], support: positive}",
+                                                 "  noise: {shape: [], support: positive, init: 0.01}")
+                              .replace("cov_diag=noise)", "cov_diag=noise * ones(D))"), name="iso"))
+    start = _data_driven_start(ppca)
+    x = ppca.dataset.fixed("train").double().numpy()
+    factors = start["factors"].double().numpy()
+    covariance = factors @ factors.T + 0.01 * np.eye(x.shape[1])
+    data_top = np.linalg.eigvalsh(np.cov(x, rowvar=False, bias=True))[::-1][:3]
+    start_top = np.linalg.eigvalsh(covariance)[::-1][:3]
+    assert np.allclose(start_top, data_top, rtol=1e-5)
+    assert (np.linalg.norm(factors, axis=0) > 0).all()

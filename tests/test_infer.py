@@ -178,6 +178,18 @@ def test_non_finite_loss_stops_with_step_and_term(write_spec, tmp_path):
     assert not (tmp_path / "run" / "run.json").exists()  # nothing reported as a result
 
 
+def test_lbfgs_stops_when_the_start_itself_is_non_finite(write_spec, tmp_path, monkeypatch):
+    """Only the line search's trial points may lie outside the domain; a non-finite loss at the
+    point L-BFGS starts from still stops the fit, before anything is written."""
+    from probkit.infer import Trainer
+
+    monkeypatch.setattr(Trainer, "_loss", lambda self, x, labels, scale: torch.tensor(float("nan")))
+    spec = write_spec(BERNOULLI.replace("METHOD", "mle").replace("prior: Beta(A, B)", "support: unit_interval"))
+    with pytest.raises(FitError, match=r"non-finite at step 1 .*no checkpoint had been written yet"):
+        probkit.fit(spec, out=tmp_path / "run", device="cpu", samples=0)
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
 def test_pyro_engine_reaches_the_fused_engine_params(tmp_path):
     spec = Path(__file__).parent / "specs" / "tiny-mixture.yaml"
     fused = probkit.fit(spec, steps=10, out=tmp_path / "a", device="cpu", samples=0)
