@@ -10,7 +10,7 @@ validation split carved from the training set (or by 3-fold CV on the training s
 the KDE bandwidths), are refitted on the whole training set and scored on the held-out set,
 which none of them sees before. probkit's specs live in benchmarks/quality-specs/.
 
-    python benchmarks/quality.py                       # all three data sets (~20 min on 2 cores)
+    python benchmarks/quality.py                       # all three data sets (~10 min on 2 cores)
     python benchmarks/quality.py --quick               # smoke run: fewer steps, smaller grids
     python benchmarks/quality.py --datasets digits faces
 """
