@@ -99,6 +99,7 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
     fit = model.spec.fit
     step = float(fit.lr) if fit.optimizer == "adam" else 0.0
     diag_is_fitted = any(u.arg == "cov_diag" for u in spreads)
+    spectra: dict = {}  # a component's eigendecomposition, shared by its cov_factor and cov_diag
     for use in spreads:
         members = {(): torch.ones(len(flat), dtype=torch.bool)}  # one start for every component
         if use.latents and groups is not None and _same(groups[0], use.latents):
@@ -106,7 +107,7 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
         value = values[use.name].clone()
         for combo, member in members.items():
             rows = flat[member] if int(member.sum()) >= 2 else flat
-            spread = _spread(model, use, values, rows, step, diag_is_fitted)
+            spread = _spread(model, use, values, rows, step, diag_is_fitted, spectra.setdefault(combo, {}))
             if spread is None:
                 break
             try:
@@ -209,7 +210,7 @@ def _kmeans(flat, labels, latents, generator, iterations: int = LLOYD_ITERATIONS
 
 
 def _spread(model: CompiledModel, use: _Use, values, rows: torch.Tensor, step: float,
-            diag_is_fitted: bool = True) -> torch.Tensor | None:
+            diag_is_fitted: bool = True, spectrum: dict | None = None) -> torch.Tensor | None:
     """The start of one component's spread argument from the moments of its images, each
     pixel's standard deviation at least `step`."""
     n, D = rows.shape
@@ -225,8 +226,10 @@ def _spread(model: CompiledModel, use: _Use, values, rows: torch.Tensor, step: f
         rank = values[use.name].shape[-1] if use.arg == "cov_factor" else _rank_of(model, values)
         if rank is None:
             return None
-        eigenvalues, vectors = torch.linalg.eigh(covariance)
-        eigenvalues, vectors = eigenvalues.flip(-1), vectors.flip(-1)
+        spectrum = {} if spectrum is None else spectrum
+        if "eigh" not in spectrum:
+            spectrum["eigh"] = tuple(t.flip(-1) for t in torch.linalg.eigh(covariance))
+        eigenvalues, vectors = spectrum["eigh"]
         rest = eigenvalues[rank:]
         noise = max(float(rest.mean()) if len(rest) else floor, floor)
         if use.arg == "cov_diag":
