@@ -101,7 +101,7 @@ def fit(spec: SpecLike, *, steps: int | None = None, device: str = "auto", seed:
     trainer = Trainer(compiled, dataset, settings, run_dir, resume=resume)
     started = time.perf_counter()
     trainer.run(on_step)
-    wall = time.perf_counter() - started
+    wall = trainer.seconds_before + time.perf_counter() - started  # a resumed fit counts its first part too
     values = {k: v.detach() for k, v in trainer.values().items()}
     evaluator = Evaluator(compiled, dataset)
     metrics = {"train": evaluator.metrics(values, "train"), "test": evaluator.metrics(values, "test"),

@@ -130,6 +130,7 @@ class Trainer:
         self.evaluator = Evaluator(compiled, dataset)
         self.history: list[dict] = []
         self.start_step = 0
+        self.seconds_before = 0.0  # fitting time of the run a --resume continues, up to its checkpoint
         pyro.set_rng_seed(settings.seed)
         # a resumed fit takes its values from the checkpoint: no data-driven start to compute
         data = None if resume else (dataset.fixed("train"), dataset.train_labels)
@@ -207,6 +208,7 @@ class Trainer:
             _set_generator_state(self.generator, meta["epoch_generator"])
             self.skip_batches = int(meta.get("batch_in_epoch", 0))
         self.history = [r for r in read_history(self.run_dir / "history.csv") if r["step"] <= self.start_step]
+        self.seconds_before = float(self.history[-1]["seconds"]) if self.history else 0.0
 
     # ----- the loop --------------------------------------------------------------------
 
@@ -267,7 +269,7 @@ class Trainer:
         settings = self.settings
         batches = self._batches()
         last_saved = self.start_step if self.start_step else None
-        started = time.perf_counter()
+        started = time.perf_counter() - self.seconds_before  # history's seconds count the whole fit
         lbfgs = settings.optimizer == "lbfgs"
         for step in range(self.start_step, settings.steps):
             x, labels, scale = next(batches)

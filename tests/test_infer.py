@@ -1,5 +1,6 @@
 """Fits against closed forms (MLE/MAP), resume, checkpoints and non-finite losses."""
 
+import json
 import math
 from pathlib import Path
 
@@ -134,11 +135,19 @@ def test_class_conditional_samples_look_like_the_given_digit(tmp_path):
 def test_resume_continues_exactly(tmp_path):
     spec = Path(__file__).parent / "specs" / "tiny-mixture.yaml"
     straight = probkit.fit(spec, steps=20, out=tmp_path / "a", device="cpu", samples=0)
-    probkit.fit(spec, steps=10, out=tmp_path / "b", device="cpu", samples=0)
+    first = probkit.fit(spec, steps=10, out=tmp_path / "b", device="cpu", samples=0)
     resumed = probkit.fit(spec, steps=20, out=tmp_path / "b", device="cpu", samples=0, resume=True)
     for name, value in straight.values.items():
         assert torch.allclose(value, resumed.values[name], atol=1e-6), name
     assert [r["step"] for r in resumed.history] == [r["step"] for r in straight.history]
+    # the clock runs on across the resume: history's seconds never go back, and run.json's wall
+    # time counts the first part's fitting time too
+    seconds = [r["seconds"] for r in resumed.history]
+    assert seconds == sorted(seconds)
+    part_one = first.history[-1]["seconds"]
+    assert resumed.history[len(first.history) - 1]["seconds"] == pytest.approx(part_one, abs=1e-4)
+    run = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert run["wall_time_s"] > part_one
 
 
 def test_interrupted_fit_keeps_the_last_checkpoint(tmp_path):
