@@ -281,7 +281,7 @@ class Trainer:
                 try:
                     loss = self._loss(x, labels, scale)
                     finite = math.isfinite(float(loss.detach()))
-                except (FitError, torch.linalg.LinAlgError):  # e.g. a covariance that will not factorise
+                except (FitError, ValueError, RuntimeError):  # e.g. a covariance that will not factorise
                     if not last:
                         raise
                     finite = False
