@@ -12,7 +12,9 @@ likelihood uses directly (`loc[z]`, `scale[z]`, `precision`, `cov_factor[z]` ...
    inverse, or Cholesky factor) for a MultivariateNormal, the PPCA solution (top principal
    directions and the mean remaining variance) for a LowRankMultivariateNormal. A Wishart
    prior on a precision is combined with the moments as its conjugate update would be (the
-   posterior mode), so a single MAP Gaussian starts at its optimum and a mixture near it.
+   posterior mode), so a single MAP Gaussian starts at its optimum and a mixture near it;
+   a per-pixel Categorical over levels starts at its images' histogram of levels plus a
+   Dirichlet prior's pseudo-counts (its MAP, for a single one).
    With Adam, spreads start no narrower than its step size (fit.lr): Adam's first steps move
    every location coordinate by about lr, which would throw images out of components whose
    spread is far narrower (a background pixel's is ~0.001) and collapse them.
@@ -48,6 +50,10 @@ LOCATION_ARGS: dict[tuple[str, str], Callable[[torch.Tensor], torch.Tensor]] = {
     ("LowRankMultivariateNormal", "loc"): lambda x: x,
 }
 # likelihood arguments that are spreads, started from each component's moments
+# per-pixel Categoricals over levels (x holds level indices): each component starts at its
+# images' histogram of levels, plus the pseudo-counts of a Dirichlet prior
+HISTOGRAM_ARGS = {("Categorical", "probs"), ("Categorical", "logits")}
+PSEUDO_COUNT_FLOOR = 1e-3  # unseen levels keep a little mass, so the start is inside the simplex
 LLOYD_ITERATIONS = 100  # Lloyd iterations at most; they stop when no image changes component
 SPREAD_ARGS = {
     ("Normal", "scale"), ("Laplace", "scale"), ("StudentT", "scale"), ("Cauchy", "scale"),
@@ -75,6 +81,9 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
     flat = x.reshape(len(x), -1).double()
     groups = None  # (the latents locations are indexed by, each image's component, the centres)
     for use in uses:
+        if (family.name, use.arg) in HISTOGRAM_ARGS:
+            groups = _histograms(model, values, use, flat, labels, generator, groups)
+            continue
         start = LOCATION_ARGS.get((family.name, use.arg))
         if start is None:
             continue
@@ -116,6 +125,37 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
                 break
         else:
             _put(model, values, use.name, value)
+
+
+def _histograms(model: CompiledModel, values, use: _Use, flat, labels, generator, groups):
+    """Start a Categorical's probs (or logits) [..., D, L] at each component's histogram of levels."""
+    D, levels = flat.shape[1], values[use.name].shape[-1]
+    shape = tuple(l.cardinality for l in use.latents) + (D, levels)
+    if tuple(values[use.name].shape) != shape or not bool(((flat >= 0) & (flat < levels) & (flat == flat.round())).all()):
+        return groups  # not level indices: keep the spec's start
+    pseudo = torch.full((levels,), PSEUDO_COUNT_FLOOR, dtype=torch.float64)
+    site = next(p for p in model.params if p.name == use.name)
+    if use.arg == "probs" and site.prior is not None and model.method == "map" and site.prior.call_name == "Dirichlet":
+        prior = model._shaped_prior(site, values)
+        while hasattr(prior, "base_dist"):
+            prior = prior.base_dist
+        pseudo = (prior.concentration.reshape(-1, levels)[0].double() - 1.0).clamp_min(PSEUDO_COUNT_FLOOR)
+    members = {(): torch.ones(len(flat), dtype=torch.bool)}
+    if use.latents:
+        if groups is None or not _same(groups[0], use.latents):
+            centres, assignment = _kmeans(flat, labels, use.latents, generator)
+            groups = (use.latents, assignment, centres)
+        members = {combo: groups[1] == i for i, combo in enumerate(_combos(use.latents))}
+    value = values[use.name].clone()
+    pixels = torch.arange(D).expand(len(flat), D)
+    for combo, member in members.items():
+        rows = flat[member].long()
+        counts = torch.zeros(D, levels, dtype=torch.float64)
+        counts.index_put_((pixels[: len(rows)], rows), torch.ones(rows.shape, dtype=torch.float64), accumulate=True)
+        probs = (counts + pseudo) / (counts + pseudo).sum(-1, keepdim=True)
+        value[combo if combo else ...] = (probs if use.arg == "probs" else probs.log()).float()
+    _put(model, values, use.name, value)
+    return groups
 
 
 def _same(a: list[LatentSite], b: list[LatentSite]) -> bool:

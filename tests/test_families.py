@@ -267,3 +267,31 @@ fit: {optimizer: lbfgs, steps: 5}
     start_top = np.linalg.eigvalsh(covariance)[::-1][:3]
     assert np.allclose(start_top, data_top, rtol=1e-5)
     assert (np.linalg.norm(factors, axis=0) > 0).all()
+
+
+CATEGORICAL_MAP = """\
+probkit: 1
+name: catmap
+data: {source: digits, size: 6, transform: discrete}
+constants: {L: 256}
+params:
+  probs: {shape: [D, L], prior: Dirichlet(1.3)}
+likelihood:
+  x: Categorical(probs=probs)
+fit: {optimizer: lbfgs, lr: 1.0, steps: 10}
+"""
+
+
+def test_map_per_pixel_categorical_is_the_smoothed_histogram(write_spec, tmp_path):
+    spec = write_spec(CATEGORICAL_MAP)
+    prepared = prepare(spec)
+    levels = prepared.dataset.train_levels.long().numpy()
+    n, d = levels.shape
+    counts = np.zeros((d, 256))
+    np.add.at(counts, (np.broadcast_to(np.arange(d), levels.shape), levels), 1)
+    expected = (counts + 0.3) / (n + 0.3 * 256)  # Dirichlet(1.3) mode: 0.3 pseudo-counts per level
+    start = _data_driven_start(prepared)["probs"].double().numpy()
+    assert np.abs(start - expected).max() <= 1e-6 * expected.max()
+    result = probkit.fit(spec, out=tmp_path / "run", device="cpu", samples=0)
+    fitted = result.values["probs"].double().numpy()
+    assert (np.abs(fitted - expected) / expected).max() <= 1e-4  # every level, the rarest too
