@@ -110,9 +110,7 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
     diag_is_fitted = any(u.arg == "cov_diag" for u in spreads)
     spectra: dict = {}  # a component's eigendecomposition, shared by its cov_factor and cov_diag
     for use in spreads:
-        members = {(): torch.ones(len(flat), dtype=torch.bool)}  # one start for every component
-        if use.latents and groups is not None and _same(groups[0], use.latents):
-            members = {combo: groups[1] == i for i, combo in enumerate(_combos(use.latents))}
+        members = _members(use, groups, len(flat))
         value = values[use.name].clone()
         for combo, member in members.items():
             rows = flat[member] if int(member.sum()) >= 2 else flat
@@ -134,18 +132,13 @@ def _histograms(model: CompiledModel, values, use: _Use, flat, labels, generator
     if tuple(values[use.name].shape) != shape or not bool(((flat >= 0) & (flat < levels) & (flat == flat.round())).all()):
         return groups  # not level indices: keep the spec's start
     pseudo = torch.full((levels,), PSEUDO_COUNT_FLOOR, dtype=torch.float64)
-    site = next(p for p in model.params if p.name == use.name)
-    if use.arg == "probs" and site.prior is not None and model.method == "map" and site.prior.call_name == "Dirichlet":
-        prior = model._shaped_prior(site, values)
-        while hasattr(prior, "base_dist"):
-            prior = prior.base_dist
+    prior = _map_prior(model, use.name, values, "Dirichlet") if use.arg == "probs" else None
+    if prior is not None:
         pseudo = (prior.concentration.reshape(-1, levels)[0].double() - 1.0).clamp_min(PSEUDO_COUNT_FLOOR)
-    members = {(): torch.ones(len(flat), dtype=torch.bool)}
-    if use.latents:
-        if groups is None or not _same(groups[0], use.latents):
-            centres, assignment = _kmeans(flat, labels, use.latents, generator)
-            groups = (use.latents, assignment, centres)
-        members = {combo: groups[1] == i for i, combo in enumerate(_combos(use.latents))}
+    if use.latents and (groups is None or not _same(groups[0], use.latents)):
+        centres, assignment = _kmeans(flat, labels, use.latents, generator)
+        groups = (use.latents, assignment, centres)
+    members = _members(use, groups, len(flat))
     value = values[use.name].clone()
     pixels = torch.arange(D).expand(len(flat), D)
     for combo, member in members.items():
@@ -156,6 +149,14 @@ def _histograms(model: CompiledModel, values, use: _Use, flat, labels, generator
         value[combo if combo else ...] = (probs if use.arg == "probs" else probs.log()).float()
     _put(model, values, use.name, value)
     return groups
+
+
+def _members(use: _Use, groups, n: int) -> dict[tuple[int, ...], torch.Tensor]:
+    """Which images each component's start is computed from: its k-means cluster when the param
+    is indexed by the latents the clustering was over, else all images (one start for all)."""
+    if use.latents and groups is not None and _same(groups[0], use.latents):
+        return {combo: groups[1] == i for i, combo in enumerate(_combos(use.latents))}
+    return {(): torch.ones(n, dtype=torch.bool)}
 
 
 def _same(a: list[LatentSite], b: list[LatentSite]) -> bool:
@@ -317,13 +318,19 @@ def _rank_of(model: CompiledModel, values) -> int | None:
     return None
 
 
-def _wishart(model: CompiledModel, use: _Use, values) -> tuple[float, torch.Tensor] | None:
-    site = next(p for p in model.params if p.name == use.name)
-    if site.prior is None or model.method != "map" or site.prior.call_name != "Wishart":
+def _map_prior(model: CompiledModel, name: str, values, family: str):
+    """The prior a MAP fit puts on one element of param `name`, when it is of `family`."""
+    site = next(p for p in model.params if p.name == name)
+    if site.prior is None or model.method != "map" or site.prior.call_name != family:
         return None
     prior = model._shaped_prior(site, values)
-    while hasattr(prior, "base_dist"):
+    while hasattr(prior, "base_dist"):  # the expand/to_event wrappers of _shaped_prior
         prior = prior.base_dist
+    return prior
+
+
+def _wishart(model: CompiledModel, use: _Use, values) -> tuple[float, torch.Tensor] | None:
+    prior = _map_prior(model, use.name, values, "Wishart")
     if not isinstance(prior, dist.Wishart):
         return None
     D = prior.event_shape[-1]
