@@ -118,7 +118,7 @@ def fit(spec: SpecLike, *, steps: int | None = None, device: str = "auto", seed:
     return FitResult(run_dir, metrics, values, trainer.history, png)
 
 
-def open_run(target: SpecLike | Run, *, device: str = "cpu", out: str | Path | None = None
+def open_run(target: SpecLike | Run, *, device: str = "auto", out: str | Path | None = None
              ) -> tuple[Run, Prepared]:
     """A fitted run with its model compiled again (on `device`) and its data reloaded."""
     run = target if isinstance(target, Run) else resolve_run(target, out)
@@ -128,7 +128,7 @@ def open_run(target: SpecLike | Run, *, device: str = "cpu", out: str | Path | N
     return run, prepared
 
 
-def evaluate(target: SpecLike | Run, *, device: str = "cpu", out: str | Path | None = None,
+def evaluate(target: SpecLike | Run, *, device: str = "auto", out: str | Path | None = None,
              memorisation_samples: int = 500, seed: int = 0) -> dict:
     """Train and held-out NLL (nats/image) and bits/dim of a fitted run, and the
     memorisation check: how close samples come to training vs held-out images."""
@@ -151,7 +151,7 @@ def evaluate(target: SpecLike | Run, *, device: str = "cpu", out: str | Path | N
 
 
 def sample(target: SpecLike | Run, n: int = 64, *, given: dict[str, int] | None = None, seed: int = 0,
-           device: str = "cpu", out: str | Path | None = None, run_out: str | Path | None = None,
+           device: str = "auto", out: str | Path | None = None, run_out: str | Path | None = None,
            mean: bool = False) -> tuple[np.ndarray, dict[str, Path]]:
     """Draw n images from a fitted run; `given` fixes latents (e.g. {"y": 3}).
 
@@ -239,7 +239,7 @@ def _read_input_images(path: Path, dataset: Dataset) -> np.ndarray:
 
 
 def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, input: str | Path | None = None,
-             k: int = 4, seed: int = 0, device: str = "cpu", out: str | Path | None = None,
+             k: int = 4, seed: int = 0, device: str = "auto", out: str | Path | None = None,
              run_out: str | Path | None = None, method: str = "auto", mcmc_warmup: int | None = None,
              mcmc_samples: int | None = None):
     """Condition a fitted run on the observed pixels of images and sample the missing ones.
@@ -282,8 +282,7 @@ def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, in
         if dataset.transform == "continuous":
             x = (levels + 0.5) / 256.0
         else:
-            generator = torch.Generator(device=levels.device).manual_seed(seed)
-            x = dataset.apply(levels, generator)
+            x = dataset.apply(levels, torch.Generator().manual_seed(seed))
         x = x.to(torch.get_default_dtype())
     result = complete_images(compiled, run.values, x, mask_tensor.to(prepared.device), k=k, seed=seed,
                              method=method, mcmc_warmup=mcmc_warmup, mcmc_samples=mcmc_samples)

@@ -118,7 +118,7 @@ def sample(
     n: Annotated[int, typer.Option("-n", "--n", help="how many images")] = 64,
     given: Annotated[Optional[list[str]], typer.Option("--given", help="fix a latent, e.g. y=3 (repeatable)")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", help="a .png path or a folder (default: the run folder)")] = None,
     mean: Annotated[bool, typer.Option("--mean", help="show each sample's expected pixels given its latents")] = False,
 ):
@@ -137,7 +137,7 @@ def sample(
 @reports_errors
 def evaluate(
     target: SpecArg,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ):
     """Train and held-out NLL (nats/image) and bits/dim of a fitted run."""
@@ -219,7 +219,7 @@ def complete(
     input: Annotated[Optional[Path], typer.Option("--input", help="complete the images of a PNG or .npy file")] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="completions per image")] = 4,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", help="a .png path or a folder (default: the run folder)")
                    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,

@@ -6,39 +6,47 @@ data plate, observed latents take the labels, and x is one sample site per image
 
 For fitting, the same joint density is also computed in fused form: every discrete
 latent configuration is put on its own tensor dimension (a grid), the likelihood's
-parameters are evaluated once per configuration, and log p(x | latents) for all images and
-configurations comes from matrix products of sufficient statistics (no N x K x D tensor)
-where the family allows. `tests/test_compiler.py` checks the fused loss equals Pyro's
-TraceEnum_ELBO on the same model and guide.
+arguments are evaluated once per configuration, and the likelihood's family
+(probkit.families) turns them into log p(x | latents) for all images and configurations
+(matrix products of sufficient statistics where the family allows; no N x K x D tensor).
+`tests/test_compiler.py` checks the fused loss equals Pyro's TraceEnum_ELBO on the same
+model and guide.
+
+The compiler is pure: it reads the spec, checks it (names, shapes, the data's support) on
+the CPU, and gives the model's densities as functions of param values. Everything it
+evaluates at run time is built in its context (the params' device and dtype). It draws no
+random numbers outside a private seeded scope and knows nothing of data-driven starts
+(probkit.initialise) or of the optimiser (probkit.infer).
 """
 
 from __future__ import annotations
 
-import ast
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import pyro
 import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
 from pyro import poutine
 from pyro.infer.autoguide import AutoDelta, init_to_value
 from torch.distributions import transform_to
-from torch.distributions.utils import probs_to_logits
 
-from probkit import expressions, initialise
+from probkit import expressions
+from probkit.context import CPU, Context, seeded
+from probkit.data import pixel_transform
 from probkit.distributions import FAMILIES, SUPPORT_EVENT_DIM, SUPPORTS, VECTOR_ARGS, Family
-from probkit.errors import FitError, SpecError
+from probkit.errors import DomainError, SpecError
 from probkit.expressions import Expr
+from probkit.families import LikelihoodFamily, likelihood_family
+from probkit.latents import ENUMERATED, OBSERVED_LABEL, LatentSite, marginalise
 from probkit.priors import fast_log_prior
 from probkit.spec import LoadedSpec, suggest
 
 RESERVED = ("x", "D", "C", "H", "W", "N")
 _GUIDES = 0  # guides made in this process
 
-_SHAPE_ERRORS = (RuntimeError, IndexError, ValueError, TypeError)
+# what torch raises for arguments of the wrong shape (or value) while a spec is checked
+_SHAPE_ERRORS = (RuntimeError, IndexError, ValueError, TypeError, ArithmeticError)
 
 
 @dataclass(frozen=True)
@@ -69,12 +77,34 @@ class ParamSite:
 
 
 @dataclass
-class LatentSite:
-    name: str
+class LikelihoodSite:
+    """The likelihood of x: its expression and the family that knows how to evaluate it."""
+
     expr: Expr
-    family: Family
-    observed: bool
-    cardinality: int
+    family: LikelihoodFamily
+
+    @property
+    def text(self) -> str:
+        return self.expr.text
+
+    @property
+    def tree(self):
+        return self.expr.tree
+
+    def argument_nodes(self) -> dict[str, Any]:
+        """The expression's arguments by name (positional ones named as the family names them)."""
+        tree = self.expr.tree
+        nodes = dict(zip(self.family.pyro.args, tree.args))
+        nodes.update({k.arg: k.value for k in tree.keywords})
+        return nodes
+
+
+def _is_internal(exc: BaseException) -> bool:
+    """Errors that come from probkit or the machine, not from the spec."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    message = str(exc)
+    return isinstance(exc, RuntimeError) and ("same device" in message or "expected device" in message)
 
 
 def _describe_shapes(expr: Expr, env: dict[str, Any]) -> str:
@@ -89,20 +119,23 @@ def _describe_shapes(expr: Expr, env: dict[str, Any]) -> str:
 
 
 class CompiledModel:
-    """A spec compiled against data dimensions: the Pyro model, guide and fused log-joint."""
+    """A spec compiled against data dimensions: the Pyro model, guide and fused log-joint.
+
+    device: where the params live and every run-time evaluation happens (the checks while
+    compiling run on the CPU, so compiling for CUDA or `meta` touches no device)."""
 
     def __init__(self, loaded: LoadedSpec, dims: Dims, *, device: torch.device | str = "cpu",
                  method: str | None = None):
         self.loaded = loaded
         self.spec = loaded.spec
         self.dims = dims
-        self.device = torch.device(device)
+        self.context = Context(torch.device(device))
         self.method = method or self.spec.fit.method
         self.constants = dict(self.spec.constants)
-        self._base_priors: dict[str, Any] = {}
-        self._init_cache: dict[str, torch.Tensor] | None = None
-        self._ready = False
+        self._checks = Context(CPU)  # where compile-time checks evaluate
+        self._prior_terms: dict[str, Any] = {}
         self._grid_cache: dict = {}
+        self._start_cache: dict[str, torch.Tensor] | None = None
         self._check_names()
         self.params: list[ParamSite] = []
         for name in self.spec.params:
@@ -111,7 +144,22 @@ class CompiledModel:
         for name, latent in loaded.latents().items():
             self.latents.append(self._compile_latent(name, latent.dist, latent.observed == "label"))
         self.likelihood = self._compile_likelihood()
-        self._ready = True
+
+    @property
+    def device(self) -> torch.device:
+        return self.context.device
+
+    @property
+    def family(self) -> LikelihoodFamily:
+        return self.likelihood.family
+
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        return tuple(l.cardinality for l in self.latents)
+
+    @property
+    def observed_latents(self) -> list[LatentSite]:
+        return [l for l in self.latents if l.observed]
 
     # ----- names and sites -------------------------------------------------------------
 
@@ -188,63 +236,92 @@ class CompiledModel:
         site = ParamSite(name, tuple(shape), prior, support, support_name, init)
         if prior is not None:
             # shape-check the prior now, and take its support
-            values = {p.name: self.initial_values_partial(p) for p in self.params}
-            prior_dist = self._shaped_prior(site, values)
+            values = {p.name: self._feasible_value(p) for p in self.params}
+            prior_dist = self._shaped_prior(site, values, self._checks, check=True)
             site.support = prior_dist.support
             site.support_name = site.support_name or type(prior_dist.support).__name__
         return site
 
-    def initial_values_partial(self, site: ParamSite) -> torch.Tensor:
-        """A feasible value of an earlier param, for shape checks during compilation."""
-        transform = transform_to(self._site_constraint(site))
+    def _feasible_value(self, site: ParamSite) -> torch.Tensor:
+        """A value inside an earlier param's support, for shape checks during compilation."""
+        transform = transform_to(self.constraint(site))
         return transform(torch.zeros(transform.inverse_shape(site.shape)))
 
-    def _site_constraint(self, site: ParamSite):
+    def constraint(self, site: ParamSite):
+        """The constraint of a param's whole value (the support of its site in the model)."""
         support = site.support
         extra = len(site.shape) - SUPPORT_EVENT_DIM.get(site.support_name, 0)
         if site.prior is None and extra > 0:
             return dist.constraints.independent(support, extra)
         return support
 
-    def _build(self, family_name: str, kwargs: dict[str, Any], expr: Expr, *, validate: bool | None = None):
+    def param(self, name: str) -> ParamSite:
+        return next(p for p in self.params if p.name == name)
+
+    # ----- evaluating expressions --------------------------------------------------------
+
+    def evaluate(self, expr: Expr, values: dict[str, torch.Tensor], *, grid: bool = False,
+                 ctx: Context | None = None) -> Any:
+        """An expression at param values; with `grid`, each latent on its own grid dimension.
+        Evaluated in the model's context (its device) unless `ctx` says otherwise."""
+        ctx = ctx or self.context
+        env = {**self.base_env(), **values}
+        if grid:
+            env.update(self._grid(ctx))
+        return expressions.evaluate(expr, env, ctx)
+
+    def _checked(self, expr: Expr, env: dict[str, Any]) -> Any:
+        """Evaluate while compiling (on the CPU): an error of shapes or values is the spec's."""
+        try:
+            return expressions.evaluate(expr, env, self._checks)
+        except SpecError:
+            raise
+        except _SHAPE_ERRORS as exc:
+            if _is_internal(exc):
+                raise
+            kind = "cannot evaluate" if isinstance(exc, (TypeError, ArithmeticError)) else "shape mismatch"
+            raise expr.error(f"{kind}: {exc} ({_describe_shapes(expr, env)})") from None
+
+    def _arguments(self, kwargs: dict[str, Any], ctx: Context) -> dict[str, Any]:
+        return {k: ctx.tensor(v) if isinstance(v, (int, float)) else v for k, v in kwargs.items()}
+
+    def _build(self, family_name: str, kwargs: dict[str, Any], expr: Expr, ctx: Context, *,
+               check: bool = False, validate: bool | None = False):
+        """A Pyro distribution from evaluated arguments. While compiling (`check`) a failure is
+        the spec's; at run time an invalid argument is a point outside the model's domain."""
         family = FAMILIES[family_name]
-        args = {}
-        for key, value in kwargs.items():
-            if isinstance(value, (int, float)):
-                value = torch.tensor(float(value), device=self.device)
-            args[key] = value
+        args = self._arguments(kwargs, ctx)
         try:
             return family.cls(**args, validate_args=validate)
         except _SHAPE_ERRORS as exc:
-            if self._ready:  # the spec compiled: it is the current values that are bad
-                raise FitError(
-                    f"{expr.where()}: {family_name} cannot be built from the current parameter values "
-                    f"({str(exc).splitlines()[0]}); a stronger prior or a smaller fit.lr usually helps"
-                ) from None
-            raise expr.error(f"cannot build {family_name}: {exc}") from None
+            if _is_internal(exc):
+                raise
+            if check:
+                raise expr.error(f"cannot build {family_name}: {exc}") from None
+            raise DomainError(
+                f"{expr.where()}: {family_name} cannot be built from the current parameter values "
+                f"({str(exc).splitlines()[0]}); a stronger prior or a smaller fit.lr usually helps"
+            ) from None
 
-    def _evaluate(self, expr: Expr, env: dict[str, Any]):
-        try:
-            return expressions.evaluate(expr, env)
-        except _SHAPE_ERRORS as exc:
-            raise expr.error(f"shape mismatch: {exc} ({_describe_shapes(expr, env)})") from None
+    # ----- priors --------------------------------------------------------------------------
 
-    def _shaped_prior(self, site: ParamSite, values: dict[str, torch.Tensor], *, validate=None):
+    def _shaped_prior(self, site: ParamSite, values: dict[str, torch.Tensor], ctx: Context, *,
+                      check: bool = False):
         """The prior of a param, expanded and reinterpreted so one draw has the param's shape."""
         expr = site.prior
-        family_name, kwargs = self._evaluate(expr, {**self.base_env(), **values})
+        env = {**self.base_env(), **values}
+        family_name, kwargs = self._checked(expr, env) if check else expressions.evaluate(expr, env, ctx)
         family = FAMILIES[family_name]
         shape = site.shape
         for key, extra in VECTOR_ARGS.get(family_name, {}).items():
             if key in kwargs and shape:
                 target = tuple(shape) + (shape[-1],) * extra
-                value = kwargs[key]
-                value = value if isinstance(value, torch.Tensor) else torch.tensor(float(value), device=self.device)
+                value = ctx.tensor(kwargs[key])
                 try:
                     kwargs[key] = torch.broadcast_to(value, target)
                 except RuntimeError as exc:
                     raise expr.error(f"{key} does not fit the param shape {list(shape)}: {exc}") from None
-        prior = self._build(family_name, kwargs, expr, validate=validate)
+        prior = self._build(family_name, kwargs, expr, ctx, check=check, validate=None if check else False)
         event_dim = family.event_dim
         if len(shape) < event_dim:
             raise expr.error(f"{family_name} draws vectors but params.{site.name} has shape {list(shape)}")
@@ -263,11 +340,28 @@ class CompiledModel:
             ) from None
         return prior.to_event(len(batch)) if batch else prior
 
+    def prior(self, site: ParamSite, values: dict[str, torch.Tensor]):
+        """A param's prior at the values of the params before it, shaped like the param."""
+        return self._shaped_prior(site, values, self.context)
+
+    def map_prior(self, name: str, values: dict[str, torch.Tensor]):
+        """The prior one element of param `name` gets in a MAP fit (its base distribution, on
+        the CPU), or None for MLE or a param without one."""
+        site = self.param(name)
+        if site.prior is None or self.method != "map":
+            return None
+        prior = self._shaped_prior(site, {k: v.cpu() for k, v in values.items()}, self._checks)
+        while hasattr(prior, "base_dist"):  # the expand/to_event wrappers of _shaped_prior
+            prior = prior.base_dist
+        return prior
+
     def site_distribution(self, site: ParamSite, values: dict[str, torch.Tensor]):
         """What the model samples for a param: its prior (MAP) or a flat density (MLE)."""
         if site.prior is not None and self.method == "map":
-            return self._shaped_prior(site, values)
-        return dist.ImproperUniform(self._site_constraint(site), (), site.shape)
+            return self._shaped_prior(site, values, self.context)
+        return dist.ImproperUniform(self.constraint(site), (), site.shape)
+
+    # ----- latents and the likelihood --------------------------------------------------------
 
     def _compile_latent(self, name: str, text: str, observed: bool) -> LatentSite:
         path = ("latent", name) if isinstance(self.spec.latent[name], str) else ("latent", name, "dist")
@@ -279,11 +373,17 @@ class CompiledModel:
                 f"latent '{name}' uses {family.name}, which cannot be enumerated; per-image latents "
                 "must be discrete with finite support (Categorical, Bernoulli) so they can be summed out"
             )
-        env = {**self.base_env(), **self.initial_values(), **self._grid(self.latents)}
-        family_name, kwargs = self._evaluate(expr, env)
-        d = self._build(family_name, kwargs, expr)
-        cardinality = len(d.enumerate_support(expand=False))
-        grid_shape = tuple(l.cardinality for l in self.latents)
+        if observed and self.observed_latents:
+            raise SpecError(
+                f"{self.loaded.smap.where(('latent', name, 'observed'))}: latent.{name}.observed: latent "
+                f"'{self.observed_latents[0].name}' is already observed as the label; the data set has one "
+                "label per image, so at most one latent can be `observed: label`"
+            )
+        env = {**self.base_env(), **self._start_for_checks(), **self._grid(self._checks)}
+        family_name, kwargs = self._checked(expr, env)
+        d = self._build(family_name, kwargs, expr, self._checks, check=True, validate=None)
+        values = d.enumerate_support(expand=False).reshape(-1)
+        grid_shape = self.grid_shape
         if len(d.batch_shape) > len(grid_shape) or any(
             b not in (1, g) for b, g in zip(reversed(d.batch_shape), reversed(grid_shape))
         ):
@@ -291,30 +391,39 @@ class CompiledModel:
                 f"latent '{name}' has batch shape {list(d.batch_shape)}; one image has one value of "
                 f"it (index its parameters by the earlier latents only)"
             )
-        return LatentSite(name, expr, family, observed, cardinality)
+        strategy = OBSERVED_LABEL if observed else ENUMERATED
+        return LatentSite(name, expr, family, strategy, values)
 
-    def _compile_likelihood(self) -> Expr:
+    def _compile_likelihood(self) -> LikelihoodSite:
         names = [*self.base_env(), *(p.name for p in self.params), *(l.name for l in self.latents)]
         expr = self._parse(self.spec.likelihood.x, ("likelihood", "x"), names, dist=True)
-        self.family = FAMILIES[expr.call_name]
-        d = self._likelihood_dist(self.initial_values(), expr=expr, validate=None)
-        self._check_likelihood_shape(d, expr, self.grid_shape)
+        site = LikelihoodSite(expr, likelihood_family(expr.call_name))
+        start = self._start_for_checks()
+        family_name, kwargs = self._checked(expr, {**self.base_env(), **start, **self._grid(self._checks)})
+        d = self._build(family_name, kwargs, expr, self._checks, check=True, validate=None)
+        self._check_likelihood_shape(site, d, expr, self.grid_shape)
         # as in the Pyro model: one value of each latent per image of a batch
         batch = self._probe_batch_size()
-        env = {**self.base_env(), **self.initial_values(),
-               **{l.name: torch.zeros(batch, dtype=torch.long, device=self.device) for l in self.latents}}
-        family_name, kwargs = self._evaluate(expr, env)
-        self._check_likelihood_shape(self._build(family_name, kwargs, expr), expr, (batch,) if self.latents else ())
-        return expr
+        env = {**self.base_env(), **start,
+               **{l.name: torch.zeros(batch, dtype=l.values.dtype) for l in self.latents}}
+        family_name, kwargs = self._checked(expr, env)
+        probe = self._build(family_name, kwargs, expr, self._checks, check=True, validate=None)
+        self._check_likelihood_shape(site, probe, expr, (batch,) if self.latents else ())
+        # the data's values must lie in the likelihood's support
+        args = self.config_arguments_at(start, self._checks, site)
+        problem = site.family.support_problem(args, pixel_transform(self.spec.data))
+        if problem is not None:
+            raise expr.error(problem)
+        return site
 
     def _probe_batch_size(self) -> int:
         """A batch size that no param dimension equals, so a missing index cannot hide."""
         used = {d for p in self.params for d in p.shape} | set(self.grid_shape) | {self.dims.D}
         return next(b for b in (7, 11, 13, 17, 19, 23, 29, 31, 37) if b not in used)
 
-    def _check_likelihood_shape(self, d, expr: Expr, grid: tuple[int, ...]) -> None:
+    def _check_likelihood_shape(self, site: LikelihoodSite, d, expr: Expr, grid: tuple[int, ...]) -> None:
         D = self.dims.D
-        if self.family.multivariate:
+        if site.family.joint:
             ok = tuple(d.event_shape) == (D,) and _broadcasts(d.batch_shape, grid)
             found = f"batch {list(d.batch_shape)}, event {list(d.event_shape)}"
         else:
@@ -331,71 +440,63 @@ class CompiledModel:
                 f" (latent sizes: {list(grid) or 'none'}){hint}"
             )
 
-    # ----- values ----------------------------------------------------------------------
+    def _grid(self, ctx: Context) -> dict[str, Any]:
+        """Each latent's values on its own dimension: the first latent varies along dim 0.
+        Cached per device, and registered so that indexing a param by the whole grid skips
+        the gather."""
+        key = (tuple(l.name for l in self.latents), str(ctx.device))
+        cached = self._grid_cache.get(key)
+        if cached is None:
+            m = len(self.latents)
+            cached = {
+                l.name: l.values.to(ctx.device).reshape((-1,) + (1,) * (m - 1 - i))
+                for i, l in enumerate(self.latents)
+            }
+            cached[expressions.GRID_KEY] = {id(cached[l.name]): (i, m) for i, l in enumerate(self.latents)}
+            self._grid_cache[key] = cached
+        return cached
 
-    def initial_values(self, seed: int | None = None, data: tuple[torch.Tensor, torch.Tensor | None] | None = None
-                       ) -> dict[str, torch.Tensor]:
-        """Constrained starting values, seeded: `init:` if given, else a prior draw (the prior
-        mean for matrices), else near zero; then, with `data` (x, labels), the locations and
-        spreads the likelihood uses start from the training images (k-means++ seeding and one
-        hard M-step, see probkit.initialise), so no two components start identical. Drawn on
-        the CPU in spec order, so a run is reproducible on any device."""
-        if seed is None:
-            if self._init_cache is None:
-                self._init_cache = self.initial_values(0)
-            return self._init_cache
-        torch.manual_seed(seed)
+    # ----- values ------------------------------------------------------------------------
+
+    def _start_for_checks(self) -> dict[str, torch.Tensor]:
+        """The seed-0 spec start on the CPU, for the checks while compiling."""
+        if self._start_cache is None:
+            self._start_cache = self._spec_start(0)
+        return self._start_cache
+
+    def initial_values(self, seed: int = 0) -> dict[str, torch.Tensor]:
+        """The spec's own start, on the model's device: `init:` where given, else a prior draw
+        (the prior mean for matrices), else near zero. Drawn on the CPU in spec order from a
+        private generator seeded with `seed`, so it is the same on every device and leaves
+        torch's global RNG as it was. (probkit.initialise starts from the data instead.)"""
+        return {k: v.to(self.device) for k, v in self._spec_start(seed).items()}
+
+    def _spec_start(self, seed: int) -> dict[str, torch.Tensor]:
         values: dict[str, torch.Tensor] = {}
-        device, self.device = self.device, torch.device("cpu")
-        try:
+        with seeded(seed):
             for site in self.params:
                 values[site.name] = self._initial_value(site, values)
-            if data is not None:
-                generator = torch.Generator().manual_seed(seed)
-                x, labels = data
-                initialise.from_data(self, values, x.detach().cpu(), None if labels is None else labels.cpu(), generator)
-        finally:
-            self.device = device
-        return {k: v.to(device) for k, v in values.items()}
+        return values
 
     def _initial_value(self, site: ParamSite, values: dict[str, torch.Tensor]) -> torch.Tensor:
         if site.init is not None:
-            value = self._evaluate(site.init, {**self.base_env(), **values})
+            value = self._checked(site.init, {**self.base_env(), **values})
             value = torch.as_tensor(value, dtype=torch.float32)
             try:
                 value = torch.broadcast_to(value, site.shape).clone()
             except RuntimeError:
                 raise site.init.error(f"the init has shape {list(value.shape)}, "
                                       f"but params.{site.name} has shape {list(site.shape)}") from None
-            if not bool(self._site_constraint(site).check(value).all()):
+            if not bool(self.constraint(site).check(value).all()):
                 raise site.init.error(f"the init lies outside params.{site.name}'s support ({site.support_name})")
             return value
         if site.prior is not None:
-            prior = self._shaped_prior(site, values)
+            prior = self._shaped_prior(site, values, self._checks)
             if FAMILIES[site.prior.call_name].event_dim == 2:
                 return prior.mean.clone()  # a draw of a random matrix can be near singular
             return prior.sample()
-        transform = transform_to(self._site_constraint(site))
+        transform = transform_to(self.constraint(site))
         return transform(0.1 * torch.randn(transform.inverse_shape(site.shape)))
-
-    def _grid(self, latents: list[LatentSite]) -> dict[str, Any]:
-        """Each latent's values on its own dimension: the first latent varies along dim 0.
-        Cached, and registered so that indexing a param by the whole grid skips the gather."""
-        key = (tuple((l.name, l.cardinality) for l in latents), str(self.device))
-        cached = self._grid_cache.get(key)
-        if cached is None:
-            m = len(latents)
-            cached = {
-                l.name: torch.arange(l.cardinality, device=self.device).reshape((-1,) + (1,) * (m - 1 - i))
-                for i, l in enumerate(latents)
-            }
-            cached[expressions.GRID_KEY] = {id(cached[l.name]): (i, m) for i, l in enumerate(latents)}
-            self._grid_cache[key] = cached
-        return cached
-
-    @property
-    def grid_shape(self) -> tuple[int, ...]:
-        return tuple(l.cardinality for l in self.latents)
 
     # ----- the Pyro program ------------------------------------------------------------
 
@@ -403,6 +504,7 @@ class CompiledModel:
               total: int | None = None, n: int | None = None):
         """The Pyro model. x: a batch of flat images (None to sample n new ones); total: the
         full training size when x is a minibatch (the plate scales by total / len(x))."""
+        ctx = self.context
         values = {}
         for site in self.params:
             values[site.name] = pyro.sample(site.name, self.site_distribution(site, values))
@@ -411,25 +513,25 @@ class CompiledModel:
         with pyro.plate("data", total or size, subsample=subsample, device=self.device):
             env = {**self.base_env(), **values}
             for latent in self.latents:
-                family_name, kwargs = self._evaluate(latent.expr, env)
-                d = self._build(family_name, kwargs, latent.expr)
-                obs = labels if latent.observed else None
+                family_name, kwargs = expressions.evaluate(latent.expr, env, ctx)
+                d = self._build(family_name, kwargs, latent.expr, ctx, validate=None)
+                obs = None if labels is None or not latent.observed else labels.to(latent.values.dtype)
                 infer = {} if obs is not None else {"enumerate": "parallel"}
                 env[latent.name] = pyro.sample(latent.name, d, obs=obs, infer=infer)
-            family_name, kwargs = self._evaluate(self.likelihood, env)
-            d = self._build(family_name, kwargs, self.likelihood)
-            if not self.family.multivariate:
+            family_name, kwargs = expressions.evaluate(self.likelihood.expr, env, ctx)
+            d = self._build(family_name, kwargs, self.likelihood.expr, ctx, validate=None)
+            if not self.family.joint:
                 d = d.expand(d.batch_shape[:-1] + (self.dims.D,)).to_event(1) if d.batch_shape else \
                     d.expand((self.dims.D,)).to_event(1)
             return pyro.sample("x", d, obs=x)
 
     def make_guide(self, seed: int = 0, values: dict[str, torch.Tensor] | None = None) -> AutoDelta:
-        """An AutoDelta guide over the params, started at `values` or the seeded initial values."""
+        """An AutoDelta guide over the params, started at `values` or the seeded spec start."""
         start = values if values is not None else self.initial_values(seed)
         exposed = [p.name for p in self.params]
         guide = AutoDelta(
             poutine.block(self.model, expose=exposed),
-            init_loc_fn=init_to_value(values={k: v.detach().clone() for k, v in start.items()}),
+            init_loc_fn=init_to_value(values={k: v.detach().clone().to(self.device) for k, v in start.items()}),
         )
         # a name of its own, so Pyro's global param store never hands it another guide's values
         global _GUIDES
@@ -440,10 +542,6 @@ class CompiledModel:
         with torch.no_grad(), poutine.block():
             guide._setup_prototype(probe, labels, total=self.dims.N)
         return guide.to(self.device)
-
-    @property
-    def observed_latents(self) -> list[LatentSite]:
-        return [l for l in self.latents if l.observed]
 
     def constrained(self, guide: AutoDelta) -> dict[str, torch.Tensor]:
         """The guide's point estimates on the params' own scale."""
@@ -466,156 +564,81 @@ class CompiledModel:
         if self.method != "map":
             return total
         for site in self.params:
-            if site.prior is None:
-                continue
-            if not site.prior.names().isdisjoint(values):  # hierarchical: rebuild each time
-                total = total + self._shaped_prior(site, values, validate=False).log_prob(values[site.name]).sum()
-                continue
-            term = self._base_priors.get(site.name)
-            if term is None:
-                prior = self._shaped_prior(site, values, validate=False)
-                term = fast_log_prior(prior) or (lambda v, prior=prior: prior.log_prob(v).sum())
-                self._base_priors[site.name] = term
-            total = total + term(values[site.name])
+            if site.prior is not None:
+                total = total + self._prior_term(site, values)
         return total
+
+    def _prior_term(self, site: ParamSite, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        if not site.prior.names().isdisjoint(values):  # hierarchical: rebuilt each time
+            return self.prior(site, values).log_prob(values[site.name]).sum()
+        term = self._prior_terms.get(site.name)
+        if term is None:  # constant arguments: worked out once, on the CPU
+            term = fast_log_prior(self._shaped_prior(site, {}, self._checks), self.device)
+            if term is None:
+                prior = self.prior(site, values)
+                term = lambda v, prior=prior: prior.log_prob(v).sum()  # noqa: E731
+            self._prior_terms[site.name] = term
+        return term(values[site.name])
 
     def prior_terms(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each param's log prior on its own, to name the term that went non-finite."""
         if self.method != "map":
             return {}
-        return {
-            s.name: self._shaped_prior(s, values, validate=False).log_prob(values[s.name]).sum()
-            for s in self.params if s.prior is not None
-        }
+        return {s.name: self.prior(s, values).log_prob(values[s.name]).sum() for s in self.params
+                if s.prior is not None}
 
     def latent_table(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
         """log p(latents) for every configuration, shape grid_shape (a scalar without latents)."""
-        env = {**self.base_env(), **values, **self._grid(self.latents)}
+        ctx = self.context
+        grid = self._grid(ctx)
+        env = {**self.base_env(), **values, **grid}
         table = torch.zeros(self.grid_shape, device=self.device)
         for i, latent in enumerate(self.latents):
-            family_name, kwargs = self._evaluate(latent.expr, env)
-            d = self._build(family_name, kwargs, latent.expr, validate=False)
+            family_name, kwargs = expressions.evaluate(latent.expr, env, ctx)
+            d = self._build(family_name, kwargs, latent.expr, ctx)
             if family_name == "Categorical" and i == len(self.latents) - 1 and not d.batch_shape:
                 # an unconditioned last latent's grid is arange(K) on the last dim: log_prob is the logits
                 table = table + d.logits
             else:
-                table = table + d.log_prob(env[latent.name])
+                table = table + d.log_prob(grid[latent.name])
         return table
 
-    def _likelihood_dist(self, values, *, expr: Expr | None = None, validate=False, dtype=None):
-        expr = expr or self.likelihood
-        env = {**self.base_env(), **values, **self._grid(self.latents)}
-        family_name, kwargs = self._evaluate(expr, env)
-        if dtype is not None:
-            kwargs = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                      for k, v in kwargs.items()}
-        return self._build(family_name, kwargs, expr, validate=validate)
+    def likelihood_arguments(self, values: dict[str, torch.Tensor], ctx: Context | None = None
+                             ) -> dict[str, torch.Tensor]:
+        """The likelihood's arguments over the latent grid, as tensors (by argument name)."""
+        ctx = ctx or self.context
+        _, kwargs = self.evaluate(self.likelihood.expr, values, grid=True, ctx=ctx)
+        return self._arguments(kwargs, ctx)
+
+    def config_arguments(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The likelihood's arguments flattened to the K latent configurations (leading dim K,
+        or 1 for an argument that is the same for all): what the family's methods take."""
+        return self.config_arguments_at(values, self.context)
+
+    def config_arguments_at(self, values, ctx: Context, site: LikelihoodSite | None = None):
+        site = site or self.likelihood
+        _, kwargs = expressions.evaluate(site.expr, {**self.base_env(), **values, **self._grid(ctx)}, ctx)
+        return site.family.configs(self._arguments(kwargs, ctx), self.grid_shape, self.dims.D)
 
     def likelihood_table(self, values: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """log p(x_n | latents) for every image and configuration: shape (N,) + grid_shape."""
+        table = self.family.table(self.config_arguments(values), x)  # N x K, or N x 1 if no argument varies
         grid = self.grid_shape
-        n = len(x)
-        if self.family.name == "MultivariateNormal":
-            # a dense D x D factorisation: float64, where float32 fails on ill-conditioned matrices
-            d = self._likelihood_dist(values, dtype=torch.float64)
-            table = _chunked(lambda xs: d.log_prob(xs.double().reshape((len(xs),) + (1,) * len(grid) + (self.dims.D,))),
-                             x, max(1, math.prod(grid)) * self.dims.D)
-            return table.to(x.dtype)
-        d = self._likelihood_dist(values)
-        D = self.dims.D
-        if self.family.name in ("Bernoulli", "Binomial"):
-            # log p = x * logit - n * softplus(logit) + log C(n, x): one matrix product
-            logits = d.logits if "logits" in d.__dict__ else probs_to_logits(d.probs, is_binary=True)
-            logits = logits.expand(grid + (D,)).reshape(-1, D)
-            count = getattr(d, "total_count", None)
-            if count is None:
-                table = x @ logits.T - F.softplus(logits).sum(-1)
-            else:
-                count = torch.as_tensor(count, device=x.device).expand(grid + (D,)).reshape(-1, D)
-                if not bool((count == count.reshape(-1)[0]).all()):
-                    return self._generic_table(d, x, grid)
-                n_trials = count.reshape(-1)[0]
-                log_choose = (torch.lgamma(n_trials + 1) - torch.lgamma(x + 1) - torch.lgamma(n_trials - x + 1)).sum(-1)
-                table = x @ logits.T - (count * F.softplus(logits)).sum(-1) + log_choose[:, None]
-            return table.reshape((n,) + grid)
-        if self.family.name == "Normal":
-            # sum_d log N(x_d; mu, sigma) as matrix products of (x, x^2) with (mu/s^2, 1/s^2); in
-            # float64, because the expanded square cancels badly in float32 when sigma is small
-            loc = d.loc.expand(grid + (D,)).reshape(-1, D).double()
-            scale = d.scale.expand(grid + (D,)).reshape(-1, D).double()
-            precision = scale.pow(-2)
-            xd = x.double()
-            quadratic = (xd * xd) @ precision.T - 2.0 * xd @ (loc * precision).T + (loc * loc * precision).sum(-1)
-            table = -0.5 * quadratic - scale.log().sum(-1) - 0.5 * D * math.log(2 * math.pi)
-            return table.to(x.dtype).reshape((n,) + grid)
-        if self.family.name == "LowRankMultivariateNormal":
-            return self._low_rank_table(d, x, grid)
-        if self.family.name == "Categorical":
-            # per-pixel categorical over levels: gather log-probabilities, no N x G x D x L tensor
-            logp = d.logits.expand(grid + (D, d.logits.shape[-1])).reshape(-1, D, d.logits.shape[-1])
-            levels = logp.shape[-1]
-            flat = logp.reshape(len(logp), D * levels)
-            index = (torch.arange(D, device=x.device) * levels + x.long()).reshape(-1)
-            budget = max(1, (1 << 25) // max(len(flat) * D, 1))
-            parts = [flat[:, index[i * D:(i + budget) * D]].reshape(len(flat), -1, D).sum(-1)
-                     for i in range(0, n, budget)]
-            return torch.cat(parts, dim=1).T.reshape((n,) + grid)
-        if self.family.multivariate:
-            return _chunked(lambda xs: d.log_prob(xs.reshape((len(xs),) + (1,) * len(grid) + (self.dims.D,))),
-                            x, len(grid) and math.prod(grid) * self.dims.D)
-        return self._generic_table(d, x, grid)
-
-    def _low_rank_table(self, d, x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
-        """log N(x; mu, W W^T + diag(psi)) for every configuration by Woodbury, as matrix
-        products of x with (1/psi, mu/psi, psi^-1 W): no N x K x D tensor. In float64, since
-        the expanded squares cancel badly in float32 when psi is small."""
-        D, n = self.dims.D, len(x)
-        G = max(1, math.prod(grid))
-        R = d.cov_factor.shape[-1]
-        loc = d.loc.expand(grid + (D,)).reshape(G, D).double()
-        factor = d.cov_factor.expand(grid + (D, R)).reshape(G, D, R).double()
-        psi = d.cov_diag.expand(grid + (D,)).reshape(G, D).double()
-        inv_psi = psi.reciprocal()
-        xd = x.double()
-        diagonal = (xd * xd) @ inv_psi.T - 2.0 * xd @ (loc * inv_psi).T + (loc * loc * inv_psi).sum(-1)
-        scaled = factor * inv_psi[..., None]  # psi^-1 W, G x D x R
-        capacitance = torch.eye(R, dtype=torch.float64, device=x.device) + factor.transpose(-1, -2) @ scaled
-        chol = torch.linalg.cholesky(capacitance)
-        projected = (xd @ scaled.permute(1, 0, 2).reshape(D, G * R)).reshape(n, G, R)
-        projected = projected - (loc[..., None] * scaled).sum(1)  # W^T psi^-1 (x - mu)
-        whitened = torch.linalg.solve_triangular(chol, projected.permute(1, 2, 0), upper=False)  # G x R x N
-        low_rank = whitened.pow(2).sum(1).T
-        log_det = 2.0 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1) + psi.log().sum(-1)
-        table = -0.5 * (D * math.log(2 * math.pi) + log_det + diagonal - low_rank)
-        return table.to(x.dtype).reshape((n,) + grid)
-
-    def _generic_table(self, d, x: torch.Tensor, grid: tuple[int, ...]) -> torch.Tensor:
-        """Per-pixel log_prob broadcast over configurations, in chunks of images."""
-        D = self.dims.D
-        if not d.batch_shape:
-            d = d.expand((D,))
-        return _chunked(
-            lambda xs: d.log_prob(xs.reshape((len(xs),) + (1,) * len(grid) + (D,))).sum(-1),
-            x, max(1, math.prod(grid)) * D,
-        )
+        return table.expand(len(x), _prod(grid)).reshape((len(x),) + grid)
 
     def log_joint_table(self, values, x) -> torch.Tensor:
         """log p(x_n, latents) for every image and configuration: (N,) + grid_shape."""
         return self.likelihood_table(values, x) + self.latent_table(values)
 
     def log_marginal(self, values, x, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """log p(x_n) per image, with the observed latents fixed to `labels` when given."""
-        table = self.log_joint_table(values, x)
-        if labels is not None:
-            table = self.select_observed(table, labels)
-        return table.reshape(len(x), -1).logsumexp(-1)
+        """log p(x_n) per image: every latent reduced by its strategy (observed ones fixed to
+        `labels` when given, summed out otherwise)."""
+        return marginalise(self.latents, self.log_joint_table(values, x), labels)
 
     def select_observed(self, table: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Fix every observed latent's dimension of a (N,) + grid table at the labels."""
         for i in reversed([i for i, l in enumerate(self.latents) if l.observed]):
-            moved = table.movedim(1 + i, -1)
-            index = labels.reshape((len(labels),) + (1,) * (moved.dim() - 1)).expand(moved.shape[:-1] + (1,))
-            table = moved.gather(-1, index).squeeze(-1)
+            table = self.latents[i].strategy.reduce(table, 1 + i, labels)
         return table
 
     def loss(self, values, x, labels=None, *, scale: float = 1.0) -> torch.Tensor:
@@ -623,19 +646,18 @@ class CompiledModel:
         return -(self.log_prior(values) + scale * self.log_marginal(values, x, labels).sum())
 
 
+def _prod(shape) -> int:
+    out = 1
+    for s in shape:
+        out *= s
+    return out
+
+
 def _broadcasts(shape, grid) -> bool:
     shape = tuple(shape)
     if len(shape) > len(grid):
         return False
     return all(s in (1, g) for s, g in zip(reversed(shape), reversed(grid)))
-
-
-def _chunked(fn, x: torch.Tensor, per_image: int, budget: int = 1 << 25) -> torch.Tensor:
-    """Apply fn to slices of x so no intermediate has more than ~budget elements."""
-    step = max(1, budget // max(per_image, 1))
-    if len(x) <= step:
-        return fn(x)
-    return torch.cat([fn(x[i : i + step]) for i in range(0, len(x), step)])
 
 
 def compile_spec(loaded: LoadedSpec, dims: Dims, *, device="cpu", method: str | None = None) -> CompiledModel:

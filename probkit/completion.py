@@ -1,38 +1,32 @@
 """Completion: condition a fitted model on the observed pixels of an image, sample the rest.
 
-Masks name the *missing* pixels (DESIGN section 3). Two exact methods exist, chosen from the
-likelihood's family; `CompletionResult.method` says which one ran:
+Masks name the *missing* pixels (DESIGN section 3). The likelihood's family says which exact
+method applies (`LikelihoodFamily.completion`); `CompletionResult.method` says which one ran:
 
-- ``exact-discrete-latents``: likelihoods independent across pixels given the discrete
-  latents (Bernoulli, Normal, Binomial, per-pixel Categorical, ... and their mixtures; also no-latent models). The
-  posterior over the latent configurations uses the observed pixels only,
-  ``p(k | x_obs) ∝ p(k) prod_{d observed} p(x_d | k)``; each completion draws a configuration
-  from it and then every missing pixel from ``p(x_d | k)``. For Bernoulli the observed
-  log-likelihood is two masked matrix products (no N x K x D tensor).
+- ``exact-discrete-latents``: pixel families (independent across pixels given the discrete
+  latents: Bernoulli, Normal, Binomial, per-pixel Categorical, Beta, ... and their mixtures;
+  also no-latent models). The posterior over the latent configurations uses the observed
+  pixels only, ``p(k | x_obs) ∝ p(k) prod_{d observed} p(x_d | k)`` (the family's table over
+  the observed pixels, the same matrix products as in fitting); each completion draws a
+  configuration from it and then every missing pixel from ``p(x_d | k)``.
 - ``exact-gaussian``: MultivariateNormal and LowRankMultivariateNormal likelihoods, with or
   without discrete latents: per configuration the exact conditional Gaussian of the missing
-  block given the observed block (for low rank, cov = W W^T + diag(psi), through the R x R
-  capacitance matrix C = I + W_o^T psi_o^-1 W_o, so no inverse over the observed block; the
-  conditional is again low rank: loc mu_u + W_u C^-1 W_o^T psi_o^-1 (x_o - mu_o), factor
-  W_u L_C^-T, diagonal psi_u), weighted by the posterior from the observed-block marginal.
+  block given the observed block (the family's `conditional`; low rank through Woodbury, so
+  no inverse over the observed block), weighted by the posterior from the observed-block
+  marginal.
 
-A per-pixel Categorical over intensity levels counts as univariate (its level axis is the
-last one).
-
-The general method, ``mcmc``, serves every other likelihood the language accepts with
-continuous pixels (Dirichlet), and any continuous one on request (``method="mcmc"``): per
-image, Pyro's NUTS (one chain, no JIT) samples the missing pixels from p(x_miss | x_obs; θ)
-under the compiled Pyro model itself, with the params conditioned on their fitted values
+The general method, ``mcmc``, serves any continuous likelihood on request
+(``method="mcmc"``) and any joint family without a closed-form conditional: per image,
+Pyro's NUTS (one chain, no JIT) samples the missing pixels from p(x_miss | x_obs; θ) under
+the compiled Pyro model itself, with the params conditioned on their fitted values
 (``poutine.condition``) and the discrete latents enumerated by NUTS (max_plate_nesting=1).
 The missing block is a latent site with a flat (ImproperUniform) prior over the pixel
 family's support, scattered into the image that the model's ``x`` site observes, so its
 density is exactly p(x_miss, x_obs | θ) ∝ p(x_miss | x_obs; θ). (Pyro's ``obs_mask`` cannot
 do this here: it masks the batch of the ``x`` site, one whole image per element, not single
-pixels.) For a simplex (Dirichlet) the missing block is (1 - Σ x_obs) times a point of the
-M-simplex; the scale is fixed by the observed pixels, so the Jacobian is a constant.
-Discrete pixel families (Bernoulli, Binomial, Poisson, Geometric, Categorical) cannot use
-NUTS over x; they always have an exact method and ``mcmc`` refuses them. The mcmc method
-reports no conditional NLL (None): log p(x_obs) has no closed form in general and the
+pixels.) Discrete pixel families (Bernoulli, Binomial, Poisson, Geometric, Categorical)
+cannot use NUTS over x; they always have an exact method and ``mcmc`` refuses them. The mcmc
+method reports no conditional NLL (None): log p(x_obs) has no closed form in general and the
 density estimates one could build from the samples would not be honest bounds; its PSNR is
 of the average over all kept MCMC samples. Its settings and diagnostics (min effective
 sample size, max split R-hat) are in ``CompletionResult.settings`` and the notes.
@@ -53,20 +47,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from probkit.compiler import CompiledModel
+from probkit.context import seeded
 from probkit.errors import UsageError
+from probkit.families import GaussianConditional
 from probkit.spec import suggest
 
 MASKS = ("half", "bottom", "top", "left", "right", "center", "border", "random:P", "checkerboard")
-UNIVARIATE_FAMILIES = {
-    "Categorical",  # per pixel over intensity levels (the discrete transform)
-    "Normal", "Bernoulli", "Beta", "Gamma", "Exponential", "HalfNormal", "HalfCauchy",
-    "LogNormal", "Laplace", "StudentT", "Uniform", "Binomial", "ContinuousBernoulli",
-    "Poisson", "Cauchy", "Geometric", "Gumbel", "Weibull", "InverseGamma", "Kumaraswamy",
-}
-GAUSSIAN_FAMILIES = {"MultivariateNormal", "LowRankMultivariateNormal"}
 
 
 # ----- masks -----------------------------------------------------------------------------
@@ -176,236 +164,65 @@ class CompletionResult:
         }
 
 
-@dataclass
-class GaussianConditional:
-    """Per configuration k, the Gaussian of the missing block given the observed block.
-
-    log_post: N x K posterior log-weights of the configurations given x_obs; mean: N x K x M
-    (M missing pixels); cov is K x M x M for the dense path, while the low-rank path keeps
-    cov = factor factor^T + diag(diag) (factor K x M x R, diag K x M) and `covariance()`
-    builds the matrix on request. missing: the indices of the missing pixels.
-    """
-
-    log_post: torch.Tensor
-    mean: torch.Tensor
-    missing: torch.Tensor
-    scale_tril: torch.Tensor | None = None
-    factor: torch.Tensor | None = None
-    diag: torch.Tensor | None = None
-
-    def covariance(self) -> torch.Tensor:
-        if self.scale_tril is not None:
-            return self.scale_tril @ self.scale_tril.transpose(-1, -2)
-        return self.factor @ self.factor.transpose(-1, -2) + torch.diag_embed(self.diag)
-
-    def log_prob(self, x_miss: torch.Tensor) -> torch.Tensor:
-        """log N(x_miss; mean_k, cov_k) for every image and configuration: N x K."""
-        from torch.distributions import LowRankMultivariateNormal, MultivariateNormal
-
-        x = x_miss.to(self.mean.dtype).unsqueeze(1)
-        if self.scale_tril is not None:
-            return MultivariateNormal(self.mean, scale_tril=self.scale_tril, validate_args=False).log_prob(x)
-        return LowRankMultivariateNormal(self.mean, self.factor, self.diag, validate_args=False).log_prob(x)
-
-    def sample(self, choice: torch.Tensor) -> torch.Tensor:
-        """One draw per entry of `choice` (N x k configuration indices): N x k x M."""
-        n, k = choice.shape
-        if self.mean.shape[1] == 1:  # one configuration: no gather, no masking
-            mean = self.mean.expand(n, k, self.mean.shape[-1])
-            if self.scale_tril is not None:
-                eps = torch.randn(n, k, self.scale_tril.shape[-1], dtype=mean.dtype, device=mean.device)
-                return mean + eps @ self.scale_tril[0].T
-            eps = torch.randn(n, k, self.factor.shape[-1], dtype=mean.dtype, device=mean.device)
-            return (mean + eps @ self.factor[0].T
-                    + self.diag[0].sqrt() * torch.randn(n, k, mean.shape[-1], dtype=mean.dtype, device=mean.device))
-        mean = self.mean.gather(1, choice.unsqueeze(-1).expand(n, k, self.mean.shape[-1]))
-        out = torch.empty_like(mean)
-        for c in range(self.mean.shape[1]):
-            picked = choice == c
-            count = int(picked.sum())
-            if not count:
-                continue
-            if self.scale_tril is not None:
-                eps = torch.randn(count, self.scale_tril.shape[-1], dtype=mean.dtype, device=mean.device)
-                noise = eps @ self.scale_tril[c].T
-            else:
-                eps = torch.randn(count, self.factor.shape[-1], dtype=mean.dtype, device=mean.device)
-                white = torch.randn(count, mean.shape[-1], dtype=mean.dtype, device=mean.device)
-                noise = eps @ self.factor[c].T + self.diag[c].sqrt() * white
-            out[picked] = mean[picked] + noise
-        return out
-
-
 # ----- the exact methods -----------------------------------------------------------------
-
-def _flat_config_kwargs(compiled: CompiledModel, values) -> tuple[dict, int]:
-    """The likelihood's arguments broadcast to grid + (D,), flattened to K x D."""
-    env = {**compiled.base_env(), **values, **compiled._grid(compiled.latents)}
-    _, kwargs = compiled._evaluate(compiled.likelihood, env)
-    grid, D = compiled.grid_shape, compiled.dims.D
-    K = max(1, math.prod(grid))
-    flat = {}
-    for key, value in kwargs.items():
-        value = torch.as_tensor(value, dtype=torch.get_default_dtype(), device=compiled.device) \
-            if not isinstance(value, torch.Tensor) else value
-        if compiled.family.name == "Categorical":  # per-pixel levels: grid + (D, L)
-            flat[key] = torch.broadcast_to(value, grid + (D, value.shape[-1])).reshape(K, D, value.shape[-1])
-        else:
-            flat[key] = torch.broadcast_to(value, grid + (D,)).reshape(K, D)
-    return flat, K
-
-
-def _observed_loglik_univariate(family: str, d, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """sum over pixels with m = 1 of log p(x_d | k): N x K. d has batch K x D."""
-    if family == "Bernoulli":
-        logits = d.logits
-        return (x * m) @ logits.T - (F.softplus(logits) * m).sum(-1)
-    K, D = d.batch_shape
-    step = max(1, (1 << 24) // max(1, K * D))
-    keep = m.to(torch.bool)
-    if family == "Categorical":  # gather each pixel's level: no N x K x D x L tensor
-        levels = d.logits.shape[-1]
-        flat = d.logits.reshape(K, D * levels)
-        offset = torch.arange(D, device=x.device) * levels
-        parts = []
-        for i in range(0, len(x), step):
-            index = (offset + x[i:i + step].long()).reshape(-1)
-            lp = flat[:, index].reshape(K, -1, D)
-            parts.append(torch.where(keep, lp, torch.zeros((), dtype=lp.dtype, device=lp.device)).sum(-1).T)
-        return torch.cat(parts) if parts else x.new_zeros((0, K))
-    parts = []
-    for i in range(0, len(x), step):
-        lp = d.log_prob(x[i:i + step].unsqueeze(1))
-        parts.append(torch.where(keep, lp, torch.zeros((), dtype=lp.dtype, device=lp.device)).sum(-1))
-    return torch.cat(parts) if parts else x.new_zeros((0, K))
-
 
 def _latent_prior(compiled: CompiledModel, values) -> torch.Tensor:
     return compiled.latent_table(values).reshape(-1)
 
 
-def discrete_posterior(compiled: CompiledModel, values, x: torch.Tensor, mask: torch.Tensor, d=None) -> torch.Tensor:
-    """log p(k | x_obs) over the flattened latent configurations: N x K (univariate likelihoods).
-    `d`: the per-configuration pixel distribution, when the caller has built it already."""
-    if d is None:
-        kwargs, _ = _flat_config_kwargs(compiled, values)
-        d = compiled.family.cls(**kwargs, validate_args=False)
-    observed = (~mask).to(x.dtype)
-    table = _latent_prior(compiled, values) + _observed_loglik_univariate(compiled.family.name, d, x, observed)
-    return table.log_softmax(-1)
+def discrete_posterior(compiled: CompiledModel, values, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log p(k | x_obs) over the flattened latent configurations: N x K (pixel families)."""
+    args = compiled.config_arguments(values)
+    observed = compiled.family.table(args, x, pixels=~mask.to(torch.bool))
+    return (_latent_prior(compiled, values) + observed).log_softmax(-1)
 
 
-def _complete_univariate(compiled, values, x, mask, k):
-    kwargs, K = _flat_config_kwargs(compiled, values)
+def _choose(log_post: torch.Tensor, k: int) -> torch.Tensor:
+    """k configurations per image from its posterior: N x k."""
+    if log_post.shape[-1] == 1:
+        return torch.zeros((len(log_post), k), dtype=torch.long, device=log_post.device)
+    return torch.multinomial(log_post.exp(), k, replacement=True)
+
+
+def _complete_pixels(compiled, values, x, mask, k):
     family = compiled.family
-    d = family.cls(**kwargs, validate_args=False)
-    missing_f = mask.to(x.dtype)
-    log_post = discrete_posterior(compiled, values, x, mask, d)
+    args = compiled.config_arguments(values)
+    log_post = discrete_posterior(compiled, values, x, mask)
     # log p(x_miss | x_obs) = logsumexp_k log p(k | x_obs) + log p(x_miss | k)
-    miss_ll = _observed_loglik_univariate(family.name, d, x, missing_f)
-    cond_ll = (log_post + miss_ll).logsumexp(-1)
-    choice = torch.multinomial(log_post.exp(), k, replacement=True) if K > 1 else \
-        torch.zeros((len(x), k), dtype=torch.long, device=x.device)
-    if family.name == "Bernoulli":
-        probs = d.probs[choice]
-        draws = (torch.rand(probs.shape, dtype=probs.dtype, device=probs.device) < probs).to(x.dtype)
-    elif family.name == "Categorical":  # chunks of images: the picked logits are N x k x D x L
-        levels = d.logits.shape[-1]
-        step = max(1, (1 << 24) // max(1, k * compiled.dims.D * levels))
-        draws = torch.cat([
-            torch.distributions.Categorical(logits=d.logits[choice[i:i + step]], validate_args=False).sample()
-            for i in range(0, len(x), step)
-        ]).to(x.dtype)
-    else:
-        picked = family.cls(**{key: v[choice] for key, v in kwargs.items()}, validate_args=False)
-        draws = picked.sample().to(x.dtype)
-    if family.name == "Categorical":
-        mean_k = d.probs @ torch.arange(d.probs.shape[-1], dtype=d.probs.dtype, device=d.probs.device)
-    else:
-        mean_k = d.mean
+    cond_ll = (log_post + family.table(args, x, pixels=mask)).logsumexp(-1)
+    draws = family.sample(args, _choose(log_post, k)).to(x.dtype)
+    mean_k = family.mean(args)
     notes = []
     if not bool(torch.isfinite(mean_k).all()):
         notes.append(f"{family.name} has no finite mean; the completion mean is the average of the k completions")
         mean = draws.mean(1)
     else:
-        mean = log_post.exp() @ mean_k.to(x.dtype)
+        mean = log_post.exp() @ mean_k.expand(log_post.shape[-1], -1).to(x.dtype)
     return draws, mean, cond_ll, notes
 
 
 def gaussian_conditional(compiled: CompiledModel, values, x: torch.Tensor, mask: torch.Tensor,
                          *, dtype: torch.dtype | None = None) -> GaussianConditional:
     """The exact conditional Gaussian of the missing pixels per latent configuration, and the
-    posterior over configurations from the observed block's marginal.
-
-    Computed in `dtype`; by default float64 for a dense covariance (the Schur complement
-    loses accuracy in float32) and x's dtype for a low-rank one (Woodbury only factorises the
-    well-conditioned R x R capacitance matrix I + W_o^T psi_o^-1 W_o)."""
-    from torch.distributions import LowRankMultivariateNormal
-
-    d = compiled._likelihood_dist(values)
-    if dtype is None:
-        dtype = x.dtype if isinstance(d, LowRankMultivariateNormal) else torch.float64
-    grid, D = compiled.grid_shape, compiled.dims.D
-    K = max(1, math.prod(grid))
-    miss = mask.nonzero().squeeze(-1).to(x.device)
-    obs = (~mask).nonzero().squeeze(-1).to(x.device)
-    xd = x.to(dtype)
-    loc = d.loc.expand(grid + (D,)).reshape(K, D).to(dtype)
-    r = xd[:, obs].unsqueeze(1) - loc[:, obs]  # N x K x O
-    prior = _latent_prior(compiled, values).to(dtype)
-    if isinstance(d, LowRankMultivariateNormal):
-        Wf = d.cov_factor.expand(grid + d.cov_factor.shape[-2:]).reshape(K, D, -1).to(dtype)
-        psi = d.cov_diag.expand(grid + (D,)).reshape(K, D).to(dtype)
-        W_o, W_u, psi_o, psi_u = Wf[:, obs], Wf[:, miss], psi[:, obs], psi[:, miss]
-        R = Wf.shape[-1]
-        scaled = W_o / psi_o.unsqueeze(-1)  # psi_o^-1 W_o: K x O x R
-        capacitance = torch.eye(R, dtype=dtype, device=x.device) + W_o.transpose(-1, -2) @ scaled
-        L_c = torch.linalg.cholesky(capacitance)  # K x R x R
-        proj = torch.einsum("nko,kor->nkr", r, scaled)  # W_o^T psi^-1 r
-        solved = torch.cholesky_solve(proj.unsqueeze(-1), L_c).squeeze(-1)  # N x K x R: C^-1 W_o^T psi^-1 r
-        # observed-block marginal by Woodbury: r^T S^-1 r = r^T psi^-1 r - proj^T C^-1 proj
-        maha = (r * r / psi_o.unsqueeze(0)).sum(-1) - (proj * solved).sum(-1)
-        logdet = 2 * L_c.diagonal(dim1=-2, dim2=-1).log().sum(-1) + psi_o.log().sum(-1)
-        obs_ll = -0.5 * (maha + logdet + len(obs) * math.log(2 * math.pi))
-        mean = loc[:, miss].unsqueeze(0) + torch.einsum("kur,nkr->nku", W_u, solved)
-        # conditional covariance W_u C^-1 W_u^T + diag(psi_u) = (W_u L_c^-T)(...)^T + diag(psi_u)
-        factor = torch.linalg.solve_triangular(L_c, W_u.transpose(-1, -2), upper=False).transpose(-1, -2)
-        log_post = (prior + obs_ll).log_softmax(-1)
-        return GaussianConditional(log_post, mean, miss, factor=factor, diag=psi_u)
-    if "covariance_matrix" in d.__dict__:
-        cov = d.covariance_matrix.to(dtype)
-    else:  # from the Cholesky factor, squared in `dtype`
-        tril = d._unbroadcasted_scale_tril.to(dtype)
-        cov = tril @ tril.transpose(-1, -2)
-    cov = cov.expand(grid + (D, D)).reshape(K, D, D)
-    S_oo = cov[:, obs][:, :, obs]
-    S_ou = cov[:, obs][:, :, miss]
-    S_uu = cov[:, miss][:, :, miss]
-    if len(obs):
-        L_o = torch.linalg.cholesky(S_oo)
-        A = torch.linalg.solve_triangular(L_o, S_ou, upper=False)  # L_o^-1 S_ou: K x O x M
-        z = torch.linalg.solve_triangular(L_o, r.permute(1, 2, 0), upper=False).permute(2, 0, 1)  # N x K x O
-        obs_ll = -0.5 * ((z * z).sum(-1) + 2 * L_o.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-                         + len(obs) * math.log(2 * math.pi))
-        mean = loc[:, miss].unsqueeze(0) + torch.einsum("kom,nko->nkm", A, z)
-        cond_cov = S_uu - A.transpose(-1, -2) @ A
-    else:
-        obs_ll = torch.zeros((len(x), K), dtype=dtype, device=x.device)
-        mean = loc[:, miss].unsqueeze(0).expand(len(x), K, len(miss))
-        cond_cov = S_uu
-    cond_cov = 0.5 * (cond_cov + cond_cov.transpose(-1, -2))
-    log_post = (prior + obs_ll).log_softmax(-1)
-    return GaussianConditional(log_post, mean, miss, scale_tril=torch.linalg.cholesky(cond_cov))
+    posterior over configurations from the observed block's marginal. Computed in float64
+    (the Gaussian families' policy); `dtype` casts the result."""
+    mask = mask.to(torch.bool).to(x.device)
+    cond = compiled.family.conditional(compiled.config_arguments(values), x, mask,
+                                       _latent_prior(compiled, values).double())
+    if dtype is not None and dtype != cond.mean.dtype:
+        fields = ("log_post", "mean", "scale_tril", "factor", "diag")
+        for name in fields:
+            value = getattr(cond, name)
+            if value is not None:
+                setattr(cond, name, value.to(dtype))
+    return cond
 
 
 def _complete_gaussian(compiled, values, x, mask, k):
     cond = gaussian_conditional(compiled, values, x, mask)
     x_miss = x[:, cond.missing]
     cond_ll = (cond.log_post + cond.log_prob(x_miss)).logsumexp(-1)
-    K = cond.log_post.shape[-1]
-    choice = torch.multinomial(cond.log_post.exp(), k, replacement=True) if K > 1 else \
-        torch.zeros((len(x), k), dtype=torch.long, device=x.device)
-    draws_u = cond.sample(choice)
+    draws_u = cond.sample(_choose(cond.log_post, k))
     draws = x.unsqueeze(1).repeat(1, k, 1)
     draws[:, :, cond.missing] = draws_u.to(x.dtype)
     mean = x.clone()
@@ -438,7 +255,7 @@ class MCMCSettings:
 
 
 def _missing_support(compiled: CompiledModel, values):
-    """The constraint of one pixel (or 'simplex' for the whole image); UsageError for discrete pixels."""
+    """The constraint of one pixel; UsageError for discrete pixels."""
     from torch.distributions import constraints
 
     family = compiled.family
@@ -447,11 +264,9 @@ def _missing_support(compiled: CompiledModel, values):
             f"the mcmc method needs continuous pixels, but {family.name} pixels are discrete (NUTS cannot "
             f"move over them); use the exact method (--method auto), which covers every {family.name} spec"
         )
-    support = compiled._likelihood_dist(values).support
+    support = family.distribution(compiled.config_arguments(values)).support
     while isinstance(support, constraints.independent):
         support = support.base_constraint
-    if isinstance(support, type(constraints.simplex)):
-        return "simplex"
     bounds = {attr: getattr(support, attr) for attr in ("lower_bound", "upper_bound") if hasattr(support, attr)}
     if any(isinstance(b, torch.Tensor) and b.numel() > 1 for b in bounds.values()):  # e.g. Uniform(low, high)
         if not all(bool((b == b.reshape(-1)[0]).all()) for b in bounds.values() if isinstance(b, torch.Tensor)):
@@ -492,44 +307,26 @@ def mcmc_conditional_samples(compiled: CompiledModel, values: dict[str, torch.Te
     conditioned = poutine.condition(compiled.model, data=fixed)
     out = torch.empty((len(x), settings.num_samples, M), dtype=x.dtype, device=x.device)
     min_ess, max_rhat = float("inf"), float("-inf")
+    prior = pdist.ImproperUniform(support, (), (M,))
     for n in range(len(x)):
         image = x[n].detach()
-        if support == "simplex":
-            rest = 1.0 - image[~mask].sum()
-            if not float(rest) > 0:
-                raise UsageError(f"image {n}: the observed pixels of a simplex image already sum to "
-                                 f"{1 - float(rest):.4g}, leaving nothing for the missing ones")
-            if M == 1:  # the one missing pixel is determined
-                out[n] = rest
-                continue
-            prior = pdist.ImproperUniform(constraints.simplex, (), (M,))
-            start = torch.full((M,), 1.0 / M, dtype=x.dtype, device=x.device)
-        else:
-            rest = None
-            prior = pdist.ImproperUniform(support, (), (M,))
-            if support is constraints.real:  # start at the observed pixels' average
-                start = (image[~mask].mean() if bool((~mask).any()) else image.new_zeros(())).expand(M).clone()
-            else:  # the image of 0 under the support's bijection: 1 for positive, 1/2 for (0, 1), ...
-                start = transform_to(support)(torch.zeros(M, dtype=x.dtype, device=x.device))
+        if support is constraints.real:  # start at the observed pixels' average
+            start = (image[~mask].mean() if bool((~mask).any()) else image.new_zeros(())).expand(M).clone()
+        else:  # the image of 0 under the support's bijection: 1 for positive, 1/2 for (0, 1), ...
+            start = transform_to(support)(torch.zeros(M, dtype=x.dtype, device=x.device))
 
-        def model(image=image, prior=prior, rest=rest):
+        def model(image=image):
             block = pyro.sample("x_missing", prior)
-            if rest is not None:
-                block = rest * block
             full = image.index_put((miss,), block.to(image.dtype))
             return conditioned(full.unsqueeze(0))
 
-        pyro_seed = settings.seed * 1_000_003 + n
-        with torch.random.fork_rng(devices=[]), torch.enable_grad(), pyro.validation_enabled(support != "simplex"):
-            torch.manual_seed(pyro_seed)
+        with seeded(settings.seed * 1_000_003 + n, x.device), torch.enable_grad():
             kernel = NUTS(model, jit_compile=False, max_plate_nesting=settings.max_plate_nesting,
                           init_strategy=init_to_value(values={"x_missing": start}))
             mcmc = MCMC(kernel, num_samples=settings.num_samples, warmup_steps=settings.warmup_steps,
                         num_chains=1, disable_progbar=True)
             mcmc.run()
             draws = mcmc.get_samples()["x_missing"].detach()
-        if rest is not None:
-            draws = rest * draws
         out[n] = draws.to(x.dtype)
         chain = draws.unsqueeze(0).double()  # 1 chain x S x M
         if settings.num_samples >= 4:
@@ -570,12 +367,7 @@ def _complete_mcmc(compiled, values, x, mask, k, settings: MCMCSettings):
 
 def exact_method(compiled: CompiledModel) -> str | None:
     """The exact method for this model's likelihood, or None when only mcmc applies."""
-    name = compiled.family.name
-    if name in GAUSSIAN_FAMILIES:
-        return "exact-gaussian"
-    if name in UNIVARIATE_FAMILIES:
-        return "exact-discrete-latents"
-    return None
+    return compiled.family.completion
 
 
 def completion_method(compiled: CompiledModel, method: str = "auto") -> str:
@@ -620,15 +412,14 @@ def complete_images(compiled: CompiledModel, values: dict[str, torch.Tensor], x:
         notes.append(f"latent '{latent.name}' (a label in training) is not given and is summed out")
     values = {key: v.to(compiled.device) for key, v in values.items()}
     settings: dict = {}
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.no_grad(), seeded(seed, compiled.device):
         if method == "mcmc":
             draws, mean, cond_ll, more, settings = _complete_mcmc(
                 compiled, values, x, mask, k, MCMCSettings(mcmc_warmup, mcmc_samples, seed))
         elif method == "exact-gaussian":
             draws, mean, cond_ll, more = _complete_gaussian(compiled, values, x, mask, k)
         else:
-            draws, mean, cond_ll, more = _complete_univariate(compiled, values, x, mask, k)
+            draws, mean, cond_ll, more = _complete_pixels(compiled, values, x, mask, k)
     notes.extend(more)
     # observed pixels are never changed
     draws = torch.where(mask, draws, x.unsqueeze(1))

@@ -11,6 +11,7 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,6 +49,103 @@ def match_channels(images: np.ndarray, channels: int) -> np.ndarray:
     raise DataError(f"cannot convert images with {have} channels to {channels}")
 
 
+class PixelTransform:
+    """What the model sees of a pixel level 0..255 (DESIGN section 5): one object per transform.
+
+    `apply` draws any noise from a CPU generator, so the same seed gives the same numbers on
+    every device; `source` prints the same operation for `probkit show`. `values` are the
+    values x can take (binary, discrete), or for continuous data points spanning its range,
+    against which a likelihood's support is checked before any work."""
+
+    name: str
+    discrete: bool
+    stochastic: bool = False  # redrawn each epoch
+    values: tuple[float, ...]
+    describe: str
+
+    def apply(self, levels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def source(self) -> str:
+        """Python over `levels` and a CPU `generator`, as the printed program writes it."""
+        raise NotImplementedError
+
+    def bits_offset(self, D: int) -> float:
+        """Nats added to a per-image NLL before it is turned into bits/dim."""
+        return 0.0
+
+
+def _cpu_uniform(levels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(levels.shape, generator=generator, dtype=levels.dtype).to(levels.device)
+
+
+class Levels(PixelTransform):
+    name, discrete, describe = "discrete", True, "integer levels 0..255"
+    values = tuple(float(v) for v in range(256))
+
+    def apply(self, levels, generator):
+        return levels
+
+    def source(self):
+        return "levels"
+
+
+class Threshold(PixelTransform):
+    name, discrete, describe = "binary", True, "pixels 0 or 1"
+    values = (0.0, 1.0)
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+
+    def apply(self, levels, generator):
+        return (levels / 255.0 > self.threshold).to(levels.dtype)
+
+    def source(self):
+        return f"(levels / 255.0 > {self.threshold!r}).float()"
+
+
+class DynamicBinary(Threshold):
+    """x ~ Bernoulli(intensity), redrawn each epoch: a uniform draw below the intensity."""
+
+    stochastic = True
+
+    def __init__(self):
+        super().__init__(0.5)
+
+    def apply(self, levels, generator):
+        return (_cpu_uniform(levels, generator) < levels / 255.0).to(levels.dtype)
+
+    def source(self):
+        return "(torch.rand(levels.shape, generator=generator) < levels / 255.0).float()"
+
+
+class Dequantise(PixelTransform):
+    """(level + u) / 256 with u ~ U(0, 1), kept strictly inside (0, 1): a draw of exactly 0
+    (or a sum that rounds to 1) would put a Beta or logit-space density at infinity; the clamp
+    moves < 1e-6 of probability mass."""
+
+    name, discrete, stochastic, describe = "continuous", False, True, "values in (0, 1)"
+    values = (EDGE, 0.5, 1.0 - EDGE)
+
+    def apply(self, levels, generator):
+        return ((levels + _cpu_uniform(levels, generator)) / 256.0).clamp_(EDGE, 1.0 - EDGE)
+
+    def source(self):
+        return f"((levels + torch.rand(levels.shape, generator=generator)) / 256.0).clamp_({EDGE!r}, {1.0 - EDGE!r})"
+
+    def bits_offset(self, D):
+        return D * math.log(256.0)
+
+
+def pixel_transform(spec: DataSpec) -> PixelTransform:
+    """The transform a data block asks for."""
+    if spec.transform == "discrete":
+        return Levels()
+    if spec.transform == "continuous":
+        return Dequantise()
+    return DynamicBinary() if spec.binarize == "dynamic" else Threshold(spec.threshold)
+
+
 @dataclass
 class Dataset:
     """Prepared images, flattened channel-first to N x D, with the transform to apply."""
@@ -63,7 +161,7 @@ class Dataset:
     label_names: list[str] | None
     notes: list[str] = field(default_factory=list)
     _fixed: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-    _cached: dict[str, str] = field(default_factory=dict, repr=False)
+    _cached: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def D(self) -> int:
@@ -82,32 +180,26 @@ class Dataset:
         return self.spec.transform
 
     @property
+    def pixels(self) -> PixelTransform:
+        """The transform from levels to what the model sees, as an object."""
+        if "pixels" not in self._cached:
+            self._cached["pixels"] = pixel_transform(self.spec)
+        return self._cached["pixels"]
+
+    @property
     def stochastic(self) -> bool:
         """Whether the training x changes every epoch (dequantisation, dynamic binarising)."""
-        return self.transform == "continuous" or (
-            self.transform == "binary" and self.spec.binarize == "dynamic"
-        )
+        return self.pixels.stochastic
 
     def apply(self, levels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """The transform of DESIGN section 5; `generator` draws the noise (None: none needed)."""
-        if self.transform == "discrete":
-            return levels
-        if self.transform == "continuous":
-            noise = torch.rand(levels.shape, generator=generator, device=levels.device)
-            # strictly inside (0, 1): a draw of exactly 0 (or a sum that rounds to 1) would put a
-            # Beta or logit-space density at infinity; the clamp moves < 1e-6 of probability mass
-            return ((levels + noise) / 256.0).clamp_(EDGE, 1.0 - EDGE)
-        intensity = levels / 255.0
-        if self.spec.binarize == "dynamic":
-            return torch.bernoulli(intensity, generator=generator)
-        return (intensity > self.spec.threshold).to(levels.dtype)
+        """The transform of DESIGN section 5; `generator` (a CPU one) draws the noise."""
+        return self.pixels.apply(levels, generator)
 
     def fixed(self, part: str) -> torch.Tensor:
         """Training or held-out x with fixed noise (seeded by data.seed): used for metrics."""
         if part not in self._fixed:
             levels = self.train_levels if part == "train" else self.test_levels
-            generator = torch.Generator(device=levels.device).manual_seed(self.spec.seed + (part == "test"))
-            self._fixed[part] = self.apply(levels, generator)
+            self._fixed[part] = self.apply(levels, fixed_noise_generator(self.spec, part))
         return self._fixed[part]
 
     def to(self, device: torch.device) -> "Dataset":
@@ -122,8 +214,7 @@ class Dataset:
 
     def bits_per_dim(self, nll_per_image: float) -> float:
         """DESIGN section 5: continuous densities pay D ln 256 to compare with discrete ones."""
-        offset = self.D * math.log(256.0) if self.transform == "continuous" else 0.0
-        return (nll_per_image + offset) / (self.D * math.log(2.0))
+        return (nll_per_image + self.pixels.bits_offset(self.D)) / (self.D * math.log(2.0))
 
     def fingerprint(self) -> str:
         if "fingerprint" in self._cached:
@@ -140,6 +231,11 @@ class Dataset:
         scale = 255.0 if self.transform == "discrete" else 1.0
         flat = (x.detach().cpu().float() / scale).clamp(0, 1)
         return flat.reshape(-1, self.channels, self.height, self.width).numpy()
+
+
+def fixed_noise_generator(spec: DataSpec, part: str) -> torch.Generator:
+    """The CPU generator of the fixed noise of the training ("train") or held-out set."""
+    return torch.Generator().manual_seed(spec.seed + (part == "test"))
 
 
 def prepare(raw: RawImages, spec: DataSpec) -> np.ndarray:

@@ -31,5 +31,15 @@ class FitError(ProbkitError, RuntimeError):
     """Fitting failed while running, e.g. a non-finite loss (exit 1)."""
 
 
+class DomainError(FitError):
+    """The model cannot be evaluated at the current parameter values: a distribution's
+    arguments are invalid there, a covariance does not factorise, the loss is not finite.
+    L-BFGS's line search steps back from such a trial point; anywhere else it stops the fit."""
+
+
+class InternalError(ProbkitError, RuntimeError):
+    """probkit itself failed (a bug, a device error, out of memory): not the user's input (exit 1)."""
+
+
 class RunError(ProbkitError):
     """A run folder is missing or unreadable (exit 1)."""

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from probkit.context import Context
 from probkit.distributions import FAMILIES
 from probkit.errors import SpecError
 from probkit.spec import KeyPath, SourceMap, dotted, suggest
@@ -21,27 +22,49 @@ from probkit.spec import KeyPath, SourceMap, dotted, suggest
 
 @dataclass(frozen=True)
 class Function:
-    """A whitelisted function: how to run it and how to print it."""
+    """A whitelisted function: how to run it (in an evaluation context), how to print it,
+    and how many positional arguments it takes (max None: any number)."""
 
     run: Callable[..., Any]
     source: str  # format string over the rendered arguments
+    min_args: int = 1
+    max_args: int | None = 1
+
+
+def _elementwise(op):
+    """A torch function of one tensor; a number becomes a tensor of the context first."""
+    return lambda ctx, x: op(ctx.tensor(x))
 
 
 def _reduce(op):
-    def run(x, dim=None):
+    def run(ctx, x, dim=None):
+        x = ctx.tensor(x)
         return op(x) if dim is None else op(x, dim=dim)
 
     return run
 
 
-def grid_rbf(channels, height, width, lengthscale) -> torch.Tensor:
+def _softmax(op):
+    def run(ctx, x, dim=-1):
+        return op(ctx.tensor(x), int(dim))
+
+    return run
+
+
+def _sizes(values) -> list[int]:
+    return [int(v) for v in values]
+
+
+def grid_rbf(channels, height, width, lengthscale, *, device=None, dtype=None) -> torch.Tensor:
     """The D x D squared-exponential correlation of an image grid: exp(-d^2 / (2 l^2)) between
     two pixels of one channel at distance d (in pixels), 0 between channels. As the scale of a
     covariance prior it says "neighbouring pixels move together"."""
-    rows = torch.arange(float(height)).repeat_interleave(int(width))
-    cols = torch.arange(float(width)).repeat(int(height))
+    dtype = dtype or torch.get_default_dtype()
+    rows = torch.arange(int(height), dtype=dtype, device=device).repeat_interleave(int(width))
+    cols = torch.arange(int(width), dtype=dtype, device=device).repeat(int(height))
     d2 = (rows[:, None] - rows[None]).square() + (cols[:, None] - cols[None]).square()
-    return torch.kron(torch.eye(int(channels)), torch.exp(-0.5 * d2 / torch.as_tensor(lengthscale) ** 2))
+    ell = torch.as_tensor(lengthscale, dtype=dtype, device=device)
+    return torch.kron(torch.eye(int(channels), dtype=dtype, device=device), torch.exp(-0.5 * d2 / ell**2))
 
 
 _GRID_RBF_SOURCE = (
@@ -51,27 +74,30 @@ _GRID_RBF_SOURCE = (
 )
 
 FUNCTIONS: dict[str, Function] = {
-    "exp": Function(torch.exp, "torch.exp({0})"),
-    "log": Function(torch.log, "torch.log({0})"),
-    "log1p": Function(torch.log1p, "torch.log1p({0})"),
-    "expm1": Function(torch.expm1, "torch.expm1({0})"),
-    "sqrt": Function(torch.sqrt, "torch.sqrt({0})"),
-    "abs": Function(torch.abs, "torch.abs({0})"),
-    "square": Function(torch.square, "torch.square({0})"),
-    "sigmoid": Function(torch.sigmoid, "torch.sigmoid({0})"),
-    "logit": Function(torch.logit, "torch.logit({0})"),
-    "tanh": Function(torch.tanh, "torch.tanh({0})"),
-    "softplus": Function(F.softplus, "F.softplus({0})"),
-    "softmax": Function(lambda x, dim=-1: torch.softmax(x, dim), "torch.softmax({0}, {1})"),
-    "log_softmax": Function(lambda x, dim=-1: torch.log_softmax(x, dim), "torch.log_softmax({0}, {1})"),
-    "sum": Function(_reduce(torch.sum), "torch.sum({0}, {1})"),
-    "mean": Function(_reduce(torch.mean), "torch.mean({0}, {1})"),
-    "transpose": Function(lambda x: x.transpose(-1, -2), "{0}.transpose(-1, -2)"),
-    "diag": Function(torch.diag_embed, "torch.diag_embed({0})"),
-    "eye": Function(lambda n: torch.eye(int(n)), "torch.eye(int({0}))"),
-    "zeros": Function(lambda *s: torch.zeros([int(v) for v in s]), "torch.zeros({all})"),
-    "ones": Function(lambda *s: torch.ones([int(v) for v in s]), "torch.ones({all})"),
-    "grid_rbf": Function(grid_rbf, _GRID_RBF_SOURCE),
+    "exp": Function(_elementwise(torch.exp), "torch.exp({0})"),
+    "log": Function(_elementwise(torch.log), "torch.log({0})"),
+    "log1p": Function(_elementwise(torch.log1p), "torch.log1p({0})"),
+    "expm1": Function(_elementwise(torch.expm1), "torch.expm1({0})"),
+    "sqrt": Function(_elementwise(torch.sqrt), "torch.sqrt({0})"),
+    "abs": Function(_elementwise(torch.abs), "torch.abs({0})"),
+    "square": Function(_elementwise(torch.square), "torch.square({0})"),
+    "sigmoid": Function(_elementwise(torch.sigmoid), "torch.sigmoid({0})"),
+    "logit": Function(_elementwise(torch.logit), "torch.logit({0})"),
+    "tanh": Function(_elementwise(torch.tanh), "torch.tanh({0})"),
+    "softplus": Function(_elementwise(F.softplus), "F.softplus({0})"),
+    "softmax": Function(_softmax(torch.softmax), "torch.softmax({0}, {1})", 1, 2),
+    "log_softmax": Function(_softmax(torch.log_softmax), "torch.log_softmax({0}, {1})", 1, 2),
+    "sum": Function(_reduce(torch.sum), "torch.sum({0}, {1})", 1, 2),
+    "mean": Function(_reduce(torch.mean), "torch.mean({0}, {1})", 1, 2),
+    "transpose": Function(lambda ctx, x: ctx.tensor(x).transpose(-1, -2), "{0}.transpose(-1, -2)"),
+    "diag": Function(lambda ctx, x: torch.diag_embed(ctx.tensor(x)), "torch.diag_embed({0})"),
+    "eye": Function(lambda ctx, n: torch.eye(int(n), dtype=ctx.dtype, device=ctx.device), "torch.eye(int({0}))"),
+    "zeros": Function(lambda ctx, *s: torch.zeros(_sizes(s), dtype=ctx.dtype, device=ctx.device),
+                      "torch.zeros({all})", 1, None),
+    "ones": Function(lambda ctx, *s: torch.ones(_sizes(s), dtype=ctx.dtype, device=ctx.device),
+                     "torch.ones({all})", 1, None),
+    "grid_rbf": Function(lambda ctx, c, h, w, ell: grid_rbf(c, h, w, ell, device=ctx.device, dtype=ctx.dtype),
+                         _GRID_RBF_SOURCE, 4, 4),
 }
 _DEFAULT_DIM = {"softmax": "-1", "log_softmax": "-1", "sum": "None", "mean": "None"}
 
@@ -211,9 +237,18 @@ def _check_call(expr: Expr, node: ast.Call, names: set[str], allow_dist: bool) -
                     keyword.value,
                 )
     elif name in FUNCTIONS:
+        function = FUNCTIONS[name]
+        takes_dim = name in _DEFAULT_DIM
         for keyword in node.keywords:
-            if keyword.arg != "dim":
-                raise expr.error(f"{name}() takes no keyword '{keyword.arg}' (only dim=)", keyword.value)
+            if keyword.arg != "dim" or not takes_dim:
+                allowed = "only dim=" if takes_dim else "none"
+                raise expr.error(f"{name}() takes no keyword '{keyword.arg}' ({allowed})", keyword.value)
+        given = len(node.args) + len(node.keywords)
+        most = function.max_args
+        if given < function.min_args or (most is not None and given > most):
+            count = (f"{function.min_args}" if most == function.min_args else
+                     f"at least {function.min_args}" if most is None else f"{function.min_args} to {most}")
+            raise expr.error(f"{name}() takes {count} argument{'s' * (count != '1')}, found {given}", node)
     else:
         looks_like_dist = name[:1].isupper()
         pool = list(FAMILIES) if looks_like_dist else list(FUNCTIONS)
@@ -229,32 +264,37 @@ def _check_call(expr: Expr, node: ast.Call, names: set[str], allow_dist: bool) -
         _check(expr, keyword.value, names, False)
 
 
-def evaluate(expr: Expr, env: dict[str, Any]) -> Any:
-    """Interpret a checked expression; a distribution call returns (family name, kwargs)."""
-    return _eval(expr, expr.tree, env)
+def evaluate(expr: Expr, env: dict[str, Any], ctx: Context = Context()) -> Any:
+    """Interpret a checked expression in `ctx` (the device and dtype of the constants it
+    builds); a distribution call returns (family name, kwargs)."""
+    return _eval(expr, expr.tree, env, ctx)
 
 
-def _eval(expr: Expr, node: ast.AST, env: dict[str, Any]) -> Any:
+def _eval(expr: Expr, node: ast.AST, env: dict[str, Any], ctx: Context) -> Any:
     if isinstance(node, ast.Constant):
         return float(node.value)
     if isinstance(node, ast.Name):
         return env[node.id]
     if isinstance(node, ast.BinOp):
-        return _BINOPS[type(node.op)][1](_eval(expr, node.left, env), _eval(expr, node.right, env))
+        return _BINOPS[type(node.op)][1](_eval(expr, node.left, env, ctx), _eval(expr, node.right, env, ctx))
     if isinstance(node, ast.UnaryOp):
-        value = _eval(expr, node.operand, env)
+        value = _eval(expr, node.operand, env, ctx)
         return -value if isinstance(node.op, ast.USub) else value
     if isinstance(node, ast.Subscript):
         index = node.slice
         parts = index.elts if isinstance(index, ast.Tuple) else [index]
-        key = tuple(_index(expr, p, env) for p in parts)
-        value = _eval(expr, node.value, env)
-        if _is_identity(key, value, env.get(GRID_KEY)):
+        raw = tuple(_index_part(expr, p, env, ctx) for p in parts)
+        value = _eval(expr, node.value, env, ctx)
+        if not isinstance(value, torch.Tensor):
+            raise expr.error(f"cannot index {value!r}: only tensors (params, results of functions) have "
+                             "elements", node)
+        if _is_identity(raw, value, env.get(GRID_KEY)):
             return value  # params[z] over the whole latent grid: the gather would copy it unchanged
+        key = tuple(_as_index(part) for part in raw)
         return value[key if len(key) > 1 else key[0]]
     if isinstance(node, ast.Call):
-        args = [_eval(expr, a, env) for a in node.args]
-        kwargs = {k.arg: _eval(expr, k.value, env) for k in node.keywords}
+        args = [_eval(expr, a, env, ctx) for a in node.args]
+        kwargs = {k.arg: _eval(expr, k.value, env, ctx) for k in node.keywords}
         name = node.func.id
         if name in FAMILIES:
             family = FAMILIES[name]
@@ -262,7 +302,7 @@ def _eval(expr: Expr, node: ast.AST, env: dict[str, Any]) -> Any:
             return name, kwargs
         if "dim" in kwargs:
             kwargs["dim"] = int(kwargs["dim"])
-        return FUNCTIONS[name].run(*args, **kwargs)
+        return FUNCTIONS[name].run(ctx, *args, **kwargs)
     raise AssertionError(f"unchecked node {node!r}")
 
 
@@ -282,11 +322,15 @@ def _is_identity(key: tuple, value, grid: dict | None) -> bool:
     return True
 
 
-def _index(expr: Expr, node: ast.AST, env: dict[str, Any]):
+def _index_part(expr: Expr, node: ast.AST, env: dict[str, Any], ctx: Context):
     if isinstance(node, ast.Slice):
-        bounds = [None if b is None else int(_eval(expr, b, env)) for b in (node.lower, node.upper, node.step)]
+        bounds = [None if b is None else int(_eval(expr, b, env, ctx)) for b in (node.lower, node.upper, node.step)]
         return slice(*bounds)
-    value = _eval(expr, node, env)
+    return _eval(expr, node, env, ctx)
+
+
+def _as_index(value):
+    """A float index (numbers are floats, Bernoulli latents take 0.0/1.0) as an integer one."""
     if isinstance(value, float):
         return int(value)
     if isinstance(value, torch.Tensor) and value.is_floating_point():

@@ -21,46 +21,31 @@ likelihood uses directly (`loc[z]`, `scale[z]`, `precision`, `cov_factor[z]` ...
 
 A param with an explicit `init:`, or used through an expression rather than by name, keeps
 the start the spec gives it. Every start is checked against the param's support.
+
+This module knows k-means and which param feeds which likelihood argument; how an argument
+starts from a component's images is its family's business (`location_args`,
+`spread_start` and `histogram_args` in probkit.families). It uses the compiler's public
+interface only, and works on the CPU with its own generator: the same start on every device.
 """
 
 from __future__ import annotations
 
 import ast
 import itertools
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import pyro.distributions as dist
 import torch
 
-if TYPE_CHECKING:
-    from probkit.compiler import CompiledModel, LatentSite
+from probkit.compiler import CompiledModel
+from probkit.context import CPU, Context
+from probkit.families import Moments, SpreadStart
+from probkit.latents import LatentSite
 
-# likelihood arguments that are per-image locations, and how one training image becomes one
-LOCATION_ARGS: dict[tuple[str, str], Callable[[torch.Tensor], torch.Tensor]] = {
-    ("Bernoulli", "probs"): lambda x: 0.25 + 0.5 * x,   # a binary image, pulled towards 1/2
-    ("Binomial", "probs"): lambda x: (x + 32.0) / (255.0 + 64.0),
-    ("ContinuousBernoulli", "probs"): lambda x: 0.25 + 0.5 * x,
-    ("Normal", "loc"): lambda x: x,
-    ("Laplace", "loc"): lambda x: x,
-    ("StudentT", "loc"): lambda x: x,
-    ("Cauchy", "loc"): lambda x: x,
-    ("MultivariateNormal", "loc"): lambda x: x,
-    ("LowRankMultivariateNormal", "loc"): lambda x: x,
-}
-# likelihood arguments that are spreads, started from each component's moments
-# per-pixel Categoricals over levels (x holds level indices): each component starts at its
-# images' histogram of levels, plus the pseudo-counts of a Dirichlet prior
-HISTOGRAM_ARGS = {("Categorical", "probs"), ("Categorical", "logits")}
+_CPU = Context(CPU)
+
 PSEUDO_COUNT_FLOOR = 1e-3  # unseen levels keep a little mass, so the start is inside the simplex
 LLOYD_ITERATIONS = 100  # Lloyd iterations at most; they stop when no image changes component
-SPREAD_ARGS = {
-    ("Normal", "scale"), ("Laplace", "scale"), ("StudentT", "scale"), ("Cauchy", "scale"),
-    ("MultivariateNormal", "covariance_matrix"), ("MultivariateNormal", "precision_matrix"),
-    ("MultivariateNormal", "scale_tril"),
-    ("LowRankMultivariateNormal", "cov_factor"), ("LowRankMultivariateNormal", "cov_diag"),
-}
 
 
 @dataclass
@@ -72,6 +57,18 @@ class _Use:
     latents: list[LatentSite]
 
 
+def initial_values(compiled: CompiledModel, seed: int = 0,
+                   data: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
+    """Where a fit starts, on the model's device: the spec's own start (seeded), then, with
+    `data` (x, labels), the locations and spreads the likelihood uses from the training images."""
+    values = {k: v.cpu() for k, v in compiled.initial_values(seed).items()}
+    if data is not None:
+        x, labels = data
+        generator = torch.Generator().manual_seed(seed)
+        from_data(compiled, values, x.detach().cpu(), None if labels is None else labels.cpu(), generator)
+    return {k: v.to(compiled.device) for k, v in values.items()}
+
+
 def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Tensor,
               labels: torch.Tensor | None, generator: torch.Generator) -> None:
     """Replace the starts in `values` (constrained, CPU) by data-driven ones where it applies."""
@@ -81,10 +78,10 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
     flat = x.reshape(len(x), -1).double()
     groups = None  # (the latents locations are indexed by, each image's component, the centres)
     for use in uses:
-        if (family.name, use.arg) in HISTOGRAM_ARGS:
+        if use.arg in family.histogram_args:
             groups = _histograms(model, values, use, flat, labels, generator, groups)
             continue
-        start = LOCATION_ARGS.get((family.name, use.arg))
+        start = family.location_args.get(use.arg)
         if start is None:
             continue
         if not use.latents:
@@ -102,19 +99,27 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
             value[combo] = start(centre.float())
         if _put(model, values, use.name, value) and groups is None:
             groups = (use.latents, assignment, centres)
-    spreads = [u for u in uses if (family.name, u.arg) in SPREAD_ARGS]
+    spreads = [u for u in uses if u.arg in family.spread_args]
     if not spreads:
         return
     fit = model.spec.fit
-    step = float(fit.lr) if fit.optimizer == "adam" else 0.0
-    diag_is_fitted = any(u.arg == "cov_diag" for u in spreads)
-    spectra: dict = {}  # a component's eigendecomposition, shared by its cov_factor and cov_diag
+    floor = float(fit.lr) if fit.optimizer == "adam" else 0.0
+    by_arg = {u.arg: u.name for u in uses}
+
+    def prior(arg: str):
+        return model.map_prior(by_arg[arg], values) if arg in by_arg else None
+
+    def current(arg: str) -> torch.Tensor:
+        return model.config_arguments_at(values, _CPU)[arg]
+
+    caches: dict = {}  # per component: shared by its arguments (an eigendecomposition, say)
     for use in spreads:
         members = _members(use, groups, len(flat))
         value = values[use.name].clone()
         for combo, member in members.items():
             rows = flat[member] if int(member.sum()) >= 2 else flat
-            spread = _spread(model, use, values, rows, step, diag_is_fitted, spectra.setdefault(combo, {}))
+            start = SpreadStart(floor, prior, current, frozenset(by_arg), caches.setdefault(combo, {}))
+            spread = family.spread_start(use.arg, Moments(rows, floor), start)
             if spread is None:
                 break
             try:
@@ -132,8 +137,8 @@ def _histograms(model: CompiledModel, values, use: _Use, flat, labels, generator
     if tuple(values[use.name].shape) != shape or not bool(((flat >= 0) & (flat < levels) & (flat == flat.round())).all()):
         return groups  # not level indices: keep the spec's start
     pseudo = torch.full((levels,), PSEUDO_COUNT_FLOOR, dtype=torch.float64)
-    prior = _map_prior(model, use.name, values, "Dirichlet") if use.arg == "probs" else None
-    if prior is not None:
+    prior = model.map_prior(use.name, values) if use.arg == "probs" else None
+    if isinstance(prior, dist.Dirichlet):
         pseudo = (prior.concentration.reshape(-1, levels)[0].double() - 1.0).clamp_min(PSEUDO_COUNT_FLOOR)
     if use.latents and (groups is None or not _same(groups[0], use.latents)):
         centres, assignment = _kmeans(flat, labels, use.latents, generator)
@@ -164,13 +169,10 @@ def _same(a: list[LatentSite], b: list[LatentSite]) -> bool:
 
 
 def _param_uses(model: CompiledModel) -> list[_Use]:
-    tree = model.likelihood.tree
-    arguments = dict(zip(model.family.args, tree.args))
-    arguments.update({k.arg: k.value for k in tree.keywords})
     params = {p.name for p in model.params}
     latents = {l.name: l for l in model.latents}
     uses = []
-    for arg, node in arguments.items():
+    for arg, node in model.likelihood.argument_nodes().items():
         if isinstance(node, ast.Name) and node.id in params:
             uses.append(_Use(arg, node.id, []))
         elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id in params:
@@ -250,99 +252,12 @@ def _kmeans(flat, labels, latents, generator, iterations: int = LLOYD_ITERATIONS
     return {combos[i]: centres[j] for j, i in enumerate(seeded)}, index
 
 
-def _spread(model: CompiledModel, use: _Use, values, rows: torch.Tensor, step: float,
-            diag_is_fitted: bool = True, spectrum: dict | None = None) -> torch.Tensor | None:
-    """The start of one component's spread argument from the moments of its images, each
-    pixel's standard deviation at least `step`."""
-    n, D = rows.shape
-    centred = rows - rows.mean(0)
-    variance = centred.pow(2).mean(0)
-    tiny = max(float(variance.mean()) * 1e-6, 1e-12)
-    floor = max(tiny, step**2)
-    if use.arg == "scale":
-        return variance.clamp_min(floor).sqrt()
-    scatter = centred.T @ centred
-    covariance = scatter / n + step**2 * torch.eye(D, dtype=torch.float64)
-    if use.arg in ("cov_factor", "cov_diag"):
-        rank = values[use.name].shape[-1] if use.arg == "cov_factor" else _rank_of(model, values)
-        if rank is None:
-            return None
-        spectrum = {} if spectrum is None else spectrum
-        if "eigh" not in spectrum:
-            spectrum["eigh"] = tuple(t.flip(-1) for t in torch.linalg.eigh(covariance))
-        eigenvalues, vectors = spectrum["eigh"]
-        rest = eigenvalues[rank:]
-        noise = max(float(rest.mean()) if len(rest) else floor, floor)
-        if use.arg == "cov_diag":
-            return torch.full((D,), noise, dtype=torch.float64)
-        if not diag_is_fitted:  # cov_diag is an expression: factor against the noise it starts at
-            noise = max(float(_current_cov_diag(model, values).mean()), floor)
-        # Tipping & Bishop's W = U (L - noise)^1/2, every column kept alive (a zero column has
-        # zero gradient and would never move)
-        return vectors[:, :rank] * (eigenvalues[:rank] - noise).clamp_min(1e-2 * noise).sqrt()
-    conjugate = _wishart(model, use, values) if use.arg == "precision_matrix" else None
-    if conjugate is not None:  # the mode of the Wishart posterior given these images
-        df, prior_precision = conjugate
-        if n + df - D - 1 > 0:
-            return _symmetric((n + df - D - 1) * torch.linalg.inv(n * covariance + prior_precision))
-    ridge = tiny
-    eye = torch.eye(D, dtype=torch.float64)
-    for _ in range(12):
-        chol, info = torch.linalg.cholesky_ex(covariance + ridge * eye)
-        if int(info) == 0:
-            break
-        ridge *= 10.0
-    else:
-        return None
-    if use.arg == "scale_tril":
-        return chol
-    if use.arg == "precision_matrix":
-        return _symmetric(torch.cholesky_inverse(chol))
-    return covariance + ridge * eye
-
-
-def _symmetric(matrix: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (matrix + matrix.mT)
-
-
-def _current_cov_diag(model: CompiledModel, values) -> torch.Tensor:
-    """The LowRankMultivariateNormal's cov_diag at the current starts (when it is an expression)."""
-    return model._likelihood_dist(values, expr=model.likelihood, validate=False).cov_diag.double()
-
-
-def _rank_of(model: CompiledModel, values) -> int | None:
-    """The rank of a LowRankMultivariateNormal's cov_factor, when it is a param."""
-    for use in _param_uses(model):
-        if use.arg == "cov_factor":
-            return values[use.name].shape[-1]
-    return None
-
-
-def _map_prior(model: CompiledModel, name: str, values, family: str):
-    """The prior a MAP fit puts on one element of param `name`, when it is of `family`."""
-    site = next(p for p in model.params if p.name == name)
-    if site.prior is None or model.method != "map" or site.prior.call_name != family:
-        return None
-    prior = model._shaped_prior(site, values)
-    while hasattr(prior, "base_dist"):  # the expand/to_event wrappers of _shaped_prior
-        prior = prior.base_dist
-    return prior
-
-
-def _wishart(model: CompiledModel, use: _Use, values) -> tuple[float, torch.Tensor] | None:
-    prior = _map_prior(model, use.name, values, "Wishart")
-    if not isinstance(prior, dist.Wishart):
-        return None
-    D = prior.event_shape[-1]
-    return float(prior.df.reshape(-1)[0]), prior.precision_matrix.reshape(-1, D, D)[0].double()
-
-
 def _put(model: CompiledModel, values, name: str, value: torch.Tensor) -> bool:
     """Take `value` as the start of param `name` if it has the param's shape and lies in its support."""
-    site = next(p for p in model.params if p.name == name)
+    site = model.param(name)
     if tuple(value.shape) != tuple(site.shape) or not torch.isfinite(value).all():
         return False
-    if not bool(model._site_constraint(site).check(value).all()):
+    if not bool(model.constraint(site).check(value).all()):
         return False
     values[name] = value
     return True

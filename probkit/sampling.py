@@ -1,12 +1,17 @@
-"""Drawing new images: the compiled Pyro model run forwards with theta fixed at the fit."""
+"""Drawing new images: latent configurations from their prior, then x from the likelihood's family.
+
+With θ fixed, a draw picks one configuration of the discrete latents from p(latents) (the
+latent table; `--given` fixes some of them) and then an image from the family's distribution
+given that configuration; `mean` gives the family's expected image instead. Draws come from
+a private generator seeded with `seed` (probkit.context.seeded).
+"""
 
 from __future__ import annotations
 
-import pyro
 import torch
-from pyro import poutine
 
 from probkit.compiler import CompiledModel
+from probkit.context import seeded
 from probkit.errors import UsageError
 from probkit.spec import suggest
 
@@ -25,37 +30,44 @@ def parse_given(items: list[str] | None) -> dict[str, int]:
     return given
 
 
-def draw_samples(compiled: CompiledModel, values: dict[str, torch.Tensor], n: int, *,
-                 given: dict[str, int] | None = None, seed: int = 0, mean: bool = False) -> torch.Tensor:
-    """n draws of x (flat, model scale) with params fixed and `given` latents conditioned;
-    with `mean`, the likelihood's mean given each draw's latents instead of a draw of x."""
-    latents = {l.name: l for l in compiled.latents}
-    data = {k: v for k, v in values.items()}
+def latent_log_weights(compiled: CompiledModel, values: dict[str, torch.Tensor],
+                       given: dict[str, int] | None = None) -> torch.Tensor:
+    """log p(configuration) over the flattened latent grid, with `given` latents fixed (the
+    other entries -inf); checks each given name and value."""
+    latents = {l.name: (i, l) for i, l in enumerate(compiled.latents)}
+    table = compiled.latent_table(values)
     for name, value in (given or {}).items():
         if name not in latents:
             raise UsageError(
                 f"--given {name}={value}: '{name}' is not a latent of this spec{suggest(name, latents)} "
                 f"(latents: {', '.join(latents) or 'none'})"
             )
-        if not 0 <= value < latents[name].cardinality:
-            raise UsageError(f"--given {name}={value}: {name} takes values 0..{latents[name].cardinality - 1}")
-        data[name] = torch.full((n,), value, dtype=torch.long, device=compiled.device)
-    pyro.set_rng_seed(seed)
-    with torch.no_grad():
-        trace = poutine.trace(poutine.condition(compiled.model, data=data)).get_trace(None, None, n=n)
-    site = trace.nodes["x"]
-    value = site["value"]
-    if mean:
-        value = _expected_pixels(site["fn"])
-        if not bool(torch.isfinite(value).all()):
-            raise UsageError(f"--mean: {compiled.family.name} has no finite mean here; sample without --mean")
-    return value.expand(n, compiled.dims.D).reshape(n, -1)
+        i, latent = latents[name]
+        if not 0 <= value < latent.cardinality:
+            raise UsageError(f"--given {name}={value}: {name} takes values 0..{latent.cardinality - 1}")
+        keep = torch.zeros(latent.cardinality, dtype=torch.bool, device=table.device)
+        keep[value] = True
+        shape = [1] * table.dim()
+        shape[i] = -1
+        table = table.masked_fill(~keep.reshape(shape), float("-inf"))
+    return table.reshape(-1)
 
 
-def _expected_pixels(d) -> torch.Tensor:
-    """E[x | latents]; a Categorical over intensity levels averages its levels."""
-    base = d.base_dist if hasattr(d, "base_dist") else d
-    if isinstance(base, torch.distributions.Categorical):
-        levels = torch.arange(base.probs.shape[-1], dtype=base.probs.dtype, device=base.probs.device)
-        return (base.probs * levels).sum(-1).expand(d.batch_shape + d.event_shape)
-    return d.mean
+def draw_samples(compiled: CompiledModel, values: dict[str, torch.Tensor], n: int, *,
+                 given: dict[str, int] | None = None, seed: int = 0, mean: bool = False) -> torch.Tensor:
+    """n draws of x (flat, model scale) with params fixed and `given` latents conditioned;
+    with `mean`, the likelihood's mean given each draw's latents instead of a draw of x."""
+    values = {k: v.to(compiled.device) for k, v in values.items()}
+    family = compiled.family
+    with torch.no_grad(), seeded(seed, compiled.device):
+        weights = latent_log_weights(compiled, values, given)
+        choice = torch.multinomial(weights.softmax(-1), n, replacement=True).reshape(n, 1)
+        args = compiled.config_arguments(values)
+        if mean:
+            means = family.mean(args)
+            drawn = means[choice[:, 0] if means.shape[0] > 1 else torch.zeros_like(choice[:, 0])]
+            if not bool(torch.isfinite(drawn).all()):
+                raise UsageError(f"--mean: {family.name} has no finite mean here; sample without --mean")
+        else:
+            drawn = family.sample(args, choice)[:, 0]
+    return drawn.reshape(n, compiled.dims.D)

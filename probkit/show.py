@@ -1,8 +1,10 @@
 """`probkit show`: the compiled model printed as a standalone Pyro program.
 
-The program is rendered from the same checked expression trees the compiler evaluates,
-starts from the same seeded initial values, and fits with Pyro's own TraceEnum_ELBO and
-AutoDelta, so running it reaches the parameters `probkit fit` reaches (tested).
+The program is rendered from the same structures `probkit fit` runs: the checked expression
+trees the compiler evaluates, the seeded data-driven start (probkit.initialise), the batch
+plan (probkit.infer.batches, the same CPU generators and noise) and the data transform's own
+source. It fits with Pyro's own TraceEnum_ELBO and AutoDelta, so running it reaches the
+parameters `probkit fit` reaches (tested to 1e-5).
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import numpy as np
 from torch.distributions import constraints
 
 from probkit.api import Prepared
+from probkit.data import fixed_noise_generator
 from probkit.distributions import FAMILIES, SUPPORTS, VECTOR_ARGS
 from probkit.expressions import render, render_node
+from probkit.infer import BatchPlan, settings_from
+from probkit.initialise import initial_values
 from probkit.runs import atomic_write
 
 _NAMED_CONSTRAINTS = {id(c): name for name, c in SUPPORTS.items()}
@@ -55,10 +60,6 @@ def _shaped_prior_source(site) -> str:
     return call
 
 
-def _constraint_of(compiled, site):
-    return compiled._site_constraint(site)
-
-
 def program_source(prepared: Prepared, npy_path: Path) -> str:
     compiled, dataset, loaded = prepared.compiled, prepared.dataset, prepared.loaded
     spec = loaded.spec
@@ -87,8 +88,11 @@ def program_source(prepared: Prepared, npy_path: Path) -> str:
     emit(f"N = {dims.N}")
     for name, value in compiled.constants.items():
         emit(f"{name} = {value!r}")
+    plan = batch_plan(prepared)
     emit(f"SEED, STEPS, LR = {fit.seed}, {fit.steps}, {fit.lr!r}")
-    emit(f"BATCH = {None if fit.batch_size == 'full' else fit.batch_size!r}  # None: full batch\n")
+    emit(f"BATCH = {plan.batch_size!r}  # None: full batch")
+    emit(f"FIXED_NOISE, NOISE_SEED = {plan.fixed!r}, {fixed_noise_generator(spec.data, 'train').initial_seed()}"
+         "  # the same noise every step (L-BFGS, or data without noise)\n")
 
     emit("\ndef pixels(d):")
     emit('    """Univariate over x: independent across the D pixels, one event of D values."""')
@@ -100,7 +104,7 @@ def program_source(prepared: Prepared, npy_path: Path) -> str:
         if site.prior is not None and compiled.method == "map":
             emit(f'    {site.name} = pyro.sample("{site.name}", {_shaped_prior_source(site)})')
         else:
-            constraint = render_constraint(_constraint_of(compiled, site))
+            constraint = render_constraint(compiled.constraint(site))
             emit(f'    {site.name} = pyro.sample("{site.name}", dist.ImproperUniform({constraint}, (), {tuple(site.shape)}))')
     emit("    size = n if x is None else len(x)")
     emit("    subsample = None if total is None else torch.arange(size)")
@@ -111,8 +115,8 @@ def program_source(prepared: Prepared, npy_path: Path) -> str:
         else:
             emit(f'        {latent.name} = pyro.sample("{latent.name}", {render(latent.expr)}, '
                  'infer={"enumerate": "parallel"})')
-    likelihood = render(compiled.likelihood)
-    if not compiled.family.multivariate:
+    likelihood = render(compiled.likelihood.expr)
+    if not compiled.family.joint:
         likelihood = f"pixels({likelihood})"
     emit(f'        return pyro.sample("x", {likelihood}, obs=x)\n')
 
@@ -121,12 +125,20 @@ def program_source(prepared: Prepared, npy_path: Path) -> str:
     emit(f"    return {{name: torch.from_numpy(data['init_' + name]) for name in {[p.name for p in compiled.params]!r}}}\n")
 
     observed = [l.name for l in compiled.latents if l.observed]
-    emit("\ndef training_batches(levels, labels, generator):")
-    emit('    """(x, labels, total) per step: fresh noise and order each epoch, as probkit fit."""')
+    plan = batch_plan(prepared)
+    emit("\ndef transform(levels, generator):")
+    emit(f'    """The data transform ({dataset.transform}): levels 0..255 to what the model sees."""')
+    emit(f"    return {dataset.pixels.source()}\n")
+    emit("\ndef training_batches(levels, labels):")
+    emit('    """(x, labels, total) per step, as probkit fit draws them: '
+         + ("the fixed-noise training set" if plan.fixed else "fresh noise each epoch")
+         + ', minibatches in a seeded order."""')
     emit("    n = len(levels)")
+    emit("    generator = torch.Generator().manual_seed(SEED)")
+    emit("    fixed = transform(levels, torch.Generator().manual_seed(NOISE_SEED)) if FIXED_NOISE else None")
     emit("    while True:")
-    emit(f"        x = {_transform_source(dataset)}")
-    emit("        if BATCH is None or BATCH >= n:")
+    emit("        x = fixed if fixed is not None else transform(levels, generator)")
+    emit("        if BATCH is None:")
     emit("            yield x, labels, None")
     emit("            continue")
     emit("        order = torch.randperm(n, generator=generator)")
@@ -151,7 +163,7 @@ def program_source(prepared: Prepared, npy_path: Path) -> str:
                                "line_search_fn='strong_wolfe')" if fit.optimizer == "lbfgs"
                                else "torch.optim.Adam(list(guide.parameters()), lr=LR)"))
     emit("    elbo = " + ("TraceEnum_ELBO(max_plate_nesting=1)" if enumerated else "Trace_ELBO()"))
-    emit("    batches = training_batches(levels, labels, torch.Generator().manual_seed(SEED))")
+    emit("    batches = training_batches(levels, labels)")
     emit("    for step in range(steps):")
     emit("        x, y, total = next(batches)")
     emit("")
@@ -176,15 +188,10 @@ def program_source(prepared: Prepared, npy_path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _transform_source(dataset) -> str:
-    spec = dataset.spec
-    if dataset.transform == "discrete":
-        return "levels"
-    if dataset.transform == "continuous":
-        return "((levels + torch.rand(levels.shape, generator=generator)) / 256.0).clamp_(2.0**-20, 1.0 - 2.0**-20)"
-    if spec.binarize == "dynamic":
-        return "torch.bernoulli(levels / 255.0, generator=generator)"
-    return f"(levels / 255.0 > {spec.threshold!r}).float()"
+def batch_plan(prepared: Prepared) -> BatchPlan:
+    """The batches `probkit fit` draws for this spec (its own seed and steps)."""
+    settings = settings_from(prepared.compiled, prepared.dataset.n_train, steps=None, seed=None)
+    return BatchPlan.of(prepared.compiled, prepared.dataset, settings)
 
 
 def write_training_array(prepared: Prepared, path: Path) -> Path:
@@ -194,8 +201,8 @@ def write_training_array(prepared: Prepared, path: Path) -> Path:
     arrays = {"levels": dataset.train_levels.cpu().numpy()}
     if dataset.train_labels is not None:
         arrays["labels"] = dataset.train_labels.cpu().numpy()
-    start = prepared.compiled.initial_values(prepared.loaded.spec.fit.seed,
-                                             data=(dataset.fixed("train"), dataset.train_labels))
+    start = initial_values(prepared.compiled, prepared.loaded.spec.fit.seed,
+                           data=(dataset.fixed("train"), dataset.train_labels))
     arrays.update({f"init_{name}": value.cpu().numpy() for name, value in start.items()})
     np.savez(buffer, **arrays)
     atomic_write(Path(path), buffer.getvalue())
@@ -213,7 +220,7 @@ def _emit_lbfgs_closure(emit) -> None:
     emit("            try:")
     emit("                loss = elbo.differentiable_loss(model, guide, x, y, total=total)")
     emit("                inside = bool(torch.isfinite(loss))")
-    emit("            except (ValueError, RuntimeError):  # e.g. a precision that is not positive definite")
+    emit("            except (ValueError, torch.linalg.LinAlgError):  # e.g. a precision that is not positive definite")
     emit("                if not last:")
     emit("                    raise")
     emit("                inside = False")

@@ -32,9 +32,9 @@ def summary_tables(prepared: Prepared) -> list[Table]:
     model.add_column("values")
     model.add_column("how")
     for latent in compiled.latents:
-        how = "observed (label) in fit; summed out otherwise" if latent.observed else "enumerated (summed out)"
+        how = latent.strategy.describe
         model.add_row(latent.name, escape(latent.expr.text), str(latent.cardinality), how)
-    structure = "one event over x" if compiled.family.multivariate else "independent across the D pixels"
+    structure = "one event over x" if compiled.family.joint else "independent across the D pixels"
     model.add_row("x", escape(compiled.likelihood.text), f"D = {compiled.dims.D}", structure)
 
     data = Table(title="data")

@@ -9,6 +9,7 @@ from probkit.api import prepare
 from probkit.distributions import FAMILIES
 from probkit.errors import SpecError
 from probkit.infer import pyro_elbo
+from probkit.initialise import initial_values
 
 SPECS = sorted((Path(__file__).resolve().parent.parent / "specs").glob("*.yaml"))
 
@@ -106,7 +107,7 @@ def test_log_prior_equals_the_prior_sites_of_the_pyro_model(spec):
 
     prepared = prepare(spec)
     compiled = prepared.compiled
-    values = compiled.initial_values(2, data=(prepared.dataset.fixed("train"), prepared.dataset.train_labels))
+    values = initial_values(compiled, 2, data=(prepared.dataset.fixed("train"), prepared.dataset.train_labels))
     trace = poutine.trace(poutine.condition(compiled.model, data=values)).get_trace(None, n=1)
     # float64 values on both sides, so float32 summation error (~1e-5 relative) does not blur the check
     # (matrix families such as Wishart only take float32 values; their term is the same on both sides)

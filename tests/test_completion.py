@@ -242,11 +242,11 @@ def test_low_rank_mixture_agrees_with_dense_and_scipy(write_spec):
     dense_values = {"weights": values["weights"], "loc": values["loc"], "cov": cov64.float()}
     x = low.dataset.fixed("test")[:12]
     mask = make_mask("half", 1, 8, 8)
-    a32 = gaussian_conditional(low.compiled, values, x, mask)  # default: low rank in x's dtype
-    a = gaussian_conditional(low.compiled, values, x, mask, dtype=torch.float64)
-    b = gaussian_conditional(dense.compiled, dense_values, x, mask)  # default: dense in float64
+    a32 = gaussian_conditional(low.compiled, values, x, mask, dtype=torch.float32)  # cast on request
+    a = gaussian_conditional(low.compiled, values, x, mask)  # one policy: both Gaussians in float64
+    b = gaussian_conditional(dense.compiled, dense_values, x, mask)
     assert a.factor is not None and b.scale_tril is not None  # the two paths really ran
-    assert a32.mean.dtype == torch.float32 and b.mean.dtype == torch.float64
+    assert a32.mean.dtype == torch.float32 and a.mean.dtype == b.mean.dtype == torch.float64
     # the dense params were rounded to float32: agreement to 1e-4 absolute (values are O(1))
     for low_rank in (a, a32):
         assert torch.allclose(low_rank.mean.double(), b.mean, atol=1e-4)
@@ -443,31 +443,6 @@ likelihood:
     assert torch.allclose(exact.mean[0, mask].double(), mean, atol=1e-5)
     samples, _ = mcmc_conditional_samples(prepared.compiled, values, x, mask,
                                           MCMCSettings(warmup_steps=200, num_samples=800, seed=1))
-    _assert_within_mc_error(samples[0], mean, var)
-
-
-def test_mcmc_is_the_method_for_a_dirichlet_likelihood(write_spec):
-    """No exact method applies to Dirichlet pixels; the missing block given the observed one is
-    (1 - sum x_obs) * Dirichlet(conc_missing) (aggregation), so a pixel's marginal is a scaled Beta."""
-    prepared = probkit.prepare(write_spec("""probkit: 1
-name: dirichlet4
-""" + DATA2 + """params:
-  conc: {shape: [D], support: positive, init: 1.0}
-likelihood:
-  x: Dirichlet(conc)
-""", "dirichlet4"))
-    conc = torch.tensor([2.0, 3.0, 4.0, 5.0])
-    x = torch.full((1, 4), 0.25)
-    mask = make_mask("half", 1, 2, 2)  # pixels 2 and 3 missing; they share 1 - 0.5 = 0.5
-    assert completion_method(prepared.compiled) == "mcmc"
-    result = complete_images(prepared.compiled, {"conc": conc}, x, mask, k=2, mcmc_warmup=300, mcmc_samples=800)
-    assert result.method == "mcmc"
-    assert torch.allclose(result.completions.sum(-1), torch.ones(1, 2), atol=1e-5)
-    samples, _ = mcmc_conditional_samples(prepared.compiled, {"conc": conc}, x, mask,
-                                          MCMCSettings(warmup_steps=300, num_samples=800, seed=2))
-    a, total = conc[mask].double(), float(conc[mask].sum())
-    mean = 0.5 * a / total
-    var = 0.25 * a * (total - a) / (total ** 2 * (total + 1))
     _assert_within_mc_error(samples[0], mean, var)
 
 

@@ -11,10 +11,11 @@ from scipy.stats import norm
 import probkit
 from probkit.api import prepare
 from probkit.infer import Evaluator
+from probkit.initialise import initial_values
 
 
 def _data_driven_start(prepared, seed: int = 0) -> dict[str, torch.Tensor]:
-    return prepared.compiled.initial_values(seed, data=(prepared.dataset.fixed("train"), None))
+    return initial_values(prepared.compiled, seed, data=(prepared.dataset.fixed("train"), None))
 
 
 FULLCOV = """\
@@ -93,9 +94,9 @@ def test_mixture_initialisation_is_data_driven_distinct_and_seeded():
     prepared = prepare(spec)
     compiled, dataset = prepared.compiled, prepared.dataset
     data = (dataset.fixed("train"), dataset.train_labels)
-    first = compiled.initial_values(5, data=data)
-    again = compiled.initial_values(5, data=data)
-    other = compiled.initial_values(6, data=data)
+    first = initial_values(compiled, 5, data=data)
+    again = initial_values(compiled, 5, data=data)
+    other = initial_values(compiled, 6, data=data)
     probs = first["probs"].reshape(-1, compiled.dims.D)
     assert torch.equal(first["probs"], again["probs"])
     assert not torch.equal(first["probs"], other["probs"])

@@ -10,7 +10,7 @@ import torch
 
 import probkit
 from probkit.api import prepare
-from probkit.errors import FitError
+from probkit.errors import DomainError, FitError
 
 BERNOULLI = """\
 probkit: 1
@@ -51,12 +51,12 @@ def test_map_bernoulli_with_beta_prior_is_the_posterior_mode(write_spec, tmp_pat
 GAUSSIAN = """\
 probkit: 1
 name: gauss
-data: {source: data.npy, size: 6, transform: discrete, test_fraction: 0.25}
+data: {source: data.npy, size: 6, transform: continuous, test_fraction: 0.25}
 params:
   loc: {shape: [D], support: real, init: 0.0}
   scale: {shape: [D], support: positive, init: 1.0}
 likelihood:
-  x: Normal(loc=100.0 * loc, scale=100.0 * scale)   # levels 0..255: params of order 1
+  x: Normal(loc=0.5 * loc, scale=0.5 * scale)
 fit: {method: mle, optimizer: lbfgs, lr: 1.0, steps: 40}
 """
 
@@ -67,8 +67,8 @@ def test_mle_gaussian_is_the_sample_mean_and_std(write_spec, tmp_path):
     spec = write_spec(GAUSSIAN)
     result = probkit.fit(spec, out=tmp_path / "run", device="cpu", samples=0)
     x = _train_pixels(spec)
-    loc = 100.0 * result.values["loc"].double().numpy()
-    scale = 100.0 * result.values["scale"].double().numpy()
+    loc = 0.5 * result.values["loc"].double().numpy()
+    scale = 0.5 * result.values["scale"].double().numpy()
     assert np.allclose(loc, x.mean(0), rtol=1e-3)
     assert np.allclose(scale, x.std(0), rtol=1e-3)  # the MLE divides by N
 
@@ -76,7 +76,7 @@ def test_mle_gaussian_is_the_sample_mean_and_std(write_spec, tmp_path):
 PPCA = """\
 probkit: 1
 name: ppca
-data: {source: digits, size: 8, transform: binary}
+data: {source: digits, size: 8, transform: continuous}
 constants: {R: 3}
 params:
   loc: {shape: [D], support: real}
@@ -170,7 +170,7 @@ def test_interrupted_fit_keeps_the_last_checkpoint(tmp_path):
 NAN = """\
 probkit: 1
 name: nan
-data: {source: digits, size: 8, transform: binary}
+data: {source: digits, size: 8, transform: continuous}
 params:
   loc: {shape: [D], support: real, init: 0.5}
   shrink: {shape: [D], support: real, init: 0.0}
@@ -271,7 +271,7 @@ def test_lbfgs_line_search_steps_back_from_points_outside_the_domain(write_spec,
         if bool(((probs < 0.5 * mean) | (probs > 0.5 + 0.5 * mean)).any()):
             trials["outside"] += 1
             if outside == "error":
-                raise FitError("cannot be built from the current parameter values")
+                raise DomainError("cannot be built from the current parameter values")
             return torch.tensor(float("inf"))
         trials["inside"] += 1
         return original(self, x, labels, scale)
@@ -283,3 +283,24 @@ def test_lbfgs_line_search_steps_back_from_points_outside_the_domain(write_spec,
     assert bool(((fitted >= 0.5 * mean) & (fitted <= 0.5 + 0.5 * mean)).all())
     losses = [h["loss"] for h in result.history]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+
+
+def test_lbfgs_does_not_swallow_errors_outside_the_models_domain(write_spec, tmp_path, monkeypatch):
+    """Only DomainError marks a trial point outside the domain: anything else (here an
+    out-of-memory error at the third evaluation, inside a line search) ends the fit."""
+    from probkit.infer import Trainer
+
+    spec = write_spec(BERNOULLI.replace("METHOD", "mle").replace("prior: Beta(A, B)", "support: unit_interval"))
+    original = Trainer._loss
+    calls = []
+
+    def failing(self, x, labels, scale):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, x, labels, scale)
+
+    monkeypatch.setattr(Trainer, "_loss", failing)
+    with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+        probkit.fit(spec, out=tmp_path / "run", device="cpu", samples=0)
+    assert not (tmp_path / "run" / "run.json").exists()

@@ -1,0 +1,47 @@
+"""Where tensors live and where random numbers come from, passed explicitly.
+
+A `Context` travels with every evaluation of a spec expression, so a constant the spec
+builds (`eye(D)`, `ones(D)`, `grid_rbf(...)`, a number handed to a function) is created on
+the device and in the dtype of the params it meets. Random draws that must be the same on
+every device (data noise, starts) come from CPU generators; draws that only need to be
+reproducible (samples, completions) run in `seeded`, which leaves the caller's global RNG
+state as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Context:
+    """The device and floating dtype of the tensors an evaluation builds."""
+
+    device: torch.device = CPU
+    dtype: torch.dtype = torch.float32
+
+    def tensor(self, value) -> torch.Tensor:
+        """A number (or tensor) as a tensor of this context: floats in `dtype`, on `device`."""
+        if isinstance(value, torch.Tensor):
+            return value if value.device == self.device else value.to(self.device)
+        return torch.as_tensor(value, dtype=self.dtype, device=self.device)
+
+
+def seeded(seed: int, device: torch.device | str | None = None):
+    """A private RNG scope: torch's global generators (CPU, and `device` when it is CUDA) are
+    seeded with `seed` inside and restored on exit, so the caller's random state is untouched."""
+    return _seeded(seed, torch.device(device) if device is not None else CPU)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device) -> Iterator[None]:
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield

@@ -1,0 +1,64 @@
+"""A Categorical over intensity levels per pixel (the `discrete` transform: levels 0..255).
+
+Its arguments have one vector of L levels per pixel, (K, D, L). log p(x | k) gathers each
+image's level in each pixel's normalised log-probabilities, in chunks of images: no
+N x K x D x L tensor. Normalised as Pyro's Categorical does (probs divided by their sum and
+clamped; logits minus their log-sum-exp), so the table equals its log_prob.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributions.utils import clamp_probs
+
+from probkit.families.base import CHUNK_ELEMENTS, LikelihoodFamily, pick
+
+
+def log_probs_of(args) -> torch.Tensor:
+    """Normalised log-probabilities of every level: (K, D, L)."""
+    if "logits" in args:
+        logits = args["logits"]
+        return logits - logits.logsumexp(-1, keepdim=True)
+    probs = args["probs"]
+    return clamp_probs(probs / probs.sum(-1, keepdim=True)).log()
+
+
+class Categorical(LikelihoodFamily):
+    name = "Categorical"
+    hints = {
+        "discrete": "give it 256 levels (the last dimension of its probs or logits), one per level 0..255",
+        "binary": "give it 2 levels (the last dimension of its probs or logits), or use Bernoulli",
+        "continuous": "a Categorical counts levels; use `transform: discrete` (levels 0..255), or a density "
+                      "such as Normal or Beta for values in (0, 1)",
+    }
+    # each component starts at its images' histogram of levels (see probkit.initialise)
+    histogram_args = frozenset({"probs", "logits"})
+
+    def config_shape(self, arg, value, D):
+        return (D, value.shape[-1])
+
+    def log_likelihood(self, args, x):
+        logp = log_probs_of(args)
+        K, D, levels = logp.shape
+        flat = logp.reshape(K, D * levels)
+        offset = torch.arange(D, device=x.device) * levels
+        step = max(1, CHUNK_ELEMENTS // max(K * D, 1))
+        parts = [flat[:, (offset + x[i:i + step].long()).reshape(-1)].reshape(K, -1, D).sum(-1)
+                 for i in range(0, len(x), step)]
+        return torch.cat(parts, dim=1).T
+
+    def mean(self, args):
+        logp = log_probs_of(args)
+        return logp.exp() @ torch.arange(logp.shape[-1], dtype=logp.dtype, device=logp.device)
+
+    def sample(self, args, choice):
+        logp = {"logits": log_probs_of(args)}
+        per_row = choice.shape[1] * logp["logits"][0].numel()  # the picked logits of one image
+        step = max(1, CHUNK_ELEMENTS // max(per_row, 1))
+        return torch.cat([
+            torch.distributions.Categorical(logits=pick(logp, rows)["logits"], validate_args=False).sample()
+            for rows in choice.split(step)
+        ]).to(logp["logits"].dtype)
+
+
+FAMILY = Categorical

@@ -1,0 +1,104 @@
+"""LowRankMultivariateNormal images: probabilistic PCA and mixtures of factor analysers.
+
+cov = W W^T + diag(psi) with W of rank R. log N(x; mu, cov) for every image and configuration
+by Woodbury, as matrix products of x with (1/psi, mu/psi, psi^-1 W) and an R x R Cholesky
+factor of the capacitance I + W^T psi^-1 W per configuration: no N x K x D tensor and no
+D x D matrix. The marginal of a subset of pixels is the same family on those rows, and the
+conditional of the missing block given the observed one is low rank again:
+mean mu_u + W_u C^-1 W_o^T psi_o^-1 (x_o - mu_o), factor W_u L_C^-T, diagonal psi_u, with
+C = I + W_o^T psi_o^-1 W_o. Computed in float64 (probkit.families.gaussian).
+
+Starts (Tipping & Bishop): the top R principal directions of each component's images,
+scaled by (eigenvalue - noise)^1/2, and the noise at the mean of the remaining eigenvalues.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from probkit.families.base import LikelihoodFamily, pick
+from probkit.families.gaussian import (DTYPE, LOG_2PI, GaussianConditional, as_float64, cholesky_or_nan,
+                                       expand_configs)
+
+
+def woodbury(args, x: torch.Tensor):
+    """log N(x_n; mu_k, W_k W_k^T + diag psi_k): N x K, with the capacitance's Cholesky factor
+    (K, R, R) and C^-1 W^T psi^-1 (x - mu) (K, R, N) that the conditional needs. float64."""
+    loc, factor, psi = args["loc"], args["cov_factor"], args["cov_diag"]
+    n, D = x.shape
+    R = factor.shape[-1]
+    inv_psi = psi.reciprocal()
+    diagonal = (x * x) @ inv_psi.T - 2.0 * x @ (loc * inv_psi).T + (loc * loc * inv_psi).sum(-1)
+    scaled = factor * inv_psi.unsqueeze(-1)  # psi^-1 W: K x D x R
+    K = scaled.shape[0]
+    capacitance = torch.eye(R, dtype=x.dtype, device=x.device) + factor.transpose(-1, -2) @ scaled
+    chol = cholesky_or_nan(capacitance)
+    projected = (x @ scaled.permute(1, 0, 2).reshape(D, K * R)).reshape(n, K, R)
+    projected = projected - (loc.unsqueeze(-1) * scaled).sum(1)  # W^T psi^-1 (x - mu)
+    whitened = torch.linalg.solve_triangular(chol, projected.permute(1, 2, 0), upper=False)  # K x R x N
+    low_rank = whitened.pow(2).sum(1).T
+    log_det = 2.0 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1) + psi.log().sum(-1)
+    table = -0.5 * (D * LOG_2PI + log_det + diagonal - low_rank)
+    return table, chol, whitened
+
+
+class LowRankMultivariateNormal(LikelihoodFamily):
+    name = "LowRankMultivariateNormal"
+    joint = True
+    completion = "exact-gaussian"
+    location_args = {"loc": lambda x: x}
+    spread_args = frozenset({"cov_factor", "cov_diag"})
+
+    def config_shape(self, arg, value, D):
+        return (D, value.shape[-1]) if arg == "cov_factor" else (D,)
+
+    def log_likelihood(self, args, x):
+        return woodbury(as_float64(args), x.to(DTYPE))[0].to(x.dtype)
+
+    def marginal(self, args, pixels):
+        return {arg: value[:, pixels] for arg, value in args.items()}
+
+    def mean(self, args):
+        return args["loc"]
+
+    def sample(self, args, choice):
+        picked = as_float64(pick(args, choice))
+        loc, factor, psi = picked["loc"], picked["cov_factor"], picked["cov_diag"]
+        eps = torch.randn(loc.shape[:-1] + (factor.shape[-1], 1), dtype=DTYPE, device=loc.device)
+        white = torch.randn(loc.shape, dtype=DTYPE, device=loc.device)
+        return (loc + (factor @ eps).squeeze(-1) + psi.sqrt() * white).to(args["loc"].dtype)
+
+    def conditional(self, args, x, mask, log_prior):
+        args = as_float64(args)
+        x = x.to(DTYPE)
+        K = log_prior.shape[-1]
+        miss, obs = mask.nonzero().squeeze(-1), (~mask).nonzero().squeeze(-1)
+        observed_ll, chol, whitened = woodbury(self.marginal(args, obs), x[:, obs])
+        solved = torch.linalg.solve_triangular(chol.transpose(-1, -2), whitened, upper=True)  # C^-1 W^T psi^-1 r
+        W_u = args["cov_factor"][:, miss]
+        mean = args["loc"][:, miss].unsqueeze(0) + torch.einsum("kur,krn->nku", W_u, solved)
+        # conditional covariance W_u C^-1 W_u^T + diag(psi_u) = (W_u L_c^-T)(...)^T + diag(psi_u)
+        factor = torch.linalg.solve_triangular(chol, W_u.transpose(-1, -2), upper=False).transpose(-1, -2)
+        log_post = (log_prior + observed_ll).log_softmax(-1)
+        return GaussianConditional(log_post, mean.expand(len(x), K, len(miss)), miss,
+                                   factor=expand_configs(factor, K),
+                                   diag=expand_configs(args["cov_diag"][:, miss], K))
+
+    def spread_start(self, arg, moments, start):
+        rank = start.current("cov_factor").shape[-1]
+        if "eigh" not in start.cache:
+            start.cache["eigh"] = tuple(t.flip(-1) for t in torch.linalg.eigh(moments.covariance()))
+        eigenvalues, vectors = start.cache["eigh"]
+        floor = moments.variance_floor
+        rest = eigenvalues[rank:]
+        noise = max(float(rest.mean()) if len(rest) else floor, floor)
+        if arg == "cov_diag":
+            return torch.full((moments.D,), noise, dtype=torch.float64)
+        if "cov_diag" not in start.fitted:  # cov_diag is an expression: factor against the noise it starts at
+            noise = max(float(start.current("cov_diag").double().mean()), floor)
+        # Tipping & Bishop's W = U (L - noise)^1/2, every column kept alive (a zero column has
+        # zero gradient and would never move)
+        return vectors[:, :rank] * (eigenvalues[:rank] - noise).clamp_min(1e-2 * noise).sqrt()
+
+
+FAMILY = LowRankMultivariateNormal

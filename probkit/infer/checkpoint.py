@@ -1,0 +1,96 @@
+"""Checkpoint I/O and the final run folder (DESIGN section 6), written atomically.
+
+A checkpoint holds the unconstrained params, the optimiser's state and where the batch
+stream stood, with the step, seed and data fingerprint in its metadata; `--resume` reads it
+back. The run folder's run.json is written last, so its presence means the run is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyro
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from probkit import __version__
+from probkit.errors import UsageError
+from probkit.runs import CHECKPOINT, atomic_write, history_csv, tensors_bytes
+
+
+@dataclass
+class Checkpoint:
+    step: int
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, str]
+
+
+def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, str],
+                    history: list[dict]) -> None:
+    atomic_write(run_dir / CHECKPOINT, tensors_bytes(tensors, {"step": str(step), **meta}))
+    atomic_write(run_dir / "history.csv", history_csv(history))
+
+
+def load_checkpoint(run_dir: Path) -> Checkpoint:
+    path = run_dir / CHECKPOINT
+    if not path.exists():
+        raise UsageError(f"--resume: no checkpoint at {path}; start without --resume")
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+    return Checkpoint(int(meta.get("step", 0)), load_file(str(path)), meta)
+
+
+def run_info(compiled, dataset, settings, device: torch.device, wall_time: float, metrics: dict,
+             spec_dir: Path) -> dict:
+    return {
+        "name": compiled.spec.name,
+        "probkit": __version__,
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "method": compiled.method,
+        "optimizer": settings.optimizer,
+        "engine": settings.engine,
+        "seed": settings.seed,
+        "steps": settings.steps,
+        "batch_size": settings.batch_size or "full",
+        "wall_time_s": round(wall_time, 3),
+        "data": {
+            "source": dataset.spec.source, "transform": dataset.transform,
+            "shape": [dataset.channels, dataset.height, dataset.width],
+            "n_train": dataset.n_train, "n_test": dataset.n_test,
+            "fingerprint": dataset.fingerprint(),
+        },
+        "spec_dir": str(spec_dir),
+        **metrics,
+    }
+
+
+def write_run(run_dir: Path, compiled, trainer, info: dict, spec_text: str) -> None:
+    """The final run folder; run.json goes last, so its presence means the run is complete."""
+    values = trainer.values()
+    params = trainer.params
+    tensors = {**values, **{f"unconstrained/{n}": u for n, u in zip(params.names, params.unconstrained)}}
+    atomic_write(run_dir / "spec.yaml", spec_text)
+    atomic_write(run_dir / "params.safetensors", tensors_bytes(tensors, {"format": "probkit-1"}))
+    atomic_write(run_dir / "history.csv", history_csv(trainer.history))
+    trainer.save_checkpoint(trainer.settings.steps)
+    atomic_write(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
+
+
+def fitted_spec_text(loaded, settings) -> str:
+    """The spec as fitted: the user's text, unless options overrode its fit block."""
+    fit = loaded.spec.fit
+    if settings.steps == fit.steps and settings.seed == fit.seed:
+        return loaded.text
+    data = loaded.spec.model_dump(mode="json", exclude_none=True)
+    data["fit"]["steps"] = settings.steps
+    data["fit"]["seed"] = settings.seed
+    return "# written by probkit fit (options overrode the spec's fit block)\n" + yaml.safe_dump(
+        data, sort_keys=False)

@@ -1,0 +1,56 @@
+"""Held-out and training NLL of the current params, and how much each component is used."""
+
+from __future__ import annotations
+
+import torch
+
+from probkit.compiler import CompiledModel
+from probkit.data import Dataset
+
+
+class Evaluator:
+    """Held-out and training NLL of the current params, computed without gradients."""
+
+    def __init__(self, compiled: CompiledModel, dataset: Dataset):
+        self.compiled = compiled
+        self.dataset = dataset
+
+    @torch.no_grad()
+    def nll(self, values: dict[str, torch.Tensor], part: str) -> float:
+        x = self.dataset.fixed(part)
+        if len(x) == 0:
+            return float("nan")
+        return -float(self.compiled.log_marginal(values, x).mean())
+
+    @torch.no_grad()
+    def component_usage(self, values: dict[str, torch.Tensor]) -> dict[str, dict]:
+        """Expected training images per value of each summed-out latent; a component with
+        less than one image's worth of responsibility has collapsed."""
+        compiled = self.compiled
+        hidden = [(i, l) for i, l in enumerate(compiled.latents) if not l.observed]
+        if not hidden:
+            return {}
+        x = self.dataset.fixed("train")
+        labels = self.dataset.train_labels if compiled.observed_latents else None
+        table = compiled.log_joint_table(values, x)
+        if labels is not None:
+            table = compiled.select_observed(table, labels)
+        posterior = (table.reshape(len(x), -1) - table.reshape(len(x), -1).logsumexp(-1, keepdim=True)).exp()
+        posterior = posterior.reshape(table.shape)
+        usage = {}
+        kept_dims = [i for i, l in enumerate(compiled.latents) if not l.observed]
+        for position, (_, latent) in enumerate(hidden):
+            other = [1 + j for j in range(len(kept_dims)) if j != position]
+            counts = posterior.sum(dim=[0, *other]) if other else posterior.sum(0)
+            usage[latent.name] = {
+                "expected_images": [round(float(c), 2) for c in counts.reshape(-1)],
+                "collapsed": [int(k) for k in (counts.reshape(-1) < 1.0).nonzero().flatten()],
+            }
+        return usage
+
+    def metrics(self, values, part: str) -> dict | None:
+        levels = self.dataset.train_levels if part == "train" else self.dataset.test_levels
+        if len(levels) == 0:
+            return None
+        nll = self.nll(values, part)
+        return {"nll": nll, "bits_per_dim": self.dataset.bits_per_dim(nll)}

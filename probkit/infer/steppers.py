@@ -1,0 +1,112 @@
+"""One optimiser step of the objective: a small object per optimiser.
+
+Each stepper takes a function that computes the loss at the current params and applies one
+update. A loss that is not finite at the current params stops the fit before the update, so
+the params that gave it stay put (NonFiniteLoss). L-BFGS's line search may also try points
+outside the model's domain (DomainError, or a non-finite loss): those count as no better than
+the last good point and sloping back towards it, so the search halves its step there. Every
+point the search has evaluated has a loss at least that of its best point so far, so such a
+point fails the sufficient-decrease test and is never the one kept.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from probkit.errors import DomainError
+
+Loss = Callable[[], torch.Tensor]
+
+
+class NonFiniteLoss(Exception):
+    """The loss at the current params is NaN or infinite (or cannot be evaluated)."""
+
+
+class Stepper:
+    optimizer: torch.optim.Optimizer
+
+    def __init__(self, params: list[torch.Tensor], lr: float):
+        self.params = params
+        self.lr = lr
+
+    def step(self, loss: Loss) -> float:
+        """One update; returns the loss at the params before it."""
+        raise NotImplementedError
+
+    def state_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state(self, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+
+class AdamStepper(Stepper):
+    def __init__(self, params, lr):
+        super().__init__(params, lr)
+        self.optimizer = torch.optim.Adam(params, lr=lr)
+
+    def step(self, loss: Loss) -> float:
+        def closure():
+            self.optimizer.zero_grad(set_to_none=True)
+            value = loss()  # a DomainError ends the fit (only line searches step back)
+            if not math.isfinite(float(value.detach())):
+                raise NonFiniteLoss
+            value.backward()
+            return value
+
+        return float(self.optimizer.step(closure).detach())
+
+    def state_tensors(self, names):
+        tensors = {}
+        for n, u in zip(names, self.params):
+            state = self.optimizer.state.get(u, {})
+            for key in ("exp_avg", "exp_avg_sq", "step"):
+                if key in state:
+                    tensors[f"adam/{n}/{key}"] = torch.as_tensor(state[key], dtype=torch.float32)
+        return tensors
+
+    def load_state(self, names, tensors):
+        if f"adam/{names[0]}/step" not in tensors:
+            return
+        for n, u in zip(names, self.params):
+            self.optimizer.state[u] = {
+                "step": tensors[f"adam/{n}/step"].reshape(()).cpu(),
+                "exp_avg": tensors[f"adam/{n}/exp_avg"].to(u.device),
+                "exp_avg_sq": tensors[f"adam/{n}/exp_avg_sq"].to(u.device),
+            }
+
+
+class LBFGSStepper(Stepper):
+    def __init__(self, params, lr):
+        super().__init__(params, lr)
+        self.optimizer = torch.optim.LBFGS(params, lr=lr, max_iter=20, line_search_fn="strong_wolfe")
+
+    def step(self, loss: Loss) -> float:
+        last: list = []  # the latest (loss, gradients) inside the model's domain
+
+        def closure():
+            self.optimizer.zero_grad(set_to_none=True)
+            try:
+                value = loss()
+                inside = math.isfinite(float(value.detach()))
+            except DomainError:  # e.g. a covariance that will not factorise
+                inside = False
+            if not inside:
+                if not last:
+                    raise NonFiniteLoss  # the start itself: before the update
+                best, grads = last
+                for u, g in zip(self.params, grads):
+                    u.grad = -g
+                return torch.tensor(best)
+            value.backward()
+            last[:] = [float(value.detach()),
+                       [torch.zeros_like(u) if u.grad is None else u.grad.clone() for u in self.params]]
+            return value
+
+        return float(self.optimizer.step(closure).detach())
+
+
+STEPPERS = {"adam": AdamStepper, "lbfgs": LBFGSStepper}

@@ -1,0 +1,189 @@
+"""The fit loop: batches in, one optimiser step each, evaluation and checkpoints on a period.
+
+The loop knows no family and no formula: the objective (objective.py) says what is
+minimised, the stepper (steppers.py) how one step is taken, the batch plan (batches.py)
+what each step sees, and checkpoint.py how the state is written. A non-finite loss at the
+current params stops the fit and names the term; nothing untouched is reported as a result.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from probkit.compiler import CompiledModel
+from probkit.data import Dataset
+from probkit.errors import DomainError, FitError, UsageError
+from probkit.infer.batches import BatchPlan, BatchStream
+from probkit.infer.checkpoint import load_checkpoint, save_checkpoint
+from probkit.infer.evaluation import Evaluator
+from probkit.infer.objective import ENGINES, Batch, Params
+from probkit.infer.steppers import STEPPERS, NonFiniteLoss
+from probkit.initialise import initial_values
+from probkit.runs import CHECKPOINT, read_history
+
+
+@dataclass
+class FitResult:
+    """What a fit produced: where its run folder is, its metrics and fitted values."""
+
+    run_dir: Path
+    metrics: dict
+    values: dict[str, torch.Tensor]
+    history: list[dict] = field(default_factory=list)
+    samples_png: Path | None = None
+
+
+@dataclass
+class FitSettings:
+    steps: int
+    lr: float
+    optimizer: str
+    batch_size: int | None  # None: full batch
+    seed: int
+    eval_every: int
+    engine: str = "fused"
+
+
+def settings_from(compiled: CompiledModel, n_train: int, *, steps: int | None, seed: int | None,
+                  engine: str = "fused") -> FitSettings:
+    fit = compiled.spec.fit
+    steps = fit.steps if steps is None else steps
+    if steps < 0:
+        raise UsageError(f"--steps must be 0 or more, found {steps}")
+    batch = None if fit.batch_size == "full" or fit.batch_size >= n_train else int(fit.batch_size)
+    if fit.optimizer == "lbfgs" and batch is not None:
+        raise UsageError("L-BFGS needs full batches: set fit.batch_size: full (or use optimizer: adam)")
+    if engine not in ENGINES:
+        raise UsageError(f"unknown engine '{engine}' (expected {' or '.join(ENGINES)})")
+    eval_every = fit.eval_every or max(1, steps // 20) if steps else 1
+    return FitSettings(steps, fit.lr, fit.optimizer, batch, fit.seed if seed is None else seed,
+                       eval_every, engine)
+
+
+class Trainer:
+    """One fit: params, optimiser, batches, checkpoints. Call `run()` to train."""
+
+    def __init__(self, compiled: CompiledModel, dataset: Dataset, settings: FitSettings, run_dir: Path,
+                 *, resume: bool = False):
+        self.compiled = compiled
+        self.dataset = dataset
+        self.settings = settings
+        self.run_dir = run_dir
+        self.evaluator = Evaluator(compiled, dataset)
+        self.objective = ENGINES[settings.engine](compiled)
+        self.history: list[dict] = []
+        self.start_step = 0
+        self.seconds_before = 0.0  # fitting time of the run a --resume continues, up to its checkpoint
+        # a resumed fit takes its values from the checkpoint: no data-driven start to compute
+        data = None if resume else (dataset.fixed("train"), dataset.train_labels)
+        start = initial_values(compiled, settings.seed, data=data)
+        self.guide = compiled.make_guide(settings.seed, start)
+        self.params = Params(compiled, self.guide)
+        self.stepper = STEPPERS[settings.optimizer](self.params.unconstrained, settings.lr)
+        self.batches = BatchStream(BatchPlan.of(compiled, dataset, settings), dataset)
+        if resume:
+            self._resume()
+
+    @property
+    def names(self) -> list[str]:
+        return self.params.names
+
+    @property
+    def unconstrained(self) -> list[torch.Tensor]:
+        return self.params.unconstrained
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.stepper.optimizer
+
+    def values(self) -> dict[str, torch.Tensor]:
+        return self.params.values()
+
+    # ----- checkpoints -----------------------------------------------------------------
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {f"unconstrained/{n}": u for n, u in zip(self.names, self.unconstrained)}
+        return {**tensors, **self.stepper.state_tensors(self.names)}
+
+    def save_checkpoint(self, step: int) -> None:
+        meta = {"seed": str(self.settings.seed), "data": self.dataset.fingerprint(), **self.batches.state()}
+        save_checkpoint(self.run_dir, step, self.checkpoint_tensors(), meta, self.history)
+
+    def _resume(self) -> None:
+        checkpoint = load_checkpoint(self.run_dir)
+        tensors = checkpoint.tensors
+        path = self.run_dir / CHECKPOINT
+        with torch.no_grad():
+            for n, u in zip(self.names, self.unconstrained):
+                key = f"unconstrained/{n}"
+                if key not in tensors or tensors[key].shape != u.shape:
+                    raise UsageError(f"--resume: the checkpoint at {path} does not match this spec (param {n})")
+                u.copy_(tensors[key].to(u.device))
+        self.stepper.load_state(self.names, tensors)
+        self.start_step = checkpoint.step
+        if checkpoint.meta.get("data") not in (None, self.dataset.fingerprint()):
+            raise UsageError(f"--resume: the checkpoint in {self.run_dir} was fitted on other data "
+                             "(its data fingerprint differs); start without --resume or use another --out")
+        if self.start_step > self.settings.steps:
+            raise UsageError(f"--resume: the checkpoint in {self.run_dir} is already at step {self.start_step}; "
+                             f"pass --steps {self.start_step} or more")
+        self.batches.restore(checkpoint.meta)
+        self.history = [r for r in read_history(self.run_dir / "history.csv") if r["step"] <= self.start_step]
+        self.seconds_before = float(self.history[-1]["seconds"]) if self.history else 0.0
+
+    # ----- the loop --------------------------------------------------------------------
+
+    def _loss(self, x, labels, scale) -> torch.Tensor:
+        return self.objective.loss(self.params, Batch(x, labels, scale))
+
+    def _fail(self, step: int, batch: Batch, last_saved: int | None, cause: str | None = None) -> FitError:
+        kept = (f"the last good checkpoint (step {last_saved}) is kept in {self.run_dir / CHECKPOINT}"
+                if last_saved is not None else "no checkpoint had been written yet, so no result is reported")
+        if cause is not None:
+            return FitError(f"at step {step + 1}: {cause}; {kept}.")
+        with torch.no_grad():
+            try:
+                terms = self.objective.terms(self.params, batch)
+            except DomainError:
+                terms = {}
+            bad_params = [n for n, v in self.values().items() if not torch.isfinite(v).all()]
+        culprit = ", ".join(k for k, v in terms.items() if not torch.isfinite(v)) or "the gradient"
+        if bad_params:
+            culprit += f" (params with non-finite values: {', '.join(bad_params)})"
+        return FitError(
+            f"the loss became non-finite at step {step + 1} (term: {culprit}); {kept}. "
+            "Try a smaller fit.lr, a prior on the offending param, or `init:` values inside its support."
+        )
+
+    def run(self, on_step: Callable[[int, float, float | None], None] | None = None) -> list[dict]:
+        settings = self.settings
+        last_saved = self.start_step if self.start_step else None
+        started = time.perf_counter() - self.seconds_before  # history's seconds count the whole fit
+        for step in range(self.start_step, settings.steps):
+            batch = next(self.batches)
+            try:
+                loss_value = self.stepper.step(lambda: self._loss(batch.x, batch.labels, batch.scale))
+            except NonFiniteLoss:
+                raise self._fail(step, batch, last_saved) from None
+            except DomainError as exc:
+                raise self._fail(step, batch, last_saved, str(exc)) from None
+            done = step + 1
+            test_bpd = None
+            if done % settings.eval_every == 0 or done == settings.steps:
+                # an update to non-finite params shows in the next loss; check before saving them
+                if not all(torch.isfinite(u).all() for u in self.unconstrained):
+                    raise self._fail(step, batch, last_saved)
+                if self.dataset.n_test:
+                    test_bpd = self.dataset.bits_per_dim(self.evaluator.nll(self.values(), "test"))
+                self.history.append({"step": done, "loss": loss_value, "test_bits_per_dim": test_bpd,
+                                     "seconds": round(time.perf_counter() - started, 4)})
+                self.save_checkpoint(done)
+                last_saved = done
+            if on_step is not None:
+                on_step(done, loss_value, test_bpd)
+        return self.history
