@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
+import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -34,20 +37,44 @@ OutOpt = Annotated[Optional[Path], typer.Option("--out", help="the run folder (d
 
 
 def reports_errors(command):
-    """Turn ProbkitError into a one-paragraph message and its exit code; never a traceback."""
+    """Turn ProbkitError into a one-paragraph message and its exit code; never a traceback.
+    Anything else is probkit's own failure (a bug, the device, memory): exit 1, said so plainly
+    (PROBKIT_TRACEBACK=1 shows the traceback)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except ProbkitError as exc:
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            _error(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("interrupted; the last checkpoint in the run folder is kept (--resume continues)")
             raise typer.Exit(130) from None
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:
+            if os.environ.get("PROBKIT_TRACEBACK"):
+                raise
+            _error(internal_failure(exc))
+            raise typer.Exit(1) from None
 
     return wrapper
+
+
+def internal_failure(exc: BaseException) -> str:
+    """The message for a failure that is not the user's input."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    if isinstance(exc, torch.OutOfMemoryError):
+        return (f"out of memory on the device ({first}); nothing was wrong with the spec. Try a smaller "
+                "fit.batch_size or fewer components, or --device cpu; a fit keeps its last good checkpoint")
+    return (f"probkit failed internally ({type(exc).__name__}: {first}). This is a bug in probkit or a "
+            "problem with the machine (device, memory), not with your spec or data; set PROBKIT_TRACEBACK=1 "
+            "to see where, and please report it")
+
+
+def _error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 @app.command()

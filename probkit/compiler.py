@@ -104,7 +104,8 @@ def _is_internal(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     message = str(exc)
-    return isinstance(exc, RuntimeError) and ("same device" in message or "expected device" in message)
+    return isinstance(exc, RuntimeError) and any(
+        words in message for words in ("same device", "expected device", "meta tensor"))
 
 
 def _describe_shapes(expr: Expr, env: dict[str, Any]) -> str:
@@ -539,7 +540,9 @@ class CompiledModel:
         guide._pyro_name = f"probkit.{self.spec.name}.{_GUIDES}"
         probe = torch.zeros(1, self.dims.D, device=self.device)
         labels = torch.zeros(1, dtype=torch.long, device=self.device) if self.observed_latents else None
-        with torch.no_grad(), poutine.block():
+        # the start was checked against every support already; the trace only reads shapes (its
+        # draws from the priors come from a private generator, not the caller's)
+        with torch.no_grad(), poutine.block(), pyro.validation_enabled(False), seeded(seed, self.device):
             guide._setup_prototype(probe, labels, total=self.dims.N)
         return guide.to(self.device)
 

@@ -63,7 +63,25 @@ def _gamma(d, device):
     return lambda v: shape_term(v) - (rate * v).sum(), norm
 
 
-_KERNELS = {dist.Beta: _beta, dist.Dirichlet: _dirichlet, dist.Normal: _normal, dist.Gamma: _gamma}
+def _wishart(d, device):
+    """(df - D - 1)/2 log|P| - tr(V^-1 P)/2 per matrix, with V^-1 and the normaliser computed once."""
+    nu, D = d.df.double(), d.event_shape[-1]
+    tril = d._unbroadcasted_scale_tril.double()
+    norm = (-nu * (D * math.log(2.0) / 2 + tril.diagonal(dim1=-2, dim2=-1).log().sum(-1))
+            - torch.mvlgamma(nu / 2, p=D)).expand(d.batch_shape).sum()
+    weight = ((d.df - D - 1) / 2).expand(d.batch_shape)
+    inverse = torch.cholesky_inverse(tril).to(d.df.dtype).expand(d.batch_shape + (D, D)).to(device)
+    if bool((weight == weight.reshape(-1)[0]).all()):
+        w = float(weight.reshape(-1)[0])
+        log_det = lambda v: w * torch.linalg.slogdet(v).logabsdet.sum()  # noqa: E731
+    else:
+        weight = weight.to(device)
+        log_det = lambda v: (weight * torch.linalg.slogdet(v).logabsdet).sum()  # noqa: E731
+    return lambda v: log_det(v) - 0.5 * (inverse * v.transpose(-1, -2)).sum(), norm
+
+
+_KERNELS = {dist.Beta: _beta, dist.Dirichlet: _dirichlet, dist.Normal: _normal, dist.Gamma: _gamma,
+            dist.Wishart: _wishart}
 
 
 def fast_log_prior(prior, device: torch.device | str = "cpu") -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -166,7 +166,8 @@ def _node_to_python(node, loader, path: KeyPath, smap: SourceMap):
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
+            # a key is the name as written: YAML 1.1 would read `on`, `no`, `yes` ... as booleans
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else loader.construct_object(key_node)
             if not isinstance(key, (str, int)):
                 raise SpecError(
                     f"{smap.file}:{key_node.start_mark.line + 1}:{key_node.start_mark.column + 1}: "

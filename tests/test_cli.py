@@ -118,3 +118,38 @@ def test_observed_label_without_labels_exits_2(write_spec, tmp_path):
     result = _invoke("validate", write_spec(text))
     assert result.exit_code == 2, result.output
     assert "has no labels" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("failure, words", [
+    (RuntimeError("Expected all tensors to be on the same device, cuda:0 and cpu"),
+     ["probkit failed internally", "RuntimeError", "not with your spec", "PROBKIT_TRACEBACK=1"]),
+    (TypeError("unsupported operand"), ["probkit failed internally", "TypeError"]),
+    (__import__("torch").OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+     ["out of memory on the device", "Tried to allocate", "batch_size", "--device cpu"]),
+])
+def test_a_failure_inside_probkit_is_exit_1_and_says_so(monkeypatch, tmp_path, failure, words):
+    """Not a bad spec (exit 2, "shape mismatch"): probkit's own failure, with no traceback."""
+    from probkit import api
+
+    def broken(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(api, "fit", broken)
+    result = _invoke("fit", TINY, "--steps", 2, "--out", tmp_path / "run")
+    assert result.exit_code == 1, result.output
+    flat = " ".join(result.output.split())
+    for word in words:
+        assert word in flat, (word, flat)
+    assert "Traceback" not in result.output and "shape mismatch" not in flat
+    monkeypatch.setenv("PROBKIT_TRACEBACK", "1")
+    assert isinstance(_invoke("fit", TINY, "--steps", 2, "--out", tmp_path / "run").exception, type(failure))
+
+
+def test_every_command_defaults_to_device_auto():
+    import inspect
+
+    from probkit import cli
+
+    for name in ("fit", "sample", "complete", "evaluate"):
+        default = inspect.signature(getattr(cli, name)).parameters["device"].default
+        assert default == "auto", name

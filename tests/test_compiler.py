@@ -116,3 +116,31 @@ def test_log_prior_equals_the_prior_sites_of_the_pyro_model(spec):
     expected = sum(trace.nodes[p.name]["fn"].log_prob(doubled[p.name]).sum().double() for p in compiled.params)
     got = compiled.log_prior(doubled)
     assert torch.allclose(got.double(), torch.as_tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-3)
+
+
+def test_compiling_fitting_and_sampling_leave_the_global_rng_alone(tmp_path):
+    """Starts, batches, noise and samples come from private seeded generators, never from
+    reseeding torch's global one under the caller."""
+    import probkit
+
+    spec = Path(__file__).parent / "specs" / "tiny-class.yaml"  # dynamic binarisation: noise each epoch
+    torch.manual_seed(123)
+    expected = torch.rand(5)
+    torch.manual_seed(123)
+    prepared = prepare(spec)
+    initial_values(prepared.compiled, 4, data=(prepared.dataset.fixed("train"), prepared.dataset.train_labels))
+    probkit.fit(spec, steps=3, out=tmp_path / "run", device="cpu", samples=4)
+    probkit.sample(tmp_path / "run", 3, seed=2)
+    probkit.complete(tmp_path / "run", images=2, k=2)
+    assert torch.equal(torch.rand(5), expected)
+
+
+def test_data_noise_comes_from_cpu_generators_whatever_the_device():
+    from probkit.data import Dequantise, DynamicBinary
+
+    levels = torch.arange(256.0).reshape(4, 64)
+    for transform in (Dequantise(), DynamicBinary()):
+        on_cpu = transform.apply(levels, torch.Generator().manual_seed(7))
+        elsewhere = transform.apply(levels.to("meta"), torch.Generator().manual_seed(7))
+        assert elsewhere.device.type == "meta" and elsewhere.shape == on_cpu.shape
+        assert torch.equal(on_cpu, transform.apply(levels, torch.Generator().manual_seed(7)))

@@ -133,8 +133,8 @@ class LikelihoodFamily:
         d = self.distribution(args)
         support = d.support
         if bool(support.is_discrete) != transform.discrete:
-            kind = "counts" if support.is_discrete else "a density"
-            return (f"{self.name} is {kind} over {describe_support(support, d)}, but `transform: "
+            kind = "gives probabilities to" if support.is_discrete else "is a density over"
+            return (f"{self.name} {kind} {describe_support(support, d)}, but `transform: "
                     f"{transform.name}` gives {transform.describe}{_density_note(transform)}; "
                     f"{self.hint(transform.name)}")
         values = torch.tensor(transform.values, dtype=torch.float32)
@@ -245,13 +245,19 @@ def pick(args: Args, choice: torch.Tensor) -> Args:
     return {arg: value[choice if value.shape[0] > 1 else torch.zeros_like(choice)] for arg, value in args.items()}
 
 
-def chunked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, per_image: int,
-            budget: int = CHUNK_ELEMENTS) -> torch.Tensor:
-    """fn over slices of the images x, so no intermediate holds more than ~budget elements."""
-    step = max(1, budget // max(per_image, 1))
+def chunk_size(per_image: int) -> int:
+    """How many images a chunk holds so no intermediate exceeds CHUNK_ELEMENTS elements."""
+    return max(1, CHUNK_ELEMENTS // max(per_image, 1))
+
+
+def chunked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, per_image: int, dim: int = 0
+            ) -> torch.Tensor:
+    """fn over slices of the images x (results joined along `dim`), so no intermediate holds
+    more than ~CHUNK_ELEMENTS elements."""
+    step = chunk_size(per_image)
     if len(x) <= step:
         return fn(x)
-    return torch.cat([fn(x[i : i + step]) for i in range(0, len(x), step)])
+    return torch.cat([fn(x[i : i + step]) for i in range(0, len(x), step)], dim=dim)
 
 
 def configurations(args: Args) -> int:

@@ -16,6 +16,7 @@ from probkit.families.bernoulli import logits_of
 
 
 def log_choose(n: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    n = n.to(x.dtype)
     return torch.lgamma(n + 1) - torch.lgamma(x + 1) - torch.lgamma(n - x + 1)
 
 

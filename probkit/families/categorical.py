@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.distributions.utils import clamp_probs
 
-from probkit.families.base import CHUNK_ELEMENTS, LikelihoodFamily, pick
+from probkit.families.base import LikelihoodFamily, chunked, pick
 
 
 def log_probs_of(args) -> torch.Tensor:
@@ -42,10 +42,11 @@ class Categorical(LikelihoodFamily):
         K, D, levels = logp.shape
         flat = logp.reshape(K, D * levels)
         offset = torch.arange(D, device=x.device) * levels
-        step = max(1, CHUNK_ELEMENTS // max(K * D, 1))
-        parts = [flat[:, (offset + x[i:i + step].long()).reshape(-1)].reshape(K, -1, D).sum(-1)
-                 for i in range(0, len(x), step)]
-        return torch.cat(parts, dim=1).T
+
+        def gather(xs):  # each image's level in each pixel: K x n x D, summed over pixels
+            return flat[:, (offset + xs.long()).reshape(-1)].reshape(K, -1, D).sum(-1)
+
+        return chunked(gather, x, K * D, dim=1).T
 
     def mean(self, args):
         logp = log_probs_of(args)
@@ -54,11 +55,10 @@ class Categorical(LikelihoodFamily):
     def sample(self, args, choice):
         logp = {"logits": log_probs_of(args)}
         per_row = choice.shape[1] * logp["logits"][0].numel()  # the picked logits of one image
-        step = max(1, CHUNK_ELEMENTS // max(per_row, 1))
-        return torch.cat([
-            torch.distributions.Categorical(logits=pick(logp, rows)["logits"], validate_args=False).sample()
-            for rows in choice.split(step)
-        ]).to(logp["logits"].dtype)
+        return chunked(
+            lambda rows: torch.distributions.Categorical(logits=pick(logp, rows)["logits"],
+                                                         validate_args=False).sample(),
+            choice, per_row).to(logp["logits"].dtype)
 
 
 FAMILY = Categorical

@@ -1,4 +1,4 @@
-"""Issue-5 families against closed forms: full covariance, per-pixel Categorical entropy,
+"""Fits and data-driven starts against closed forms: full covariance, per-pixel Categorical entropy,
 continuous vs discrete bits/dim, data-driven initialisation and collapse reports."""
 
 import math
