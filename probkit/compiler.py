@@ -21,6 +21,7 @@ random numbers outside a private seeded scope and knows nothing of data-driven s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +35,7 @@ from torch.distributions import transform_to
 from probkit import expressions
 from probkit.context import CPU, Context, seeded
 from probkit.data import pixel_transform
-from probkit.distributions import FAMILIES, SUPPORT_EVENT_DIM, SUPPORTS, VECTOR_ARGS, Family
+from probkit.distributions import FAMILIES, SUPPORT_EVENT_DIM, SUPPORTS, VECTOR_ARGS
 from probkit.errors import DomainError, SpecError
 from probkit.expressions import Expr
 from probkit.families import LikelihoodFamily, likelihood_family
@@ -86,10 +87,6 @@ class LikelihoodSite:
     @property
     def text(self) -> str:
         return self.expr.text
-
-    @property
-    def tree(self):
-        return self.expr.tree
 
     def argument_nodes(self) -> dict[str, Any]:
         """The expression's arguments by name (positional ones named as the family names them)."""
@@ -627,7 +624,7 @@ class CompiledModel:
         """log p(x_n | latents) for every image and configuration: shape (N,) + grid_shape."""
         table = self.family.table(self.config_arguments(values), x)  # N x K, or N x 1 if no argument varies
         grid = self.grid_shape
-        return table.expand(len(x), _prod(grid)).reshape((len(x),) + grid)
+        return table.expand(len(x), math.prod(grid)).reshape((len(x),) + grid)
 
     def log_joint_table(self, values, x) -> torch.Tensor:
         """log p(x_n, latents) for every image and configuration: (N,) + grid_shape."""
@@ -647,13 +644,6 @@ class CompiledModel:
     def loss(self, values, x, labels=None, *, scale: float = 1.0) -> torch.Tensor:
         """Negative log joint of params and data: the ELBO of the AutoDelta guide, negated."""
         return -(self.log_prior(values) + scale * self.log_marginal(values, x, labels).sum())
-
-
-def _prod(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out
 
 
 def _broadcasts(shape, grid) -> bool:

@@ -2,7 +2,6 @@
 continuous vs discrete bits/dim, data-driven initialisation and collapse reports."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,6 +11,8 @@ import probkit
 from probkit.api import prepare
 from probkit.infer import Evaluator
 from probkit.initialise import initial_values
+
+from conftest import SPECS, TEST_SPECS
 
 
 def _data_driven_start(prepared, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -70,7 +71,7 @@ def test_per_pixel_categorical_reaches_the_empirical_entropy(write_spec, tmp_pat
 
 
 def test_continuous_bits_per_dim_bound_the_discretised_model(tmp_path):
-    spec = Path(__file__).resolve().parent.parent / "specs" / "digits-gaussian.yaml"
+    spec = SPECS / "digits-gaussian.yaml"
     result = probkit.fit(spec, steps=200, out=tmp_path / "run", device="cpu", samples=0)
     prepared = prepare(spec)
     loc = result.values["loc"].double().numpy()
@@ -90,7 +91,7 @@ def test_continuous_bits_per_dim_bound_the_discretised_model(tmp_path):
 
 
 def test_mixture_initialisation_is_data_driven_distinct_and_seeded():
-    spec = Path(__file__).parent / "specs" / "tiny-class.yaml"
+    spec = TEST_SPECS / "tiny-class.yaml"
     prepared = prepare(spec)
     compiled, dataset = prepared.compiled, prepared.dataset
     data = (dataset.fixed("train"), dataset.train_labels)
@@ -113,7 +114,7 @@ def test_mixture_initialisation_is_data_driven_distinct_and_seeded():
 
 
 def test_collapsed_components_are_reported():
-    spec = Path(__file__).parent / "specs" / "tiny-mixture.yaml"
+    spec = TEST_SPECS / "tiny-mixture.yaml"
     prepared = prepare(spec)
     values = _data_driven_start(prepared)
     values["weights"] = torch.tensor([0.5, 0.5 - 1e-6, 1e-6])  # above float32 clamping of probs
@@ -130,7 +131,7 @@ def test_collapsed_components_are_reported():
 def test_memorisation_check_flags_a_copying_model():
     from probkit.memorisation import memorisation_report
 
-    prepared = prepare(Path(__file__).parent / "specs" / "tiny-mixture.yaml")
+    prepared = prepare(TEST_SPECS / "tiny-mixture.yaml")
     train, test = prepared.dataset.fixed("train"), prepared.dataset.fixed("test")
     copied = memorisation_report(train[:100], train, test)
     assert copied["copies"] == 1.0 and copied["train_to_test_ratio"] == 0.0
