@@ -593,14 +593,10 @@ class CompiledModel:
         grid = self._grid(ctx)
         env = {**self.base_env(), **values, **grid}
         table = torch.zeros(self.grid_shape, device=self.device)
-        for i, latent in enumerate(self.latents):
+        for latent in self.latents:
             family_name, kwargs = expressions.evaluate(latent.expr, env, ctx)
             d = self._build(family_name, kwargs, latent.expr, ctx)
-            if family_name == "Categorical" and i == len(self.latents) - 1 and not d.batch_shape:
-                # an unconditioned last latent's grid is arange(K) on the last dim: log_prob is the logits
-                table = table + d.logits
-            else:
-                table = table + d.log_prob(grid[latent.name])
+            table = table + d.log_prob(grid[latent.name])
         return table
 
     def likelihood_arguments(self, values: dict[str, torch.Tensor], ctx: Context | None = None

@@ -27,9 +27,10 @@ class Context:
     dtype: torch.dtype = torch.float32
 
     def tensor(self, value) -> torch.Tensor:
-        """A number (or tensor) as a tensor of this context: floats in `dtype`, on `device`."""
+        """A number as a tensor of this context (`dtype`, on `device`); a tensor as it is, so a
+        tensor on another device shows as the error it is rather than being copied over."""
         if isinstance(value, torch.Tensor):
-            return value if value.device == self.device else value.to(self.device)
+            return value
         return torch.as_tensor(value, dtype=self.dtype, device=self.device)
 
 
