@@ -222,9 +222,8 @@ def _complete_gaussian(compiled, values, x, mask, k):
     cond = gaussian_conditional(compiled, values, x, mask)
     x_miss = x[:, cond.missing]
     cond_ll = (cond.log_post + cond.log_prob(x_miss)).logsumexp(-1)
-    draws_u = cond.sample(_choose(cond.log_post, k))
     draws = x.unsqueeze(1).repeat(1, k, 1)
-    draws[:, :, cond.missing] = draws_u.to(x.dtype)
+    draws[:, :, cond.missing] = cond.sample(_choose(cond.log_post, k), dtype=x.dtype)
     mean = x.clone()
     mean[:, cond.missing] = torch.einsum("nk,nkm->nm", cond.log_post.exp(), cond.mean).to(x.dtype)
     return draws, mean, cond_ll.to(x.dtype), []

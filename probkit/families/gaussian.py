@@ -4,7 +4,9 @@ conditional distribution of missing pixels that completion draws from.
 
 Float64 policy: both families compute their tables, conditionals, means and draws in float64
 and return x's dtype, on every path (fit, evaluate, sample, complete), since float32 loses
-the Schur complements and the expanded squares of ill-conditioned covariances.
+the Schur complements and the expanded squares of ill-conditioned covariances. Only the
+white noise of a completion's draws is made in the dtype the draws are returned in: its
+rounding is far below its own spread, and it is most of the time a completion takes.
 """
 
 from __future__ import annotations
@@ -65,26 +67,30 @@ class GaussianConditional:
             return MultivariateNormal(self.mean, scale_tril=self.scale_tril, validate_args=False).log_prob(x)
         return LowRankMultivariateNormal(self.mean, self.factor, self.diag, validate_args=False).log_prob(x)
 
-    def noise(self, c: int, count: int) -> torch.Tensor:
-        """`count` draws of configuration c's zero-mean noise: count x M."""
-        mean = self.mean
+    def noise(self, c: int, count: int, dtype: torch.dtype) -> torch.Tensor:
+        """`count` draws of configuration c's zero-mean noise: count x M, in `dtype`."""
+        device = self.mean.device
         if self.scale_tril is not None:
-            eps = torch.randn(count, self.scale_tril.shape[-1], dtype=mean.dtype, device=mean.device)
-            return eps @ self.scale_tril[c].T
-        eps = torch.randn(count, self.factor.shape[-1], dtype=mean.dtype, device=mean.device)
-        white = torch.randn(count, mean.shape[-1], dtype=mean.dtype, device=mean.device)
-        return eps @ self.factor[c].T + self.diag[c].sqrt() * white
+            eps = torch.randn(count, self.scale_tril.shape[-1], dtype=dtype, device=device)
+            return eps @ self.scale_tril[c].T.to(dtype)
+        eps = torch.randn(count, self.factor.shape[-1], dtype=dtype, device=device)
+        white = torch.randn(count, self.mean.shape[-1], dtype=dtype, device=device)
+        return eps @ self.factor[c].T.to(dtype) + self.diag[c].sqrt().to(dtype) * white
 
-    def sample(self, choice: torch.Tensor) -> torch.Tensor:
-        """One draw per entry of `choice` (N x k configuration indices): N x k x M."""
+    def sample(self, choice: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One draw per entry of `choice` (N x k configuration indices): N x k x M, in `dtype`
+        (default the conditional's own). The conditional is computed in float64; the draw's
+        noise may be made in the dtype it is returned in, its rounding far below its spread."""
+        dtype = dtype or self.mean.dtype
         n, k = choice.shape
         if self.mean.shape[1] == 1:  # one configuration: no gather, no masking
-            return self.mean.expand(n, k, self.mean.shape[-1]) + self.noise(0, n * k).reshape(n, k, -1)
-        mean = self.mean.gather(1, choice.unsqueeze(-1).expand(n, k, self.mean.shape[-1]))
+            mean = self.mean.to(dtype).expand(n, k, self.mean.shape[-1])
+            return mean + self.noise(0, n * k, dtype).reshape(n, k, -1)
+        mean = self.mean.gather(1, choice.unsqueeze(-1).expand(n, k, self.mean.shape[-1])).to(dtype)
         out = torch.empty_like(mean)
         for c in range(self.mean.shape[1]):
             picked = choice == c
             count = int(picked.sum())
             if count:
-                out[picked] = mean[picked] + self.noise(c, count)
+                out[picked] = mean[picked] + self.noise(c, count, dtype)
         return out
