@@ -21,6 +21,7 @@ random numbers outside a private seeded scope and knows nothing of data-driven s
 
 from __future__ import annotations
 
+import ast
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -295,7 +296,11 @@ class CompiledModel:
             if _is_internal(exc):
                 raise
             if check:
-                raise expr.error(f"cannot build {family_name}: {exc}") from None
+                raise expr.error(f"cannot build {family_name}: {str(exc).splitlines()[0]}") from None
+            # at run time only invalid values are the model's domain (Pyro's validation, a
+            # matrix that does not factorise); anything else is probkit's own failure
+            if not isinstance(exc, (ValueError, torch.linalg.LinAlgError)):
+                raise
             raise DomainError(
                 f"{expr.where()}: {family_name} cannot be built from the current parameter values "
                 f"({str(exc).splitlines()[0]}); a stronger prior or a smaller fit.lr usually helps"
@@ -407,7 +412,16 @@ class CompiledModel:
         family_name, kwargs = self._checked(expr, env)
         probe = self._build(family_name, kwargs, expr, self._checks, check=True, validate=None)
         self._check_likelihood_shape(site, probe, expr, (batch,) if self.latents else ())
-        # the data's values must lie in the likelihood's support
+        # the data's values must lie in the likelihood's support, which the fit cannot move
+        params = {p.name for p in self.params}
+        nodes = site.argument_nodes()
+        for arg in site.family.support_args:
+            fitted = sorted(params & {n.id for n in ast.walk(nodes[arg]) if isinstance(n, ast.Name)}) \
+                if arg in nodes else []
+            if fitted:
+                raise expr.error(
+                    f"{site.family.name}'s {arg} decides which values it gives probability to, so it must not "
+                    f"depend on params (it reads {', '.join(fitted)}); make it a number or a constant", nodes[arg])
         args = self.config_arguments_at(start, self._checks, site)
         problem = site.family.support_problem(args, pixel_transform(self.spec.data))
         if problem is not None:
@@ -598,13 +612,6 @@ class CompiledModel:
             d = self._build(family_name, kwargs, latent.expr, ctx)
             table = table + d.log_prob(grid[latent.name])
         return table
-
-    def likelihood_arguments(self, values: dict[str, torch.Tensor], ctx: Context | None = None
-                             ) -> dict[str, torch.Tensor]:
-        """The likelihood's arguments over the latent grid, as tensors (by argument name)."""
-        ctx = ctx or self.context
-        _, kwargs = self.evaluate(self.likelihood.expr, values, grid=True, ctx=ctx)
-        return self._arguments(kwargs, ctx)
 
     def config_arguments(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The likelihood's arguments flattened to the K latent configurations (leading dim K,

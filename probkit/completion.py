@@ -16,7 +16,8 @@ method applies (`LikelihoodFamily.completion`); `CompletionResult.method` says w
   marginal.
 
 The general method, ``mcmc``, serves any continuous likelihood on request
-(``method="mcmc"``) and any joint family without a closed-form conditional: per image,
+(``method="mcmc"``), and would serve a joint family without a closed-form conditional (none
+of the families the data transforms admit lacks one today): per image,
 Pyro's NUTS (one chain, no JIT) samples the missing pixels from p(x_miss | x_obs; θ) under
 the compiled Pyro model itself, with the params conditioned on their fitted values
 (``poutine.condition``) and the discrete latents enumerated by NUTS (max_plate_nesting=1).

@@ -37,9 +37,6 @@ class DomainError(FitError):
     L-BFGS's line search steps back from such a trial point; anywhere else it stops the fit."""
 
 
-class InternalError(ProbkitError, RuntimeError):
-    """probkit itself failed (a bug, a device error, out of memory): not the user's input (exit 1)."""
-
 
 class RunError(ProbkitError):
     """A run folder is missing or unreadable (exit 1)."""

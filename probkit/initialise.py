@@ -77,13 +77,20 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
     uses = [u for u in _param_uses(model) if u.name in values and u.name not in explicit]
     flat = x.reshape(len(x), -1).double()
     groups = None  # (the latents locations are indexed by, each image's component, the centres)
+
+    def current(arg: str) -> torch.Tensor:
+        return model.config_arguments_at(values, _CPU)[arg]
+
     for use in uses:
         if use.arg in family.histogram_args:
             groups = _histograms(model, values, use, flat, labels, generator, groups)
             continue
-        start = family.location_args.get(use.arg)
-        if start is None:
+        if use.arg not in family.location_args:
             continue
+
+        def start(image, arg=use.arg):
+            return family.location_start(arg, image, current)
+
         if not use.latents:
             _put(model, values, use.name, start(flat.mean(0)).float())  # if it is one image
             continue
@@ -108,9 +115,6 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
 
     def prior(arg: str):
         return model.map_prior(by_arg[arg], values) if arg in by_arg else None
-
-    def current(arg: str) -> torch.Tensor:
-        return model.config_arguments_at(values, _CPU)[arg]
 
     caches: dict = {}  # per component: shared by its arguments (an eigendecomposition, say)
     for use in spreads:

@@ -125,7 +125,6 @@ def program_source(prepared: Prepared, npy_path: Path) -> str:
     emit(f"    return {{name: torch.from_numpy(data['init_' + name]) for name in {[p.name for p in compiled.params]!r}}}\n")
 
     observed = [l.name for l in compiled.latents if l.observed]
-    plan = batch_plan(prepared)
     emit("\ndef transform(levels, generator):")
     emit(f'    """The data transform ({dataset.transform}): levels 0..255 to what the model sees."""')
     emit(f"    return {dataset.pixels.source()}\n")

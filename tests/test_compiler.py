@@ -144,3 +144,29 @@ def test_data_noise_comes_from_cpu_generators_whatever_the_device():
         elsewhere = transform.apply(levels.to("meta"), torch.Generator().manual_seed(7))
         assert elsewhere.device.type == "meta" and elsewhere.shape == on_cpu.shape
         assert torch.equal(on_cpu, transform.apply(levels, torch.Generator().manual_seed(7)))
+
+
+def test_at_run_time_only_invalid_values_are_outside_the_domain(monkeypatch):
+    """A distribution that cannot be built from invalid values is a point outside the model's
+    domain (DomainError: L-BFGS steps back); any other error is probkit's own and propagates."""
+    import pyro.distributions as dist
+
+    from probkit.errors import DomainError
+
+    compiled = prepare(Path(__file__).parent / "specs" / "tiny-mixture.yaml").compiled
+    values = compiled.initial_values(0)
+    original = dist.Categorical.__init__
+
+    def failing(error):
+        def init(self, *args, **kwargs):
+            raise error
+        return init
+
+    monkeypatch.setattr(dist.Categorical, "__init__", failing(ValueError("Expected parameter probs ...")))
+    with pytest.raises(DomainError, match="Categorical cannot be built from the current parameter values"):
+        compiled.latent_table(values)
+    monkeypatch.setattr(dist.Categorical, "__init__", failing(IndexError("index 7 is out of bounds")))
+    with pytest.raises(IndexError, match="index 7"):
+        compiled.latent_table(values)
+    monkeypatch.setattr(dist.Categorical, "__init__", original)
+    assert torch.isfinite(compiled.latent_table(values)).all()

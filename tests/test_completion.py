@@ -562,3 +562,7 @@ likelihood:
     assert np.allclose(result.mean[:, mask].double().numpy(), (np.exp(post) @ means)[:, miss], atol=1e-2)
     draws = result.completions
     assert torch.equal(draws, draws.round()) and ((draws >= 0) & (draws <= 255)).all()
+    # nothing observed: the posterior is the prior, the completions plain samples
+    everything = complete_images(prepared.compiled, values, x, torch.ones(64, dtype=torch.bool), k=2)
+    assert everything.method == "exact-discrete-latents" and math.isfinite(everything.cond_nll_bits_per_pixel)
+    assert np.allclose(everything.mean.double().numpy(), (values["weights"].double().numpy() @ means)[None], atol=1e-2)

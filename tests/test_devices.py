@@ -1,12 +1,12 @@
 """Every tensor the model builds lives on the params' device: checked without a GPU.
 
 Each spec in specs/ and tests/specs/ is compiled for PyTorch's `meta` device (tensors with
-shapes and no data) and one fit step runs there: the loss, its gradients, held-out NLL and
-samples. torch refuses to mix a meta tensor with a CPU tensor of any size, as CUDA refuses
+shapes and no data) and the work of a fit step runs there: the objective (loss and
+gradients), held-out NLL and samples. torch refuses to mix a meta tensor with a CPU tensor of any size, as CUDA refuses
 to mix CUDA and CPU tensors, so a constant created on the CPU (`eye(D)` without a device, a
 prior's argument, a latent's values) fails here as it would on a GPU. Meta tensors also have
-no values to read back, so the same step proves the objective never synchronises with the
-host. (Only the fused path runs here: Pyro's own trace of the model validates values, which
+no values to read back, so the same run proves the objective never reads a value back to
+the host (the optimiser's one read of the loss per step is outside it). (Only the fused path runs here: Pyro's own trace of the model validates values, which
 meta tensors do not have.)
 """
 

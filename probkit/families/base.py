@@ -86,6 +86,9 @@ class LikelihoodFamily:
     spread_args: ClassVar[frozenset[str]] = frozenset()
     # per-pixel level probabilities started from each component's histogram of levels
     histogram_args: ClassVar[frozenset[str]] = frozenset()
+    # arguments that move the support (Binomial's total_count, Uniform's bounds): they must be
+    # constants, or the support checked before the fit would not be the one the fit ends with
+    support_args: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, pyro: PyroFamily):
         self.pyro = pyro
@@ -189,6 +192,12 @@ class LikelihoodFamily:
         raise NotImplementedError(f"{self.name} has no closed-form conditional")
 
     # ----- data-driven starts ----------------------------------------------------------
+
+    def location_start(self, arg: str, image: torch.Tensor, current: Callable[[str], torch.Tensor]
+                       ) -> torch.Tensor:
+        """A location argument that starts at one image (a k-means centre), for an `arg` in
+        `location_args`; current(arg) gives the arguments at the starts so far."""
+        return self.location_args[arg](image)
 
     def spread_start(self, arg: str, moments: Moments, start: SpreadStart) -> torch.Tensor | None:
         """The start of spread argument `arg` of one component from its images' moments."""

@@ -28,6 +28,12 @@ class Binomial(LikelihoodFamily):
         "discrete": "set total_count=255 so it covers the levels 0..255",
     }
     location_args = {"probs": lambda x: (x + 32.0) / (255.0 + 64.0)}  # levels, pulled towards the middle
+    support_args = ("total_count",)
+
+    def location_start(self, arg, image, current):
+        """An image of counts as probabilities, pulled towards 1/2 by an eighth of total_count."""
+        n = current("total_count")[0].double()
+        return (image + n / 8.0) / (1.25 * n)
 
     def log_likelihood(self, args, x):
         logits, n = logits_of(args), args["total_count"]

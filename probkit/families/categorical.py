@@ -44,7 +44,7 @@ class Categorical(LikelihoodFamily):
         offset = torch.arange(D, device=x.device) * levels
 
         def gather(xs):  # each image's level in each pixel: K x n x D, summed over pixels
-            return flat[:, (offset + xs.long()).reshape(-1)].reshape(K, -1, D).sum(-1)
+            return flat[:, (offset + xs.long()).reshape(-1)].reshape(K, len(xs), D).sum(-1)
 
         return chunked(gather, x, K * D, dim=1).T
 

@@ -14,6 +14,7 @@ from probkit.families.base import LikelihoodFamily, chunked, configurations
 from probkit.families.normal import scale_start
 
 LOCATION_SCALE = {"Laplace", "StudentT", "Cauchy"}
+SUPPORT_ARGS = {"Uniform": ("low", "high")}
 HINTS = {
     "Dirichlet": {transform: "a Dirichlet draws images whose pixels sum to 1, which image data never do; use "
                              "per-pixel Beta or Normal pixels, or a Gaussian over the image"
@@ -32,6 +33,7 @@ class Generic(LikelihoodFamily):
         self.joint = pyro.multivariate
         self.completion = None if self.joint else "exact-discrete-latents"
         self.hints = HINTS.get(pyro.name, {})
+        self.support_args = SUPPORT_ARGS.get(pyro.name, ())
         if pyro.name in LOCATION_SCALE:
             self.location_args = {"loc": lambda x: x}
             self.spread_args = frozenset({"scale"})
@@ -52,4 +54,4 @@ class Generic(LikelihoodFamily):
         return super().marginal(args, pixels)
 
     def spread_start(self, arg, moments, start):
-        return scale_start(moments, start) if arg == "scale" else None
+        return scale_start(moments) if arg == "scale" else None

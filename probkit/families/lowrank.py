@@ -22,8 +22,9 @@ from probkit.families.gaussian import (DTYPE, LOG_2PI, GaussianConditional, as_f
 
 
 def woodbury(args, x: torch.Tensor):
-    """log N(x_n; mu_k, W_k W_k^T + diag psi_k): N x K, with the capacitance's Cholesky factor
-    (K, R, R) and C^-1 W^T psi^-1 (x - mu) (K, R, N) that the conditional needs. float64."""
+    """log N(x_n; mu_k, W_k W_k^T + diag psi_k): N x K, with what the conditional needs: the
+    Cholesky factor L of the capacitance C = I + W^T psi^-1 W (K, R, R) and
+    L^-1 W^T psi^-1 (x - mu) (K, R, N). In x's dtype (float64 here)."""
     loc, factor, psi = args["loc"], args["cov_factor"], args["cov_diag"]
     n, D = x.shape
     R = factor.shape[-1]
@@ -55,9 +56,6 @@ class LowRankMultivariateNormal(LikelihoodFamily):
     def log_likelihood(self, args, x):
         return woodbury(as_float64(args), x.to(DTYPE))[0].to(x.dtype)
 
-    def marginal(self, args, pixels):
-        return {arg: value[:, pixels] for arg, value in args.items()}
-
     def mean(self, args):
         return args["loc"]
 
@@ -74,7 +72,7 @@ class LowRankMultivariateNormal(LikelihoodFamily):
         K = log_prior.shape[-1]
         miss, obs = mask.nonzero().squeeze(-1), (~mask).nonzero().squeeze(-1)
         observed_ll, chol, whitened = woodbury(self.marginal(args, obs), x[:, obs])
-        solved = torch.linalg.solve_triangular(chol.transpose(-1, -2), whitened, upper=True)  # C^-1 W^T psi^-1 r
+        solved = torch.linalg.solve_triangular(chol.transpose(-1, -2), whitened, upper=True)  # C^-1 W_o^T psi_o^-1 r
         W_u = args["cov_factor"][:, miss]
         mean = args["loc"][:, miss].unsqueeze(0) + torch.einsum("kur,krn->nku", W_u, solved)
         # conditional covariance W_u C^-1 W_u^T + diag(psi_u) = (W_u L_c^-T)(...)^T + diag(psi_u)

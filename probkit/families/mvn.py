@@ -27,8 +27,9 @@ from probkit.families.gaussian import (DTYPE, LOG_2PI, GaussianConditional, as_f
 MATRICES = ("covariance_matrix", "precision_matrix", "scale_tril")
 
 
-def whiten(args, x: torch.Tensor):
-    """Whitened residuals (K, n, D) and log N(x; mu_k, cov_k) (n, K) in chunks of images."""
+def whiten(args):
+    """(white, half_log_det, D): white(x) gives the whitened residuals of images x, K x n x D,
+    whose squared norms are the Mahalanobis distances; half_log_det is log|cov_k| / 2."""
     loc = args["loc"]
     D = loc.shape[-1]
     if "precision_matrix" in args:
@@ -85,9 +86,9 @@ class MultivariateNormal(LikelihoodFamily):
 
     def log_likelihood(self, args, x):
         args = as_float64(args)
-        white, half_log_det, D = whiten(args, x.to(DTYPE))
+        white, half_log_det, D = whiten(args)
         per_image = configurations(args) * D
-        table = chunked(lambda xs: gaussian_log_prob(white(xs), half_log_det, D), x.to(DTYPE), per_image)
+        table = chunked(lambda xs: gaussian_log_prob(white(xs.to(DTYPE)), half_log_det, D), x, per_image)
         return table.to(x.dtype)
 
     def marginal(self, args, pixels):
@@ -120,7 +121,7 @@ class MultivariateNormal(LikelihoodFamily):
         S_oo, S_ou, S_uu = cov[:, obs][:, :, obs], cov[:, obs][:, :, miss], cov[:, miss][:, :, miss]
         if len(obs):
             observed = {"loc": loc[:, obs], "scale_tril": cholesky_or_nan(S_oo)}
-            white, half_log_det, O = whiten(observed, x[:, obs])
+            white, half_log_det, O = whiten(observed)
             z = white(x[:, obs])  # K x N x O: L_o^-1 (x_o - mu_o)
             observed_ll = gaussian_log_prob(z, half_log_det, O)
             A = torch.linalg.solve_triangular(observed["scale_tril"], S_ou, upper=False)  # L_o^-1 S_ou: K x O x M

@@ -15,7 +15,7 @@ import torch
 from probkit.families.base import LikelihoodFamily, pick
 
 
-def scale_start(moments, start) -> torch.Tensor:
+def scale_start(moments) -> torch.Tensor:
     """A per-pixel scale: each pixel's standard deviation, at least the start's floor."""
     return moments.variance.clamp_min(moments.variance_floor).sqrt()
 
@@ -43,7 +43,7 @@ class Normal(LikelihoodFamily):
         return loc + scale * torch.randn(loc.shape, dtype=loc.dtype, device=loc.device)
 
     def spread_start(self, arg, moments, start):
-        return scale_start(moments, start)
+        return scale_start(moments)
 
 
 FAMILY = Normal

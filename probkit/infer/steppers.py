@@ -49,15 +49,19 @@ class AdamStepper(Stepper):
         self.optimizer = torch.optim.Adam(params, lr=lr)
 
     def step(self, loss: Loss) -> float:
+        read: list[float] = []
+
         def closure():
             self.optimizer.zero_grad(set_to_none=True)
             value = loss()  # a DomainError ends the fit (only line searches step back)
-            if not math.isfinite(float(value.detach())):
+            read.append(float(value.detach()))  # the step's one read of the device
+            if not math.isfinite(read[-1]):
                 raise NonFiniteLoss
             value.backward()
             return value
 
-        return float(self.optimizer.step(closure).detach())
+        self.optimizer.step(closure)
+        return read[0]
 
     def state_tensors(self, names):
         tensors = {}
@@ -86,12 +90,14 @@ class LBFGSStepper(Stepper):
 
     def step(self, loss: Loss) -> float:
         last: list = []  # the latest (loss, gradients) inside the model's domain
+        first: list[float] = []  # the loss at the params the step starts from
 
         def closure():
             self.optimizer.zero_grad(set_to_none=True)
             try:
                 value = loss()
-                inside = math.isfinite(float(value.detach()))
+                number = float(value.detach())
+                inside = math.isfinite(number)
             except DomainError:  # e.g. a covariance that will not factorise
                 inside = False
             if not inside:
@@ -100,13 +106,14 @@ class LBFGSStepper(Stepper):
                 best, grads = last
                 for u, g in zip(self.params, grads):
                     u.grad = -g
-                return torch.tensor(best)
+                return torch.tensor(best, device=self.params[0].device)
             value.backward()
-            last[:] = [float(value.detach()),
-                       [torch.zeros_like(u) if u.grad is None else u.grad.clone() for u in self.params]]
+            first[:1] = first[:1] or [number]
+            last[:] = [number, [torch.zeros_like(u) if u.grad is None else u.grad.clone() for u in self.params]]
             return value
 
-        return float(self.optimizer.step(closure).detach())
+        self.optimizer.step(closure)
+        return first[0]
 
 
 STEPPERS = {"adam": AdamStepper, "lbfgs": LBFGSStepper}

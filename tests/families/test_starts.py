@@ -297,3 +297,21 @@ def test_map_per_pixel_categorical_is_the_smoothed_histogram(write_spec, tmp_pat
     result = probkit.fit(spec, out=tmp_path / "run", device="cpu", samples=0)
     fitted = result.values["probs"].double().numpy()
     assert (np.abs(fitted - expected) / expected).max() <= 1e-4  # every level, the rarest too
+
+
+def test_binomial_locations_start_from_the_images_at_any_total_count(write_spec):
+    """A Binomial's probs start at the training mean pulled a little towards 1/2, scaled by its
+    own total_count: counts 0/1 of binary pixels with total_count=1 as well as levels with 255."""
+    for transform, n in (("binary", 1), ("discrete", 255)):
+        prepared = prepare(write_spec(f"""\
+probkit: 1
+name: binomial-{n}
+data: {{source: digits, size: 4, transform: {transform}}}
+params:
+  p: {{shape: [D], prior: "Beta(2.0, 2.0)"}}
+likelihood:
+  x: Binomial(total_count={n}, probs=p)
+""", f"binomial-{n}"))
+        x = prepared.dataset.fixed("train").double()
+        start = _data_driven_start(prepared)["p"].double()
+        assert torch.allclose(start, (x.mean(0) + n / 8) / (1.25 * n), atol=1e-6)

@@ -45,8 +45,17 @@ REFUSED = [
      ["Beta is a density", "pixels 0 or 1"]),
     ("continuous", "params:\n  conc: {shape: [D], support: positive}\nlikelihood:\n  x: Dirichlet(conc)\n",
      ["the simplex", "pixels sum to 1"]),
-    ("continuous", "params:\n  low: {shape: [D], support: real, init: 0.2}\nlikelihood:\n  x: Uniform(low, 1.0)\n",
+    ("continuous", "likelihood:\n  x: Uniform(0.2 * ones(D), 1.0)\n",
      ["Uniform here covers [0.2, 1]", "values in (0, 1)"]),
+    # arguments that move the support must not be fitted: the checked support would not stay
+    ("continuous", "params:\n  low: {shape: [D], support: real, init: -0.5}\nlikelihood:\n  x: Uniform(low, 1.5)\n",
+     ["Uniform's low decides which values it gives probability to", "must not depend on params (it reads low)"]),
+    ("discrete", "params:\n  n: {shape: [], support: positive, init: 300.0}\n  p: {shape: [D], prior: \"Beta(2.0, 2.0)\"}\n"
+                 "likelihood:\n  x: Binomial(total_count=n, probs=p)\n",
+     ["Binomial's total_count decides which values", "(it reads n)"]),
+    ("discrete", "params:\n  p: {shape: [D], prior: \"Beta(2.0, 2.0)\"}\nlikelihood:\n"
+                 "  x: Binomial(total_count=255.5, probs=p)\n",
+     ["cannot build Binomial", "total_count", "IntegerGreaterThan"]),
 ]
 
 
