@@ -422,7 +422,7 @@ class CompiledModel:
                 raise expr.error(
                     f"{site.family.name}'s {arg} decides which values it gives probability to, so it must not "
                     f"depend on params (it reads {', '.join(fitted)}); make it a number or a constant", nodes[arg])
-        args = self.config_arguments_at(start, self._checks, site)
+        args = self._config_arguments(site, start, self._checks)
         problem = site.family.support_problem(args, pixel_transform(self.spec.data))
         if problem is not None:
             raise expr.error(problem)
@@ -613,13 +613,14 @@ class CompiledModel:
             table = table + d.log_prob(grid[latent.name])
         return table
 
-    def config_arguments(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def config_arguments(self, values: dict[str, torch.Tensor], ctx: Context | None = None
+                         ) -> dict[str, torch.Tensor]:
         """The likelihood's arguments flattened to the K latent configurations (leading dim K,
-        or 1 for an argument that is the same for all): what the family's methods take."""
-        return self.config_arguments_at(values, self.context)
+        or 1 for an argument that is the same for all): what the family's methods take.
+        Evaluated in the model's context unless `ctx` says otherwise."""
+        return self._config_arguments(self.likelihood, values, ctx or self.context)
 
-    def config_arguments_at(self, values, ctx: Context, site: LikelihoodSite | None = None):
-        site = site or self.likelihood
+    def _config_arguments(self, site: LikelihoodSite, values, ctx: Context) -> dict[str, torch.Tensor]:
         _, kwargs = expressions.evaluate(site.expr, {**self.base_env(), **values, **self._grid(ctx)}, ctx)
         return site.family.configs(self._arguments(kwargs, ctx), self.grid_shape, self.dims.D)
 

@@ -79,7 +79,7 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
     groups = None  # (the latents locations are indexed by, each image's component, the centres)
 
     def current(arg: str) -> torch.Tensor:
-        return model.config_arguments_at(values, _CPU)[arg]
+        return model.config_arguments(values, ctx=_CPU)[arg]
 
     for use in uses:
         if use.arg in family.histogram_args:
