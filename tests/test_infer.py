@@ -304,3 +304,18 @@ def test_lbfgs_does_not_swallow_errors_outside_the_models_domain(write_spec, tmp
     with pytest.raises(torch.OutOfMemoryError, match="simulated"):
         probkit.fit(spec, out=tmp_path / "run", device="cpu", samples=0)
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+@pytest.mark.parametrize("transform, likelihood, bits", [
+    ("continuous", "Uniform(0.0, 1.0)", 8.0),  # density 1 on (0, 1): the 256 levels' bits
+    ("binary", "Bernoulli(probs=0.5)", 1.0),
+    ("discrete", "Categorical(logits=zeros(D, 256))", 8.0),
+])
+def test_a_model_without_params_fits_as_the_baseline_it_is(write_spec, tmp_path, transform, likelihood, bits):
+    """Nothing to optimise: the fit evaluates it, and its bits/dim are the uniform baselines."""
+    spec = write_spec(f"probkit: 1\nname: baseline\ndata: {{source: digits, size: 4, transform: {transform}}}\n"
+                      f"likelihood:\n  x: {likelihood}\n")
+    result = probkit.fit(spec, steps=3, out=tmp_path / "run", device="cpu", samples=4)
+    for part in ("train", "test"):
+        assert result.metrics[part]["bits_per_dim"] == pytest.approx(bits, abs=1e-6)
+    assert result.values == {} and (tmp_path / "run" / "samples.png").exists()

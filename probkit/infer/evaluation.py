@@ -20,7 +20,7 @@ class Evaluator:
         x = self.dataset.fixed(part)
         if len(x) == 0:
             return float("nan")
-        return -float(self.compiled.log_marginal(values, x).mean())
+        return 0.0 - float(self.compiled.log_marginal(values, x).mean())  # 0.0 - : never "-0.0"
 
     @torch.no_grad()
     def component_usage(self, values: dict[str, torch.Tensor]) -> dict[str, dict]:

@@ -26,7 +26,7 @@ class NonFiniteLoss(Exception):
 
 
 class Stepper:
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None = None
 
     def __init__(self, params: list[torch.Tensor], lr: float):
         self.params = params
@@ -116,4 +116,19 @@ class LBFGSStepper(Stepper):
         return first[0]
 
 
+class NothingToFit(Stepper):
+    """A model without params (a fixed density, a baseline): each step only evaluates the loss."""
+
+    def step(self, loss: Loss) -> float:
+        with torch.no_grad():
+            value = float(loss())
+        if not math.isfinite(value):
+            raise NonFiniteLoss
+        return value
+
+
 STEPPERS = {"adam": AdamStepper, "lbfgs": LBFGSStepper}
+
+
+def make_stepper(optimizer: str, params: list[torch.Tensor], lr: float) -> Stepper:
+    return STEPPERS[optimizer](params, lr) if params else NothingToFit(params, lr)

@@ -22,7 +22,7 @@ from probkit.infer.batches import BatchPlan, BatchStream
 from probkit.infer.checkpoint import load_checkpoint, save_checkpoint
 from probkit.infer.evaluation import Evaluator
 from probkit.infer.objective import ENGINES, Batch, Params
-from probkit.infer.steppers import STEPPERS, NonFiniteLoss
+from probkit.infer.steppers import NonFiniteLoss, make_stepper
 from probkit.initialise import initial_values
 from probkit.runs import CHECKPOINT, read_history
 
@@ -84,7 +84,7 @@ class Trainer:
         start = initial_values(compiled, settings.seed, data=data)
         self.guide = compiled.make_guide(settings.seed, start)
         self.params = Params(compiled, self.guide)
-        self.stepper = STEPPERS[settings.optimizer](self.params.unconstrained, settings.lr)
+        self.stepper = make_stepper(settings.optimizer, self.params.unconstrained, settings.lr)
         self.batches = BatchStream(BatchPlan.of(compiled, dataset, settings), dataset)
         if resume:
             self._resume()
