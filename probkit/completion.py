@@ -171,9 +171,11 @@ def _latent_prior(compiled: CompiledModel, values) -> torch.Tensor:
     return compiled.latent_table(values).reshape(-1)
 
 
-def discrete_posterior(compiled: CompiledModel, values, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """log p(k | x_obs) over the flattened latent configurations: N x K (pixel families)."""
-    args = compiled.config_arguments(values)
+def discrete_posterior(compiled: CompiledModel, values, x: torch.Tensor, mask: torch.Tensor,
+                       args=None) -> torch.Tensor:
+    """log p(k | x_obs) over the flattened latent configurations: N x K (pixel families).
+    `args`: the likelihood's configuration arguments, when the caller has them already."""
+    args = compiled.config_arguments(values) if args is None else args
     observed = compiled.family.table(args, x, pixels=~mask.to(torch.bool))
     return (_latent_prior(compiled, values) + observed).log_softmax(-1)
 
@@ -188,7 +190,7 @@ def _choose(log_post: torch.Tensor, k: int) -> torch.Tensor:
 def _complete_pixels(compiled, values, x, mask, k):
     family = compiled.family
     args = compiled.config_arguments(values)
-    log_post = discrete_posterior(compiled, values, x, mask)
+    log_post = discrete_posterior(compiled, values, x, mask, args)
     # log p(x_miss | x_obs) = logsumexp_k log p(k | x_obs) + log p(x_miss | k)
     cond_ll = (log_post + family.table(args, x, pixels=mask)).logsumexp(-1)
     draws = family.sample(args, _choose(log_post, k)).to(x.dtype)

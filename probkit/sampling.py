@@ -13,6 +13,7 @@ import torch
 from probkit.compiler import CompiledModel
 from probkit.context import seeded
 from probkit.errors import UsageError
+from probkit.families.base import pick
 from probkit.spec import suggest
 
 
@@ -64,8 +65,7 @@ def draw_samples(compiled: CompiledModel, values: dict[str, torch.Tensor], n: in
         choice = torch.multinomial(weights.softmax(-1), n, replacement=True).reshape(n, 1)
         args = compiled.config_arguments(values)
         if mean:
-            means = family.mean(args)
-            drawn = means[choice[:, 0] if means.shape[0] > 1 else torch.zeros_like(choice[:, 0])]
+            drawn = pick({"mean": family.mean(args)}, choice[:, 0])["mean"]
             if not bool(torch.isfinite(drawn).all()):
                 raise UsageError(f"--mean: {family.name} has no finite mean here; sample without --mean")
         else:

@@ -137,7 +137,7 @@ class LikelihoodFamily:
         support = d.support
         if bool(support.is_discrete) != transform.discrete:
             kind = "gives probabilities to" if support.is_discrete else "is a density over"
-            return (f"{self.name} {kind} {describe_support(support, d)}, but `transform: "
+            return (f"{self.name} {kind} {describe_support(support)}, but `transform: "
                     f"{transform.name}` gives {transform.describe}{_density_note(transform)}; "
                     f"{self.hint(transform.name)}")
         values = torch.tensor(transform.values, dtype=torch.float32)
@@ -152,7 +152,7 @@ class LikelihoodFamily:
         outside = inside.reshape(len(values), -1).all(-1).logical_not().nonzero().flatten()
         first = transform.values[int(outside[0])]
         example = f" (e.g. {first:g})" if transform.discrete else ""
-        return (f"{self.name} here covers {describe_support(support, d)}, but `transform: {transform.name}` "
+        return (f"{self.name} here covers {describe_support(support)}, but `transform: {transform.name}` "
                 f"gives {transform.describe}{example}, which it does not cover; {self.hint(transform.name)}")
 
     def hint(self, transform: str) -> str:
@@ -219,7 +219,7 @@ def _density_note(transform) -> str:
     return ""
 
 
-def describe_support(support, d=None) -> str:
+def describe_support(support) -> str:
     """A constraint in words: 'real numbers', '0..255', '(0, 1)', ..."""
     while isinstance(support, constraints.independent):
         support = support.base_constraint
@@ -243,9 +243,9 @@ def describe_support(support, d=None) -> str:
     return str(support)
 
 
-def _bound(value, pick) -> float:
+def _bound(value, extreme) -> float:
     if isinstance(value, torch.Tensor):
-        return float(pick(value.reshape(-1)))
+        return float(extreme(value.reshape(-1)))
     return float(value)
 
 
