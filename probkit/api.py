@@ -107,6 +107,9 @@ def fit(spec: SpecLike, *, steps: int | None = None, device: str = "auto", seed:
     metrics = {"train": evaluator.metrics(values, "train"), "test": evaluator.metrics(values, "test"),
                "components": evaluator.component_usage(values)}
     info = run_info(compiled, dataset, settings, prepared.device, wall, metrics, prepared.loaded.base_dir)
+    stopped = trainer.stopped or f"ran its {settings.steps} steps"
+    info.update({"optimizer_choice": settings.choice, "tolerance": settings.tolerance,
+                 "steps_done": trainer.steps_done, "stopped": stopped})
     write_run(run_dir, compiled, trainer, info, fitted_spec_text(prepared.loaded, settings))
     png = None
     if samples:
@@ -115,7 +118,7 @@ def fit(spec: SpecLike, *, steps: int | None = None, device: str = "auto", seed:
 
         drawn = draw_samples(compiled, values, samples, seed=settings.seed)
         png = save_grid(run_dir / "samples.png", dataset.images(drawn))
-    return FitResult(run_dir, metrics, values, trainer.history, png)
+    return FitResult(run_dir, metrics, values, trainer.history, png, settings.optimizer, settings.choice, stopped)
 
 
 def open_run(target: SpecLike | Run, *, device: str = "auto", out: str | Path | None = None

@@ -103,6 +103,11 @@ def show(
     write_training_array(prepared, path)
     sys.stdout.write(program_source(prepared, path))
     err_console.print(f"(the program reads the training images from {path})")
+    from probkit.show import fit_settings
+
+    if fit_settings(prepared).optimizer == "em":
+        err_console.print("(probkit fits this spec by EM; the program fits the same objective from the same "
+                          "start with L-BFGS: the same optimum, not the same numbers step by step)")
 
 
 @app.command()
@@ -125,6 +130,7 @@ def fit(
     with fit_progress(prepared_spec.name, total, console=err_console, enabled=progress) as on_step:
         result = api.fit(prepared_spec, steps=steps, device=device, seed=seed, out=out, resume=resume,
                          engine=engine, on_step=on_step)
+    console.print(f"optimizer: {result.optimizer} ({result.choice}); {result.stopped}", highlight=False)
     _print_metrics(result.metrics)
     for latent, usage in (result.metrics.get("components") or {}).items():
         if usage["collapsed"]:

@@ -354,7 +354,9 @@ class CompiledModel:
         if site.prior is None or self.method != "map":
             return None
         prior = self._shaped_prior(site, {k: v.cpu() for k, v in values.items()}, self._checks)
-        while hasattr(prior, "base_dist"):  # the expand/to_event wrappers of _shaped_prior
+        # the expand/to_event wrappers of _shaped_prior (not a transformed family's own base:
+        # an InverseGamma stays one)
+        while isinstance(prior, (torch.distributions.Independent, dist.ExpandedDistribution)):
             prior = prior.base_dist
         return prior
 

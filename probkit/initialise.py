@@ -58,19 +58,28 @@ class _Use:
 
 
 def initial_values(compiled: CompiledModel, seed: int = 0,
-                   data: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
+                   data: tuple[torch.Tensor, torch.Tensor | None] | None = None, *,
+                   optimizer: str | None = None) -> dict[str, torch.Tensor]:
     """Where a fit starts, on the model's device: the spec's own start (seeded), then, with
-    `data` (x, labels), the locations and spreads the likelihood uses from the training images."""
+    `data` (x, labels), the locations and spreads the likelihood uses from the training images.
+    `optimizer`: the one the fit uses (default: the spec's, `auto` resolved); only Adam's spreads
+    start no narrower than its step."""
     values = {k: v.cpu() for k, v in compiled.initial_values(seed).items()}
     if data is not None:
         x, labels = data
         generator = torch.Generator().manual_seed(seed)
-        from_data(compiled, values, x.detach().cpu(), None if labels is None else labels.cpu(), generator)
+        if optimizer is None:
+            from probkit.infer.em import choose_optimizer
+
+            optimizer = choose_optimizer(compiled)[0]
+        floor = float(compiled.spec.fit.lr) if optimizer == "adam" else 0.0
+        from_data(compiled, values, x.detach().cpu(), None if labels is None else labels.cpu(), generator,
+                  floor=floor)
     return {k: v.to(compiled.device) for k, v in values.items()}
 
 
 def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Tensor,
-              labels: torch.Tensor | None, generator: torch.Generator) -> None:
+              labels: torch.Tensor | None, generator: torch.Generator, *, floor: float = 0.0) -> None:
     """Replace the starts in `values` (constrained, CPU) by data-driven ones where it applies."""
     family = model.family
     explicit = {p.name for p in model.params if p.init is not None}
@@ -109,8 +118,6 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
     spreads = [u for u in uses if u.arg in family.spread_args]
     if not spreads:
         return
-    fit = model.spec.fit
-    floor = float(fit.lr) if fit.optimizer == "adam" else 0.0
     by_arg = {u.arg: u.name for u in uses}
 
     def prior(arg: str):

@@ -23,12 +23,15 @@ def fit_progress(name: str, total: int, *, console: Console | None = None, enabl
         TextColumn("{task.fields[rate]} steps/s"), TimeRemainingColumn(),
         console=console or Console(stderr=True), disable=not enabled, transient=False,
     )
-    state = {"last": time.perf_counter(), "count": 0, "bpd": "-"}
+    state = {"last": time.perf_counter(), "count": 0, "bpd": "-", "step": 0, "loss": "-", "first": None}
     with bar:
         task = bar.add_task(name, total=total, loss="-", bpd="-", rate="-")
 
         def on_step(step: int, loss: float, test_bpd: float | None) -> None:
             state["count"] += 1
+            state["step"], state["loss"] = step, f"{loss:.4g}"
+            state["first"] = state["first"] or (step, time.perf_counter())
+            state["latest"] = time.perf_counter()
             now = time.perf_counter()
             if test_bpd is not None:
                 state["bpd"] = f"{test_bpd:.4f}"
@@ -38,4 +41,9 @@ def fit_progress(name: str, total: int, *, console: Console | None = None, enabl
                 bar.update(task, completed=step, loss=f"{loss:.4g}", bpd=state["bpd"], rate=rate)
 
         yield on_step
-        bar.update(task, completed=total)
+        # a fit that converged before its last step ends the bar there (done = its steps)
+        done = state["step"] or total
+        rate = "-"
+        if state["first"] and done > state["first"][0]:  # the steps after the first, over their time
+            rate = f"{(done - state['first'][0]) / max(state['latest'] - state['first'][1], 1e-9):.0f}"
+        bar.update(task, completed=done, total=done, loss=state["loss"], bpd=state["bpd"], rate=rate)

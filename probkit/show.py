@@ -4,7 +4,10 @@ The program is rendered from the same structures `probkit fit` runs: the checked
 trees the compiler evaluates, the seeded data-driven start (probkit.initialise), the batch
 plan (probkit.infer.batches, the same CPU generators and noise) and the data transform's own
 source. It fits with Pyro's own TraceEnum_ELBO and AutoDelta, so running it reaches the
-parameters `probkit fit` reaches (tested to 1e-5).
+parameters `probkit fit` reaches (tested to 1e-5). A spec that `probkit fit` fits by EM
+(closed-form updates, probkit.infer.em) is printed with L-BFGS on the same fixed-noise full
+batch and the same start: the same objective and the same optimum, not the same numbers
+step by step (the docstring says so).
 """
 
 from __future__ import annotations
@@ -72,6 +75,13 @@ def program_source(prepared: Prepared, npy_path: Path) -> str:
     emit("")
     emit(f"Usage: python this.py [STEPS] [OUT.npz]   (fits on {npy_path}, saves the fitted params)")
     emit("The training images and probkit's starting values are read from that file.")
+    settings = fit_settings(prepared)
+    lbfgs = settings.optimizer in ("lbfgs", "em")
+    if settings.optimizer == "em":
+        emit("")
+        emit("probkit fits this spec by EM (closed-form updates, probkit/infer/em.py). This program fits")
+        emit("the same objective from the same start with L-BFGS instead, on the same fixed-noise full")
+        emit("batch: it reaches the same optimum (given enough steps), not the same numbers step by step.")
     emit('"""')
     emit("import sys\n")
     emit("import numpy as np")
@@ -89,7 +99,8 @@ def program_source(prepared: Prepared, npy_path: Path) -> str:
     for name, value in compiled.constants.items():
         emit(f"{name} = {value!r}")
     plan = batch_plan(prepared)
-    emit(f"SEED, STEPS, LR = {fit.seed}, {fit.steps}, {fit.lr!r}")
+    lr = 1.0 if settings.optimizer == "em" else fit.lr
+    emit(f"SEED, STEPS, LR = {fit.seed}, {fit.steps}, {lr!r}")
     emit(f"BATCH = {plan.batch_size!r}  # None: full batch")
     emit(f"FIXED_NOISE, NOISE_SEED = {plan.fixed!r}, {fixed_noise_generator(spec.data, 'train').initial_seed()}"
          "  # the same noise every step (L-BFGS, or data without noise)\n")
@@ -159,14 +170,14 @@ def program_source(prepared: Prepared, npy_path: Path) -> str:
     emit("    with torch.no_grad(), poutine.block():")
     emit("        guide(torch.zeros(1, D), None if labels is None else labels[:1], total=N)")
     emit("    optimizer = " + ("torch.optim.LBFGS(list(guide.parameters()), lr=LR, max_iter=20, "
-                               "line_search_fn='strong_wolfe')" if fit.optimizer == "lbfgs"
+                               "line_search_fn='strong_wolfe')" if lbfgs
                                else "torch.optim.Adam(list(guide.parameters()), lr=LR)"))
     emit("    elbo = " + ("TraceEnum_ELBO(max_plate_nesting=1)" if enumerated else "Trace_ELBO()"))
     emit("    batches = training_batches(levels, labels)")
     emit("    for step in range(steps):")
     emit("        x, y, total = next(batches)")
     emit("")
-    if fit.optimizer == "lbfgs":
+    if lbfgs:
         _emit_lbfgs_closure(emit)
     else:
         emit("        def closure():")
@@ -187,10 +198,14 @@ def program_source(prepared: Prepared, npy_path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def fit_settings(prepared: Prepared):
+    """The settings `probkit fit` uses for this spec (its own seed and steps; `auto` resolved)."""
+    return settings_from(prepared.compiled, prepared.dataset.n_train, steps=None, seed=None)
+
+
 def batch_plan(prepared: Prepared) -> BatchPlan:
-    """The batches `probkit fit` draws for this spec (its own seed and steps)."""
-    settings = settings_from(prepared.compiled, prepared.dataset.n_train, steps=None, seed=None)
-    return BatchPlan.of(prepared.compiled, prepared.dataset, settings)
+    """The batches `probkit fit` draws for this spec."""
+    return BatchPlan.of(prepared.compiled, prepared.dataset, fit_settings(prepared))
 
 
 def write_training_array(prepared: Prepared, path: Path) -> Path:

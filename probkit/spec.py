@@ -83,12 +83,14 @@ class LikelihoodSpec(_Strict):
 
 class FitSpec(_Strict):
     method: Literal["map", "mle"] = "map"
-    optimizer: Literal["adam", "lbfgs"] = "adam"
+    optimizer: Literal["auto", "em", "adam", "lbfgs"] = "auto"
     lr: float = Field(0.05, gt=0)
     steps: int = Field(2000, ge=0)
     batch_size: Union[int, Literal["full"]] = "full"
     seed: int = 0
     eval_every: int | None = Field(None, gt=0, description="held-out evaluation period (steps)")
+    tolerance: float | None = Field(None, ge=0, description="stop when a step changes the loss by less than "
+                                    "this fraction of it (default 1e-7 for em, 0: never, for the others)")
 
     @field_validator("batch_size")
     @classmethod

@@ -45,4 +45,29 @@ def summary_tables(prepared: Prepared) -> list[Table]:
         info["source"], str(info["train"]), str(info["test"]), "×".join(map(str, info["shape"])),
         info["transform"], "yes" if info["labels"] else "no",
     )
-    return [params, model, data]
+    return [params, model, data, fit_table(prepared)]
+
+
+def fit_table(prepared: Prepared) -> Table:
+    """How `probkit fit` will fit it: the optimizer (`auto` resolved, and why) and its settings."""
+    from probkit.infer import settings_from
+
+    compiled = prepared.compiled
+    settings = settings_from(compiled, prepared.dataset.n_train, steps=None, seed=None)
+    table = Table(title="fit")
+    for column in ("method", "optimizer", "steps", "stops when", "batch", "lr", "seed"):
+        table.add_column(column)
+    stops = (f"the loss changes < {settings.tolerance:g} of itself" if settings.tolerance else "its steps run out")
+    if settings.optimizer == "em":
+        batch = "all images each step" + (f" (in chunks of {settings.batch_size})" if settings.batch_size else "")
+        lr = "-"
+    else:
+        batch = str(settings.batch_size or "full")
+        lr = f"{settings.lr:g}"
+    table.add_row(compiled.method.upper(), f"{settings.optimizer}", str(settings.steps), stops, batch, lr,
+                  str(settings.seed))
+    caption = f"optimizer: {settings.optimizer} ({settings.choice})"
+    if prepared.dataset.stochastic and settings.optimizer in ("em", "lbfgs"):
+        caption += f"; {settings.optimizer} fits one fixed draw of the data's noise (set by data.seed)"
+    table.caption = escape(caption)
+    return table

@@ -51,3 +51,30 @@ def test_a_fit_step_on_the_meta_device_builds_nothing_elsewhere(spec):
             assert draw_samples(model, values, 3).device == META
         except NotImplementedError as exc:  # torch has no meta kernel for this sampler (Beta, Binomial)
             assert "Meta" in str(exc) and model.family.name in ("Beta", "Binomial"), exc
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda p: p.stem)
+def test_an_em_step_on_the_meta_device_builds_nothing_elsewhere(spec):
+    """EM's E-step statistics and M-step updates stay on the params' device and read nothing back."""
+    from probkit.infer.em import EMStepper, em_plan
+
+    prepared = prepare(spec)
+    dataset = prepared.dataset
+    model = compile_spec(prepared.loaded, prepared.compiled.dims, device=META)
+    plan = em_plan(model)
+    if not plan.applies:
+        pytest.skip(plan.reason)
+    start = initial_values(prepared.compiled, 0, data=(dataset.fixed("train"), dataset.train_labels))
+    params = Params(model, prepared.compiled.make_guide(values=start).to(META))
+    stepper = EMStepper(plan, params, chunk=5)
+    x = dataset.fixed("train")[:7].to(META)
+    labels = dataset.train_labels[:7].to(META) if model.observed_latents else None
+    with torch.no_grad():
+        values = params.values()
+        stats, counts, log_likelihood = stepper.e_step(values, x, labels)
+        new = stepper.m_step(values, stats, counts)
+    assert log_likelihood.device == META and counts.device == META
+    assert all(v.device == META for v in stats.values())
+    assert set(new) == {p.name for p in model.params}
+    for name, value in new.items():
+        assert value.device == META and tuple(value.shape) == tuple(model.param(name).shape), name

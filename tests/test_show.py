@@ -37,3 +37,24 @@ def test_shown_program_reaches_the_same_params(tmp_path, spec):
             scale = max(1.0, float(value.abs().max()))
             difference = np.abs(fitted[name] - value.numpy()).max() / scale
             assert difference <= 1e-5, (name, difference)
+
+
+@pytest.mark.slow
+def test_an_em_spec_is_shown_as_lbfgs_on_the_same_objective_reaching_the_same_optimum(tmp_path):
+    spec = HERE / "specs" / "tiny-em.yaml"
+    npy = tmp_path / "train.npy"
+    result = CliRunner().invoke(app, ["show", str(spec), "--npy", str(npy)])
+    assert result.exit_code == 0, result.output
+    assert "probkit fits this spec by EM" in result.stdout and "torch.optim.LBFGS" in result.stdout
+    program = tmp_path / "program.py"
+    program.write_text(result.stdout)
+    done = subprocess.run([sys.executable, str(program), "40", str(tmp_path / "fitted.npz")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    reference = probkit.fit(spec, out=tmp_path / "run", device="cpu", samples=0)
+    assert "converged" in reference.stopped
+    with np.load(tmp_path / "fitted.npz") as fitted:
+        for name, value in reference.values.items():
+            # two optimisers at one optimum: to 1e-3 of the param's scale
+            scale = max(1.0, float(value.abs().max()))
+            assert np.abs(fitted[name] - value.numpy()).max() / scale <= 1e-3, name

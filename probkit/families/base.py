@@ -191,6 +191,33 @@ class LikelihoodFamily:
         "exact-gaussian"`)."""
         raise NotImplementedError(f"{self.name} has no closed-form conditional")
 
+    # ----- EM (probkit.infer.em; the shared maths is in probkit.families.conjugate) ------
+
+    # the arguments an M-step updates, one tuple per update in the order they are made (the
+    # arguments of one tuple are updated together), and the priors each accepts (the base
+    # distribution's class name; no prior, or MLE, is always accepted)
+    em_steps: ClassVar[tuple[tuple[str, ...], ...]] = ()
+    em_priors: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # arguments whose update needs them all to be params indexed alike (updated together)
+    em_together: ClassVar[frozenset[str]] = frozenset()
+
+    def em_row_elements(self, args: Args, K: int, D: int) -> int:
+        """Elements the statistics of one image build with K configurations (to size the
+        chunks of images the E-step takes)."""
+        return K + D
+
+    def em_statistics(self, args: Args, x: torch.Tensor, resp: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Sufficient statistics of images x (n x D) given their responsibilities (n x K, one
+        column per configuration), in float64: sums over images, so chunks (and ranks) add up."""
+        raise NotImplementedError(f"{self.name} has no closed-form EM update")
+
+    def em_update(self, step: tuple[str, ...], args: Args, stats: dict[str, torch.Tensor], blocks: dict
+                  ) -> dict[str, torch.Tensor]:
+        """New values (float64, param-shaped) of the params behind the arguments of `step` that
+        are params (`blocks`: argument -> probkit.families.conjugate.Block), given the
+        statistics and the current arguments per configuration."""
+        raise NotImplementedError(f"{self.name} has no closed-form EM update")
+
     # ----- data-driven starts ----------------------------------------------------------
 
     def location_start(self, arg: str, image: torch.Tensor, current: Callable[[str], torch.Tensor]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.distributions.utils import probs_to_logits
 
 from probkit.families.base import Args, LikelihoodFamily, pick
+from probkit.families.conjugate import DTYPE, probability
 
 
 def logits_of(args: Args) -> torch.Tensor:
@@ -50,9 +51,34 @@ class Bernoulli(LikelihoodFamily):
     def mean(self, args):
         return probs_of(args)
 
+    em_steps = (("probs",), ("logits",))
+    em_priors = {"probs": ("Beta",), "logits": ()}
+
+    def em_statistics(self, args, x, resp):
+        return count_statistics(x, resp)
+
+    def em_update(self, step, args, stats, blocks):
+        return {arg: success_update(block, stats["sum"], stats["count"][:, None]) for arg, block in blocks.items()}
+
     def sample(self, args, choice):
         probs = probs_of(pick(args, choice))
         return (torch.rand(probs.shape, dtype=probs.dtype, device=probs.device) < probs).to(probs.dtype)
+
+
+def count_statistics(x: torch.Tensor, resp: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per configuration: its share of the images and the sum of their pixels (float64)."""
+    resp = resp.to(DTYPE)
+    return {"count": resp.sum(0), "sum": resp.T @ x.to(DTYPE)}
+
+
+def success_update(block, successes: torch.Tensor, trials: torch.Tensor) -> torch.Tensor:
+    """The MAP probabilities (or their log-odds, for a `logits` param) from per-configuration
+    successes and trials: (s + a - 1) / (n + a + b - 2) under a Beta(a, b) prior."""
+    trials = trials.expand_as(successes)
+    if block.arg == "probs":
+        return probability(block.group(successes), block.group(trials), block, block.current)
+    p = probability(block.group(successes), block.group(trials), block, torch.sigmoid(block.current))
+    return torch.logit(p)
 
 
 FAMILY = Bernoulli

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from probkit.families.base import LikelihoodFamily, chunked, configurations, pick
-from probkit.families.bernoulli import logits_of
+from probkit.families.bernoulli import count_statistics, logits_of, success_update
 
 
 def log_choose(n: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -44,6 +44,16 @@ class Binomial(LikelihoodFamily):
 
     def mean(self, args):
         return args["total_count"] * torch.sigmoid(logits_of(args))
+
+    em_steps = (("probs",), ("logits",))
+    em_priors = {"probs": ("Beta",), "logits": ()}
+
+    def em_statistics(self, args, x, resp):
+        return count_statistics(x, resp)
+
+    def em_update(self, step, args, stats, blocks):
+        trials = stats["count"][:, None] * args["total_count"].to(stats["sum"].dtype)  # n_d per image
+        return {arg: success_update(block, stats["sum"], trials) for arg, block in blocks.items()}
 
     def sample(self, args, choice):
         picked = pick(args, choice)

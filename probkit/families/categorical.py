@@ -12,6 +12,7 @@ import torch
 from torch.distributions.utils import clamp_probs
 
 from probkit.families.base import LikelihoodFamily, chunked, pick
+from probkit.families.conjugate import DTYPE, dirichlet_pseudo_counts, normalise_counts
 
 
 def log_probs_of(args) -> torch.Tensor:
@@ -47,6 +48,34 @@ class Categorical(LikelihoodFamily):
             return flat[:, (offset + xs.long()).reshape(-1)].reshape(K, len(xs), D).sum(-1)
 
         return chunked(gather, x, K * D, dim=1).T
+
+    em_steps = (("probs",), ("logits",))
+    em_priors = {"probs": ("Dirichlet",), "logits": ()}
+
+    def em_row_elements(self, args, K, D):
+        levels = next(iter(args.values())).shape[-1]
+        return K + D * levels
+
+    def em_statistics(self, args, x, resp):
+        """Per configuration, its share of the images and the count of each level in each
+        pixel: resp^T onehot(x), (K, D, L)."""
+        levels = next(iter(args.values())).shape[-1]
+        resp = resp.to(DTYPE)
+        n, D = x.shape
+        onehot = torch.zeros(n, D * levels, dtype=DTYPE, device=x.device)
+        onehot.scatter_(1, torch.arange(D, device=x.device) * levels + x.long(), 1.0)
+        return {"count": resp.sum(0), "levels": (resp.T @ onehot).reshape(-1, D, levels)}
+
+    def em_update(self, step, args, stats, blocks):
+        new = {}
+        for arg, block in blocks.items():
+            counts = block.group(stats["levels"]) + dirichlet_pseudo_counts(block)
+            if arg == "probs":
+                current = block.current / block.current.sum(-1, keepdim=True)
+                new[arg] = normalise_counts(counts, current)
+            else:
+                new[arg] = normalise_counts(counts, block.current.softmax(-1)).log()
+        return new
 
     def mean(self, args):
         logp = log_probs_of(args)

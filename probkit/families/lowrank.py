@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from probkit.families.base import LikelihoodFamily, pick
+from probkit.families.conjugate import normal_precision_terms, variance_update
 from probkit.families.gaussian import (DTYPE, LOG_2PI, GaussianConditional, as_float64, cholesky_or_nan,
                                        expand_configs)
 
@@ -81,6 +82,70 @@ class LowRankMultivariateNormal(LikelihoodFamily):
         return GaussianConditional(log_post, mean.expand(len(x), K, len(miss)), miss,
                                    factor=expand_configs(factor, K),
                                    diag=expand_configs(args["cov_diag"][:, miss], K))
+
+    # factor analysis's EM (Ghahramani & Hinton): the factors and the location together, as one
+    # regression of each pixel on the posterior factor scores and a constant; then the noise
+    em_steps = (("loc", "cov_factor"), ("cov_diag",))
+    em_priors = {"loc": ("Normal",), "cov_factor": ("Normal",), "cov_diag": ("Gamma", "Exponential", "InverseGamma")}
+    em_together = frozenset({"loc", "cov_factor"})
+
+    def em_row_elements(self, args, K, D):
+        rank = args["cov_factor"].shape[-1]
+        return 2 * K * (rank + 1) + D
+
+    def em_statistics(self, args, x, resp):
+        """Per configuration, with the scores u ~ N(0, I) of x's factors appended a constant 1
+        (ũ = [u, 1]): its share of the images, A = Σ r E[ũ ũ^T], B = Σ r x E[ũ]^T and Σ r x²,
+        under the posterior of u given x at the current params."""
+        args = as_float64(args)
+        resp, x = resp.to(DTYPE), x.to(DTYPE)
+        loc, factor, psi = args["loc"], args["cov_factor"], args["cov_diag"]
+        K, rank = resp.shape[1], factor.shape[-1]
+        scaled = factor * psi.reciprocal().unsqueeze(-1)  # psi^-1 W
+        eye = torch.eye(rank, dtype=DTYPE, device=x.device)
+        posterior_cov = torch.cholesky_inverse(cholesky_or_nan(eye + factor.mT @ scaled))  # M^-1: (K|1) x R x R
+        gain = posterior_cov @ scaled.mT  # M^-1 W^T psi^-1: (K|1) x R x D
+        scores = torch.einsum("nd,krd->nkr", x, gain) - (gain @ loc.unsqueeze(-1)).squeeze(-1)  # E[u | x]
+        scores = scores.expand(len(x), K, rank)
+        weighted = resp.unsqueeze(-1) * scores  # r E[u]
+        count = resp.sum(0)
+        A = torch.zeros(K, rank + 1, rank + 1, dtype=DTYPE, device=x.device)
+        A[:, :rank, :rank] = torch.einsum("nkr,nks->krs", weighted, scores) + count[:, None, None] * posterior_cov
+        A[:, :rank, rank] = A[:, rank, :rank] = weighted.sum(0)
+        A[:, rank, rank] = count
+        B = torch.cat([torch.einsum("nd,nkr->kdr", x, weighted), (resp.T @ x).unsqueeze(-1)], -1)
+        return {"count": count, "A": A, "B": B, "squares": resp.T @ (x * x)}
+
+    def em_update(self, step, args, stats, blocks):
+        args = as_float64(args)
+        A, B = stats["A"], stats["B"]
+        K, D, rank = B.shape[0], B.shape[1], B.shape[2] - 1
+        if step == ("loc", "cov_factor"):
+            # per pixel d: (Σ_k A_k / psi_kd + P_0) w_d = Σ_k B_kd / psi_kd + P_0 m_0, w_d = [W_d, mu_d]
+            factor_block, loc_block = blocks["cov_factor"], blocks["loc"]
+            inv_psi = args["cov_diag"].reciprocal().expand(K, D)
+            numerator = factor_block.group(B * inv_psi.unsqueeze(-1), (D, rank + 1))
+            denominator = factor_block.group(A.unsqueeze(1) * inv_psi[..., None, None], (D, rank + 1, rank + 1))
+            factor_sum, factor_precision = normal_precision_terms(factor_block)
+            loc_sum, loc_precision = normal_precision_terms(loc_block)
+            shape = numerator.shape
+            prior_sum = torch.cat([torch.as_tensor(factor_sum, dtype=DTYPE, device=B.device).expand(shape[:-1] + (rank,)),
+                                   torch.as_tensor(loc_sum, dtype=DTYPE, device=B.device).expand(shape[:-1]).unsqueeze(-1)], -1)
+            prior_precision = torch.cat(
+                [torch.as_tensor(factor_precision, dtype=DTYPE, device=B.device).expand(shape[:-1] + (rank,)),
+                 torch.as_tensor(loc_precision, dtype=DTYPE, device=B.device).expand(shape[:-1]).unsqueeze(-1)], -1)
+            chol, info = torch.linalg.cholesky_ex(denominator + torch.diag_embed(prior_precision))
+            solved = torch.cholesky_solve((numerator + prior_sum).unsqueeze(-1), chol).squeeze(-1)
+            ok = (info == 0).unsqueeze(-1)
+            current = torch.cat([factor_block.current, loc_block.current.unsqueeze(-1)], -1)
+            solved = torch.where(ok, solved, current)
+            return {"cov_factor": solved[..., :rank], "loc": solved[..., rank]}
+        block = blocks["cov_diag"]
+        w = torch.cat([args["cov_factor"], args["loc"].unsqueeze(-1)], -1).expand(K, D, rank + 1)
+        # Σ r E[(x_d - w_d ũ)²] = Σ r x_d² - 2 w_d B_d + w_d A w_d
+        squares = stats["squares"] - 2.0 * (w * B).sum(-1) + torch.einsum("kdr,krs,kds->kd", w, A, w)
+        count = stats["count"][:, None].expand(K, D)
+        return {"cov_diag": variance_update(block.group(squares.clamp_min(0.0)), block.group(count), block)}
 
     def spread_start(self, arg, moments, start):
         rank = start.current("cov_factor").shape[-1]

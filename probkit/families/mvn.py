@@ -21,6 +21,7 @@ import pyro.distributions as dist
 import torch
 
 from probkit.families.base import LikelihoodFamily, chunked, configurations, pick
+from probkit.families.conjugate import normal_precision_terms
 from probkit.families.gaussian import (DTYPE, LOG_2PI, GaussianConditional, as_float64, cholesky_or_nan,
                                        expand_configs)
 
@@ -136,6 +137,52 @@ class MultivariateNormal(LikelihoodFamily):
         return GaussianConditional(log_post, mean.expand(len(x), K, len(miss)), miss,
                                    scale_tril=expand_configs(cholesky_or_nan(cond_cov), K))
 
+    # the location given the covariance, then the covariance given the new location
+    em_steps = (("loc",), MATRICES)
+    em_priors = {"loc": ("Normal",), "precision_matrix": ("Wishart",), "covariance_matrix": (), "scale_tril": ()}
+
+    def em_row_elements(self, args, K, D):
+        return K * D + D
+
+    def em_statistics(self, args, x, resp):
+        """Per configuration: its share of the images, their sum and their scatter sum r x x^T."""
+        resp, x = resp.to(DTYPE), x.to(DTYPE)
+        weighted = resp.T.unsqueeze(-1) * x.unsqueeze(0)  # K x n x D
+        return {"count": resp.sum(0), "sum": resp.T @ x, "scatter": weighted.transpose(-1, -2) @ x}
+
+    def em_update(self, step, args, stats, blocks):
+        args = as_float64(args)
+        count, total = stats["count"], stats["sum"]
+        K, D = total.shape
+        if step == ("loc",):  # (Σ_k r_k P_k + P_0) mu = Σ_k P_k s_k + P_0 m_0, per param entry
+            block = blocks["loc"]
+            precision = _precision_of(args).expand(K, D, D)
+            numerator = block.group((precision @ total.unsqueeze(-1)).squeeze(-1))
+            denominator = block.group(count[:, None, None] * precision, (D, D))
+            prior_sum, prior_precision = normal_precision_terms(block)
+            numerator = numerator + prior_sum
+            denominator = denominator + torch.diag_embed(torch.as_tensor(prior_precision, dtype=DTYPE,
+                                                                         device=total.device).expand_as(numerator))
+            chol, info = torch.linalg.cholesky_ex(denominator)
+            solved = torch.cholesky_solve(numerator.unsqueeze(-1), chol).squeeze(-1)
+            return {"loc": torch.where((info == 0).unsqueeze(-1), solved, block.current)}
+        (arg, block), = blocks.items()
+        loc = args["loc"].expand(K, D)
+        outer = total.unsqueeze(-1) * loc.unsqueeze(-2)
+        scatter = stats["scatter"] - outer - outer.mT + count[:, None, None] * (loc.unsqueeze(-1) * loc.unsqueeze(-2))
+        scatter = block.group(_symmetric(scatter))
+        images = block.group(count[:, None, None].expand(K, D, D))[..., :1, :1]
+        if block.prior_name == "Wishart":  # the mode: (n + df - D - 1) (S + V^-1)^-1
+            df = block.prior_tensor("df", scatter.shape[:-2])[..., None, None]
+            inverse_scale = block.prior_tensor("precision_matrix", scatter.shape)
+            return {arg: _symmetric((images + df - D - 1) * torch.cholesky_inverse(
+                cholesky_or_nan(scatter + inverse_scale)))}
+        covariance = scatter / images
+        if arg == "covariance_matrix":
+            return {arg: covariance}
+        chol = cholesky_or_nan(covariance)
+        return {arg: chol if arg == "scale_tril" else _symmetric(torch.cholesky_inverse(chol))}
+
     def spread_start(self, arg, moments, start):
         covariance = moments.covariance()
         D, n = moments.D, moments.n
@@ -160,6 +207,15 @@ class MultivariateNormal(LikelihoodFamily):
         if arg == "precision_matrix":
             return _symmetric(torch.cholesky_inverse(chol))
         return covariance + ridge * eye
+
+
+def _precision_of(args) -> torch.Tensor:
+    """The precision matrices (K or 1, D, D), whichever argument gives the covariance."""
+    if "precision_matrix" in args:
+        return args["precision_matrix"]
+    if "scale_tril" in args:
+        return torch.cholesky_inverse(args["scale_tril"])
+    return torch.cholesky_inverse(cholesky_or_nan(args["covariance_matrix"]))
 
 
 def _symmetric(matrix: torch.Tensor) -> torch.Tensor:

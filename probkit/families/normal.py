@@ -13,6 +13,7 @@ import math
 import torch
 
 from probkit.families.base import LikelihoodFamily, pick
+from probkit.families.conjugate import DTYPE, normal_precision_terms, scale_update
 
 
 def scale_start(moments) -> torch.Tensor:
@@ -44,6 +45,29 @@ class Normal(LikelihoodFamily):
 
     def spread_start(self, arg, moments, start):
         return scale_start(moments)
+
+    # the location given the scales, then the scales given the new location
+    em_steps = (("loc",), ("scale",))
+    em_priors = {"loc": ("Normal",), "scale": ("Gamma", "Exponential", "InverseGamma")}
+
+    def em_statistics(self, args, x, resp):
+        resp, x = resp.to(DTYPE), x.to(DTYPE)
+        return {"count": resp.sum(0), "sum": resp.T @ x, "squares": resp.T @ (x * x)}
+
+    def em_update(self, step, args, stats, blocks):
+        (arg,) = step
+        block = blocks[arg]
+        count, total = stats["count"][:, None], stats["sum"]
+        if arg == "loc":  # precision-weighted means, with a Normal prior's pseudo-observation
+            precision = args["scale"].to(DTYPE).pow(-2).expand_as(total)
+            prior_sum, prior_precision = normal_precision_terms(block)
+            numerator = block.group(total * precision) + prior_sum
+            denominator = block.group(count * precision) + prior_precision
+            loc = numerator / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+            return {arg: torch.where(denominator > 0, loc, block.current)}
+        loc = args["loc"].to(DTYPE).expand_as(total)
+        squares = (stats["squares"] - 2.0 * loc * total + loc * loc * count).clamp_min(0.0)
+        return {arg: scale_update(block.group(squares), block.group(count.expand_as(total)), block)}
 
 
 FAMILY = Normal

@@ -28,8 +28,10 @@ class BatchPlan:
     @staticmethod
     def of(compiled, dataset: Dataset, settings) -> "BatchPlan":
         """The plan of a fit with these settings (probkit.infer.FitSettings)."""
-        fixed = not dataset.stochastic or settings.optimizer == "lbfgs"
-        return BatchPlan(settings.batch_size, fixed, settings.seed, bool(compiled.observed_latents))
+        # L-BFGS and EM need one deterministic objective; EM reads every image each step
+        fixed = not dataset.stochastic or settings.optimizer in ("lbfgs", "em")
+        batch = None if settings.optimizer == "em" else settings.batch_size
+        return BatchPlan(batch, fixed, settings.seed, bool(compiled.observed_latents))
 
 
 class BatchStream:

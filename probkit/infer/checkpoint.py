@@ -80,7 +80,7 @@ def write_run(run_dir: Path, compiled, trainer, info: dict, spec_text: str) -> N
     atomic_write(run_dir / "spec.yaml", spec_text)
     atomic_write(run_dir / "params.safetensors", tensors_bytes(tensors, {"format": "probkit-1"}))
     atomic_write(run_dir / "history.csv", history_csv(trainer.history))
-    trainer.save_checkpoint(trainer.settings.steps)
+    trainer.save_checkpoint(trainer.steps_done)
     atomic_write(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
 
 

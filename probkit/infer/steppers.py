@@ -32,8 +32,9 @@ class Stepper:
         self.params = params
         self.lr = lr
 
-    def step(self, loss: Loss) -> float:
-        """One update; returns the loss at the params before it."""
+    def step(self, loss: Loss, batch=None) -> float:
+        """One update; returns the loss at the params before it. (`batch`: the images `loss`
+        reads, for steppers that compute their own statistics, such as EM.)"""
         raise NotImplementedError
 
     def state_tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
@@ -48,7 +49,7 @@ class AdamStepper(Stepper):
         super().__init__(params, lr)
         self.optimizer = torch.optim.Adam(params, lr=lr)
 
-    def step(self, loss: Loss) -> float:
+    def step(self, loss: Loss, batch=None) -> float:
         read: list[float] = []
 
         def closure():
@@ -88,7 +89,7 @@ class LBFGSStepper(Stepper):
         super().__init__(params, lr)
         self.optimizer = torch.optim.LBFGS(params, lr=lr, max_iter=20, line_search_fn="strong_wolfe")
 
-    def step(self, loss: Loss) -> float:
+    def step(self, loss: Loss, batch=None) -> float:
         last: list = []  # the latest (loss, gradients) inside the model's domain
         first: list[float] = []  # the loss at the params the step starts from
 
@@ -119,7 +120,7 @@ class LBFGSStepper(Stepper):
 class NothingToFit(Stepper):
     """A model without params (a fixed density, a baseline): each step only evaluates the loss."""
 
-    def step(self, loss: Loss) -> float:
+    def step(self, loss: Loss, batch=None) -> float:
         with torch.no_grad():
             value = float(loss())
         if not math.isfinite(value):

@@ -20,6 +20,7 @@ from probkit.data import Dataset
 from probkit.errors import DomainError, FitError, UsageError
 from probkit.infer.batches import BatchPlan, BatchStream
 from probkit.infer.checkpoint import load_checkpoint, save_checkpoint
+from probkit.infer.em import EMFailure, EMStepper, choose_optimizer, em_plan
 from probkit.infer.evaluation import Evaluator
 from probkit.infer.objective import ENGINES, Batch, Params
 from probkit.infer.steppers import NonFiniteLoss, make_stepper
@@ -36,17 +37,25 @@ class FitResult:
     values: dict[str, torch.Tensor]
     history: list[dict] = field(default_factory=list)
     samples_png: Path | None = None
+    optimizer: str = ""  # as resolved (auto -> em or adam)
+    choice: str = ""  # why that optimizer
+    stopped: str = ""  # why the fit ended (its steps ran out, or it converged)
+
+
+DEFAULT_TOLERANCE = {"em": 1e-7}  # relative change of the loss at which a fit stops (others: never)
 
 
 @dataclass
 class FitSettings:
     steps: int
     lr: float
-    optimizer: str
-    batch_size: int | None  # None: full batch
+    optimizer: str  # as resolved: `auto` has become em or adam
+    batch_size: int | None  # None: full batch (EM: its E-step reads the images in chunks of this size)
     seed: int
     eval_every: int
     engine: str = "fused"
+    tolerance: float = 0.0
+    choice: str = ""  # why this optimizer (for fit, validate and run.json)
 
 
 def settings_from(compiled: CompiledModel, n_train: int, *, steps: int | None, seed: int | None,
@@ -56,13 +65,20 @@ def settings_from(compiled: CompiledModel, n_train: int, *, steps: int | None, s
     if steps < 0:
         raise UsageError(f"--steps must be 0 or more, found {steps}")
     batch = None if fit.batch_size == "full" or fit.batch_size >= n_train else int(fit.batch_size)
-    if fit.optimizer == "lbfgs" and batch is not None:
+    optimizer, choice = choose_optimizer(compiled)
+    if optimizer == "em" and engine != "fused":  # EM computes its own statistics, not an ELBO
+        if compiled.spec.fit.optimizer == "em":
+            raise UsageError(f"--engine {engine} computes the loss for a gradient-based optimizer; EM computes "
+                             "its own statistics (use --engine fused, or fit.optimizer: adam or lbfgs)")
+        optimizer, choice = "adam", f"auto: adam, since --engine {engine} computes the loss by its ELBO"
+    if optimizer == "lbfgs" and batch is not None:
         raise UsageError("L-BFGS needs full batches: set fit.batch_size: full (or use optimizer: adam)")
     if engine not in ENGINES:
         raise UsageError(f"unknown engine '{engine}' (expected {' or '.join(ENGINES)})")
     eval_every = fit.eval_every or max(1, steps // 20) if steps else 1
-    return FitSettings(steps, fit.lr, fit.optimizer, batch, fit.seed if seed is None else seed,
-                       eval_every, engine)
+    tolerance = DEFAULT_TOLERANCE.get(optimizer, 0.0) if fit.tolerance is None else fit.tolerance
+    return FitSettings(steps, fit.lr, optimizer, batch, fit.seed if seed is None else seed,
+                       eval_every, engine, tolerance, choice)
 
 
 class Trainer:
@@ -81,10 +97,16 @@ class Trainer:
         self.seconds_before = 0.0  # fitting time of the run a --resume continues, up to its checkpoint
         # a resumed fit takes its values from the checkpoint: no data-driven start to compute
         data = None if resume else (dataset.fixed("train"), dataset.train_labels)
-        start = initial_values(compiled, settings.seed, data=data)
+        start = initial_values(compiled, settings.seed, data=data, optimizer=settings.optimizer)
         self.guide = compiled.make_guide(settings.seed, start)
         self.params = Params(compiled, self.guide)
-        self.stepper = make_stepper(settings.optimizer, self.params.unconstrained, settings.lr)
+        if settings.optimizer == "em":
+            self.stepper = EMStepper(em_plan(compiled), self.params, chunk=settings.batch_size,
+                                     tolerance=settings.tolerance)
+        else:
+            self.stepper = make_stepper(settings.optimizer, self.params.unconstrained, settings.lr)
+        self.stopped = ""  # why the fit ended before its last step (a convergence), if it did
+        self.steps_done = 0
         self.batches = BatchStream(BatchPlan.of(compiled, dataset, settings), dataset)
         if resume:
             self._resume()
@@ -164,17 +186,22 @@ class Trainer:
         settings = self.settings
         last_saved = self.start_step if self.start_step else None
         started = time.perf_counter() - self.seconds_before  # history's seconds count the whole fit
+        self.steps_done = self.start_step
         for step in range(self.start_step, settings.steps):
             batch = next(self.batches)
             try:
-                loss_value = self.stepper.step(lambda: self._loss(batch.x, batch.labels, batch.scale))
+                loss_value = self.stepper.step(lambda: self._loss(batch.x, batch.labels, batch.scale), batch)
             except NonFiniteLoss:
                 raise self._fail(step, batch, last_saved) from None
-            except DomainError as exc:
+            except (DomainError, EMFailure) as exc:
                 raise self._fail(step, batch, last_saved, str(exc)) from None
-            done = step + 1
+            done = self.steps_done = step + 1
+            converged = getattr(self.stepper, "converged", False)
+            if converged:
+                self.stopped = (f"converged at step {done}: the loss changed by less than {settings.tolerance:g} "
+                                "of itself (fit.tolerance)")
             test_bpd = None
-            if done % settings.eval_every == 0 or done == settings.steps:
+            if done % settings.eval_every == 0 or done == settings.steps or converged:
                 # an update to non-finite params shows in the next loss; check before saving them
                 if not all(torch.isfinite(u).all() for u in self.unconstrained):
                     raise self._fail(step, batch, last_saved)
@@ -186,4 +213,6 @@ class Trainer:
                 last_saved = done
             if on_step is not None:
                 on_step(done, loss_value, test_bpd)
+            if converged:
+                break
         return self.history
