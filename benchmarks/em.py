@@ -13,7 +13,7 @@ Table 2, EM at scale: a K=10 Bernoulli mixture (MAP, Dirichlet(2) on the weights
 the probs) on 60,000 binarised 28x28 mnist images (the ~4,000 training images and shifted copies
 of them), probkit's EMStepper against pomegranate's Bernoulli mixture from the same start.
 
-    python benchmarks/em.py                      # digits8, digits32, mnist32 and the Bernoulli table
+    python benchmarks/em.py                      # digits8, digits32, mnist32 and the Bernoulli table (~11 min)
     python benchmarks/em.py --quick              # digits only, fewer steps (a smoke run)
     python benchmarks/em.py --datasets digits8 bernoulli
     python benchmarks/em.py --threads 1          # torch/BLAS threads (see the README on busy machines)
@@ -41,7 +41,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from fit_speed import CpuLoad  # noqa: E402  (other processes' CPU use while a block runs)
+from fit_speed import CpuLoad  # other processes' CPU use while a block runs
 
 GMM_DATASETS = {"digits8": ("digits", 8), "digits32": ("digits", 32), "mnist32": ("mnist", 32)}
 BERNOULLI = "bernoulli"
@@ -91,21 +91,24 @@ def parse_args(argv=None):
     p.add_argument("--em-steps", type=int, default=None, help="probkit EM iteration cap (default 500)")
     p.add_argument("--adam-steps", type=int, default=None, help="probkit Adam steps (default 3000; quick 300)")
     p.add_argument("--lbfgs-steps", type=int, default=None, help="probkit L-BFGS steps (default 100; quick 15)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="stop a probkit Adam or L-BFGS fit after the step that passes this many seconds "
+                        "(default 60; quick 20); the notes say when it did")
     p.add_argument("--max-iter", type=int, default=100, help="scikit-learn / pomegranate max_iter (default 100)")
     p.add_argument("--full-budget", type=float, default=None,
-                   help="skip GaussianMixture(full) when one iteration says max_iter of them would take longer "
-                        "than this many seconds (default 120; quick 30)")
+                   help="cap GaussianMixture(full)'s max_iter so that its fit takes about this many seconds, "
+                        "from a 1-iteration probe (default 60; quick 20)")
     p.add_argument("--rows", type=int, default=None,
                    help="training rows of the Bernoulli table (default 60000; quick 6000)")
     p.add_argument("--bernoulli-cap", type=int, default=None,
                    help="EM iteration cap in the Bernoulli table (default 200; quick 30)")
     p.add_argument("--pomegranate-budget", type=float, default=None,
-                   help="cap pomegranate's Bernoulli iterations so that one fit takes about this many seconds "
-                        "(default 150; quick 30)")
+                   help="stop pomegranate's Bernoulli fits after the iteration that passes this many seconds "
+                        "(default 60; quick 30)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads and BLAS threads "
                                                              "(default: leave the libraries' defaults)")
-    p.add_argument("--wait-idle", type=float, default=5.0, metavar="S",
-                   help="before each timed fit wait up to S seconds for a quiet second (default 5; 0: do not wait)")
+    p.add_argument("--wait-idle", type=float, default=3.0, metavar="S",
+                   help="before each timed fit wait up to S seconds for a quiet second (default 3; 0: do not wait)")
     p.add_argument("--skip-pomegranate", action="store_true", help="leave pomegranate's rows out")
     args = p.parse_args(argv)
     quick = args.quick
@@ -114,8 +117,9 @@ def parse_args(argv=None):
     if quick and any(d.startswith("mnist") for d in args.datasets):
         p.error("--quick runs digits only")
     defaults = dict(em_steps=500, adam_steps=300 if quick else 3000, lbfgs_steps=15 if quick else 100,
-                    full_budget=30.0 if quick else 120.0, rows=6000 if quick else 60000,
-                    bernoulli_cap=30 if quick else 200, pomegranate_budget=30.0 if quick else 150.0)
+                    budget=20.0 if quick else 60.0, full_budget=20.0 if quick else 60.0,
+                    rows=6000 if quick else 60000, bernoulli_cap=30 if quick else 200,
+                    pomegranate_budget=30.0 if quick else 60.0)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -220,9 +224,20 @@ def probkit_trainer_row(key: str, optimizer: str, spec: Path, folder: Path, args
     trainer = Trainer(compiled, dataset, settings, run_dir=run_dir)
     row.start_s = time.perf_counter() - t0
     start = {k: v.detach().clone() for k, v in trainer.values().items()}
+    budget = None if optimizer == "em" else args.budget
+    capped = []
+
+    def on_step(step, loss, test_bpd):
+        if budget is not None and step < settings.steps and time.perf_counter() - timer._t0 > budget:
+            capped.append(step)
+            raise _OverBudget
+
     try:
         with Timer(args.wait_idle) as timer:
-            trainer.run()
+            try:
+                trainer.run(on_step)
+            except _OverBudget:
+                pass
     except Exception as exc:  # a FitError: report it, not a number
         row.fit_s = time.perf_counter() - t0 - row.start_s
         row.notes.append(f"FAILED: {type(exc).__name__}: {str(exc)[:200]}")
@@ -235,15 +250,21 @@ def probkit_trainer_row(key: str, optimizer: str, spec: Path, folder: Path, args
     row.iters = str(trainer.steps_done)
     if optimizer == "em":
         row.converged = "yes" if trainer.stopped else "no"
-        row.notes.append(f"stops at a relative loss change < {settings.tolerance:g}"
+        row.notes.append(f"stops when 3 steps in a row change the loss by < {settings.tolerance:g} of itself"
                          f"; largest relative loss increase {trainer.stepper.largest_increase:.1e}")
     else:
         row.converged = "n/a"
         inner = " (each step: up to 20 L-BFGS iterations, strong Wolfe)" if optimizer == "lbfgs" else ""
         row.notes.append(f"lr {settings.lr:g}, {settings.steps} full-batch steps{inner}")
+        if capped:
+            row.notes.append(f"CAPPED at step {capped[0]} of {settings.steps} by --budget {budget:g} s")
         if optimizer == "adam":
             row.notes.append("trains on fresh dequantisation noise each epoch (train bits/dim on the fixed array)")
     return row, start, values, prepared
+
+
+class _OverBudget(Exception):
+    """Raised from Trainer.run's on_step to end a fit at its time budget."""
 
 
 def same_start(a: dict, b: dict) -> float:
@@ -330,13 +351,16 @@ def sklearn_full_row(key, start, x_train, x_test, D, args) -> Row:
         t0 = time.perf_counter()
         probe.fit(x_train)  # start, one EM iteration and sklearn's final E-step
         one = time.perf_counter() - t0
-        estimate = args.max_iter * one / 2
-        if estimate > args.full_budget:
-            row.notes.append(f"SKIPPED: a 1-iteration fit took {one:.1f} s, so max_iter={args.max_iter} could take "
-                             f"~{estimate:.0f} s (> --full-budget {args.full_budget:g} s)")
+        per_iteration = one / 2  # the probe: the start, two E-steps and one M-step
+        allowed = min(args.max_iter, int(args.full_budget / per_iteration))
+        if allowed < 2:
+            row.notes.append(f"SKIPPED: a 1-iteration fit took {one:.1f} s (--full-budget {args.full_budget:g} s)")
             row.iters = "–"
             return row
-        g = make(args.max_iter)
+        if allowed < args.max_iter:
+            row.notes.append(f"max_iter CAPPED at {allowed} (a 1-iteration probe took {one:.1f} s; "
+                             f"--full-budget {args.full_budget:g} s)")
+        g = make(allowed)
         with Timer(args.wait_idle) as timer:
             g.fit(x_train)
     row.fit_s, row.others = timer.seconds, timer.others
@@ -344,7 +368,9 @@ def sklearn_full_row(key, start, x_train, x_test, D, args) -> Row:
     row.test = to_bpd(g.score_samples(x_test), D)
     row.iters = str(g.n_iter_)
     row.converged = "yes" if g.converged_ else "no"
-    row.notes.append("full covariance: a different model family, for reference; start: the diagonal one")
+    row.notes.append(f"tol 1e-3; full covariance: a different model family, for reference ({len(x_train) / K:.0f} "
+                     f"images per component for {D}x{D} covariances); start: the diagonal one "
+                     "(precisions_init = diag(1/scale^2))")
     return row
 
 
@@ -540,13 +566,13 @@ def bernoulli_table(folder: Path, args) -> tuple[list[BRow], list[str]]:
     prepared = prepare(spec, device="cpu")
     compiled, dataset = prepared.compiled, prepared.dataset
     small = dataset.fixed("train")
-    side = int(round(math.sqrt(dataset.D)))
+    side = round(math.sqrt(dataset.D))
     X, used = shifted_copies(small, side, args.rows)
     N, D = X.shape
     evaluator = Evaluator(compiled, dataset)
-    info = [f"{source} 28x28 binary, K={K}, MAP (Dirichlet(2), Beta(2,2)); {len(small)} training images + "
-            f"shifted copies (torch.roll by {', '.join(f'({dy},{dx})' for dy, dx in used)}) = {N} x {D}; "
-            f"held-out: the {dataset.n_test} test images"]
+    info = [(f"{source} 28x28 binary, K={K}, MAP (Dirichlet(2), Beta(2,2)); {len(small)} training images + "
+             f"shifted copies (torch.roll by {', '.join(f'({dy},{dx})' for dy, dx in used)}) = {N} x {D}; "
+             f"held-out: the {dataset.n_test} test images")]
     progress(f"bernoulli: {N} x {D} rows; probkit start (k-means on all rows)")
     plan = em_plan(compiled)
     if not plan.applies:
@@ -574,11 +600,11 @@ def bernoulli_table(folder: Path, args) -> tuple[list[BRow], list[str]]:
     params = Params(compiled, compiled.make_guide(0, start))
     stepper = EMStepper(plan, params, tolerance=EM_TOLERANCE)
     progress(f"bernoulli: probkit EM (cap {args.bernoulli_cap})")
-    times = []
+    times, losses = [], []  # losses[i]: the loss at the params after i M-steps
     with Timer(args.wait_idle) as timer:
         for _ in range(args.bernoulli_cap):
             t = time.perf_counter()
-            stepper.step(None, batch)
+            losses.append(stepper.step(None, batch) / N)
             times.append(time.perf_counter() - t)
             if stepper.converged:
                 break
@@ -587,20 +613,20 @@ def bernoulli_table(folder: Path, args) -> tuple[list[BRow], list[str]]:
     row.iters = str(len(times))
     row.converged = "yes" if stepper.converged else "no"
     score(row, params.values())
-    row.notes.append(f"stops at a relative loss change < {EM_TOLERANCE:g}; largest relative loss increase "
+    row.notes.append(f"stops when 3 steps in a row change the loss by < {EM_TOLERANCE:g} of itself; largest relative loss increase "
                      f"{stepper.largest_increase:.1e}; start s = initial_values (k-means++ and Lloyd on all "
                      f"{N} rows)")
     rows.append(row)
     if args.skip_pomegranate:
         return rows, info
     try:
-        rows += pomegranate_bernoulli_rows(start, X, dataset.fixed("test"), N, score, args)
+        rows += pomegranate_bernoulli_rows(start, X, dataset.fixed("test"), N, score, args, losses, row)
     except ImportError as exc:
         rows.append(BRow("pomegranate", notes=[f"not installed: {exc}"]))
     return rows, info
 
 
-def pomegranate_bernoulli_rows(start, X, x_test, N, score, args) -> list[BRow]:
+def pomegranate_bernoulli_rows(start, X, x_test, N, score, args, probkit_losses, probkit_row) -> list[BRow]:
     from pomegranate._utils import _update_parameter
     from pomegranate.distributions import Bernoulli
     from pomegranate.gmm import GeneralMixtureModel
@@ -634,10 +660,10 @@ def pomegranate_bernoulli_rows(start, X, x_test, N, score, args) -> list[BRow]:
             self._reset_cache()
 
     variants = [
-        ("pomegranate Bernoulli mixture, defaults (MLE)", Bernoulli, GeneralMixtureModel, 10,
-         "capped at 10 iterations: a NaN improvement never passes `improvement < tol`, so a NaN fit runs all "
-         "max_iter"),
-        (f"pomegranate + probs clamped to [eps, 1-eps] (MLE)", ClampedBernoulli, GeneralMixtureModel, None,
+        ("pomegranate Bernoulli mixture, defaults (MLE)", Bernoulli, GeneralMixtureModel, 3,
+         ("max_iter 3 here: a NaN improvement never passes `improvement < tol`, so a NaN fit would run all "
+          "max_iter")),
+        ("pomegranate + probs clamped to [eps, 1-eps] (MLE)", ClampedBernoulli, GeneralMixtureModel, None,
          "subclass: Bernoulli.from_summaries then probs.clamp_(1.19e-7, 1 - 1.19e-7)"),
         ("pomegranate + Beta(2,2)/Dirichlet(2) pseudo-counts (MAP, probkit's objective)", BetaBernoulli,
          DirichletMixture, None, "subclasses: probs = (sum x r + 1)/(sum r + 2), weights = (N_k + 1)/(N + K)"),
@@ -655,34 +681,34 @@ def pomegranate_bernoulli_rows(start, X, x_test, N, score, args) -> list[BRow]:
         with torch.no_grad():
             log_l0 = float(model.log_probability(Xf).double().sum())
         model.tol = EM_TOLERANCE * abs(log_l0)
-        stamps, first_nan = [], []
+        stamps, first_nan, zero_one = [], [], []
         original = model.from_summaries
 
-        def counted(original=original, model=model, stamps=stamps, first_nan=first_nan):
+        def counted(original=original, model=model, stamps=stamps, first_nan=first_nan, zero_one=zero_one):
             original()
             stamps.append(time.perf_counter())
+            if len(stamps) == 1:  # probs of exactly 0 or 1 after the first M-step: log 0 in the next E-step
+                zero_one.append(sum(int(((d.probs == 0) | (d.probs == 1)).sum()) for d in model.distributions))
             if not first_nan and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
                 first_nan.append(len(stamps))
 
-        model.from_summaries = counted
-        # a time cap on pomegranate's iterations: measure two first, then set max_iter to fit the budget
-        if own_cap is None:
-            probe = mix_cls([dist_cls(probs=start["probs"][k].float().clone(), check_data=False) for k in range(K)],
-                            priors=priors0.clone(), max_iter=2, tol=-math.inf, check_data=False)
-            t = time.perf_counter()
-            with torch.no_grad():
-                probe.fit(Xf)
-            per = (time.perf_counter() - t) / 2
-            allowed = max(10, int(args.pomegranate_budget / per))
-            if allowed < cap:
-                model.max_iter = allowed
-                row.notes.append(f"max_iter capped at {allowed} (~{per:.2f} s/iteration, --pomegranate-budget "
-                                 f"{args.pomegranate_budget:g} s)")
+        began = [0.0]  # when fit() began (set below)
+
+        def counted_with_budget(counted=counted, stamps=stamps, model=model, began=began):
+            counted()
+            if len(stamps) < model.max_iter and stamps[-1] - began[0] > args.pomegranate_budget:
+                raise _OverBudget  # ends fit() after this M-step (its caches are already reset)
+
+        model.from_summaries = counted_with_budget if own_cap is None else counted
         progress(f"bernoulli: {label} (max_iter {model.max_iter})")
+        capped = False
         try:
             with torch.no_grad(), Timer(args.wait_idle) as timer:
-                t_fit = time.perf_counter()
-                model.fit(Xf)
+                t_fit = began[0] = time.perf_counter()
+                try:
+                    model.fit(Xf)
+                except _OverBudget:
+                    capped = True
         except Exception as exc:
             row.notes.append(f"FAILED at M-step {len(stamps) + 1}: {type(exc).__name__}: {str(exc)[:160]}")
             rows.append(row)
@@ -692,8 +718,16 @@ def pomegranate_bernoulli_rows(start, X, x_test, N, score, args) -> list[BRow]:
         if len(durations):
             row.per_iter_ms = 1e3 * float(np.median(durations[:10]))
         row.iters = str(len(stamps))
-        row.converged = "yes" if len(stamps) < model.max_iter else "no"
+        row.converged = "yes" if len(stamps) < model.max_iter and not capped else "no"
+        if capped:
+            need = int(probkit_row.iters) if probkit_row.converged == "yes" else None
+            row.notes.append(f"STOPPED after {len(stamps)} iterations by --pomegranate-budget "
+                             f"{args.pomegranate_budget:g} s"
+                             + (f"; at this speed probkit's {need} iterations would take "
+                                f"~{need * float(np.median(np.diff([t_fit] + stamps))):.0f} s" if need else ""))
         row.notes.append(f"tol = 1e-7 x |log L(start)| = {model.tol:.3g} nats; check_data=False")
+        if zero_one and zero_one[0]:
+            row.notes.append(f"{zero_one[0]} of {K * X.shape[1]} probs exactly 0 or 1 after M-step 1")
         if first_nan:
             row.notes.append(f"NaN parameters from M-step {first_nan[0]} on")
         with torch.no_grad():
@@ -706,6 +740,9 @@ def pomegranate_bernoulli_rows(start, X, x_test, N, score, args) -> list[BRow]:
             values["weights"] = values["weights"] / values["weights"].sum()
             score(row, values)
             row.notes.append(f"its own log_probability on the test images: {own:.3f} nats/image")
+            n = len(stamps)
+            if mix_cls is DirichletMixture and n < len(probkit_losses):
+                row.notes.append(f"probkit's loss after the same {n} iterations: {probkit_losses[n]:.3f} nats/image")
         else:
             row.test_nll = own
             row.notes.append(f"held-out = its own log_probability ({own})")
@@ -723,6 +760,15 @@ def print_bernoulli_table(rows: list[BRow]) -> None:
 
 
 # ================================================================ main
+
+
+def blas_threads() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+
+        return "/".join(sorted({str(i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"})) or "?"
+    except ImportError:
+        return "?"
 
 
 def versions() -> str:
@@ -757,7 +803,8 @@ def main(argv=None) -> int:
     load_after = os.getloadavg()
 
     print(f"date {datetime.datetime.now().isoformat(timespec='seconds')}; {platform.machine()} "
-          f"{platform.system()}, CPU count {os.cpu_count()}, torch threads {torch.get_num_threads()}; "
+          f"{platform.system()}, CPU count {os.cpu_count()}, torch threads {torch.get_num_threads()}, "
+          f"BLAS threads {blas_threads()}; "
           f"{versions()}")
     print(f"machine load (1/5/15 min): before {' '.join(f'{v:.2f}' for v in load_before)}, "
           f"after {' '.join(f'{v:.2f}' for v in load_after)}" + (" (--quick)" if args.quick else ""))

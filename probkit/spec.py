@@ -89,8 +89,8 @@ class FitSpec(_Strict):
     batch_size: Union[int, Literal["full"]] = "full"
     seed: int = 0
     eval_every: int | None = Field(None, gt=0, description="held-out evaluation period (steps)")
-    tolerance: float | None = Field(None, ge=0, description="stop when a step changes the loss by less than "
-                                    "this fraction of it (default 1e-7 for em, 0: never, for the others)")
+    tolerance: float | None = Field(None, ge=0, description="stop when 3 steps in a row each change the loss by "
+                                    "less than this share of it (default 1e-7 for em; 0, never, for the others)")
 
     @field_validator("batch_size")
     @classmethod

@@ -57,7 +57,8 @@ def fit_table(prepared: Prepared) -> Table:
     table = Table(title="fit")
     for column in ("method", "optimizer", "steps", "stops when", "batch", "lr", "seed"):
         table.add_column(column)
-    stops = (f"the loss changes < {settings.tolerance:g} of itself" if settings.tolerance else "its steps run out")
+    stops = (f"3 steps in a row change the loss < {settings.tolerance:g} of itself" if settings.tolerance
+             else "its steps run out")
     if settings.optimizer == "em":
         batch = "all images each step" + (f" (in chunks of {settings.batch_size})" if settings.batch_size else "")
         lr = "-"

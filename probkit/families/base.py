@@ -206,9 +206,19 @@ class LikelihoodFamily:
         chunks of images the E-step takes)."""
         return K + D
 
-    def em_statistics(self, args: Args, x: torch.Tensor, resp: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Sufficient statistics of images x (n x D) given their responsibilities (n x K, one
-        column per configuration), in float64: sums over images, so chunks (and ranks) add up."""
+    def em_data(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the E-step keeps of a chunk of images for every iteration (the images do not change
+        during EM): by default the images and their float64 copy."""
+        return {"x": x, "x64": x.to(torch.float64)}
+
+    def em_table(self, args: Args, data: dict[str, torch.Tensor]) -> torch.Tensor:
+        """log p(x_n | configuration k) of the chunk `em_data` made: the family's table."""
+        return self.table(args, data["x"])
+
+    def em_statistics(self, args: Args, data: dict[str, torch.Tensor], resp: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Sufficient statistics of a chunk of images (`em_data`) given their responsibilities
+        (n x K, one column per configuration), in float64: sums over images, so chunks (and
+        ranks) add up."""
         raise NotImplementedError(f"{self.name} has no closed-form EM update")
 
     def em_update(self, step: tuple[str, ...], args: Args, stats: dict[str, torch.Tensor], blocks: dict

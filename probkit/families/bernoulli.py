@@ -54,8 +54,8 @@ class Bernoulli(LikelihoodFamily):
     em_steps = (("probs",), ("logits",))
     em_priors = {"probs": ("Beta",), "logits": ()}
 
-    def em_statistics(self, args, x, resp):
-        return count_statistics(x, resp)
+    def em_statistics(self, args, data, resp):
+        return count_statistics(data["x64"], resp)
 
     def em_update(self, step, args, stats, blocks):
         return {arg: success_update(block, stats["sum"], stats["count"][:, None]) for arg, block in blocks.items()}
@@ -67,8 +67,7 @@ class Bernoulli(LikelihoodFamily):
 
 def count_statistics(x: torch.Tensor, resp: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per configuration: its share of the images and the sum of their pixels (float64)."""
-    resp = resp.to(DTYPE)
-    return {"count": resp.sum(0), "sum": resp.T @ x.to(DTYPE)}
+    return {"count": resp.sum(0), "sum": resp.T @ x}
 
 
 def success_update(block, successes: torch.Tensor, trials: torch.Tensor) -> torch.Tensor:

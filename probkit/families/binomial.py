@@ -48,8 +48,8 @@ class Binomial(LikelihoodFamily):
     em_steps = (("probs",), ("logits",))
     em_priors = {"probs": ("Beta",), "logits": ()}
 
-    def em_statistics(self, args, x, resp):
-        return count_statistics(x, resp)
+    def em_statistics(self, args, data, resp):
+        return count_statistics(data["x64"], resp)
 
     def em_update(self, step, args, stats, blocks):
         trials = stats["count"][:, None] * args["total_count"].to(stats["sum"].dtype)  # n_d per image

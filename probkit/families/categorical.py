@@ -56,11 +56,14 @@ class Categorical(LikelihoodFamily):
         levels = next(iter(args.values())).shape[-1]
         return K + D * levels
 
-    def em_statistics(self, args, x, resp):
+    def em_data(self, x):
+        return {"x": x}
+
+    def em_statistics(self, args, data, resp):
         """Per configuration, its share of the images and the count of each level in each
         pixel: resp^T onehot(x), (K, D, L)."""
         levels = next(iter(args.values())).shape[-1]
-        resp = resp.to(DTYPE)
+        x = data["x"]
         n, D = x.shape
         onehot = torch.zeros(n, D * levels, dtype=DTYPE, device=x.device)
         onehot.scatter_(1, torch.arange(D, device=x.device) * levels + x.long(), 1.0)

@@ -61,7 +61,7 @@ class Block:
 # ----- priors as pseudo-counts --------------------------------------------------------------
 
 def beta_pseudo_counts(block: Block) -> tuple[Any, Any]:
-    """(a - 1, b - 1) of a Beta prior on a probability (Uniform(0, 1) is Beta(1, 1)); 0 without one."""
+    """(a - 1, b - 1) of a Beta prior on a probability; 0 without one."""
     if block.prior_name == "Beta":
         return block.prior_tensor("concentration1") - 1.0, block.prior_tensor("concentration0") - 1.0
     return 0.0, 0.0

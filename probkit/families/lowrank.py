@@ -93,12 +93,12 @@ class LowRankMultivariateNormal(LikelihoodFamily):
         rank = args["cov_factor"].shape[-1]
         return 2 * K * (rank + 1) + D
 
-    def em_statistics(self, args, x, resp):
+    def em_statistics(self, args, data, resp):
         """Per configuration, with the scores u ~ N(0, I) of x's factors appended a constant 1
         (ũ = [u, 1]): its share of the images, A = Σ r E[ũ ũ^T], B = Σ r x E[ũ]^T and Σ r x²,
         under the posterior of u given x at the current params."""
         args = as_float64(args)
-        resp, x = resp.to(DTYPE), x.to(DTYPE)
+        x = data["x64"]
         loc, factor, psi = args["loc"], args["cov_factor"], args["cov_diag"]
         K, rank = resp.shape[1], factor.shape[-1]
         scaled = factor * psi.reciprocal().unsqueeze(-1)  # psi^-1 W
@@ -128,12 +128,9 @@ class LowRankMultivariateNormal(LikelihoodFamily):
             denominator = factor_block.group(A.unsqueeze(1) * inv_psi[..., None, None], (D, rank + 1, rank + 1))
             factor_sum, factor_precision = normal_precision_terms(factor_block)
             loc_sum, loc_precision = normal_precision_terms(loc_block)
-            shape = numerator.shape
-            prior_sum = torch.cat([torch.as_tensor(factor_sum, dtype=DTYPE, device=B.device).expand(shape[:-1] + (rank,)),
-                                   torch.as_tensor(loc_sum, dtype=DTYPE, device=B.device).expand(shape[:-1]).unsqueeze(-1)], -1)
-            prior_precision = torch.cat(
-                [torch.as_tensor(factor_precision, dtype=DTYPE, device=B.device).expand(shape[:-1] + (rank,)),
-                 torch.as_tensor(loc_precision, dtype=DTYPE, device=B.device).expand(shape[:-1]).unsqueeze(-1)], -1)
+            lead = numerator.shape[:-1]
+            prior_sum = _per_row(factor_sum, loc_sum, lead, rank, B.device)
+            prior_precision = _per_row(factor_precision, loc_precision, lead, rank, B.device)
             chol, info = torch.linalg.cholesky_ex(denominator + torch.diag_embed(prior_precision))
             solved = torch.cholesky_solve((numerator + prior_sum).unsqueeze(-1), chol).squeeze(-1)
             ok = (info == 0).unsqueeze(-1)
@@ -162,6 +159,14 @@ class LowRankMultivariateNormal(LikelihoodFamily):
         # Tipping & Bishop's W = U (L - noise)^1/2, every column kept alive (a zero column has
         # zero gradient and would never move)
         return vectors[:, :rank] * (eigenvalues[:rank] - noise).clamp_min(1e-2 * noise).sqrt()
+
+
+def _per_row(factor_term, loc_term, lead: tuple[int, ...], rank: int, device) -> torch.Tensor:
+    """A prior's terms for each row w_d = [W_d, mu_d]: the factors' R values, then the location's."""
+    def full(term, shape):
+        return torch.as_tensor(term, dtype=DTYPE, device=device).expand(shape)
+
+    return torch.cat([full(factor_term, lead + (rank,)), full(loc_term, lead).unsqueeze(-1)], -1)
 
 
 FAMILY = LowRankMultivariateNormal

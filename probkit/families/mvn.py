@@ -144,9 +144,9 @@ class MultivariateNormal(LikelihoodFamily):
     def em_row_elements(self, args, K, D):
         return K * D + D
 
-    def em_statistics(self, args, x, resp):
+    def em_statistics(self, args, data, resp):
         """Per configuration: its share of the images, their sum and their scatter sum r x x^T."""
-        resp, x = resp.to(DTYPE), x.to(DTYPE)
+        x = data["x64"]
         weighted = resp.T.unsqueeze(-1) * x.unsqueeze(0)  # K x n x D
         return {"count": resp.sum(0), "sum": resp.T @ x, "scatter": weighted.transpose(-1, -2) @ x}
 

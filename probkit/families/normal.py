@@ -50,9 +50,25 @@ class Normal(LikelihoodFamily):
     em_steps = (("loc",), ("scale",))
     em_priors = {"loc": ("Normal",), "scale": ("Gamma", "Exponential", "InverseGamma")}
 
-    def em_statistics(self, args, x, resp):
-        resp, x = resp.to(DTYPE), x.to(DTYPE)
-        return {"count": resp.sum(0), "sum": resp.T @ x, "squares": resp.T @ (x * x)}
+    def em_data(self, x):
+        """[x, x²] in float64, kept for the whole fit: one matrix product gives the table and
+        one the statistics."""
+        x64 = x.to(DTYPE)
+        return {"x": x, "moments": torch.cat([x64, x64 * x64], 1)}
+
+    def em_table(self, args, data):
+        loc, scale = args["loc"].to(DTYPE), args["scale"].to(DTYPE)
+        loc, scale = torch.broadcast_tensors(loc, scale)
+        precision = scale.pow(-2)
+        weights = torch.cat([loc * precision, -0.5 * precision], 1)  # (K, 2D) against [x, x²]
+        D = loc.shape[-1]
+        constant = -0.5 * (loc * loc * precision).sum(-1) - scale.log().sum(-1) - 0.5 * D * math.log(2 * math.pi)
+        return data["moments"] @ weights.T + constant
+
+    def em_statistics(self, args, data, resp):
+        moments = resp.T @ data["moments"]
+        D = moments.shape[1] // 2
+        return {"count": resp.sum(0), "sum": moments[:, :D], "squares": moments[:, D:]}
 
     def em_update(self, step, args, stats, blocks):
         (arg,) = step

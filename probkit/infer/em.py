@@ -37,6 +37,7 @@ from probkit.families.conjugate import DTYPE, Block, dirichlet_pseudo_counts, no
 from probkit.infer.objective import Batch, Params
 from probkit.infer.steppers import NonFiniteLoss, Stepper
 
+PATIENCE = 3  # quiet steps in a row that make a converged fit
 LATENT_ARGS = ("probs", "logits")  # a Categorical latent's argument (its first positional one is probs)
 LATENT_PRIORS = {"probs": ("Dirichlet",), "logits": ()}
 
@@ -160,13 +161,13 @@ def em_plan(compiled: CompiledModel) -> EMPlan:
         prior = plan.priors[use.name] = compiled.map_prior(use.name, {})  # not hierarchical: no values needed
         if prior is not None and type(prior).__name__ not in allowed:
             accepted = " or ".join(allowed) if allowed else "none (fit it by MLE)"
-            return fail(f"the prior of {use.name} ({type(prior).__name__}) has no closed-form update as "
-                        f"{'the ' + use.arg + ' of latent ' + use.site if use.site != 'x' else family.name + '’s ' + use.arg}; "
-                        f"accepted: {accepted}")
+            role = f"latent {use.site}'s {use.arg}" if use.site != "x" else f"{family.name}'s {use.arg}"
+            return fail(f"the prior of {use.name} ({type(prior).__name__}) has no closed-form update as {role} "
+                        f"(accepted: {accepted})")
         cards = tuple(compiled.latents[i].cardinality for i in use.index)
         if tuple(site.shape[: len(cards)]) != cards:
-            return fail(f"{use.name} has shape {list(site.shape)}; indexed by latents of sizes {list(cards)} "
-                        "EM needs those sizes first")
+            return fail(f"{use.name} has shape {list(site.shape)}, but EM needs the sizes of the latents "
+                        f"indexing it first ({list(cards)})")
         if use.site == "x":
             trailing, config = tuple(site.shape[len(cards):]), tuple(args[use.arg].shape[1:])
             if not _broadcasts_to(trailing, config) or (use.arg in family.em_together and trailing != config):
@@ -241,7 +242,10 @@ class EMStepper(Stepper):
         self.tolerance = tolerance
         self.previous: float | None = None
         self.converged = False
+        self.quiet = 0  # steps in a row whose loss changed by less than the tolerance
         self.largest_increase = 0.0  # relative; EM never increases the loss beyond rounding
+        self._data_key = None
+        self._data: list = []
 
     # ----- E-step ------------------------------------------------------------------------
 
@@ -262,21 +266,31 @@ class EMStepper(Stepper):
         stats: dict[str, torch.Tensor] = {}
         counts = torch.zeros(K, dtype=DTYPE, device=x.device)
         log_likelihood = torch.zeros((), dtype=DTYPE, device=x.device)
-        rows = self._rows(args, len(x))
-        latent_table = compiled.latent_table(values)
-        for start in range(0, len(x), rows):
-            xs = x[start : start + rows]
-            ys = None if labels is None else labels[start : start + rows]
-            table = compiled.likelihood_table(values, xs) + latent_table
-            table = self._observe(table, ys)
-            flat = table.reshape(len(xs), K).to(DTYPE)
+        latent_table = compiled.latent_table(values).to(DTYPE)
+        for start, data in self._chunks(args, x):
+            n = len(data["x"])
+            ys = None if labels is None else labels[start : start + n]
+            table = family.em_table(args, data).to(DTYPE)  # n x K, or n x 1 if no argument varies
+            table = table.expand(n, K).reshape((n,) + grid) + latent_table
+            flat = self._observe(table, ys).reshape(n, K)
             log_p = flat.logsumexp(-1)
             resp = (flat - log_p.unsqueeze(-1)).exp()
             log_likelihood = log_likelihood + log_p.sum()
             counts = counts + resp.sum(0)
-            for key, value in family.em_statistics(args, xs, resp).items():
+            for key, value in family.em_statistics(args, data, resp).items():
                 stats[key] = stats[key] + value if key in stats else value
         return stats, counts, log_likelihood
+
+    def _chunks(self, args, x: torch.Tensor) -> list[tuple[int, dict[str, torch.Tensor]]]:
+        """The images in chunks, with what the family keeps of each (`em_data`): made once and
+        reused while the images are the same tensor (EM's training set does not change)."""
+        rows = self._rows(args, len(x))
+        key = (x.data_ptr(), tuple(x.shape), x.device, rows)
+        if self._data_key != key:
+            family = self.compiled.family
+            self._data = [(start, family.em_data(x[start : start + rows])) for start in range(0, len(x), rows)]
+            self._data_key = key
+        return self._data
 
     def _observe(self, table: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Rule out the configurations whose observed latents disagree with the labels."""
@@ -349,7 +363,10 @@ class EMStepper(Stepper):
             change = self.previous - value
             scale = max(abs(value), 1e-300)
             self.largest_increase = max(self.largest_increase, -change / scale)
-            self.converged = self.tolerance > 0 and abs(change) <= self.tolerance * scale
+            # EM can pause on a plateau (an image about to change component) and move on: it has
+            # converged when PATIENCE steps in a row each change the loss by less than the tolerance
+            self.quiet = self.quiet + 1 if abs(change) <= self.tolerance * scale else 0
+            self.converged = self.tolerance > 0 and self.quiet >= PATIENCE
         self.previous = value
         return value
 
@@ -374,19 +391,27 @@ class EMStepper(Stepper):
                 "components; optimizer: adam stops short of such a point instead of converging to it")
 
     def _write(self, new: dict[str, torch.Tensor]) -> None:
+        """Store the new values in the guide's unconstrained params, after checking (one read of
+        the device for all of them) that each lies inside its support."""
         compiled = self.compiled
         holder = self.holder
+        staged, checks = [], []
         for name, u, transform in zip(holder.names, holder.unconstrained, holder.transforms):
             if name not in new:
                 continue
             value = new[name]
             constraint = compiled.constraint(compiled.param(name))
-            unconstrained = None
-            inside = bool(torch.isfinite(value).all()) and bool(constraint.check(value).all())
-            if inside:
+            try:
                 unconstrained = transform.inv(value)
-                inside = bool(torch.isfinite(unconstrained).all())
-            if not inside:
-                raise EMFailure(self._outside(name, value, unconstrained))
+            except (RuntimeError, ValueError):  # a matrix that does not factorise
+                raise EMFailure(self._outside(name, value)) from None
+            checks.append(torch.isfinite(value).all() & constraint.check(value).all()
+                          & torch.isfinite(unconstrained).all())
+            staged.append((name, value, u, unconstrained))
+        if checks and not bool(torch.stack(checks).all()):
+            for (name, value, _, unconstrained), ok in zip(staged, checks):
+                if not bool(ok):
+                    raise EMFailure(self._outside(name, value, unconstrained))
+        for _, _, u, unconstrained in staged:
             u.copy_(unconstrained.to(u.dtype))
 

@@ -196,10 +196,10 @@ class Trainer:
             except (DomainError, EMFailure) as exc:
                 raise self._fail(step, batch, last_saved, str(exc)) from None
             done = self.steps_done = step + 1
-            converged = getattr(self.stepper, "converged", False)
+            converged = self.stepper.converged
             if converged:
-                self.stopped = (f"converged at step {done}: the loss changed by less than {settings.tolerance:g} "
-                                "of itself (fit.tolerance)")
+                self.stopped = (f"converged at step {done}: the last steps each changed the loss by less than "
+                                f"{settings.tolerance:g} of itself (fit.tolerance)")
             test_bpd = None
             if done % settings.eval_every == 0 or done == settings.steps or converged:
                 # an update to non-finite params shows in the next loss; check before saving them
