@@ -22,7 +22,7 @@ from rich.table import Table
 
 from probkit import api
 from probkit.errors import ProbkitError, UsageError
-from probkit.spec import suggest
+from probkit.spec import MAX_SEED, suggest
 
 app = typer.Typer(
     help="Declare a probability model of images in YAML; fit, sample and evaluate it with Pyro.",
@@ -116,7 +116,7 @@ def fit(
     spec: Annotated[str, typer.Argument(help="the spec file")],
     steps: Annotated[Optional[int], typer.Option("--steps", help="optimiser steps (default: fit.steps)")] = None,
     device: DeviceOpt = "auto",
-    seed: Annotated[Optional[int], typer.Option("--seed", help="default: fit.seed")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=MAX_SEED, help="default: fit.seed")] = None,
     out: OutOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the run folder's checkpoint")] = False,
     engine: Annotated[str, typer.Option("--engine", help="fused (fast) | pyro (TraceEnum_ELBO)")] = "fused",
@@ -150,7 +150,7 @@ def sample(
     target: SpecArg,
     n: Annotated[int, typer.Option("-n", "--n", help="how many images")] = 64,
     given: Annotated[Optional[list[str]], typer.Option("--given", help="fix a latent, e.g. y=3 (repeatable)")] = None,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=MAX_SEED)] = 0,
     device: DeviceOpt = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", help="a .png path or a folder (default: the run folder)")] = None,
     mean: Annotated[bool, typer.Option("--mean", help="show each sample's expected pixels given its latents")] = False,
@@ -251,7 +251,7 @@ def complete(
     images: Annotated[int, typer.Option("--images", help="how many held-out images to complete")] = 16,
     input: Annotated[Optional[Path], typer.Option("--input", help="complete the images of a PNG or .npy file")] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="completions per image")] = 4,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=MAX_SEED)] = 0,
     device: DeviceOpt = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", help="a .png path or a folder (default: the run folder)")
                    ] = None,

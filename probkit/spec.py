@@ -20,6 +20,9 @@ Location = tuple[int, int]  # 1-based line, column
 KeyPath = tuple[Union[str, int], ...]
 
 
+MAX_SEED = 2**32 - 1  # seeds are 32-bit: numpy's and torch's generators both take them
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -36,7 +39,7 @@ class DataSpec(_Strict):
         "fixed", description="binary: 'dynamic' resamples x ~ Bernoulli(intensity) each epoch"
     )
     test_fraction: float = Field(0.2, ge=0, lt=1)
-    seed: int = Field(0, description="fixes the train/held-out split and generated data")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="fixes the train/held-out split and generated data")
     count: int | None = Field(None, gt=0, description="how many images to generate or keep")
 
     @field_validator("size")
@@ -87,7 +90,7 @@ class FitSpec(_Strict):
     lr: float = Field(0.05, gt=0)
     steps: int = Field(2000, ge=0)
     batch_size: Union[int, Literal["full"]] = "full"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     eval_every: int | None = Field(None, gt=0, description="held-out evaluation period (steps)")
     tolerance: float | None = Field(None, ge=0, description="stop when 3 steps in a row each change the loss by "
                                     "less than this share of it (default 1e-7 for em; 0, never, for the others)")
@@ -162,8 +165,22 @@ def suggest(word: str, choices) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def _node_to_python(node, loader, path: KeyPath, smap: SourceMap):
+MAX_YAML_NODES = 20_000  # a spec has a few hundred; aliases (*name) could otherwise expand without bound
+MAX_YAML_DEPTH = 40  # nesting of mappings and lists
+
+
+def _node_to_python(node, loader, path: KeyPath, smap: SourceMap, budget: list[int] | None = None):
     start = node.start_mark
+    budget = budget if budget is not None else [MAX_YAML_NODES]
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise SpecError(
+            f"{smap.file}:{start.line + 1}:{start.column + 1}: the spec expands to more than {MAX_YAML_NODES:,} "
+            "YAML values (each alias *name repeats all that its anchor &name holds); write the values out or "
+            "use fewer aliases")
+    if len(path) > MAX_YAML_DEPTH:
+        raise SpecError(f"{smap.file}:{start.line + 1}:{start.column + 1}: the spec nests mappings or lists more "
+                        f"than {MAX_YAML_DEPTH} levels deep; a spec needs a handful")
     smap.values[path] = (start.line + 1, start.column + 1)
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
@@ -183,10 +200,10 @@ def _node_to_python(node, loader, path: KeyPath, smap: SourceMap):
                     f"{dotted(child)}: duplicate key '{key}'; each key may appear once"
                 )
             smap.keys[child] = (key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            out[key] = _node_to_python(value_node, loader, child, smap)
+            out[key] = _node_to_python(value_node, loader, child, smap, budget)
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_node_to_python(item, loader, path + (i,), smap) for i, item in enumerate(node.value)]
+        return [_node_to_python(item, loader, path + (i,), smap, budget) for i, item in enumerate(node.value)]
     smap.plain[path] = node.style in (None, "")
     return loader.construct_object(node, deep=True)
 
@@ -207,6 +224,9 @@ def parse_yaml(text: str, file: str = "<spec>") -> tuple[Any, SourceMap]:
         context = getattr(exc, "context", None)
         detail = f"{problem} ({context})" if context else problem
         raise SpecError(f"{where}: malformed YAML: {detail}") from None
+    except RecursionError:  # the YAML parser itself recurses once per level of nesting
+        raise SpecError(f"{file}:1:1: the spec nests mappings or lists too deeply to read (a spec needs a "
+                        "handful of levels)") from None
     finally:
         loader.dispose()
     if not isinstance(data, dict):

@@ -153,3 +153,11 @@ def test_every_command_defaults_to_device_auto():
     for name in ("fit", "sample", "complete", "evaluate"):
         default = inspect.signature(getattr(cli, name)).parameters["device"].default
         assert default == "auto", name
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_a_seed_outside_32_bits_is_a_usage_error(tmp_path, seed):
+    spec = Path(__file__).parent / "specs" / "tiny-mixture.yaml"
+    result = runner.invoke(app, ["fit", str(spec), "--seed", seed, "--out", str(tmp_path / "run"), "--no-progress"])
+    assert result.exit_code == 2 and "--seed" in result.output
+    assert not (tmp_path / "run").exists()

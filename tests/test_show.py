@@ -58,3 +58,24 @@ def test_an_em_spec_is_shown_as_lbfgs_on_the_same_objective_reaching_the_same_op
             # two optimisers at one optimum: to 1e-3 of the param's scale
             scale = max(1.0, float(value.abs().max()))
             assert np.abs(fitted[name] - value.numpy()).max() / scale <= 1e-3, name
+
+
+@pytest.mark.slow
+def test_a_spec_path_full_of_quotes_is_only_ever_a_string_in_the_program(tmp_path):
+    """A crafted file name must not become code when the printed program runs."""
+    folder = tmp_path / "a\"\"\"b'c\\d"
+    folder.mkdir()
+    name = "x\"\"\"; open('PWNED', 'w'); \"\"\"'.yaml"
+    spec = folder / name
+    spec.write_text((HERE / "specs" / "tiny-mixture.yaml").read_text())
+    npy = folder / "t'r\"ain.npy"
+    result = CliRunner().invoke(app, ["show", str(spec), "--npy", str(npy)])
+    assert result.exit_code == 0, result.output
+    program = tmp_path / "program.py"
+    program.write_text(result.stdout)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    done = subprocess.run([sys.executable, str(program), "1"], capture_output=True, text=True, cwd=elsewhere,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert not list(tmp_path.rglob("PWNED"))

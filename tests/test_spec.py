@@ -58,3 +58,26 @@ def test_param_needs_prior_or_support():
 def test_duplicate_key_is_an_error():
     with pytest.raises(SpecError, match=r"duplicate key 'name'"):
         spec_from_text("probkit: 1\nname: a\nname: b\n", "s.yaml")
+
+
+def test_aliases_that_expand_without_bound_are_refused_with_the_line():
+    lines = ["probkit: 1", "name: bomb", "a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for this, previous in zip("bcdefghi", "abcdefgh"):
+        lines.append(f"{this}: &{this} [{', '.join(['*' + previous] * 10)}]")  # 10^9 values in all
+    with pytest.raises(SpecError, match=r"<spec>:\d+:\d+: the spec expands to more than 20,000 YAML values"):
+        spec_from_text("\n".join(lines) + "\n")
+
+
+def test_deep_nesting_is_refused_not_a_recursion_error():
+    with pytest.raises(SpecError, match="nests mappings or lists"):
+        spec_from_text("probkit: 1\nx: " + "[" * 50 + "]" * 50 + "\n")
+    with pytest.raises(SpecError, match="too deeply to read"):
+        spec_from_text("probkit: 1\nx: " + "[" * 20000 + "]" * 20000 + "\n")
+
+
+@pytest.mark.parametrize("where, value", [("data", -1), ("data", 2**32), ("fit", -1), ("fit", 2**64)])
+def test_seeds_outside_32_bits_are_refused_with_the_line(where, value):
+    text = GOOD.replace("  source: digits", "  source: digits\n  seed: SEED") if where == "data" else \
+        GOOD + "fit:\n  seed: SEED\n"
+    with pytest.raises(SpecError, match=rf"{where}\.seed: expected (greater|less) than or equal to"):
+        spec_from_text(text.replace("SEED", str(value)), "seed.yaml")

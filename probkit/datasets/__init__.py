@@ -90,6 +90,9 @@ def resolve_path(source: str, *, base_dir: Path) -> Path:
     if not path.is_absolute():
         path = Path(base_dir) / path
     if path.exists():
+        if not path.is_dir() and not path.is_file():  # a FIFO, a device or a socket: reading could hang
+            raise DataError(f"{path}: not a regular file or folder (a pipe, a device or a socket); the data "
+                            f"source must be {_SOURCE_KINDS}")
         return path
     looks_like_name = Path(source).suffix == "" and len(Path(source).parts) == 1
     hint = _did_you_mean(source, path, builtin_first=looks_like_name)

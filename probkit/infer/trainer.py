@@ -26,6 +26,7 @@ from probkit.infer.objective import ENGINES, Batch, Params
 from probkit.infer.steppers import NonFiniteLoss, make_stepper
 from probkit.initialise import initial_values
 from probkit.runs import CHECKPOINT, read_history
+from probkit.spec import MAX_SEED
 
 
 @dataclass
@@ -64,6 +65,8 @@ def settings_from(compiled: CompiledModel, n_train: int, *, steps: int | None, s
     steps = fit.steps if steps is None else steps
     if steps < 0:
         raise UsageError(f"--steps must be 0 or more, found {steps}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise UsageError(f"--seed must be an integer from 0 to {MAX_SEED}, found {seed}")
     batch = None if fit.batch_size == "full" or fit.batch_size >= n_train else int(fit.batch_size)
     optimizer, choice = choose_optimizer(compiled)
     if optimizer == "em" and engine != "fused":  # EM computes its own statistics, not an ELBO
