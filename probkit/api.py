@@ -15,7 +15,7 @@ import torch
 
 from probkit.compiler import CompiledModel, Dims, compile_spec
 from probkit.data import Dataset, load_dataset
-from probkit.errors import DataError, UsageError
+from probkit.errors import DataError, RunError, UsageError
 from probkit.infer import (Evaluator, FitResult, Trainer, fitted_spec_text, run_info, settings_from,
                            write_run)
 from probkit.runs import Run, default_run_dir, resolve_run
@@ -126,9 +126,31 @@ def open_run(target: SpecLike | Run, *, device: str = "auto", out: str | Path | 
     """A fitted run with its model compiled again (on `device`) and its data reloaded."""
     run = target if isinstance(target, Run) else resolve_run(target, out)
     prepared = prepare(run.loaded, device=device)
+    check_run_values(run, prepared.compiled)
     values = {k: v.to(prepared.device) for k, v in run.values.items()}
     run.values = values
     return run, prepared
+
+
+def check_run_values(run: Run, compiled: CompiledModel) -> None:
+    """Every param of the run's spec is in its params.safetensors, with the param's shape, finite
+    and inside its support: a run folder that lost or damaged one is refused (exit 1, naming the
+    file), never filled in from the prior or used as it is."""
+    where = run.path / "params.safetensors"
+    for site in compiled.params:
+        value = run.values.get(site.name)
+        if value is None:
+            problem = "is missing"
+        elif tuple(value.shape) != tuple(site.shape) or not value.is_floating_point():
+            problem = f"has shape {list(value.shape)} ({value.dtype}), but the spec gives {list(site.shape)}"
+        elif not bool(torch.isfinite(value).all()):
+            problem = "holds values that are not finite"
+        elif not bool(compiled.constraint(site).check(value.to(torch.float64)).all()):
+            problem = f"lies outside its support ({site.support_name})"
+        else:
+            continue
+        raise RunError(f"{where}: param {site.name} {problem}; the run folder is damaged or was written by "
+                       "another spec: fit again (probkit fit SPEC --out ...)")
 
 
 def evaluate(target: SpecLike | Run, *, device: str = "auto", out: str | Path | None = None,

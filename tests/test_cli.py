@@ -161,3 +161,27 @@ def test_a_seed_outside_32_bits_is_a_usage_error(tmp_path, seed):
     result = runner.invoke(app, ["fit", str(spec), "--seed", seed, "--out", str(tmp_path / "run"), "--no-progress"])
     assert result.exit_code == 2 and "--seed" in result.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("damage", ["missing", "non-finite", "outside", "shape"])
+def test_a_run_with_a_damaged_param_is_refused_naming_the_file(tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+
+    spec = Path(__file__).parent / "specs" / "tiny-mixture.yaml"
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["fit", str(spec), "--steps", "2", "--out", str(run), "--no-progress"]).exit_code == 0
+    tensors = load_file(str(run / "params.safetensors"))
+    if damage == "missing":
+        del tensors["probs"]
+    elif damage == "non-finite":
+        tensors["probs"][0, 0] = float("nan")
+    elif damage == "outside":
+        tensors["probs"][0, 0] = 1.5
+    else:
+        tensors["probs"] = tensors["probs"][:1]
+    save_file(tensors, str(run / "params.safetensors"))
+    for command in (["sample", str(run), "-n", "2", "--out", str(tmp_path / "s.png")], ["evaluate", str(run)],
+                    ["complete", str(run), "--images", "2", "--out", str(tmp_path / "c.png")]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 1, (command, result.output)
+        assert "params.safetensors" in result.output and "probs" in result.output, result.output

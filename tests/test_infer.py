@@ -217,6 +217,13 @@ def test_cuda_fit_matches_cpu(tmp_path):
     assert abs(cpu.metrics["test"]["nll"] - gpu.metrics["test"]["nll"]) < 1e-2
 
 
+def test_a_resumed_run_records_the_seed_it_continued(tmp_path):
+    spec = Path(__file__).parent / "specs" / "tiny-mixture.yaml"
+    probkit.fit(spec, steps=4, seed=3, out=tmp_path / "run", device="cpu", samples=0)
+    probkit.fit(spec, steps=8, seed=5, out=tmp_path / "run", device="cpu", samples=0, resume=True)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["seed"] == 3
+
+
 @pytest.mark.parametrize("stop_at", [3, 5, 7])
 def test_resume_mid_epoch_replays_the_same_batches(tmp_path, stop_at):
     # tiny-class: minibatches of 256 (5 per epoch) and dynamic binarisation redrawn each epoch

@@ -151,6 +151,8 @@ class Trainer:
                 u.copy_(tensors[key].to(u.device))
         self.stepper.load_state(self.names, tensors)
         self.start_step = checkpoint.step
+        if str(checkpoint.meta.get("seed", "")).isdigit():  # the run continues its own seed (run.json says it)
+            self.settings.seed = int(checkpoint.meta["seed"])
         if checkpoint.meta.get("data") not in (None, self.dataset.fingerprint()):
             raise UsageError(f"--resume: the checkpoint in {self.run_dir} was fitted on other data "
                              "(its data fingerprint differs); start without --resume or use another --out")
