@@ -92,7 +92,7 @@ class FitSpec(_Strict):
     batch_size: Union[int, Literal["full"]] = "full"
     seed: int = Field(0, ge=0, le=MAX_SEED)
     eval_every: int | None = Field(None, gt=0, description="held-out evaluation period (steps)")
-    tolerance: float | None = Field(None, ge=0, description="stop when 3 steps in a row each change the loss by "
+    tolerance: float | None = Field(None, ge=0, allow_inf_nan=False, description="stop when 3 steps in a row each change the loss by "
                                     "less than this share of it (default 1e-7 for em; 0, never, for the others)")
 
     @field_validator("batch_size")
