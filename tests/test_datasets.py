@@ -454,3 +454,33 @@ def test_a_pipe_named_like_an_array_is_refused_not_read(tmp_path):
     os.mkfifo(tmp_path / "images.npy")  # reading it would block forever
     with pytest.raises(DataError, match="not a regular file or folder"):
         load_source("images.npy", base_dir=tmp_path)
+
+
+def _lying_npy_bytes() -> bytes:
+    import io
+
+    header = io.BytesIO()  # 2^31 x 2^31 x 4 float32: 7e19 bytes announced, 64 there
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": (2**31, 2**31, 4)})
+    return header.getvalue() + bytes(64)
+
+
+@pytest.mark.parametrize("kind", ["npy", "npz"])
+def test_an_array_whose_header_lies_about_its_shape_is_refused_before_allocating(tmp_path, kind):
+    import zipfile
+
+    if kind == "npy":
+        (tmp_path / "images.npy").write_bytes(_lying_npy_bytes())
+    else:
+        with zipfile.ZipFile(tmp_path / "images.npz", "w") as archive:
+            archive.writestr("images.npy", _lying_npy_bytes())
+    with pytest.raises(DataError, match=r"header announces an array of shape \(2147483648, 2147483648, 4\)"):
+        load_source(f"images.{kind}", base_dir=tmp_path)
+
+
+def test_a_truncated_array_file_is_refused(tmp_path):
+    np.save(tmp_path / "images.npy", np.zeros((50, 8, 8), dtype=np.uint8))
+    data = (tmp_path / "images.npy").read_bytes()
+    (tmp_path / "images.npy").write_bytes(data[: len(data) - 100])
+    with pytest.raises(DataError, match="holds only"):
+        load_source("images.npy", base_dir=tmp_path)

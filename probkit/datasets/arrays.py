@@ -15,12 +15,50 @@ from probkit.datasets.raw import RawImages
 from probkit.errors import DataError
 
 CHANNEL_COUNTS = (1, 3, 4)  # gray, RGB, RGBA (alpha is dropped)
+MAX_ARRAY_BYTES = 8 * 2**30  # the largest array probkit reads from a user's .npy or .npz
+
+
+def _check_npy_header(handle, available: int, where: str) -> None:
+    """Read a .npy header from `handle` and check, before anything is allocated, that the data
+    it announces fit in the `available` bytes after the header and within MAX_ARRAY_BYTES."""
+    start = handle.tell()
+    try:
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+    except (ValueError, OSError, EOFError) as exc:
+        raise DataError(f"{where}: not a readable .npy array ({exc})") from None
+    needed = int(np.prod([int(s) for s in shape], dtype=object)) * dtype.itemsize
+    after_header = available - (handle.tell() - start)
+    if needed > after_header:
+        raise DataError(f"{where}: its header announces an array of shape {tuple(shape)} ({needed:,} bytes), "
+                        f"but the file holds only {max(after_header, 0):,} bytes after it; the file is "
+                        "damaged or not what it says")
+    if needed > MAX_ARRAY_BYTES:
+        raise DataError(f"{where}: an array of {needed:,} bytes (shape {tuple(shape)}) is more than probkit reads "
+                        f"from one file ({MAX_ARRAY_BYTES:,} bytes); keep fewer images (data.count) or split it")
+
+
+def _check_array_file(path: Path) -> None:
+    """The headers of a .npy, or of the arrays in a .npz, agree with the bytes there are."""
+    if path.suffix != ".npz":
+        with open(path, "rb") as handle:
+            _check_npy_header(handle, path.stat().st_size, str(path))
+        return
+    with zipfile.ZipFile(path) as archive:
+        for member in archive.infolist():
+            if member.filename.endswith(".npy"):
+                with archive.open(member) as handle:  # reads at most the member's declared size
+                    _check_npy_header(handle, member.file_size, f"{path} ({member.filename})")
 
 
 def load_array_file(path: Path) -> RawImages:
     """Read a `.npy` (images only) or `.npz` (`images`, optional `labels`, `label_names`)."""
     label_names = None
     try:
+        _check_array_file(path)
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as archive:
                 if "images" not in archive.files:
