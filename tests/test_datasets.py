@@ -484,3 +484,20 @@ def test_a_truncated_array_file_is_refused(tmp_path):
     (tmp_path / "images.npy").write_bytes(data[: len(data) - 100])
     with pytest.raises(DataError, match="holds only"):
         load_source("images.npy", base_dir=tmp_path)
+
+
+def test_a_gzip_bomb_named_like_idx_is_refused_without_inflating_it(tmp_path, monkeypatch):
+    import probkit.datasets.idx as idx
+
+    monkeypatch.setattr(idx, "MAX_ARRAY_BYTES", 1 << 20)  # the same check at 1 MiB, so the test stays small
+    header = b"\x00\x00\x08\x03" + np.array([4096, 32, 32], dtype=">u4").tobytes()
+    (tmp_path / "bomb-idx3-ubyte.gz").write_bytes(gzip.compress(header + bytes(4096 * 32 * 32)))
+    with pytest.raises(DataError, match="decompresses to more than"):
+        load_source("bomb-idx3-ubyte.gz", base_dir=tmp_path)
+
+
+def test_an_idx_header_too_big_for_int64_is_refused_not_overflowed(tmp_path):
+    header = b"\x00\x00\x0d\x03" + np.array([2**31, 2**31, 4], dtype=">u4").tobytes()
+    (tmp_path / "lie-idx3-ubyte").write_bytes(header + bytes(64))
+    with pytest.raises(DataError, match=r"promises shape \(2147483648, 2147483648, 4\) \(73786976294838206464 bytes"):
+        load_source("lie-idx3-ubyte", base_dir=tmp_path)

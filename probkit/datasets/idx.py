@@ -8,13 +8,14 @@ big-endian uint32, then the values in C order, big-endian.
 
 from __future__ import annotations
 
-import gzip
+import math
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
 
-from probkit.datasets.arrays import as_nchw_float, check_labels
+from probkit.datasets.arrays import MAX_ARRAY_BYTES, as_nchw_float, check_labels
 from probkit.datasets.raw import RawImages
 from probkit.errors import DataError
 
@@ -28,13 +29,30 @@ def is_idx_name(path: Path) -> bool:
     return _IDX_NAME.search(path.name) is not None
 
 
+def _gunzip_bounded(raw: bytes, path: Path) -> bytes:
+    """gzip data decompressed to at most MAX_ARRAY_BYTES (a small file can expand without bound)."""
+    out, rest = [], raw
+    budget = MAX_ARRAY_BYTES + 4096  # the array and its header
+    while rest:
+        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        out.append(inflater.decompress(rest, budget))
+        budget -= len(out[-1])
+        if inflater.unconsumed_tail or budget <= 0:
+            raise DataError(f"{path}: decompresses to more than {MAX_ARRAY_BYTES:,} bytes, more than probkit reads "
+                            "from one file; keep fewer images or split it")
+        if not inflater.eof:
+            raise DataError(f"{path}: the gzip data ends early; the file is truncated")
+        rest = inflater.unused_data  # another gzip member follows, or nothing
+    return b"".join(out)
+
+
 def read_idx(path: Path) -> np.ndarray:
     """The array stored in one IDX file, in native byte order."""
     try:
         raw = path.read_bytes()
         if raw[:2] == _GZIP_MAGIC:
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+            raw = _gunzip_bounded(raw, path)
+    except (OSError, EOFError, zlib.error) as exc:
         raise DataError(f"{path}: cannot read the IDX file ({exc})") from exc
     if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] not in IDX_TYPES:
         raise DataError(
@@ -47,7 +65,7 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < start:
         raise DataError(f"{path}: IDX header says {ndim} dimensions but the file ends early")
     shape = tuple(int(d) for d in np.frombuffer(raw, ">u4", ndim, 4))
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # exact: a lying header cannot overflow it
     if len(raw) - start != expected:
         raise DataError(
             f"{path}: IDX header promises shape {shape} ({expected} bytes of data) but the "
