@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.distributions.utils import probs_to_logits
 
 from probkit.families.base import Args, LikelihoodFamily, pick
-from probkit.families.conjugate import DTYPE, probability
+from probkit.families.conjugate import probability
 
 
 def logits_of(args: Args) -> torch.Tensor:
