@@ -13,7 +13,8 @@ SPEC = Path(__file__).resolve().parent.parent / "specs" / "digits-mixture.yaml"
 
 def main(steps: int = 300, out: str = "runs/example") -> dict:
     out_dir = Path(out)
-    result = probkit.fit(SPEC, steps=steps, out=out_dir / "run", device="cpu")
+    # overwrite: running the example again replaces its own run (a fit refuses that by default)
+    result = probkit.fit(SPEC, steps=steps, out=out_dir / "run", device="cpu", overwrite=True)
     print(f"held-out: {result.metrics['test']['bits_per_dim']:.4f} bits/dim ({result.run_dir})")
 
     images, files = probkit.sample(result.run_dir, 16, out=out_dir / "samples.png", mean=True)

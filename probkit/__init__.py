@@ -4,8 +4,9 @@ __version__ = "0.1.0"
 
 from probkit.api import complete, evaluate, fit, load_spec, prepare, sample  # noqa: E402
 from probkit.errors import DataError, FitError, ProbkitError, RunError, SpecError, UsageError  # noqa: E402
+from probkit.report import report  # noqa: E402
 
 __all__ = [
-    "__version__", "load_spec", "prepare", "fit", "sample", "evaluate", "complete",
+    "__version__", "load_spec", "prepare", "fit", "sample", "evaluate", "complete", "report",
     "ProbkitError", "SpecError", "DataError", "FitError", "RunError", "UsageError",
 ]

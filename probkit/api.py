@@ -5,8 +5,10 @@ Everything a command does is done here; the CLI only parses options and prints.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -18,7 +20,7 @@ from probkit.data import Dataset, load_dataset
 from probkit.errors import DataError, RunError, UsageError
 from probkit.infer import (Evaluator, FitResult, Trainer, fitted_spec_text, run_info, settings_from,
                            write_run)
-from probkit.runs import Run, default_run_dir, resolve_run
+from probkit.runs import Run, RunFolder, default_run_dir, resolve_run
 from probkit.spec import LoadedSpec, read_spec
 
 SpecLike = str | Path | LoadedSpec
@@ -79,11 +81,13 @@ def _check_labels(compiled: CompiledModel, dataset: Dataset, loaded: LoadedSpec)
 
 
 def fit(spec: SpecLike, *, steps: int | None = None, device: str = "auto", seed: int | None = None,
-        out: str | Path | None = None, resume: bool = False, engine: str = "fused",
+        out: str | Path | None = None, resume: bool = False, overwrite: bool = False, engine: str = "fused",
         samples: int = 64, on_step: Callable[[int, float, float | None], None] | None = None,
         progress: bool = False) -> FitResult:
     """Fit theta by MAP or MLE and write the run folder (DESIGN section 6).
 
+    A folder that already holds a run is refused unless `resume` continues it or `overwrite`
+    replaces it (its files go before the new ones are written); `out` picks another folder.
     on_step(step, loss, held_out_bits_per_dim or None) is called after every step;
     progress=True shows the CLI's progress bar instead (on stderr)."""
     if progress and on_step is None:
@@ -92,32 +96,62 @@ def fit(spec: SpecLike, *, steps: int | None = None, device: str = "auto", seed:
         loaded = load_spec(spec)
         total = loaded.spec.fit.steps if steps is None else steps
         with fit_progress(loaded.name, total) as bar:
-            return fit(loaded, steps=steps, device=device, seed=seed, out=out, resume=resume, engine=engine,
-                       samples=samples, on_step=bar)
+            return fit(loaded, steps=steps, device=device, seed=seed, out=out, resume=resume, overwrite=overwrite,
+                       engine=engine, samples=samples, on_step=bar)
+    if resume and overwrite:
+        raise UsageError("--resume continues the run in the folder and --overwrite replaces it: pick one")
     prepared = prepare(spec, device=device)
     compiled, dataset = prepared.compiled, prepared.dataset
     settings = settings_from(compiled, dataset.n_train, steps=steps, seed=seed, engine=engine)
     run_dir = Path(out) if out else default_run_dir(compiled.spec.name)
-    trainer = Trainer(compiled, dataset, settings, run_dir, resume=resume)
+    with RunFolder(run_dir, resume=resume, overwrite=overwrite) as folder:
+        _check_free_space(run_dir, compiled)
+        trainer = Trainer(compiled, dataset, settings, run_dir, resume=resume)
+        folder.begin()
+        return _fit_into(prepared, settings, trainer, run_dir, samples, on_step)
+
+
+def _check_free_space(run_dir: Path, compiled: CompiledModel) -> None:
+    """Refuse before the work when the disk cannot hold the run's files (params, checkpoint with
+    the optimiser's state, each written beside its old copy), rather than at the first checkpoint."""
+    import math
+    import shutil
+
+    numbers = sum(math.prod(site.shape) for site in compiled.params)
+    needed = numbers * 4 * 8 + (1 << 20)  # float32: params twice, checkpoint thrice, temporary copies
+    free = shutil.disk_usage(run_dir).free
+    if free < needed:
+        raise UsageError(f"the disk holding {run_dir} has {free / 2**20:.1f} MiB free, but the run's files need "
+                         f"about {needed / 2**20:.1f} MiB; free some space or choose another --out")
+
+
+def _fit_into(prepared: Prepared, settings, trainer: Trainer, run_dir: Path, samples: int,
+              on_step: Callable[[int, float, float | None], None] | None) -> FitResult:
+    compiled, dataset = prepared.compiled, prepared.dataset
     started = time.perf_counter()
     trainer.run(on_step)
     wall = trainer.seconds_before + time.perf_counter() - started  # a resumed fit counts its first part too
     values = {k: v.detach() for k, v in trainer.values().items()}
     evaluator = Evaluator(compiled, dataset)
     metrics = {"train": evaluator.metrics(values, "train"), "test": evaluator.metrics(values, "test"),
-               "components": evaluator.component_usage(values)}
+               "components": evaluator.component_usage(values),
+               "baseline_bits_per_dim": dataset.baseline_bits_per_dim}
     info = run_info(compiled, dataset, settings, prepared.device, wall, metrics, prepared.loaded.base_dir)
     stopped = trainer.stopped or f"ran its {settings.steps} steps"
     info.update({"optimizer_choice": settings.choice, "tolerance": settings.tolerance,
                  "steps_done": trainer.steps_done, "stopped": stopped})
-    write_run(run_dir, compiled, trainer, info, fitted_spec_text(prepared.loaded, settings))
+    spec_text = fitted_spec_text(prepared.loaded, settings)
+    info.update({"fitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                 "spec_sha256": hashlib.sha256(spec_text.encode()).hexdigest()})
+    write_run(run_dir, compiled, trainer, info, spec_text)
     png = None
     if samples:
-        from probkit.sampling import draw_samples
+        from probkit.sampling import draw_samples, latent_captions
         from probkit.images import save_grid
 
-        drawn = draw_samples(compiled, values, samples, seed=settings.seed)
-        png = save_grid(run_dir / "samples.png", dataset.images(drawn))
+        drawn, latents = draw_samples(compiled, values, samples, seed=settings.seed, return_latents=True)
+        png = save_grid(run_dir / "samples.png", dataset.images(drawn), title=f"{samples} samples",
+                        captions=latent_captions(compiled, latents) if compiled.latents else None)
     return FitResult(run_dir, metrics, values, trainer.history, png, settings.optimizer, settings.choice, stopped)
 
 
@@ -162,7 +196,8 @@ def evaluate(target: SpecLike | Run, *, device: str = "auto", out: str | Path | 
 
     run, prepared = open_run(target, device=device, out=out)
     evaluator = Evaluator(prepared.compiled, prepared.dataset)
-    metrics = {"train": evaluator.metrics(run.values, "train"), "test": evaluator.metrics(run.values, "test")}
+    metrics = {"train": evaluator.metrics(run.values, "train"), "test": evaluator.metrics(run.values, "test"),
+               "baseline_bits_per_dim": prepared.dataset.baseline_bits_per_dim}
     if memorisation_samples and prepared.dataset.n_test:
         dataset = prepared.dataset
         drawn = draw_samples(prepared.compiled, run.values, memorisation_samples, seed=seed)
@@ -177,46 +212,87 @@ def evaluate(target: SpecLike | Run, *, device: str = "auto", out: str | Path | 
 
 def sample(target: SpecLike | Run, n: int = 64, *, given: dict[str, int] | None = None, seed: int = 0,
            device: str = "auto", out: str | Path | None = None, run_out: str | Path | None = None,
-           mean: bool = False) -> tuple[np.ndarray, dict[str, Path]]:
+           mean: bool = False):
     """Draw n images from a fitted run; `given` fixes latents (e.g. {"y": 3}).
 
-    Returns the images (N x C x H x W in [0, 1]) and the files written (png, npy) when
-    `out` is a folder or a .png path. `mean`: each image's expected pixels given its
-    latents (smooth probabilities for Bernoulli models) instead of a draw."""
+    Returns a `probkit.sampling.Samples`, which unpacks as (images, files): the images
+    (N x C x H x W in [0, 1]) and the files written (png, npy) when `out` is a folder (where
+    the grid is samples.png, or samples-y3.png given y=3) or a .png path; it also holds each
+    draw's latent values and notes for the user. `mean`: each image's expected pixels given
+    its latents (smooth probabilities for Bernoulli models) instead of a draw. The grid
+    captions each image with its latent values."""
     from probkit.images import save_grid
     from probkit.runs import save_array
-    from probkit.sampling import draw_samples
+    from probkit.sampling import (Samples, check_sample_count, draw_samples, latent_captions,
+                                  possible_configurations, samples_file_name)
 
-    if n < 1:
-        raise UsageError(f"-n must be at least 1, found {n}")
+    check_sample_count(n)
     run, prepared = open_run(target, device=device, out=run_out)
-    drawn = draw_samples(prepared.compiled, run.values, n, given=given, seed=seed, mean=mean)
+    compiled = prepared.compiled
+    drawn, latents = draw_samples(compiled, run.values, n, given=given, seed=seed, mean=mean, return_latents=True)
     images = prepared.dataset.images(drawn)
+    captions = latent_captions(compiled, latents)
+    notes = []
+    if mean and possible_configurations(compiled, run.values, given) == 1:
+        why = ("the model has no discrete latents" if not compiled.latents else
+               "--given fixes every latent" if given else "only one latent configuration has any probability")
+        notes.append(f"{why}, so all {n} mean images are the same image (the likelihood's mean); "
+                     "sample without --mean to see variation")
     files: dict[str, Path] = {}
     if out is not None:
         out = Path(out)
-        png = out if out.suffix == ".png" else out / "samples.png"
-        save_grid(png, images)
+        png = out if out.suffix == ".png" else out / samples_file_name(given)
+        fixed = " ".join(f"{k}={v}" for k, v in (given or {}).items())
+        title = f"{n} mean images (expected pixels)" if mean else f"{n} samples"
+        title += f" given {fixed}" if fixed else ""
+        save_grid(png, images, title=title, captions=captions if compiled.latents else None)
         npy = save_array(png.with_suffix(".npy"), drawn.cpu().numpy().reshape(images.shape))
         files = {"png": png, "npy": npy}
-    return images, files
+    return Samples(images, files, latents, captions, notes)
 
 
-def dataset_examples(source: str, out: str | Path, *, size: int = 32, n: int = 64, base_dir: Path | None = None
-                     ) -> Path:
-    """A PNG grid of the first n images of a data source (built-in or a path), at size x size."""
+def dataset_examples(source: str, out: str | Path | None = None, *, size: int = 32, n: int = 64,
+                     base_dir: Path | None = None, seed: int = 0) -> Path:
+    """A PNG grid of n images of a data source (built-in or a path) at size x size, drawn in a
+    seeded random order (sources sorted by label still show every label), each captioned by
+    its label name where the source has labels.
+
+    out: a .png path, or a folder that gets <name>-examples.png; by default
+    runs/datasets/<name>-examples.png."""
     from probkit.data import prepare as prepare_levels
-    from probkit.datasets import load_source
+    from probkit.datasets import RawImages, load_source
     from probkit.images import save_grid
+    from probkit.runs import RUNS_DIR
     from probkit.spec import DataSpec
 
-    raw = load_source(source, base_dir=base_dir or Path.cwd(), seed=0, count=None)
+    largest = 1024  # 64 cells of 1024 px make a picture of about 200 MB
+    if not 1 <= size <= largest:
+        raise UsageError(f"--size must be between 1 and {largest} pixels, found {size}")
+    name = Path(source).stem or "examples"
+    out = Path(RUNS_DIR) / "datasets" if out is None else Path(out)
+    if out.is_dir() or not out.suffix:
+        out = out / f"{name}-examples.png"
+    elif out.suffix.lower() != ".png":
+        raise UsageError(f"--out {out}: expected a .png path or a folder")
+    raw = load_source(source, base_dir=base_dir or Path.cwd(), seed=seed, count=None)
+    pick = np.random.default_rng(seed).permutation(len(raw.images))[:n]
+    labels = None if raw.labels is None else raw.labels[pick]
+    shown = RawImages(raw.images[pick], labels, raw.label_names)
     spec = DataSpec(source=source, size=size, channels=raw.images.shape[1])
-    levels = prepare_levels(raw, spec)[:n]
-    return save_grid(out, levels / 255.0)
+    levels = prepare_levels(shown, spec)
+    captions = None
+    if labels is not None:
+        names = raw.label_names or []
+        captions = [names[k] if 0 <= k < len(names) else str(k) for k in labels.tolist()]
+    try:
+        return save_grid(out, levels / 255.0, title=f"{len(pick)} of {len(raw.images)} {name} images, "
+                         f"at {size} x {size}", captions=captions)
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot write the picture there ({exc.strerror or exc}); "
+                         "choose a writable folder or .png path") from None
 
 
-def _read_input_images(path: Path, dataset: Dataset) -> np.ndarray:
+def _read_input_images(path: Path, dataset: Dataset) -> tuple[np.ndarray, list[str]]:
     """A PNG or .npy file -> N x C x H x W floats in [0, 1] at the spec's size and channels.
 
     A PNG is read as RGB (or grayscale), scaled to [0, 1] and resized like the spec's data; a
@@ -225,6 +301,7 @@ def _read_input_images(path: Path, dataset: Dataset) -> np.ndarray:
     from probkit.data import match_channels, resize_images
 
     H, W, C = dataset.height, dataset.width, dataset.channels
+    notes: list[str] = []
     if not path.is_file():
         raise UsageError(f"--input {path}: no such file")
     if path.suffix.lower() == ".npy":
@@ -257,16 +334,21 @@ def _read_input_images(path: Path, dataset: Dataset) -> np.ndarray:
         except (UnidentifiedImageError, OSError) as exc:
             raise UsageError(f"--input {path}: cannot read it as a PNG image ({exc})") from None
         images = pixels[None, None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)[None]
-        images = resize_images(images, (H, W))
+        if images.shape[-2:] != (H, W):
+            notes.append(f"--input {path.name}: resized from {images.shape[-1]}×{images.shape[-2]} to the "
+                         f"spec's {W}×{H} pixels (as the training images were)")
+            images = resize_images(images, (H, W))
     else:
         raise UsageError(f"--input {path}: expected a .png or .npy file")
-    return match_channels(images, C)
+    if images.shape[1] != C:
+        notes.append(f"--input {path.name}: {images.shape[1]} channel(s) made {C} to match the spec's data")
+    return match_channels(images, C), notes
 
 
 def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, input: str | Path | None = None,
              k: int = 4, seed: int = 0, device: str = "auto", out: str | Path | None = None,
              run_out: str | Path | None = None, method: str = "auto", mcmc_warmup: int | None = None,
-             mcmc_samples: int | None = None):
+             mcmc_samples: int | None = None, on_image: Callable[[int, int], None] | None = None):
     """Condition a fitted run on the observed pixels of images and sample the missing ones.
 
     The images are the first `images` held-out images, or those of `input` (a PNG or .npy,
@@ -280,9 +362,9 @@ def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, in
     holds the mcmc settings and diagnostics.
 
     Returns (CompletionResult, files). When `out` is given (a .png path or a folder, where the
-    file is complete-<mask>.png) it writes a PNG grid, one row per image: the original, what
-    was observed (missing pixels in red), then the k completions; and a .npy of the
-    completions, N x k x C x H x W on the display scale [0, 1].
+    file is complete-<mask>.png) it writes a PNG grid, one row per image under column headers:
+    the original, what was observed (the missing region grey, tinted red and hatched), then the k
+    completions; and a .npy of the completions, N x k x C x H x W on the display scale [0, 1].
     """
     from probkit.completion import MCMC_DEFAULTS, complete_images, load_mask, mask_label
 
@@ -302,7 +384,8 @@ def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, in
         if len(x) == 0:
             raise UsageError("the spec's data has no held-out images; pass --input FILE")
     else:
-        pixels = _read_input_images(Path(input), dataset)
+        pixels, read_notes = _read_input_images(Path(input), dataset)
+        notes = notes + read_notes
         levels = torch.from_numpy(np.round(pixels * 255.0).reshape(len(pixels), -1)).to(prepared.device)
         if dataset.transform == "continuous":
             x = (levels + 0.5) / 256.0
@@ -310,7 +393,8 @@ def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, in
             x = dataset.apply(levels, torch.Generator().manual_seed(seed))
         x = x.to(torch.get_default_dtype())
     result = complete_images(compiled, run.values, x, mask_tensor.to(prepared.device), k=k, seed=seed,
-                             method=method, mcmc_warmup=mcmc_warmup, mcmc_samples=mcmc_samples)
+                             method=method, mcmc_warmup=mcmc_warmup, mcmc_samples=mcmc_samples,
+                             on_image=on_image)
     result.notes[:0] = notes
     files: dict[str, Path] = {}
     if out is not None:
@@ -322,12 +406,15 @@ def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, in
         n = len(x)
         original = dataset.images(x)
         drawn = dataset.images(result.completions.reshape(n * k, -1)).reshape(n, k, C, H, W)
-        rgb = lambda a: np.repeat(a, 3, axis=-3) if a.shape[-3] == 1 else a  # noqa: E731
-        observed = rgb(original).copy()
         hole = mask_tensor.cpu().numpy().reshape(C, H, W).any(0)
-        observed[:, 0][:, hole], observed[:, 1][:, hole], observed[:, 2][:, hole] = 1.0, 0.0, 0.0
-        rows = np.concatenate([rgb(original)[:, None], observed[:, None], rgb(drawn)], axis=1)
-        save_grid(png, rows.reshape(n * (k + 2), 3, H, W), columns=k + 2)
+        observed = original.copy()
+        observed[:, :, hole] = 0.5  # what the model saw: the missing pixels are not shown
+        rows = np.concatenate([original[:, None], observed[:, None], drawn], axis=1)
+        marked = np.zeros((n, k + 2, H, W), dtype=bool)
+        marked[:, 1] = hole  # the observed column: the missing region grey, tinted and hatched
+        headers = ["original", "observed"] + [f"completion {i + 1}" for i in range(k)]
+        save_grid(png, rows.reshape(n * (k + 2), C, H, W), columns=k + 2, headers=headers,
+                  highlights=marked.reshape(n * (k + 2), H, W))
         npy = save_array(png.with_suffix(".npy"), drawn.astype(np.float32))
         files = {"png": png, "npy": npy}
     return result, files

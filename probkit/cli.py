@@ -36,6 +36,11 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="the run folder (default runs/<name>/)")]
 
 
+def flag(*names: str, help: str):
+    """An on/off option, shown in --help as a flag (no `<bool>` value to type)."""
+    return typer.Option(*names, help=help, metavar="")
+
+
 def reports_errors(command):
     """Turn ProbkitError into a one-paragraph message and its exit code; never a traceback.
     Anything else is probkit's own failure (a bug, the device, memory): exit 1, said so plainly
@@ -86,6 +91,13 @@ def validate(spec: Annotated[str, typer.Argument(help="the spec file")]):
 
     for table in summary_tables(prepared):
         console.print(table)
+    from probkit.runs import default_run_dir, folder_state
+
+    run_dir = default_run_dir(prepared.loaded.name)
+    state = folder_state(run_dir)
+    if state:
+        console.print(f"note: {escape(str(run_dir))}/ already holds {state}: `probkit fit` will refuse it unless "
+                      "given --resume (continue), --overwrite (replace) or --out (another folder)", highlight=False)
     console.print(f"[green]ok[/]: {spec} is a valid spec")
 
 
@@ -93,13 +105,19 @@ def validate(spec: Annotated[str, typer.Argument(help="the spec file")]):
 @reports_errors
 def show(
     spec: Annotated[str, typer.Argument(help="the spec file")],
-    npy: Annotated[Optional[Path], typer.Option("--npy", help="where to write the training array the program loads")] = None,
+    npz: Annotated[Optional[Path], typer.Option("--npz", "--npy", help="where to write the training arrays "
+                                                "the program loads (a .npz; default runs/<name>/train.npz)")] = None,
 ):
     """Print the spec's Pyro program as standalone Python (model, guide, fit loop)."""
     from probkit.show import program_source, write_training_array
 
     prepared = api.prepare(spec)
-    path = npy or Path("runs") / prepared.loaded.name / "train.npy"
+    path = npz or Path("runs") / prepared.loaded.name / "train.npz"
+    if path.suffix != ".npz":
+        raise UsageError(f"--npz {path}: the training arrays are written as a .npz archive; give a path ending "
+                         "in .npz")
+    if path.is_dir():
+        raise UsageError(f"--npz {path} is a folder; give a file path ending in .npz")
     write_training_array(prepared, path)
     sys.stdout.write(program_source(prepared, path))
     err_console.print(f"(the program reads the training images from {path})")
@@ -118,9 +136,11 @@ def fit(
     device: DeviceOpt = "auto",
     seed: Annotated[Optional[int], typer.Option("--seed", min=0, max=MAX_SEED, help="default: fit.seed")] = None,
     out: OutOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="continue from the run folder's checkpoint")] = False,
+    resume: Annotated[bool, flag("--resume", help="continue the run folder's fit from its checkpoint")] = False,
+    overwrite: Annotated[bool, flag("--overwrite", help="replace the run the folder holds (default: refuse)")
+                         ] = False,
     engine: Annotated[str, typer.Option("--engine", help="fused (fast) | pyro (TraceEnum_ELBO)")] = "fused",
-    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="show the progress bar")] = True,
+    progress: Annotated[bool, flag("--progress/--no-progress", help="show the progress bar")] = True,
 ):
     """Fit theta (MAP or MLE) and write the run folder."""
     from probkit.progress import fit_progress
@@ -129,7 +149,7 @@ def fit(
     total = prepared_spec.spec.fit.steps if steps is None else steps
     with fit_progress(prepared_spec.name, total, console=err_console, enabled=progress) as on_step:
         result = api.fit(prepared_spec, steps=steps, device=device, seed=seed, out=out, resume=resume,
-                         engine=engine, on_step=on_step)
+                         overwrite=overwrite, engine=engine, on_step=on_step)
     console.print(f"optimizer: {result.optimizer} ({result.choice}); {result.stopped}", highlight=False)
     _print_metrics(result.metrics)
     for latent, usage in (result.metrics.get("components") or {}).items():
@@ -153,17 +173,20 @@ def sample(
     seed: Annotated[int, typer.Option("--seed", min=0, max=MAX_SEED)] = 0,
     device: DeviceOpt = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", help="a .png path or a folder (default: the run folder)")] = None,
-    mean: Annotated[bool, typer.Option("--mean", help="show each sample's expected pixels given its latents")] = False,
+    mean: Annotated[bool, flag("--mean", help="show each sample's expected pixels given its latents")] = False,
 ):
     """Draw new images from a fitted run: a PNG grid and a .npy."""
     from probkit.runs import resolve_run
-    from probkit.sampling import parse_given
+    from probkit.sampling import check_sample_count, parse_given, samples_file_name
 
+    check_sample_count(n)
+    fixed = parse_given(given)
     run = resolve_run(target)
-    suffix = "" if not given else "-" + "-".join(g.replace("=", "") for g in given)
-    destination = out or run.path / f"sample{suffix}.png"
-    _, files = api.sample(run, n, given=parse_given(given), seed=seed, device=device, out=destination, mean=mean)
-    console.print(f"{n} samples: {files['png']} (grid), {files['npy']} (array)")
+    destination = out or run.path / samples_file_name(fixed)
+    result = api.sample(run, n, given=fixed, seed=seed, device=device, out=destination, mean=mean)
+    for note in result.notes:
+        console.print(f"note: {escape(note)}", highlight=False)
+    console.print(f"{n} samples: {result.files['png']} (grid), {result.files['npy']} (array)")
 
 
 @app.command()
@@ -171,7 +194,7 @@ def sample(
 def evaluate(
     target: SpecArg,
     device: DeviceOpt = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    as_json: Annotated[bool, flag("--json", help="print one JSON object")] = False,
 ):
     """Train and held-out NLL (nats/image) and bits/dim of a fitted run."""
     metrics = api.evaluate(target, device=device)
@@ -198,6 +221,75 @@ def _print_metrics(metrics: dict) -> None:
         row = metrics.get(part)
         if row:
             table.add_row("held-out" if part == "test" else part, f"{row['nll']:.3f}", f"{row['bits_per_dim']:.4f}")
+    baseline = metrics.get("baseline_bits_per_dim")
+    if baseline is not None:
+        table.add_row("uniform model", "", f"{baseline:.4f}", style="dim")
+        table.caption = "the uniform model gives every value the data can take the same probability"
+    console.print(table)
+
+
+@app.command()
+@reports_errors
+def runs(
+    compare: Annotated[Optional[list[str]], typer.Argument(
+        help="two runs to compare side by side (names under the runs folder, or folders)")] = None,
+    root: Annotated[Path, typer.Option("--dir", help="the folder holding the runs")] = Path("runs"),
+    sort: Annotated[str, typer.Option("--sort", help="date | name | bits | steps | time | data")] = "date",
+    reverse: Annotated[bool, flag("--reverse", help="reverse the order")] = False,
+    as_json: Annotated[bool, flag("--json", help="print one JSON list")] = False,
+):
+    """List the fitted runs (name, data, steps, held-out bits/dim, wall time, date, spec hash), or
+    compare two: `probkit runs A B`."""
+    from probkit.catalog import compare as compare_runs, find_run, list_runs
+
+    if compare:
+        if len(compare) != 2:
+            raise UsageError(f"give two runs to compare, found {len(compare)}: probkit runs NAME1 NAME2")
+        first, second = (find_run(name, root) for name in compare)
+        rows, diff = compare_runs(first, second)
+        if as_json:
+            typer.echo(json.dumps({"runs": [first.as_dict(), second.as_dict()], "spec_diff": "".join(diff)}))
+            return
+        table = Table(title="runs compared")
+        table.add_column("")
+        table.add_column(escape(first.name))
+        table.add_column(escape(second.name))
+        for label, a, b, differ in rows:
+            style = "bold" if differ else "dim"
+            table.add_row(label, escape(a), escape(b), style=style)
+        console.print(table)
+        if diff:
+            console.print("spec differences:", highlight=False)
+            console.print(escape("".join(diff).rstrip("\n")), highlight=False, soft_wrap=True)
+        else:
+            console.print("the two fitted specs are the same")
+        return
+    listed = list_runs(root, sort=sort, reverse=reverse)
+    if as_json:
+        typer.echo(json.dumps([r.as_dict() for r in listed]))
+        return
+    if not listed:
+        console.print(f"no runs under {root}/ (probkit fit SPEC writes runs/<name>/)")
+        return
+    from rich import box
+
+    table = Table(title=f"runs in {root}/ (by {sort})", box=box.SIMPLE_HEAD, padding=(0, 1),
+                  collapse_padding=True, pad_edge=False,
+                  caption="bits/dim: held-out / the uniform model's; fitted: UTC; spec: its sha256")
+    for column, justify in (("run", "left"), ("data", "left"), ("model", "left"), ("steps", "right"),
+                            ("bits/dim", "right"), ("time", "right"), ("fitted", "left"), ("spec", "left")):
+        table.add_column(column, justify=justify, no_wrap=column != "run", min_width=11 if column == "run" else None)
+    for r in listed:
+        data = (r.data.rsplit(" ", 1)[0] or "-") if r.status == "finished" else f"({r.status})"
+        bits = "-" if r.held_out_bpd is None else f"{r.held_out_bpd:.4f}"
+        if r.baseline_bpd is not None:
+            bits += f"/{r.baseline_bpd:g}"
+        table.add_row(
+            escape(r.name), escape(data), r.model or "-",
+            "-" if r.steps is None else str(r.steps), bits,
+            "-" if r.wall_time_s is None else f"{r.wall_time_s:.1f} s",
+            (r.date or "-").replace("T", " ")[5:16] if r.date else "-", r.spec_hash[:7],
+        )
     console.print(table)
 
 
@@ -205,10 +297,11 @@ def _print_metrics(metrics: dict) -> None:
 @reports_errors
 def datasets(
     name: Annotated[Optional[str], typer.Argument(help="a data set to look at")] = None,
-    show_grid: Annotated[bool, typer.Option("--show", help="write a PNG grid of examples")] = False,
-    size: Annotated[int, typer.Option("--size", help="image size for --show")] = 32,
-    out: Annotated[Optional[Path], typer.Option("--out", help="PNG path for --show")] = None,
-    clear_cache: Annotated[bool, typer.Option("--clear-cache", help="delete the cached resized arrays")] = False,
+    show_grid: Annotated[bool, flag("--show", help="write a PNG grid of examples")] = False,
+    size: Annotated[int, typer.Option("--size", help="image size for --show (1-1024)")] = 32,
+    out: Annotated[Optional[Path], typer.Option("--out", help="PNG path or folder for --show "
+                                                              "(default runs/datasets/NAME-examples.png)")] = None,
+    clear_cache: Annotated[bool, flag("--clear-cache", help="delete the cached resized arrays")] = False,
 ):
     """List the built-in data sets, or write a grid of examples of one."""
     from probkit.datasets import cache_dir, clear_cache as clear, describe
@@ -234,7 +327,7 @@ def datasets(
         return
     if name is None:
         raise UsageError("--show needs a data set name, e.g. probkit datasets digits --show")
-    path = api.dataset_examples(name, out or Path(f"{name}-examples.png"), size=size)
+    path = api.dataset_examples(name, out, size=size)
     console.print(f"examples of {name}: {path}")
 
 
@@ -255,7 +348,7 @@ def complete(
     device: DeviceOpt = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", help="a .png path or a folder (default: the run folder)")
                    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    as_json: Annotated[bool, flag("--json", help="print one JSON object")] = False,
     method: Annotated[str, typer.Option("--method", help="auto (exact where the model allows, else mcmc) "
                                                          "or mcmc (NUTS over the missing pixels)")] = "auto",
     mcmc_warmup: Annotated[Optional[int], typer.Option("--mcmc-warmup", help="NUTS warmup steps per image "
@@ -272,9 +365,26 @@ def complete(
 
     run = resolve_run(target)
     destination = out or run.path / f"complete-{mask_label(mask)}.png"
-    result, files = api.complete(run, mask=mask, images=images, input=input, k=k, seed=seed, device=device,
-                                 out=destination, method=method, mcmc_warmup=mcmc_warmup,
-                                 mcmc_samples=mcmc_samples)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    # only NUTS is slow enough to need a bar (seconds per image); the exact methods never call it
+    bar = Progress(TextColumn("mcmc completion"), MofNCompleteColumn(), TimeRemainingColumn(compact=True),
+                   BarColumn(bar_width=20), TextColumn("images"), console=err_console, transient=True)
+    task = None
+
+    def on_image(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("mcmc", total=total)
+        bar.update(task, completed=done)
+
+    try:
+        result, files = api.complete(run, mask=mask, images=images, input=input, k=k, seed=seed, device=device,
+                                     out=destination, method=method, mcmc_warmup=mcmc_warmup,
+                                     mcmc_samples=mcmc_samples, on_image=on_image)
+    finally:
+        bar.stop()
     if as_json:
         typer.echo(json.dumps({**result.metrics(), "png": str(files["png"]), "npy": str(files["npy"])}))
         return
@@ -295,3 +405,20 @@ def complete(
     for note in result.notes:
         console.print(f"note: {escape(note)}", highlight=False)
     console.print(f"completions: {files['png']} (grid), {files['npy']} (array)")
+
+
+@app.command()
+@reports_errors
+def report(
+    target: SpecArg,
+    out: Annotated[Optional[Path], typer.Option("--out", help="the HTML file (default: RUN/report.html)")] = None,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=MAX_SEED, help="for the samples and completions")] = 0,
+    device: DeviceOpt = "auto",
+):
+    """Write one self-contained HTML page about a fitted run: curves, metrics, samples, completions, spec."""
+    from probkit.report import report as write_report
+
+    with err_console.status("report: reading the run") as status:
+        path = write_report(target, out=out, seed=seed, device=device,
+                            on_stage=lambda text: status.update(f"report: {text}"))
+    console.print(f"report: {path}", highlight=False, soft_wrap=True)

@@ -45,6 +45,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -282,8 +283,8 @@ def _missing_support(compiled: CompiledModel, values):
 
 
 def mcmc_conditional_samples(compiled: CompiledModel, values: dict[str, torch.Tensor], x: torch.Tensor,
-                             mask: torch.Tensor, settings: MCMCSettings | None = None
-                             ) -> tuple[torch.Tensor, dict]:
+                             mask: torch.Tensor, settings: MCMCSettings | None = None, *,
+                             on_image: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, dict]:
     """NUTS draws of the missing pixels of each image from p(x_miss | x_obs; θ).
 
     Returns (samples N x S x M, in the order of `mask.nonzero()`; diagnostics) where the
@@ -310,6 +311,8 @@ def mcmc_conditional_samples(compiled: CompiledModel, values: dict[str, torch.Te
     out = torch.empty((len(x), settings.num_samples, M), dtype=x.dtype, device=x.device)
     min_ess, max_rhat = float("inf"), float("-inf")
     prior = pdist.ImproperUniform(support, (), (M,))
+    if on_image is not None:
+        on_image(0, len(x))
     for n in range(len(x)):
         image = x[n].detach()
         if support is constraints.real:  # start at the observed pixels' average
@@ -330,6 +333,8 @@ def mcmc_conditional_samples(compiled: CompiledModel, values: dict[str, torch.Te
             mcmc.run()
             draws = mcmc.get_samples()["x_missing"].detach()
         out[n] = draws.to(x.dtype)
+        if on_image is not None:  # NUTS takes seconds per image: say how far it is
+            on_image(n + 1, len(x))
         chain = draws.unsqueeze(0).double()  # 1 chain x S x M
         if settings.num_samples >= 4:
             ess = effective_sample_size(chain, chain_dim=0, sample_dim=1)
@@ -345,8 +350,8 @@ def mcmc_conditional_samples(compiled: CompiledModel, values: dict[str, torch.Te
     return out, diagnostics
 
 
-def _complete_mcmc(compiled, values, x, mask, k, settings: MCMCSettings):
-    samples, diagnostics = mcmc_conditional_samples(compiled, values, x, mask, settings)
+def _complete_mcmc(compiled, values, x, mask, k, settings: MCMCSettings, on_image=None):
+    samples, diagnostics = mcmc_conditional_samples(compiled, values, x, mask, settings, on_image=on_image)
     S = samples.shape[1]
     pick = torch.linspace(0, S - 1, k).round().long() if k > 1 else torch.tensor([S - 1])
     draws = x.unsqueeze(1).repeat(1, k, 1)
@@ -384,7 +389,8 @@ def completion_method(compiled: CompiledModel, method: str = "auto") -> str:
 def complete_images(compiled: CompiledModel, values: dict[str, torch.Tensor], x: torch.Tensor,
                     mask: torch.Tensor, *, k: int = 4, seed: int = 0, method: str = "auto",
                     mcmc_warmup: int = MCMC_DEFAULTS["warmup_steps"],
-                    mcmc_samples: int = MCMC_DEFAULTS["num_samples"]) -> CompletionResult:
+                    mcmc_samples: int = MCMC_DEFAULTS["num_samples"],
+                    on_image: Callable[[int, int], None] | None = None) -> CompletionResult:
     """Complete N flat model-scale images x (N x D) whose pixels `mask` (D,) names as missing.
 
     method: 'auto' (the exact method where the likelihood has one, else the general NUTS
@@ -417,7 +423,7 @@ def complete_images(compiled: CompiledModel, values: dict[str, torch.Tensor], x:
     with torch.no_grad(), seeded(seed, compiled.device):
         if method == "mcmc":
             draws, mean, cond_ll, more, settings = _complete_mcmc(
-                compiled, values, x, mask, k, MCMCSettings(mcmc_warmup, mcmc_samples, seed))
+                compiled, values, x, mask, k, MCMCSettings(mcmc_warmup, mcmc_samples, seed), on_image)
         elif method == "exact-gaussian":
             draws, mean, cond_ll, more = _complete_gaussian(compiled, values, x, mask, k)
         else:

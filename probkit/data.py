@@ -216,6 +216,13 @@ class Dataset:
         """DESIGN section 5: continuous densities pay D ln 256 to compare with discrete ones."""
         return (nll_per_image + self.pixels.bits_offset(self.D)) / (self.D * math.log(2.0))
 
+    @property
+    def baseline_bits_per_dim(self) -> float:
+        """The uniform model's bits/dim, the figure any fitted model should beat: every value
+        the transform gives equally likely (1 for binary, 8 for 256 levels or a uniform
+        density on (0, 1))."""
+        return uniform_bits_per_dim(self.transform)
+
     def fingerprint(self) -> str:
         if "fingerprint" in self._cached:
             return self._cached["fingerprint"]
@@ -305,3 +312,10 @@ def summarize(dataset: Dataset) -> dict:
         "transform": dataset.transform,
         "labels": dataset.train_labels is not None,
     }
+
+
+def uniform_bits_per_dim(transform: str) -> float:
+    """Bits/dim of the uniform model of a transform's values: log2 2 = 1 for `binary`, log2 256 = 8
+    for `discrete` and for `continuous` (a uniform density on (0, 1) pays the D ln 256 of DESIGN
+    section 5 and nothing else)."""
+    return {"binary": 1.0, "discrete": 8.0, "continuous": 8.0}[transform]

@@ -21,6 +21,8 @@ likelihood uses directly (`loc[z]`, `scale[z]`, `precision`, `cov_factor[z]` ...
 
 A param with an explicit `init:`, or used through an expression rather than by name, keeps
 the start the spec gives it. Every start is checked against the param's support.
+`start_rules` says in words which of these rules set each param (what `probkit validate` shows),
+by running the same code with a record of each rule that took.
 
 This module knows k-means and which param feeds which likelihood argument; how an argument
 starts from a component's images is its family's business (`location_args`,
@@ -32,13 +34,16 @@ from __future__ import annotations
 
 import ast
 import itertools
+import math
 from dataclasses import dataclass
 
 import pyro.distributions as dist
 import torch
+from torch.distributions import transform_to
 
 from probkit.compiler import CompiledModel
 from probkit.context import CPU, Context
+from probkit.distributions import FAMILIES
 from probkit.families import Moments, SpreadStart
 from probkit.latents import LatentSite
 
@@ -59,11 +64,11 @@ class _Use:
 
 def initial_values(compiled: CompiledModel, seed: int = 0,
                    data: tuple[torch.Tensor, torch.Tensor | None] | None = None, *,
-                   optimizer: str | None = None) -> dict[str, torch.Tensor]:
+                   optimizer: str | None = None, record: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
     """Where a fit starts, on the model's device: the spec's own start (seeded), then, with
     `data` (x, labels), the locations and spreads the likelihood uses from the training images.
     `optimizer`: the one the fit uses (default: the spec's, `auto` resolved); only Adam's spreads
-    start no narrower than its step."""
+    start no narrower than its step. `record`: gets, per param the data started, how (in words)."""
     values = {k: v.cpu() for k, v in compiled.initial_values(seed).items()}
     if data is not None:
         x, labels = data
@@ -74,13 +79,74 @@ def initial_values(compiled: CompiledModel, seed: int = 0,
             optimizer = choose_optimizer(compiled)[0]
         floor = float(compiled.spec.fit.lr) if optimizer == "adam" else 0.0
         from_data(compiled, values, x.detach().cpu(), None if labels is None else labels.cpu(), generator,
-                  floor=floor)
+                  floor=floor, record=record)
     return {k: v.to(compiled.device) for k, v in values.items()}
 
 
+def start_rules(compiled: CompiledModel, seed: int = 0,
+                data: tuple[torch.Tensor, torch.Tensor | None] | None = None, *,
+                optimizer: str | None = None) -> dict[str, str]:
+    """How `initial_values` with these arguments starts each param, in words: the spec's rule,
+    replaced by the data-driven rule that took, recorded as `from_data` applies it."""
+    rules = {site.name: _spec_rule(compiled, site, seed) for site in compiled.params}
+    initial_values(compiled, seed, data, optimizer=optimizer, record=rules)
+    return rules
+
+
+def _spec_rule(model: CompiledModel, site, seed: int) -> str:
+    """The rule of `CompiledModel.initial_values` for one param, in words."""
+    if site.init is not None:
+        return f"init: {site.init.text}"
+    if site.prior is not None:
+        if FAMILIES[site.prior.call_name].event_dim == 2:
+            return "prior mean"
+        return f"prior draw (seed {seed})"
+    transform = transform_to(model.constraint(site))
+    centre = transform(torch.zeros(transform.inverse_shape(site.shape)))
+    if centre.numel() and bool((centre == centre.reshape(-1)[0]).all()):
+        return f"random, near {float(centre.reshape(-1)[0]):g} (seed {seed})"
+    return f"random, near the middle of {site.support_name} (seed {seed})"
+
+
+# what each spread argument's `spread_start` makes of a component's images (probkit.families)
+SPREAD_WORDS = {
+    "scale": "{images} per-pixel standard deviations",
+    "covariance_matrix": "{images} covariance",
+    "scale_tril": "the Cholesky factor of {images} covariance",
+    "precision_matrix": "the inverse of {images} covariance",
+    "cov_factor": "PPCA solution: {images} top {rank} principal directions",
+    "cov_diag": "PPCA solution: the mean of {images} remaining covariance eigenvalues",
+}
+
+
+def _clusters(latents: list[LatentSite], labels, n: int, generator: torch.Generator) -> str:
+    """Which k-means a location indexed by `latents` starts from, in words."""
+    observed = {l.name for l in latents if l.observed and labels is not None}
+    classes = math.prod(l.cardinality for l in latents if l.name in observed)
+    clusters = math.prod(l.cardinality for l in latents if l.name not in observed)
+    seed = generator.initial_seed()
+    if not observed:
+        return f"k-means centres ({clusters} clusters of {n:,} images, seed {seed})"
+    if clusters == 1:
+        return f"per-class k-means: each class's mean image ({classes} classes, {n:,} images)"
+    return f"per-class k-means centres ({classes} classes × {clusters} clusters of {n:,} images, seed {seed})"
+
+
+def _images(use: _Use, groups, labels) -> str:
+    """Whose moments a spread of `use` starts from (as `_members` picks them), in words."""
+    if use.latents and groups is not None and _same(groups[0], use.latents):
+        if all(l.observed and labels is not None for l in use.latents):
+            return "each class's"
+        return "each cluster's"
+    return "the training images'"
+
+
 def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Tensor,
-              labels: torch.Tensor | None, generator: torch.Generator, *, floor: float = 0.0) -> None:
-    """Replace the starts in `values` (constrained, CPU) by data-driven ones where it applies."""
+              labels: torch.Tensor | None, generator: torch.Generator, *, floor: float = 0.0,
+              record: dict[str, str] | None = None) -> None:
+    """Replace the starts in `values` (constrained, CPU) by data-driven ones where it applies;
+    `record` gets how, in words, for each param replaced."""
+    record = {} if record is None else record
     family = model.family
     explicit = {p.name for p in model.params if p.init is not None}
     uses = [u for u in _param_uses(model) if u.name in values and u.name not in explicit]
@@ -92,7 +158,7 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
 
     for use in uses:
         if use.arg in family.histogram_args:
-            groups = _histograms(model, values, use, flat, labels, generator, groups)
+            groups = _histograms(model, values, use, flat, labels, generator, groups, record)
             continue
         if use.arg not in family.location_args:
             continue
@@ -101,7 +167,10 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
             return family.location_start(arg, image, current)
 
         if not use.latents:
-            _put(model, values, use.name, start(flat.mean(0)).float())  # if it is one image
+            mean = flat.mean(0)
+            value = start(mean).float()
+            if _put(model, values, use.name, value):  # if it is one image
+                record[use.name] = "the training images' mean" + _mapped(use.arg, value, mean.float(), family)
             continue
         shape = tuple(l.cardinality for l in use.latents) + (flat.shape[1],)
         if tuple(values[use.name].shape) != shape:
@@ -113,8 +182,11 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
         value = values[use.name].clone()
         for combo, centre in centres.items():
             value[combo] = start(centre.float())
-        if _put(model, values, use.name, value) and groups is None:
-            groups = (use.latents, assignment, centres)
+        if _put(model, values, use.name, value):
+            record[use.name] = _clusters(use.latents, labels, len(flat), generator) + (
+                _mapped(use.arg, value[combo], centre.float(), family) if centres else "")
+            if groups is None:
+                groups = (use.latents, assignment, centres)
     spreads = [u for u in uses if u.arg in family.spread_args]
     if not spreads:
         return
@@ -138,10 +210,31 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
             except RuntimeError:  # not the param's shape: keep the spec's start
                 break
         else:
-            _put(model, values, use.name, value)
+            if _put(model, values, use.name, value):
+                record[use.name] = _spread_words(use, groups, labels, current, by_arg, prior, floor)
 
 
-def _histograms(model: CompiledModel, values, use: _Use, flat, labels, generator, groups):
+def _mapped(arg: str, value: torch.Tensor, image: torch.Tensor, family) -> str:
+    """How the family's start moved an image to make the argument, in words ('' if it did not)."""
+    if value.shape == image.shape and torch.equal(value, image):
+        return ""
+    return ", pulled towards 1/2" if arg == "probs" else f", as {family.name}'s start maps an image to {arg}"
+
+
+def _spread_words(use: _Use, groups, labels, current, by_arg, prior, floor: float) -> str:
+    images = _images(use, groups, labels)
+    rank = current("cov_factor").shape[-1] if use.arg == "cov_factor" else 0
+    words = SPREAD_WORDS.get(use.arg, f"{{images}} moments (as {use.arg})").format(images=images, rank=rank)
+    if use.arg == "precision_matrix" and isinstance(prior(use.arg), dist.Wishart):
+        words = f"{images} covariance, Wishart update (the posterior mode of the precision)"
+    if use.arg == "cov_factor" and "cov_diag" not in by_arg:
+        words += ", against cov_diag's start"
+    if floor > 0:
+        words += f"; no narrower than fit.lr = {floor:g} (Adam's step)"
+    return words
+
+
+def _histograms(model: CompiledModel, values, use: _Use, flat, labels, generator, groups, record):
     """Start a Categorical's probs (or logits) [..., D, L] at each component's histogram of levels."""
     D, levels = flat.shape[1], values[use.name].shape[-1]
     shape = tuple(l.cardinality for l in use.latents) + (D, levels)
@@ -163,7 +256,11 @@ def _histograms(model: CompiledModel, values, use: _Use, flat, labels, generator
         counts.index_put_((pixels[: len(rows)], rows), torch.ones(rows.shape, dtype=torch.float64), accumulate=True)
         probs = (counts + pseudo) / (counts + pseudo).sum(-1, keepdim=True)
         value[combo if combo else ...] = (probs if use.arg == "probs" else probs.log()).float()
-    _put(model, values, use.name, value)
+    if _put(model, values, use.name, value):
+        added = "a Dirichlet prior's pseudo-counts" if isinstance(prior, dist.Dirichlet) else \
+            f"{PSEUDO_COUNT_FLOOR:g} per level"
+        record[use.name] = (f"{_images(use, groups, labels)} histogram of levels + {added}"
+                            + ("" if use.arg == "probs" else ", as logits"))
     return groups
 
 

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 OnStep = Callable[[int, float, "float | None"], None]
@@ -17,12 +18,17 @@ def fit_progress(name: str, total: int, *, console: Console | None = None, enabl
                  refresh_s: float = 0.5) -> Iterator[OnStep]:
     """Yields an `on_step(step, loss, held_out_bpd)` callback that drives a rich progress bar;
     the bar is redrawn at most every `refresh_s` seconds, so it costs nothing per step."""
+    console = console or Console(stderr=True)
+    # done/total and the time left come first, so a narrow terminal cuts the least useful end;
+    # the name goes on its own line above the bar (at 80 columns the whole bar is 72 wide)
     bar = Progress(
-        TextColumn("[bold]fit[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"), TextColumn("held-out {task.fields[bpd]} bits/dim"),
-        TextColumn("{task.fields[rate]} steps/s"), TimeRemainingColumn(),
-        console=console or Console(stderr=True), disable=not enabled, transient=False,
+        MofNCompleteColumn(), TimeRemainingColumn(compact=True, elapsed_when_finished=True),
+        BarColumn(bar_width=16), TextColumn("loss {task.fields[loss]}"),
+        TextColumn("held-out {task.fields[bpd]} b/d"), TextColumn("{task.fields[rate]}/s"),
+        console=console, disable=not enabled, transient=False, expand=False,
     )
+    if enabled:
+        console.print(f"[bold]fit[/] {escape(name)}: at most {total} steps (b/d: bits/dim)", highlight=False)
     state = {"last": time.perf_counter(), "count": 0, "bpd": "-", "step": 0, "loss": "-", "first": None}
     with bar:
         task = bar.add_task(name, total=total, loss="-", bpd="-", rate="-")

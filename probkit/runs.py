@@ -82,6 +82,120 @@ def default_run_dir(name: str) -> Path:
     return Path(RUNS_DIR) / name
 
 
+# ----- claiming a folder for a fit -----------------------------------------------------------
+
+LOCK = ".probkit.lock"
+# what a fit writes (the run itself), and what commands make from its params (stale once they change)
+RUN_FILES = ("run.json", "params.safetensors", CHECKPOINT, "history.csv", "spec.yaml")
+DERIVED_PATTERNS = ("samples*.png", "samples*.npy", "sample*.png", "sample*.npy", "complete-*.png",
+                    "complete-*.npy", "report.html", "train.npz", "train.npy")
+
+
+def _derived(path: Path) -> list[Path]:
+    return sorted({f for pattern in DERIVED_PATTERNS for f in path.glob(pattern) if f.is_file()})
+
+
+def _run_summary(path: Path) -> str:
+    """A few words on the run a folder holds, for the message that refuses to replace it."""
+    try:
+        info = json.loads((path / "run.json").read_text())
+        test = (info.get("test") or {}).get("bits_per_dim")
+        held_out = f", held-out {test:.4f} bits/dim" if isinstance(test, (int, float)) else ""
+        return f"a fitted run ({info.get('steps_done', info.get('steps', '?'))} steps{held_out})"
+    except (OSError, ValueError, AttributeError):
+        if (path / CHECKPOINT).exists():
+            return "an unfinished fit (a checkpoint without run.json)"
+        return "the files of an earlier run"
+
+
+def folder_state(path: Path) -> str:
+    """What a fit into `path` would find there that it must not replace silently ('' if nothing)."""
+    if not path.is_dir():
+        return ""
+    if (path / "run.json").exists() or (path / CHECKPOINT).exists() or (path / "params.safetensors").exists():
+        return _run_summary(path)
+    return ""
+
+
+class RunFolder:
+    """A run folder held by one fit: locked against a second fit, checked writable before any
+    work, and emptied of what an earlier run left there only when the user asked for that.
+
+    A fit never silently replaces a run: a folder holding one is refused (exit 2) unless the fit
+    resumes it (`--resume`) or replaces it (`--overwrite`); `--out` picks another folder."""
+
+    def __init__(self, path: str | Path, *, resume: bool = False, overwrite: bool = False):
+        self.path = Path(path)
+        self.resume = resume
+        self.overwrite = overwrite
+        self._handle = None
+        self._stale: list[Path] = []
+
+    def __enter__(self) -> "RunFolder":
+        import fcntl
+
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"--out {path} is a file, not a folder; give a folder for the run (e.g. runs/NAME)")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            self._handle = open(path / LOCK, "a+")
+        except OSError as exc:
+            raise UsageError(f"cannot write the run folder {path} ({exc.strerror or exc}); choose a writable "
+                             "place with --out") from None
+        try:
+            fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._handle.close()
+            self._handle = None
+            raise UsageError(f"another probkit fit is writing {path} right now; wait for it to finish, or fit "
+                             "into another folder with --out") from None
+        try:
+            self._prepare()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _prepare(self) -> None:
+        path = self.path
+        # (a killed atomic write can leave a hidden .NAME.*.tmp: ours, and removed with the rest)
+        temporary = [e for e in path.iterdir() if e.name.startswith(".") and e.name.endswith(".tmp")]
+        entries = [e for e in path.iterdir() if e.name != LOCK and e not in temporary]
+        ours = {path / n for n in RUN_FILES} | set(_derived(path))
+        held = [e for e in entries if e in ours]
+        strangers = sorted(e.name for e in entries if e not in ours)
+        if strangers and not (path / "run.json").exists() and not (path / CHECKPOINT).exists():
+            shown = ", ".join(strangers[:5]) + (" ..." if len(strangers) > 5 else "")
+            raise UsageError(f"the run folder {path} is not empty and holds no probkit run ({shown}); "
+                             "fit into a new or empty folder with --out")
+        if self.resume:
+            if not (path / CHECKPOINT).exists():
+                raise UsageError(f"--resume: no checkpoint at {path / CHECKPOINT}; start without --resume")
+            # the run is about to move on: what was made from its old params would be stale, and
+            # run.json (which says "finished") comes back when the resumed fit finishes
+            self._stale = [path / "run.json", *_derived(path)]
+            return
+        if held and not self.overwrite:
+            raise UsageError(
+                f"{path} already holds {_run_summary(path)}; a fit never replaces one silently. Continue it "
+                f"with --resume (and --steps N for more steps), replace it with --overwrite, or fit into another "
+                f"folder with --out {path.parent / (path.name + '-2')}"
+            )
+        self._stale = [*held, *temporary]
+
+    def begin(self) -> None:
+        """The fit is ready to write: remove what the earlier run left (once its checks passed)."""
+        for old in self._stale:
+            old.unlink(missing_ok=True)
+        self._stale = []
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing releases the lock (so does the process dying)
+            self._handle = None
+
+
 @dataclass
 class Run:
     """A fitted run: its spec, constrained params, and what run.json says."""

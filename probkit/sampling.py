@@ -8,6 +8,10 @@ a private generator seeded with `seed` (probkit.context.seeded).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
 import torch
 
 from probkit.compiler import CompiledModel
@@ -15,6 +19,8 @@ from probkit.context import seeded
 from probkit.errors import UsageError
 from probkit.families.base import pick
 from probkit.spec import suggest
+
+MAX_SAMPLES = 10_000  # one grid of 64 px cells stays a few hundred MB at most
 
 
 def parse_given(items: list[str] | None) -> dict[str, int]:
@@ -55,9 +61,13 @@ def latent_log_weights(compiled: CompiledModel, values: dict[str, torch.Tensor],
 
 
 def draw_samples(compiled: CompiledModel, values: dict[str, torch.Tensor], n: int, *,
-                 given: dict[str, int] | None = None, seed: int = 0, mean: bool = False) -> torch.Tensor:
+                 given: dict[str, int] | None = None, seed: int = 0, mean: bool = False,
+                 return_latents: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """n draws of x (flat, model scale) with params fixed and `given` latents conditioned;
-    with `mean`, the likelihood's mean given each draw's latents instead of a draw of x."""
+    with `mean`, the likelihood's mean given each draw's latents instead of a draw of x.
+
+    return_latents: also return each draw's latent configuration, an n x L tensor of value
+    indices, one column per latent of `compiled.latents` (L = 0 without latents)."""
     values = {k: v.to(compiled.device) for k, v in values.items()}
     family = compiled.family
     with torch.no_grad(), seeded(seed, compiled.device):
@@ -70,4 +80,61 @@ def draw_samples(compiled: CompiledModel, values: dict[str, torch.Tensor], n: in
                 raise UsageError(f"--mean: {family.name} has no finite mean here; sample without --mean")
         else:
             drawn = family.sample(args, choice)[:, 0]
-    return drawn.reshape(n, compiled.dims.D)
+    x = drawn.reshape(n, compiled.dims.D)
+    if not return_latents:
+        return x
+    return x, unravel_configurations(choice[:, 0].cpu(), compiled.grid_shape)
+
+
+def unravel_configurations(flat: torch.Tensor, grid_shape: tuple[int, ...]) -> torch.Tensor:
+    """Indices into the flattened latent grid -> n x L value indices (last latent fastest)."""
+    columns = []
+    for cardinality in reversed(grid_shape):
+        columns.append(flat % cardinality)
+        flat = torch.div(flat, cardinality, rounding_mode="floor")
+    return torch.stack(columns[::-1], 1) if columns else flat.new_zeros((len(flat), 0))
+
+
+def latent_captions(compiled: CompiledModel, configurations: torch.Tensor) -> list[str]:
+    """One caption per draw naming its latent values, e.g. 'y=3 z=1' ('' without latents)."""
+    columns = [[f"{latent.name}={_shown(v)}" for v in latent.values.tolist()] for latent in compiled.latents]
+    return [" ".join(columns[j][i] for j, i in enumerate(row)) for row in configurations.tolist()]
+
+
+def _shown(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def possible_configurations(compiled: CompiledModel, values: dict[str, torch.Tensor],
+                            given: dict[str, int] | None = None) -> int:
+    """How many latent configurations a draw can take (1 without latents, or when `given`
+    fixes every latent): with 1, every `--mean` image is the same."""
+    values = {k: v.to(compiled.device) for k, v in values.items()}
+    with torch.no_grad():
+        return int(torch.isfinite(latent_log_weights(compiled, values, given)).sum())
+
+
+def check_sample_count(n: int) -> None:
+    """-n outside 1..MAX_SAMPLES is a usage error before any work (or a huge allocation)."""
+    if not 1 <= n <= MAX_SAMPLES:
+        raise UsageError(f"-n must be between 1 and {MAX_SAMPLES:,}, found {n}; draw larger sets in batches "
+                         "with different --seed values")
+
+
+def samples_file_name(given: dict[str, int] | None = None) -> str:
+    """samples.png, or samples-y3.png with given {'y': 3}: the name fit's samples.png shares."""
+    return "samples" + "".join(f"-{name}{value}" for name, value in (given or {}).items()) + ".png"
+
+
+@dataclass
+class Samples:
+    """What `probkit.sample` returns; `images, files = probkit.sample(...)` unpacks as before."""
+
+    images: np.ndarray  # N x C x H x W in [0, 1]
+    files: dict[str, Path]  # png and npy, when written
+    latents: torch.Tensor  # N x L value indices, one column per latent of the model
+    captions: list[str]  # each image's latent values, e.g. 'y=3 z=1' ('' without latents)
+    notes: list[str] = field(default_factory=list)  # one line each, for the user
+
+    def __iter__(self):
+        return iter((self.images, self.files))

@@ -1,4 +1,8 @@
-"""What `probkit validate` prints: the model a spec declares, in tables a person can check."""
+"""What `probkit validate` prints: the model a spec declares, in tables a person can check.
+
+The init column and the fit table come from the code `probkit fit` runs (the data-driven start
+of probkit.initialise, the settings of probkit.infer), not from a description of it.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,22 @@ from rich.table import Table
 
 from probkit.api import Prepared
 from probkit.data import summarize
+from probkit.initialise import start_rules
+
+
+def fit_settings(prepared: Prepared):
+    """The settings `probkit fit SPEC` uses (its own steps and seed; `auto` resolved)."""
+    from probkit.infer import settings_from
+
+    return settings_from(prepared.compiled, prepared.dataset.n_train, steps=None, seed=None)
 
 
 def summary_tables(prepared: Prepared) -> list[Table]:
     compiled, dataset = prepared.compiled, prepared.dataset
+    settings = fit_settings(prepared)
+    # the start `probkit fit` makes (probkit.infer.Trainer): the same seed, images and optimizer
+    starts = start_rules(compiled, settings.seed, (dataset.fixed("train"), dataset.train_labels),
+                         optimizer=settings.optimizer)
     params = Table(title=f"{prepared.loaded.name}: params θ ({compiled.method.upper()})")
     for column in ("name", "shape", "elements", "prior / support", "init"):
         params.add_column(column)
@@ -21,8 +37,8 @@ def summary_tables(prepared: Prepared) -> list[Table]:
             kind = site.prior.text + ("" if compiled.method == "map" else "  (ignored: mle)")
         else:
             kind = f"support: {site.support_name}"
-        init = site.init.text if site.init is not None else ("prior draw" if site.prior is not None else "near zero")
-        params.add_row(site.name, escape(str(list(site.shape))), f"{math.prod(site.shape):,}", escape(kind), escape(init))
+        params.add_row(site.name, escape(str(list(site.shape))), f"{math.prod(site.shape):,}", escape(kind),
+                       escape(starts[site.name]))
     total = sum(math.prod(s.shape) for s in compiled.params)
     params.caption = f"{total:,} numbers in θ"
 
@@ -45,28 +61,46 @@ def summary_tables(prepared: Prepared) -> list[Table]:
         info["source"], str(info["train"]), str(info["test"]), "×".join(map(str, info["shape"])),
         info["transform"], "yes" if info["labels"] else "no",
     )
-    return [params, model, data, fit_table(prepared)]
+    return [params, model, data, fit_table(prepared, settings)]
 
 
-def fit_table(prepared: Prepared) -> Table:
-    """How `probkit fit` will fit it: the optimizer (`auto` resolved, and why) and its settings."""
-    from probkit.infer import settings_from
+def fit_table(prepared: Prepared, settings=None) -> Table:
+    """How `probkit fit` will fit it: every fit.* setting as the fit resolves it, marked where the
+    spec leaves it to the default, and what it does (the optimizer `auto` picks, and why)."""
+    from probkit.infer.stopping import StoppingRule
 
-    compiled = prepared.compiled
-    settings = settings_from(compiled, prepared.dataset.n_train, steps=None, seed=None)
-    table = Table(title="fit")
-    for column in ("method", "optimizer", "steps", "stops when", "batch", "lr", "seed"):
+    settings = settings or fit_settings(prepared)
+    fit = prepared.compiled.spec.fit
+    given = fit.model_fields_set
+
+    def value(key: str, shown, default: str = "default") -> str:
+        return f"{shown}" if key in given else f"{shown} ({default})"
+
+    em = settings.optimizer == "em"
+    choice = settings.choice.removeprefix("auto: ")
+    chunks = f"; the E-step reads them in chunks of {settings.batch_size}" if settings.batch_size else ""
+    rows = [
+        ("method", value("method", prepared.compiled.method.upper()),
+         "maximum a posteriori (the priors count)" if prepared.compiled.method == "map" else "maximum likelihood"),
+        ("optimizer", settings.optimizer + (" (auto)" if "optimizer" in given else " (auto, default)")
+         if fit.optimizer == "auto" else settings.optimizer, "" if choice == "as the spec says" else choice),
+        ("steps", value("steps", settings.steps), "at most" if settings.tolerance else ""),
+        ("tolerance", value("tolerance", f"{settings.tolerance:g}", f"default for {settings.optimizer}"),
+         f"stops when {StoppingRule.of(settings.optimizer, settings.tolerance).describe()}"),
+        ("batch_size", value("batch_size", fit.batch_size),
+         f"all images each step{chunks}" if em else
+         f"{settings.batch_size:,} images a step" if settings.batch_size else "all images each step"),
+        ("lr", value("lr", f"{settings.lr:g}"), "unused: EM has no step size" if em else
+         f"{settings.optimizer}'s step size" + ("; spreads start no narrower" if settings.optimizer == "adam" else "")),
+        ("seed", value("seed", settings.seed), "the start (k-means, prior draws) and the batches' order"),
+        ("eval_every", value("eval_every", settings.eval_every, "default: steps / 20"),
+         "held-out evaluation and checkpoint period (steps)"),
+    ]
+    table = Table(title=f"fit ({prepared.compiled.method.upper()}, {settings.optimizer})")
+    for column in ("setting", "value", "what it does"):
         table.add_column(column)
-    stops = (f"3 steps in a row change the loss < {settings.tolerance:g} of itself" if settings.tolerance
-             else "its steps run out")
-    if settings.optimizer == "em":
-        batch = "all images each step" + (f" (in chunks of {settings.batch_size})" if settings.batch_size else "")
-        lr = "-"
-    else:
-        batch = str(settings.batch_size or "full")
-        lr = f"{settings.lr:g}"
-    table.add_row(compiled.method.upper(), f"{settings.optimizer}", str(settings.steps), stops, batch, lr,
-                  str(settings.seed))
+    for key, shown, note in rows:
+        table.add_row(f"fit.{key}", escape(shown), escape(note))
     caption = f"optimizer: {settings.optimizer} ({settings.choice})"
     if prepared.dataset.stochastic and settings.optimizer in ("em", "lbfgs"):
         caption += f"; {settings.optimizer} fits one fixed draw of the data's noise (set by data.seed)"

@@ -66,7 +66,8 @@ def test_fit_evaluate_sample_end_to_end(tmp_path):
     result = _invoke("evaluate", run, "--json")
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.output)
-    assert set(metrics) == {"train", "test", "memorisation"}
+    assert set(metrics) == {"train", "test", "memorisation", "baseline_bits_per_dim"}
+    assert metrics["baseline_bits_per_dim"] == 1.0  # binary: one bit per pixel
     assert 0 < metrics["memorisation"]["train_to_test_ratio"] <= 1.5
     assert metrics["test"]["bits_per_dim"] == pytest.approx(metrics["test"]["nll"] / (64 * np.log(2)))
     assert metrics["test"]["nll"] == pytest.approx(info["test"]["nll"], rel=1e-6)

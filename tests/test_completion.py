@@ -22,6 +22,7 @@ from probkit.cli import app
 from probkit.completion import (MCMCSettings, complete_images, completion_method, discrete_posterior,
                                 gaussian_conditional, load_mask, make_mask, mcmc_conditional_samples)
 from probkit.errors import UsageError
+from probkit.images import LIGHT, layout
 
 from conftest import SPECS, TEST_SPECS
 
@@ -466,10 +467,26 @@ def test_cli_complete_json_and_files(tiny_run, tmp_path):
     assert data["method"] == "exact-discrete-latents" and data["images"] == 5 and data["missing_pixels"] == 16
     assert math.isfinite(data["cond_nll_bits_per_pixel"]) and math.isfinite(data["psnr_db"])
     assert np.load(tmp_path / "c.npy").shape == (5, 3, 1, 8, 8)
-    with Image.open(out) as picture:  # 5 rows of original, observed, 3 completions: 8x8 tiles, pad 1, x2
-        assert picture.size == ((5 * 9 + 1) * 2, (5 * 9 + 1) * 2)
-        red = np.asarray(picture.convert("RGB"))[2 * (9 + 4), 2 * (1 * 9 + 1 + 4)]  # observed tile, centre
-    assert tuple(red) == (255, 0, 0)
+    headers = ["original", "observed", "completion 1", "completion 2", "completion 3"]
+    g = layout(25, 8, 8, columns=5, headers=headers)  # 5 rows of original, observed, 3 completions
+    with Image.open(out) as picture:
+        pixels = np.asarray(picture.convert("RGB")).astype(int)
+    assert pixels.shape == (g.height, g.width, 3) and g.cell_h == 64
+    assert (pixels[: g.top, g.left :] != LIGHT).any()  # the column headers are drawn
+    for row in range(5):
+        (top, left), (otop, oleft) = g.cell(5 * row), g.cell(5 * row + 1)
+        original = pixels[top : top + 64, left : left + 64]
+        observed = pixels[otop : otop + 64, oleft : oleft + 64]
+        centre = np.zeros((64, 64), dtype=bool)
+        centre[16:48, 16:48] = True  # the 4 x 4 centre of the 8 x 8 image, 8 px a pixel
+        assert (observed[~centre] == original[~centre]).all()
+        # the missing region shows none of the original: mid-grey (128), tinted half-way to red,
+        # hatched every 8 px with 2 px lines, white where the tint is dark
+        diagonal = ((np.arange(64)[:, None] + np.arange(64)[None, :]) % 8) < 2
+        tint = np.array([round(0.5 * 128 + 0.5 * 255), round(0.5 * 128), round(0.5 * 128)])
+        expected = np.where(diagonal[..., None], 255, tint)
+        assert np.abs(observed[centre] - expected[centre]).max() <= 1
+        assert (observed[centre] != (255, 0, 0)).any(-1).all()
 
 
 def test_cli_table_and_nothing_observed_note(tiny_run, tmp_path):

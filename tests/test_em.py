@@ -331,7 +331,7 @@ def test_em_and_lbfgs_reach_the_same_optimum(write_spec, tmp_path):
     body = CASES["normal-map"][1].replace("K]", "2]").replace("[K, D]", "[2, D]")
     em = write_spec(HEAD.format(transform="continuous") + body + "fit: {optimizer: em, steps: 400, tolerance: 1e-12}\n",
                     name="em")
-    lbfgs = write_spec(HEAD.format(transform="continuous") + body + "fit: {optimizer: lbfgs, steps: 60}\n",
+    lbfgs = write_spec(HEAD.format(transform="continuous") + body + "fit: {optimizer: lbfgs, steps: 60, tolerance: 0}\n",
                        name="lbfgs")
     by_em = probkit.fit(em, out=tmp_path / "em", device="cpu", samples=0)
     by_lbfgs = probkit.fit(lbfgs, out=tmp_path / "lbfgs", device="cpu", samples=0)

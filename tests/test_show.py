@@ -21,8 +21,8 @@ HERE = Path(__file__).parent
                                   HERE / "specs" / "tiny-smooth.yaml", HERE / "specs" / "tiny-diag.yaml"],
                          ids=lambda p: p.stem)
 def test_shown_program_reaches_the_same_params(tmp_path, spec):
-    npy = tmp_path / "train.npy"
-    result = CliRunner().invoke(app, ["show", str(spec), "--npy", str(npy)])
+    npy = tmp_path / "train.npz"
+    result = CliRunner().invoke(app, ["show", str(spec), "--npz", str(npy)])
     assert result.exit_code == 0, result.output
     program = tmp_path / "program.py"
     program.write_text(result.stdout)
@@ -42,8 +42,8 @@ def test_shown_program_reaches_the_same_params(tmp_path, spec):
 @pytest.mark.slow
 def test_an_em_spec_is_shown_as_lbfgs_on_the_same_objective_reaching_the_same_optimum(tmp_path):
     spec = HERE / "specs" / "tiny-em.yaml"
-    npy = tmp_path / "train.npy"
-    result = CliRunner().invoke(app, ["show", str(spec), "--npy", str(npy)])
+    npy = tmp_path / "train.npz"
+    result = CliRunner().invoke(app, ["show", str(spec), "--npz", str(npy)])
     assert result.exit_code == 0, result.output
     assert "probkit fits this spec by EM" in result.stdout and "torch.optim.LBFGS" in result.stdout
     program = tmp_path / "program.py"
@@ -68,8 +68,8 @@ def test_a_spec_path_full_of_quotes_is_only_ever_a_string_in_the_program(tmp_pat
     name = "x\"\"\"; open('PWNED', 'w'); \"\"\"'.yaml"
     spec = folder / name
     spec.write_text((HERE / "specs" / "tiny-mixture.yaml").read_text())
-    npy = folder / "t'r\"ain.npy"
-    result = CliRunner().invoke(app, ["show", str(spec), "--npy", str(npy)])
+    npy = folder / "t'r\"ain.npz"
+    result = CliRunner().invoke(app, ["show", str(spec), "--npz", str(npy)])
     assert result.exit_code == 0, result.output
     program = tmp_path / "program.py"
     program.write_text(result.stdout)

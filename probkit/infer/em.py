@@ -37,7 +37,6 @@ from probkit.families.conjugate import DTYPE, Block, dirichlet_pseudo_counts, no
 from probkit.infer.objective import Batch, Params
 from probkit.infer.steppers import NonFiniteLoss, Stepper
 
-PATIENCE = 3  # quiet steps in a row that make a converged fit
 LATENT_ARGS = ("probs", "logits")  # a Categorical latent's argument (its first positional one is probs)
 LATENT_PRIORS = {"probs": ("Dirichlet",), "logits": ()}
 
@@ -233,16 +232,13 @@ def _grouper(grid: tuple[int, ...], index: list[int], param_shape: tuple[int, ..
 class EMStepper(Stepper):
     """One EM iteration per step, over the whole training set in chunks of images."""
 
-    def __init__(self, plan: EMPlan, params: Params, *, chunk: int | None = None, tolerance: float = 0.0):
+    def __init__(self, plan: EMPlan, params: Params, *, chunk: int | None = None):
         super().__init__(params.unconstrained, 0.0)
         self.plan = plan
         self.compiled = plan.compiled
         self.holder = params
         self.chunk = chunk
-        self.tolerance = tolerance
         self.previous: float | None = None
-        self.converged = False
-        self.quiet = 0  # steps in a row whose loss changed by less than the tolerance
         self.largest_increase = 0.0  # relative; EM never increases the loss beyond rounding
         self._data_key = None
         self._data: list = []
@@ -363,10 +359,6 @@ class EMStepper(Stepper):
             change = self.previous - value
             scale = max(abs(value), 1e-300)
             self.largest_increase = max(self.largest_increase, -change / scale)
-            # EM can pause on a plateau (an image about to change component) and move on: it has
-            # converged when PATIENCE steps in a row each change the loss by less than the tolerance
-            self.quiet = self.quiet + 1 if abs(change) <= self.tolerance * scale else 0
-            self.converged = self.tolerance > 0 and self.quiet >= PATIENCE
         self.previous = value
         return value
 

@@ -27,7 +27,6 @@ class NonFiniteLoss(Exception):
 
 class Stepper:
     optimizer: torch.optim.Optimizer | None = None
-    converged: bool = False  # whether the fit has converged (a stepper with a stopping rule says so)
 
     def __init__(self, params: list[torch.Tensor], lr: float):
         self.params = params

@@ -24,6 +24,7 @@ from probkit.infer.em import EMFailure, EMStepper, choose_optimizer, em_plan
 from probkit.infer.evaluation import Evaluator
 from probkit.infer.objective import ENGINES, Batch, Params
 from probkit.infer.steppers import NonFiniteLoss, make_stepper
+from probkit.infer.stopping import StoppingRule
 from probkit.initialise import initial_values
 from probkit.runs import CHECKPOINT, read_history
 from probkit.spec import MAX_SEED
@@ -43,7 +44,8 @@ class FitResult:
     stopped: str = ""  # why the fit ended (its steps ran out, or it converged)
 
 
-DEFAULT_TOLERANCE = {"em": 1e-7}  # relative change of the loss at which a fit stops (others: never)
+# relative change of the loss at which a fit stops (Adam, whose minibatch losses are noisy: never)
+DEFAULT_TOLERANCE = {"em": 1e-7, "lbfgs": 1e-7}
 
 
 @dataclass
@@ -104,10 +106,10 @@ class Trainer:
         self.guide = compiled.make_guide(settings.seed, start)
         self.params = Params(compiled, self.guide)
         if settings.optimizer == "em":
-            self.stepper = EMStepper(em_plan(compiled), self.params, chunk=settings.batch_size,
-                                     tolerance=settings.tolerance)
+            self.stepper = EMStepper(em_plan(compiled), self.params, chunk=settings.batch_size)
         else:
             self.stepper = make_stepper(settings.optimizer, self.params.unconstrained, settings.lr)
+        self.stopping = StoppingRule.of(settings.optimizer, settings.tolerance)
         self.stopped = ""  # why the fit ended before its last step (a convergence), if it did
         self.steps_done = 0
         self.batches = BatchStream(BatchPlan.of(compiled, dataset, settings), dataset)
@@ -136,7 +138,8 @@ class Trainer:
         return {**tensors, **self.stepper.state_tensors(self.names)}
 
     def save_checkpoint(self, step: int) -> None:
-        meta = {"seed": str(self.settings.seed), "data": self.dataset.fingerprint(), **self.batches.state()}
+        meta = {"seed": str(self.settings.seed), "data": self.dataset.fingerprint(), **self.batches.state(),
+                **self.stopping.state()}
         save_checkpoint(self.run_dir, step, self.checkpoint_tensors(), meta, self.history)
 
     def _resume(self) -> None:
@@ -160,6 +163,7 @@ class Trainer:
             raise UsageError(f"--resume: the checkpoint in {self.run_dir} is already at step {self.start_step}; "
                              f"pass --steps {self.start_step} or more")
         self.batches.restore(checkpoint.meta)
+        self.stopping.restore(checkpoint.meta)
         self.history = [r for r in read_history(self.run_dir / "history.csv") if r["step"] <= self.start_step]
         self.seconds_before = float(self.history[-1]["seconds"]) if self.history else 0.0
 
@@ -201,10 +205,9 @@ class Trainer:
             except (DomainError, EMFailure) as exc:
                 raise self._fail(step, batch, last_saved, str(exc)) from None
             done = self.steps_done = step + 1
-            converged = self.stepper.converged
+            converged = self.stopping.update(loss_value)
             if converged:
-                self.stopped = (f"converged at step {done}: the last steps each changed the loss by less than "
-                                f"{settings.tolerance:g} of itself (fit.tolerance)")
+                self.stopped = f"converged at step {done}: {self.stopping.describe()} (fit.tolerance)"
             test_bpd = None
             if done % settings.eval_every == 0 or done == settings.steps or converged:
                 # an update to non-finite params shows in the next loss; check before saving them

@@ -1,0 +1,205 @@
+"""Run folders people can manage: a fit never silently replaces a run, two fits never share a
+folder, `probkit runs` lists and compares what the fits wrote, and fits stop when converged."""
+
+import fcntl
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import probkit
+from probkit.catalog import compare, list_runs
+from probkit.cli import app
+from probkit.infer.stopping import StoppingRule
+from probkit.runs import LOCK
+
+runner = CliRunner()
+SPECS = Path(__file__).parent / "specs"
+TINY = SPECS / "tiny-mixture.yaml"  # Adam, 10 steps
+TINY_EM = SPECS / "tiny-em.yaml"
+SMOOTH = SPECS / "tiny-smooth.yaml"  # L-BFGS
+
+
+def _invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _flat(result) -> str:
+    return " ".join(result.output.split())
+
+
+def _fit(run: Path, *extra, spec=TINY):
+    result = _invoke("fit", spec, "--steps", 3, "--out", run, "--device", "cpu", "--no-progress", *extra)
+    return result
+
+
+def test_a_second_fit_into_a_run_is_refused_and_the_run_is_untouched(tmp_path):
+    run = tmp_path / "run"
+    assert _fit(run).exit_code == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != LOCK}
+    result = _fit(run, "--seed", 5)
+    assert result.exit_code == 2, result.output
+    message = _flat(result)
+    assert "already holds a fitted run (3 steps, held-out" in message
+    for way in ("--resume", "--overwrite", "--out"):
+        assert way in message
+    after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != LOCK}
+    assert after == before
+
+
+def test_overwrite_replaces_the_run_and_leaves_no_stale_file(tmp_path):
+    run = tmp_path / "run"
+    assert _fit(run).exit_code == 0
+    for stale in ("samples-y3.png", "complete-half.png", "complete-half.npy", "report.html"):
+        (run / stale).write_bytes(b"old")
+    (run / "notes.txt").write_text("mine")  # not probkit's: left alone
+    result = _fit(run, "--overwrite", "--seed", 5)
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in run.iterdir()}
+    assert not names & {"samples-y3.png", "complete-half.png", "complete-half.npy", "report.html"}
+    assert "notes.txt" in names and json.loads((run / "run.json").read_text())["seed"] == 5
+
+
+def test_an_interrupted_refit_never_mixes_the_old_run_with_the_new_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    probkit.fit(TINY, steps=4, out=run, device="cpu", samples=0)
+
+    def killed(step, loss, bpd):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        probkit.fit(TINY, steps=10, out=run, device="cpu", samples=0, overwrite=True, seed=7, on_step=killed)
+    # the old run is gone before the new fit wrote anything: what is left is the new fit's
+    assert not (run / "run.json").exists() and not (run / "params.safetensors").exists()
+    rows = list_runs(tmp_path)
+    assert [(r.name, r.status) for r in rows] == [("run", "unfinished")]
+    result = _fit(run, "--steps", 10)  # an unfinished fit is not replaced silently either
+    assert result.exit_code == 2 and "unfinished fit" in _flat(result)
+    resumed = probkit.fit(TINY, steps=10, out=run, device="cpu", samples=0, resume=True)
+    assert resumed.history[-1]["step"] == 10 and json.loads((run / "run.json").read_text())["seed"] == 7
+
+
+def test_resume_drops_what_was_made_from_the_old_params_but_keeps_the_run_if_it_cannot_start(tmp_path):
+    run = tmp_path / "run"
+    assert _fit(run).exit_code == 0
+    (run / "complete-half.png").write_bytes(b"old")
+    refused = _fit(run, "--resume", "--steps", 2)  # the checkpoint is at step 3 already
+    assert refused.exit_code == 2 and (run / "run.json").exists() and (run / "complete-half.png").exists()
+    assert _fit(run, "--resume", "--steps", 6).exit_code == 0
+    assert not (run / "complete-half.png").exists()
+    assert json.loads((run / "run.json").read_text())["steps_done"] == 6
+
+
+@pytest.mark.parametrize("setup, options, message", [
+    (lambda run: (run.mkdir(), (run / "holiday.jpg").write_bytes(b"x")), (),
+     "is not empty and holds no probkit run (holiday.jpg)"),
+    (lambda run: run.write_text("a file"), (), "is a file, not a folder"),
+    (lambda run: None, ("--resume",), "no checkpoint at"),
+    (lambda run: None, ("--resume", "--overwrite"), "pick one"),
+])
+def test_folders_a_fit_cannot_use_are_refused_before_any_work(tmp_path, setup, options, message):
+    run = tmp_path / "run"
+    setup(run)
+    result = _fit(run, *options)
+    assert result.exit_code == 2, result.output
+    assert message in _flat(result)
+
+
+def test_two_fits_never_write_one_folder_at_once(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / LOCK, "a+") as held:  # another fit holds the folder
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = _fit(run)
+    assert result.exit_code == 2 and "another probkit fit is writing" in _flat(result)
+    assert _fit(run).exit_code == 0  # the lock went with its holder
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_place_is_refused_before_the_fit(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        result = _fit(locked / "run")
+    finally:
+        locked.chmod(0o700)
+    assert result.exit_code == 2 and "cannot write the run folder" in _flat(result)
+
+
+def _three_runs(tmp_path) -> Path:
+    root = tmp_path / "runs"
+    for name, seed, steps in (("a", 0, 3), ("b", 1, 6)):
+        assert _fit(root / name, "--seed", seed, "--steps", steps).exit_code == 0
+    (root / "broken").mkdir()
+    (root / "broken" / "run.json").write_text("{not json")
+    return root
+
+
+def test_runs_lists_every_run_with_what_its_run_json_says(tmp_path):
+    root = _three_runs(tmp_path)
+    rows = {r.name: r for r in list_runs(root)}
+    assert set(rows) == {"a", "b", "broken"} and rows["broken"].status == "damaged"
+    for name in ("a", "b"):
+        info = json.loads((root / name / "run.json").read_text())
+        row = rows[name]
+        assert row.status == "finished" and row.steps == info["steps_done"]
+        assert row.held_out_bpd == info["test"]["bits_per_dim"] and row.baseline_bpd == 1.0
+        assert row.spec_hash == info["spec_sha256"][:12] and row.date == info["fitted_at"]
+    by_bits = [r.name for r in list_runs(root, sort="bits") if r.held_out_bpd is not None]
+    assert by_bits == sorted(("a", "b"), key=lambda n: rows[n].held_out_bpd)
+    result = _invoke("runs", "--dir", root, "--sort", "steps", "--json")
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.output)
+    assert [r["name"] for r in listed if r["steps"] is not None] == ["a", "b"]
+    table = _invoke("runs", "--dir", root)
+    assert table.exit_code == 0 and "(damaged)" in table.output and f"{rows['b'].held_out_bpd:.4f}" in table.output
+
+
+def test_runs_compares_two_runs_and_their_specs(tmp_path):
+    root = _three_runs(tmp_path)
+    rows = {r.name: r for r in list_runs(root)}
+    table, diff = compare(rows["a"], rows["b"])
+    differs = {label for label, _, _, d in table if d}
+    assert {"seed", "steps", "held-out bits/dim", "spec hash"} <= differs and "data" not in differs
+    assert "-  seed: 0\n" in diff and "+  seed: 1\n" in diff
+    result = _invoke("runs", "a", "b", "--dir", root)
+    assert result.exit_code == 0 and "+  seed: 1" in result.output
+    for args, message in ((("a",), "give two runs"), (("a", "c"), "no run 'c'"), (("--sort", "speed"), "--sort speed")):
+        bad = _invoke("runs", *args, "--dir", root)
+        assert bad.exit_code == 2 and message in _flat(bad), bad.output
+
+
+def test_stopping_rule_counts_quiet_steps_relative_to_the_loss():
+    rule = StoppingRule(1e-3, patience=2)
+    # 100 -> 99 moves 1%; 99 -> 98.95 and 98.95 -> 98.9 move 0.05% each: quiet, quiet
+    assert [rule.update(v) for v in (100.0, 99.0, 98.95, 98.9)] == [False, False, False, True]
+    never = StoppingRule(0.0, patience=1)
+    assert not any(never.update(5.0) for _ in range(4))
+
+
+def test_lbfgs_stops_when_converged_and_says_so(tmp_path):
+    result = probkit.fit(SMOOTH, steps=50, out=tmp_path / "run", device="cpu", samples=0)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["tolerance"] == 1e-7 and info["steps_done"] < 50 and "converged at step" in info["stopped"]
+    assert "2 steps in a row change the loss" in result.stopped
+
+
+def test_a_resumed_em_fit_stops_where_an_uninterrupted_one_does(tmp_path, write_spec):
+    # a checkpoint every step, so one falls inside the last quiet steps before convergence
+    spec = write_spec(TINY_EM.read_text().replace("  steps: 200", "  steps: 200\n  eval_every: 1"))
+    whole = probkit.fit(spec, out=tmp_path / "whole", device="cpu", samples=0)
+    last = whole.history[-1]["step"]
+    assert "converged" in whole.stopped and last < 200
+
+    def killed(step, loss, bpd):
+        if step == last - 1:  # its checkpoint holds the stopping rule's count of quiet steps
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        probkit.fit(spec, out=tmp_path / "part", device="cpu", samples=0, on_step=killed)
+    resumed = probkit.fit(spec, out=tmp_path / "part", device="cpu", samples=0, resume=True)
+    assert resumed.history[-1]["step"] == last and resumed.stopped == whole.stopped
