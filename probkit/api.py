@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +21,7 @@ from probkit.data import Dataset, load_dataset
 from probkit.errors import DataError, RunError, UsageError
 from probkit.infer import (Evaluator, FitResult, Trainer, fitted_spec_text, run_info, settings_from,
                            write_run)
-from probkit.runs import Run, RunFolder, default_run_dir, resolve_run
+from probkit.runs import CHECKPOINT, Run, RunFolder, default_run_dir, resolve_run
 from probkit.spec import LoadedSpec, read_spec
 
 SpecLike = str | Path | LoadedSpec
@@ -95,20 +96,59 @@ def fit(spec: SpecLike, *, steps: int | None = None, device: str = "auto", seed:
 
         loaded = load_spec(spec)
         total = loaded.spec.fit.steps if steps is None else steps
-        with fit_progress(loaded.name, total) as bar:
+        from probkit.infer.distributed import launched
+
+        with fit_progress(loaded.name, total, enabled=launched() is None or launched()[0] == 0) as bar:
             return fit(loaded, steps=steps, device=device, seed=seed, out=out, resume=resume, overwrite=overwrite,
                        engine=engine, samples=samples, on_step=bar)
+    from probkit.infer.distributed import collective_from_env, distributed_device, restarted
+
     if resume and overwrite:
         raise UsageError("--resume continues the run in the folder and --overwrite replaces it: pick one")
-    prepared = prepare(spec, device=device)
+    prepared = prepare(spec, device=distributed_device(device))
     compiled, dataset = prepared.compiled, prepared.dataset
     settings = settings_from(compiled, dataset.n_train, steps=steps, seed=seed, engine=engine)
     run_dir = Path(out) if out else default_run_dir(compiled.spec.name)
-    with RunFolder(run_dir, resume=resume, overwrite=overwrite) as folder:
-        _check_free_space(run_dir, compiled)
-        trainer = Trainer(compiled, dataset, settings, run_dir, resume=resume)
-        folder.begin()
+    ranks = collective_from_env(prepared.device)
+    if ranks.world_size > 1:
+        _check_ranks(ranks.world_size, settings, dataset.n_train)
+        if restarted() and (run_dir / CHECKPOINT).exists():  # torchrun's restart after a rank failed
+            resume, overwrite = True, False
+    # rank 0 alone holds the folder; every rank learns of any rank's failure before going on
+    folder = RunFolder(run_dir, resume=resume, overwrite=overwrite) if ranks.is_main else None
+    error = None
+    try:
+        if folder is not None:
+            folder.__enter__()
+            _check_free_space(run_dir, compiled)
+    except Exception as exc:  # noqa: BLE001 - raised again on every rank by `agree`
+        error = exc
+    try:
+        ranks.agree(error)
+        trainer, error = None, None
+        try:
+            trainer = Trainer(compiled, dataset, settings, run_dir, resume=resume, collective=ranks)
+        except Exception as exc:  # noqa: BLE001 - raised again on every rank by `agree`
+            error = exc
+        ranks.agree(error)
+        if folder is not None:
+            folder.begin()
+        ranks.barrier()
         return _fit_into(prepared, settings, trainer, run_dir, samples, on_step)
+    finally:
+        if folder is not None:
+            folder.__exit__(None, None, None)
+
+
+def _check_ranks(world_size: int, settings, n_train: int) -> None:
+    """What data-parallel fitting needs: a share of images for every rank, and the fused engine."""
+    if settings.engine != "fused":
+        raise UsageError(f"--engine {settings.engine} under torchrun: data-parallel fits sum the fused "
+                         "objective over ranks; use --engine fused (the default)")
+    batch = settings.batch_size or n_train
+    if batch < world_size:
+        raise UsageError(f"{world_size} ranks but {batch} images a step: every rank needs a share of each "
+                         "batch; use fewer ranks or a larger fit.batch_size")
 
 
 def _check_free_space(run_dir: Path, compiled: CompiledModel) -> None:
@@ -132,12 +172,17 @@ def _fit_into(prepared: Prepared, settings, trainer: Trainer, run_dir: Path, sam
     trainer.run(on_step)
     wall = trainer.seconds_before + time.perf_counter() - started  # a resumed fit counts its first part too
     values = {k: v.detach() for k, v in trainer.values().items()}
-    evaluator = Evaluator(compiled, dataset)
-    metrics = {"train": evaluator.metrics(values, "train"), "test": evaluator.metrics(values, "test"),
-               "components": evaluator.component_usage(values),
-               "baseline_bits_per_dim": dataset.baseline_bits_per_dim}
-    info = run_info(compiled, dataset, settings, prepared.device, wall, metrics, prepared.loaded.base_dir)
+    ranks = trainer.collective
+    evaluator = Evaluator(compiled, dataset, ranks)
+    metrics = {"train": evaluator.metrics(values, "train"), "test": evaluator.metrics(values, "test")}
     stopped = trainer.stopped or f"ran its {settings.steps} steps"
+    if not ranks.is_main:  # the other ranks helped compute the metrics; rank 0 writes the run
+        return FitResult(run_dir, metrics, values, trainer.history, None, settings.optimizer, settings.choice,
+                         stopped)
+    metrics.update({"components": evaluator.component_usage(values),
+                    "baseline_bits_per_dim": dataset.baseline_bits_per_dim})
+    info = run_info(compiled, dataset, settings, prepared.device, wall, metrics, prepared.loaded.base_dir)
+    info["world_size"] = ranks.world_size
     info.update({"optimizer_choice": settings.choice, "tolerance": settings.tolerance,
                  "steps_done": trainer.steps_done, "stopped": stopped})
     spec_text = fitted_spec_text(prepared.loaded, settings)
@@ -164,6 +209,17 @@ def open_run(target: SpecLike | Run, *, device: str = "auto", out: str | Path | 
     values = {k: v.to(prepared.device) for k, v in run.values.items()}
     run.values = values
     return run, prepared
+
+
+def check_run_data(run: Run, dataset: Dataset) -> None:
+    """The images evaluate and complete read are those the run was fitted on: a data source that
+    changed since (another file, other images) would give numbers that are not this run's."""
+    fitted = (run.info.get("data") or {}).get("fingerprint") if isinstance(run.info, dict) else None
+    if fitted and fitted != dataset.fingerprint():
+        raise RunError(f"{run.path / 'run.json'}: the run was fitted on data with fingerprint {fitted}, but its "
+                       f"source '{dataset.spec.source}' now gives {dataset.fingerprint()}: the data changed since "
+                       "the fit, so its train and held-out images are not the run's. Restore the data, or fit "
+                       "again (probkit fit SPEC --overwrite)")
 
 
 def check_run_values(run: Run, compiled: CompiledModel) -> None:
@@ -195,6 +251,7 @@ def evaluate(target: SpecLike | Run, *, device: str = "auto", out: str | Path | 
     from probkit.sampling import draw_samples
 
     run, prepared = open_run(target, device=device, out=out)
+    check_run_data(run, prepared.dataset)
     evaluator = Evaluator(prepared.compiled, prepared.dataset)
     metrics = {"train": evaluator.metrics(run.values, "train"), "test": evaluator.metrics(run.values, "test"),
                "baseline_bits_per_dim": prepared.dataset.baseline_bits_per_dim}
@@ -245,10 +302,22 @@ def sample(target: SpecLike | Run, n: int = 64, *, given: dict[str, int] | None 
         fixed = " ".join(f"{k}={v}" for k, v in (given or {}).items())
         title = f"{n} mean images (expected pixels)" if mean else f"{n} samples"
         title += f" given {fixed}" if fixed else ""
-        save_grid(png, images, title=title, captions=captions if compiled.latents else None)
-        npy = save_array(png.with_suffix(".npy"), drawn.cpu().numpy().reshape(images.shape))
+        with writable(png):
+            save_grid(png, images, title=title, captions=captions if compiled.latents else None)
+            npy = save_array(png.with_suffix(".npy"), drawn.cpu().numpy().reshape(images.shape))
         files = {"png": png, "npy": npy}
     return Samples(images, files, latents, captions, notes)
+
+
+@contextmanager
+def writable(path: Path):
+    """Writing a file the user named (--out): a place that cannot take it is their usage error
+    (exit 2, naming the path), not probkit's failure."""
+    try:
+        yield
+    except OSError as exc:
+        raise UsageError(f"--out {path}: cannot write there ({exc.strerror or exc}); choose a writable place "
+                         "(a .png path or a folder)") from None
 
 
 def dataset_examples(source: str, out: str | Path | None = None, *, size: int = 32, n: int = 64,
@@ -345,6 +414,20 @@ def _read_input_images(path: Path, dataset: Dataset) -> tuple[np.ndarray, list[s
     return match_channels(images, C), notes
 
 
+MAX_COMPLETIONS = 1000  # per image: a grid row of 1,002 cells is already more than anyone reads
+
+
+def _check_completion_memory(images: int, k: int, prepared: Prepared) -> None:
+    """Refuse completions whose arrays (images x k x D, a few float copies) exceed the device's memory."""
+    from probkit.context import memory_bytes
+
+    available = memory_bytes(prepared.device)
+    need = 16 * images * k * prepared.compiled.dims.D
+    if available is not None and need > available:
+        raise UsageError(f"--images {images} with -k {k} needs about {need / 2**30:,.1f} GiB for the completions, "
+                         f"more than the {available / 2**30:,.1f} GiB of {prepared.device}; ask for fewer")
+
+
 def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, input: str | Path | None = None,
              k: int = 4, seed: int = 0, device: str = "auto", out: str | Path | None = None,
              run_out: str | Path | None = None, method: str = "auto", mcmc_warmup: int | None = None,
@@ -375,11 +458,15 @@ def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, in
                          f"{mcmc_samples}")
     if images < 1:
         raise UsageError(f"--images must be at least 1, found {images}")
+    if not 1 <= k <= MAX_COMPLETIONS:
+        raise UsageError(f"-k must be between 1 and {MAX_COMPLETIONS:,} completions per image, found {k}")
     run, prepared = open_run(target, device=device, out=run_out)
+    _check_completion_memory(images, k, prepared)
     dataset, compiled = prepared.dataset, prepared.compiled
     C, H, W = dataset.channels, dataset.height, dataset.width
     mask_tensor, notes = load_mask(mask, C, H, W, seed=seed)
     if input is None:
+        check_run_data(run, dataset)
         x = dataset.fixed("test")[:images]
         if len(x) == 0:
             raise UsageError("the spec's data has no held-out images; pass --input FILE")
@@ -413,8 +500,9 @@ def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, in
         marked = np.zeros((n, k + 2, H, W), dtype=bool)
         marked[:, 1] = hole  # the observed column: the missing region grey, tinted and hatched
         headers = ["original", "observed"] + [f"completion {i + 1}" for i in range(k)]
-        save_grid(png, rows.reshape(n * (k + 2), C, H, W), columns=k + 2, headers=headers,
-                  highlights=marked.reshape(n * (k + 2), H, W))
-        npy = save_array(png.with_suffix(".npy"), drawn.astype(np.float32))
+        with writable(png):
+            save_grid(png, rows.reshape(n * (k + 2), C, H, W), columns=k + 2, headers=headers,
+                      highlights=marked.reshape(n * (k + 2), H, W))
+            npy = save_array(png.with_suffix(".npy"), drawn.astype(np.float32))
         files = {"png": png, "npy": npy}
     return result, files

@@ -51,7 +51,8 @@ def reports_errors(command):
         try:
             return command(*args, **kwargs)
         except ProbkitError as exc:
-            _error(str(exc))
+            if not _rank():  # under torchrun every rank meets the same error: rank 0 says it
+                _error(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("interrupted; the last checkpoint in the run folder is kept (--resume continues)")
@@ -61,10 +62,18 @@ def reports_errors(command):
         except Exception as exc:
             if os.environ.get("PROBKIT_TRACEBACK"):
                 raise
-            _error(internal_failure(exc))
+            _error(("" if _rank() is None else f"rank {_rank()}: ") + internal_failure(exc))
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def _rank() -> int | None:
+    """This process's rank under torchrun (None in a plain one-process run)."""
+    from probkit.infer.distributed import launched
+
+    where = launched()
+    return None if where is None else where[0]
 
 
 def internal_failure(exc: BaseException) -> str:
@@ -147,9 +156,18 @@ def fit(
 
     prepared_spec = api.load_spec(spec)
     total = prepared_spec.spec.fit.steps if steps is None else steps
-    with fit_progress(prepared_spec.name, total, console=err_console, enabled=progress) as on_step:
-        result = api.fit(prepared_spec, steps=steps, device=device, seed=seed, out=out, resume=resume,
-                         overwrite=overwrite, engine=engine, on_step=on_step)
+    main = not _rank()  # under torchrun, rank 0 speaks for all
+    try:
+        with fit_progress(prepared_spec.name, total, console=err_console, enabled=progress and main) as on_step:
+            result = api.fit(prepared_spec, steps=steps, device=device, seed=seed, out=out, resume=resume,
+                             overwrite=overwrite, engine=engine, on_step=on_step)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if not main:
+        return
     console.print(f"optimizer: {result.optimizer} ({result.choice}); {result.stopped}", highlight=False)
     _print_metrics(result.metrics)
     for latent, usage in (result.metrics.get("components") or {}).items():

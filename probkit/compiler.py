@@ -34,7 +34,7 @@ from pyro.infer.autoguide import AutoDelta, init_to_value
 from torch.distributions import transform_to
 
 from probkit import expressions
-from probkit.context import CPU, Context, seeded
+from probkit.context import CPU, Context, memory_bytes, seeded
 from probkit.data import pixel_transform
 from probkit.distributions import FAMILIES, SUPPORT_EVENT_DIM, SUPPORTS, VECTOR_ARGS
 from probkit.errors import DomainError, SpecError
@@ -137,11 +137,12 @@ class CompiledModel:
         self._start_cache: dict[str, torch.Tensor] | None = None
         self._check_names()
         self.params: list[ParamSite] = []
+        self.latents: list[LatentSite] = []
         for name in self.spec.params:
             self.params.append(self._compile_param(name))
-        self.latents: list[LatentSite] = []
         for name, latent in loaded.latents().items():
             self.latents.append(self._compile_latent(name, latent.dist, latent.observed == "label"))
+            self._check_memory(name, latent=True)
         self.likelihood = self._compile_likelihood()
 
     @property
@@ -185,6 +186,29 @@ class CompiledModel:
                                     f"'{name}' is already defined in {seen[name]}")
                 seen[name] = section
 
+    def _check_memory(self, name: str, *, latent: bool = False, more: int = 0) -> None:
+        """Refuse, before anything is allocated, a spec whose fit cannot fit in the device's memory:
+        its params (a fit holds about 4 float32 copies: values, gradients, Adam's two moments; `more`:
+        the numbers of the param being compiled) and
+        the per-configuration arguments of its latent grid (every configuration of the latents
+        times the D pixels, a few copies)."""
+        available = memory_bytes(self.device)
+        if available is None:
+            return
+        numbers = sum(math.prod(site.shape) for site in self.params) + more
+        configurations = math.prod(l.cardinality for l in self.latents)
+        need = 16 * numbers + 16 * configurations * self.dims.D
+        if need <= available:
+            return
+        section = "latent" if latent else "params"
+        what = (f"the latents so far take {configurations:,} configurations, each with arguments for the "
+                f"{self.dims.D:,} pixels" if latent else f"the params so far hold {numbers:,} numbers")
+        raise SpecError(
+            f"{self.loaded.smap.where((section, name))}: {section}.{name}: {what}; a fit would need about "
+            f"{need / 2**30:,.1f} GiB, more than the {available / 2**30:,.1f} GiB of memory of {self.device}. "
+            "Use fewer components or latents, or a smaller data.size"
+        )
+
     def base_env(self) -> dict[str, Any]:
         return {**self.constants, **self.dims.env()}
 
@@ -211,6 +235,7 @@ class CompiledModel:
                 raise SpecError(f"{self.loaded.smap.where(path)}: params.{name}.shape: "
                                 f"dimensions must be positive integers, found {dim}")
             shape.append(int(dim))
+        self._check_memory(name, more=math.prod(shape))  # before its prior draws anything
         earlier = [*env, *(p.name for p in self.params)]
         prior = None
         if spec.prior is not None:
@@ -290,6 +315,14 @@ class CompiledModel:
         the spec's; at run time an invalid argument is a point outside the model's domain."""
         family = FAMILIES[family_name]
         args = self._arguments(kwargs, ctx)
+        # an overflowed constant (1e308 * 10.0) is not a number the spec can mean; arguments that
+        # read params are checked at run time instead (their values here are only stand-ins)
+        if check and expr.names() <= set(self.base_env()):
+            for key, value in args.items():
+                if (isinstance(value, torch.Tensor) and value.is_floating_point() and value.device.type != "meta"
+                        and not bool(torch.isfinite(value).all())):
+                    raise expr.error(f"{family_name}'s argument {key} is not finite (inf or nan); give it a "
+                                     "finite value")
         try:
             return family.cls(**args, validate_args=validate)
         except _SHAPE_ERRORS as exc:

@@ -107,7 +107,7 @@ class Spec(_Strict):
     """A whole probkit spec (DESIGN section 2)."""
 
     probkit: Literal[1] = Field(description="spec format version")
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)]  # a folder name
     description: str = ""
     data: DataSpec
     constants: dict[str, Union[int, float]] = Field(default_factory=dict)
@@ -211,12 +211,19 @@ def _node_to_python(node, loader, path: KeyPath, smap: SourceMap, budget: list[i
 def parse_yaml(text: str, file: str = "<spec>") -> tuple[Any, SourceMap]:
     """YAML text -> (plain Python data, SourceMap); malformed YAML raises SpecError."""
     smap = SourceMap(file, text)
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # its reader refuses control characters here already
         node = loader.get_single_node()
         if node is None:
             raise SpecError(f"{file}:1:1: the spec is empty; it needs at least probkit, name, data, likelihood")
         data = _node_to_python(node, loader, (), smap)
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow, e.g. a control character
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        character = exc.character if isinstance(exc.character, str) else chr(exc.character)
+        raise SpecError(f"{file}:{line}:{column}: the spec holds the character {character!r} (code "
+                        f"{ord(character)}), which YAML does not allow; delete it") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         where = f"{file}:{mark.line + 1}:{mark.column + 1}" if mark else f"{file}:1:1"
@@ -228,7 +235,8 @@ def parse_yaml(text: str, file: str = "<spec>") -> tuple[Any, SourceMap]:
         raise SpecError(f"{file}:1:1: the spec nests mappings or lists too deeply to read (a spec needs a "
                         "handful of levels)") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if not isinstance(data, dict):
         raise SpecError(f"{file}:1:1: a spec is a mapping of keys (probkit, name, data, ...), found {type(data).__name__}")
     return data, smap
@@ -266,9 +274,11 @@ def _unwrap(annotation):
 
 def _model_path(loc: tuple) -> KeyPath:
     """Pydantic loc -> our key path, dropping union branch labels like 'LatentSpec' or 'str'."""
+    models = {name for name, value in globals().items()
+              if isinstance(value, type) and issubclass(value, BaseModel)}
     out = []
     for part in loc:
-        if isinstance(part, str) and (part[:1].isupper() or part in ("str", "int", "float", "tuple[int, int]")):
+        if isinstance(part, str) and (part in models or part in ("str", "int", "float", "tuple[int, int]")):
             continue
         if isinstance(part, str) and part.startswith(("literal[", "function-")):
             continue
@@ -361,9 +371,16 @@ def read_spec(path: str | Path) -> LoadedSpec:
     """Read a spec file (structure only; `probkit.compiler.compile_spec` checks the maths)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise SpecError(f"spec file not found: {path}") from None
     except OSError as exc:
         raise SpecError(f"cannot read spec file {path}: {exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise SpecError(f"{path}:{line}:{column}: the spec is not UTF-8 text (byte 0x{raw[exc.start]:02x}); save "
+                        "it as UTF-8") from None
     return spec_from_text(text, str(path), path.resolve().parent)

@@ -12,6 +12,7 @@ from probkit.infer import pyro_elbo
 from probkit.initialise import initial_values
 
 SPECS = sorted((Path(__file__).resolve().parent.parent / "specs").glob("*.yaml"))
+TEST_SPECS = Path(__file__).resolve().parent / "specs"
 
 
 @pytest.mark.parametrize("spec", SPECS + [Path(__file__).parent / "specs" / "tiny-mixture.yaml"], ids=lambda p: p.stem)
@@ -170,3 +171,38 @@ def test_at_run_time_only_invalid_values_are_outside_the_domain(monkeypatch):
         compiled.latent_table(values)
     monkeypatch.setattr(dist.Categorical, "__init__", original)
     assert torch.isfinite(compiled.latent_table(values)).all()
+
+
+GRID = """probkit: 1
+name: grid
+data: {source: digits, size: 8, transform: binary}
+constants: {K: 20000}
+params:
+  a: {shape: [K], prior: Dirichlet(2.0)}
+  b: {shape: [K], prior: Dirichlet(2.0)}
+  c: {shape: [K], prior: Dirichlet(2.0)}
+  probs: {shape: [D], prior: "Beta(2.0, 2.0)"}
+latent:
+  u: Categorical(probs=a)
+  v: Categorical(probs=b)
+  w: Categorical(probs=c)
+likelihood:
+  x: Bernoulli(probs=probs)
+"""
+
+
+@pytest.mark.parametrize("text, message", [
+    # 1e11 components: their weights alone need 1.5 TB for a fit
+    ((TEST_SPECS / "tiny-mixture.yaml").read_text().replace("K: 3", "K: 100000000000"),
+     r"spec\.yaml:\d+:\d+: params\.weights: the params so far hold 100,000,000,000 numbers; a fit would need about "
+     r"[\d,.]+ GiB, more than the [\d,.]+ GiB of memory of cpu"),
+    # latents of 20,000 values each: 400 million configurations already at the second
+    (GRID, r"spec\.yaml:12:\d+: latent\.v: the latents so far take 400,000,000 configurations"),
+    ((TEST_SPECS / "tiny-mixture.yaml").read_text().replace("Beta(2.0, 2.0)", "Beta(1e308 * 10.0, 2.0)"),
+     r"spec\.yaml:16:12: params\.probs\.prior: Beta's argument concentration1 is not finite"),
+])
+def test_specs_too_big_for_memory_or_with_overflowed_constants_fail_before_any_allocation(write_spec, text, message):
+    from probkit.api import prepare
+
+    with pytest.raises(SpecError, match=message):
+        prepare(write_spec(text))

@@ -501,3 +501,26 @@ def test_an_idx_header_too_big_for_int64_is_refused_not_overflowed(tmp_path):
     (tmp_path / "lie-idx3-ubyte").write_bytes(header + bytes(64))
     with pytest.raises(DataError, match=r"promises shape \(2147483648, 2147483648, 4\) \(73786976294838206464 bytes"):
         load_source("lie-idx3-ubyte", base_dir=tmp_path)
+
+
+def test_a_file_replaced_by_other_images_of_the_same_size_and_mtime_is_read_again(tmp_path, monkeypatch):
+    """The cache key has the file's change time and inode, which a replacement cannot keep."""
+    from probkit.data import load_dataset
+    from probkit.spec import DataSpec
+
+    monkeypatch.setenv("PROBKIT_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    path = tmp_path / "images.npy"
+    first = rng.integers(0, 256, (20, 8, 8), dtype=np.uint8)
+    np.save(path, first)
+    stamp = path.stat()
+    spec = DataSpec(source=str(path), size=8, transform="discrete", test_fraction=0.0)
+    before = load_dataset(spec, tmp_path).train_levels
+    second = 255 - first  # other images, the same bytes in the file
+    replacement = tmp_path / "other.npy"
+    np.save(replacement, second)
+    os.replace(replacement, path)
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    assert path.stat().st_size == stamp.st_size and path.stat().st_mtime_ns == stamp.st_mtime_ns
+    after = load_dataset(spec, tmp_path).train_levels
+    assert sorted(after.sum((1,)).tolist()) == sorted((255 * 64 - before.sum((1,))).tolist())

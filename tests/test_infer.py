@@ -192,7 +192,7 @@ def test_lbfgs_stops_when_the_start_itself_is_non_finite(write_spec, tmp_path, m
     point L-BFGS starts from still stops the fit, before anything is written."""
     from probkit.infer import Trainer
 
-    monkeypatch.setattr(Trainer, "_loss", lambda self, x, labels, scale: torch.tensor(float("nan")))
+    monkeypatch.setattr(Trainer, "_loss", lambda self, batch: torch.tensor(float("nan")))
     spec = write_spec(BERNOULLI.replace("METHOD", "mle").replace("prior: Beta(A, B)", "support: unit_interval"))
     with pytest.raises(FitError, match=r"non-finite at step 1 .*no checkpoint had been written yet"):
         probkit.fit(spec, out=tmp_path / "run", device="cpu", samples=0)
@@ -273,7 +273,7 @@ def test_lbfgs_line_search_steps_back_from_points_outside_the_domain(write_spec,
     original = Trainer._loss
     trials = {"outside": 0, "inside": 0}
 
-    def fenced(self, x, labels, scale):
+    def fenced(self, batch):
         probs = self.values()["probs"]  # the domain: within half the way from the optimum to 0 or 1
         if bool(((probs < 0.5 * mean) | (probs > 0.5 + 0.5 * mean)).any()):
             trials["outside"] += 1
@@ -281,7 +281,7 @@ def test_lbfgs_line_search_steps_back_from_points_outside_the_domain(write_spec,
                 raise DomainError("cannot be built from the current parameter values")
             return torch.tensor(float("inf"))
         trials["inside"] += 1
-        return original(self, x, labels, scale)
+        return original(self, batch)
 
     monkeypatch.setattr(Trainer, "_loss", fenced)
     result = probkit.fit(spec, out=tmp_path / "run", device="cpu", samples=0)
@@ -301,11 +301,11 @@ def test_lbfgs_does_not_swallow_errors_outside_the_models_domain(write_spec, tmp
     original = Trainer._loss
     calls = []
 
-    def failing(self, x, labels, scale):
+    def failing(self, batch):
         calls.append(1)
         if len(calls) == 3:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(self, x, labels, scale)
+        return original(self, batch)
 
     monkeypatch.setattr(Trainer, "_loss", failing)
     with pytest.raises(torch.OutOfMemoryError, match="simulated"):

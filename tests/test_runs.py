@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
+import torch
 import pytest
 from typer.testing import CliRunner
 
@@ -203,3 +205,80 @@ def test_a_resumed_em_fit_stops_where_an_uninterrupted_one_does(tmp_path, write_
         probkit.fit(spec, out=tmp_path / "part", device="cpu", samples=0, on_step=killed)
     resumed = probkit.fit(spec, out=tmp_path / "part", device="cpu", samples=0, resume=True)
     assert resumed.history[-1]["step"] == last and resumed.stopped == whole.stopped
+
+
+def _rewrite_meta(path: Path, **changes: str) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+    save_file(load_file(str(path)), str(path), metadata={**meta, **changes})
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda path: path.write_bytes(b"\x00" * 40), "cannot read the checkpoint"),
+    (lambda path: _rewrite_meta(path, step="-3"), "not a step count"),
+])
+def test_a_damaged_checkpoint_is_refused_on_resume_with_the_file_named(tmp_path, damage, message):
+    run = tmp_path / "run"
+    assert _fit(run).exit_code == 0
+    damage(run / "checkpoint.safetensors")
+    result = _fit(run, "--resume", "--steps", 6)
+    assert result.exit_code == 1, result.output
+    assert message in _flat(result) and "checkpoint.safetensors" in _flat(result)
+
+
+def test_evaluate_and_complete_refuse_a_run_whose_data_changed_since_the_fit(tmp_path, write_spec):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "images.npy", rng.integers(0, 256, (40, 8, 8), dtype=np.uint8))
+    spec = write_spec(TINY.read_text().replace("source: digits", "source: images.npy"),
+                      name="own")
+    run = tmp_path / "run"
+    assert _fit(run, spec=spec).exit_code == 0
+    assert _invoke("evaluate", run, "--json").exit_code == 0
+    np.save(tmp_path / "images.npy", rng.integers(0, 256, (40, 8, 8), dtype=np.uint8))  # other images
+    for command in (("evaluate", run), ("complete", run, "--out", tmp_path)):
+        result = _invoke(*command)
+        assert result.exit_code == 1, result.output
+        assert "the data changed since the fit" in _flat(result) and "run.json" in _flat(result)
+    assert _invoke("sample", run, "-n", 4, "--out", tmp_path).exit_code == 0  # draws need no data
+
+
+def test_complete_bounds_its_counts_before_any_work(tmp_path):
+    run = tmp_path / "run"
+    assert _fit(run).exit_code == 0
+    for k, message in ((100000, "-k must be between 1 and 1,000 completions per image, found 100000"),
+                       (0, "-k must be between 1 and 1,000")):
+        result = _invoke("complete", run, "-k", k, "--out", tmp_path)
+        assert result.exit_code == 2 and message in _flat(result), result.output
+    result = _invoke("complete", run, "-k", 1000, "--images", 2, "--out", tmp_path, "--json")  # the bound itself
+    assert result.exit_code == 0, result.output
+
+
+def test_an_lbfgs_fit_killed_and_resumed_ends_where_the_uninterrupted_one_does(tmp_path, write_spec):
+    """L-BFGS's memory of directions and steps is in the checkpoint, not rebuilt from scratch."""
+    text = TINY.read_text().replace("optimizer: adam", "optimizer: lbfgs").replace("lr: 0.05", "lr: 0.5")
+    spec = write_spec(text.replace("  steps: 10", "  steps: 8\n  eval_every: 1\n  tolerance: 0"), name="lbfgs")
+    whole = probkit.fit(spec, out=tmp_path / "whole", device="cpu", samples=0)
+
+    def killed(step, loss, bpd):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        probkit.fit(spec, out=tmp_path / "part", device="cpu", samples=0, on_step=killed)
+    resumed = probkit.fit(spec, out=tmp_path / "part", device="cpu", samples=0, resume=True)
+    for name, value in whole.values.items():
+        assert torch.equal(resumed.values[name], value), name
+
+
+def test_sample_and_complete_refuse_an_out_they_cannot_write_with_exit_2(tmp_path):
+    run = tmp_path / "run"
+    assert _fit(run).exit_code == 0
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    for command in (("sample", run, "-n", 4), ("complete", run, "--images", 2)):
+        result = _invoke(*command, "--out", blocker / "x.png")
+        assert result.exit_code == 2, result.output
+        assert "cannot write there" in _flat(result) and "a-file" in _flat(result)

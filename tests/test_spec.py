@@ -1,9 +1,11 @@
 """Spec loading: structure errors name file:line:column, the key path and a fix."""
 
+from pathlib import Path
+
 import pytest
 
 from probkit.errors import SpecError
-from probkit.spec import spec_from_text
+from probkit.spec import read_spec, spec_from_text
 
 GOOD = """\
 probkit: 1
@@ -81,3 +83,23 @@ def test_seeds_outside_32_bits_are_refused_with_the_line(where, value):
         GOOD + "fit:\n  seed: SEED\n"
     with pytest.raises(SpecError, match=rf"{where}\.seed: expected (greater|less) than or equal to"):
         spec_from_text(text.replace("SEED", str(value)), "seed.yaml")
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b"probkit: 1\nname: caf\xe9\n", r"spec\.yaml:2:10: the spec is not UTF-8 text \(byte 0xe9\); save it as UTF-8"),
+    (b"probkit: 1\nname: a\x07b\n", r"spec\.yaml:2:8: the spec holds the character '\\x07' \(code 7\), which YAML does "
+                                    r"not allow; delete it"),
+    # a top-level key that starts with a capital letter is a key, not a label of pydantic's
+    (b"probkit: 1\nD  z: 3\n", r"spec\.yaml:2:1: D  z: unknown key 'D  z'"),
+])
+def test_bytes_a_spec_cannot_hold_are_refused_with_their_line(tmp_path, raw, message):
+    path = tmp_path / "spec.yaml"
+    path.write_bytes(raw)
+    with pytest.raises(SpecError, match=message):
+        read_spec(path)
+
+
+def test_a_name_too_long_for_a_folder_is_refused_at_its_line():
+    text = (Path(__file__).parent / "specs" / "tiny-mixture.yaml").read_text()
+    with pytest.raises(SpecError, match=r"spec\.yaml:2:7: name: String should have at most 100 characters"):
+        spec_from_text(text.replace("name: tiny-mixture", "name: " + "a" * 300), "spec.yaml")

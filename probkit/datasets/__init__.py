@@ -109,7 +109,10 @@ def source_fingerprint(source: str, *, base_dir: Path) -> str:
 
     Put it in a `cached_arrays` key so an edited file or an upgraded package is re-read.
     Built-in sets hash the loader code and the providing package's version; user paths
-    hash each file's name, size and modification time (not the contents: that is fast).
+    hash each file's name, size, inode, and modification and change times (not the contents:
+    that is fast). The change time (ctime) is set by the system on every write, rename or
+    `touch` and cannot be set back, so a file replaced by other images of the same size and
+    modification time still reads as changed.
     """
     digest = hashlib.sha256()
     for module in sorted(Path(__file__).parent.glob("*.py")):
@@ -123,7 +126,7 @@ def source_fingerprint(source: str, *, base_dir: Path) -> str:
     for file in files + ([labels] if labels else []):
         if file.is_file():
             stat = file.stat()
-            digest.update(f"{file}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+            digest.update(f"{file}:{stat.st_size}:{stat.st_ino}:{stat.st_mtime_ns}:{stat.st_ctime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from probkit import __version__
-from probkit.errors import UsageError
+from probkit.errors import RunError, UsageError
 from probkit.runs import CHECKPOINT, atomic_write, history_csv, tensors_bytes
 
 
@@ -40,9 +40,18 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     path = run_dir / CHECKPOINT
     if not path.exists():
         raise UsageError(f"--resume: no checkpoint at {path}; start without --resume")
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
-    return Checkpoint(int(meta.get("step", 0)), load_file(str(path)), meta)
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
+        raise RunError(f"--resume: cannot read the checkpoint {path} ({exc}); it is damaged: start again "
+                       "with --overwrite") from None
+    step = meta.get("step", "")
+    if not step.isdigit():
+        raise RunError(f"--resume: the checkpoint {path} gives step {step!r}, not a step count; it is damaged: "
+                       "start again with --overwrite")
+    return Checkpoint(int(step), tensors, meta)
 
 
 def run_info(compiled, dataset, settings, device: torch.device, wall_time: float, metrics: dict,

@@ -232,8 +232,8 @@ def _grouper(grid: tuple[int, ...], index: list[int], param_shape: tuple[int, ..
 class EMStepper(Stepper):
     """One EM iteration per step, over the whole training set in chunks of images."""
 
-    def __init__(self, plan: EMPlan, params: Params, *, chunk: int | None = None):
-        super().__init__(params.unconstrained, 0.0)
+    def __init__(self, plan: EMPlan, params: Params, *, chunk: int | None = None, collective=None):
+        super().__init__(params.unconstrained, 0.0, collective)
         self.plan = plan
         self.compiled = plan.compiled
         self.holder = params
@@ -350,6 +350,8 @@ class EMStepper(Stepper):
         with torch.no_grad():
             values = {k: v.detach() for k, v in self.holder.values().items()}
             stats, counts, log_likelihood = self.e_step(values, batch.x, batch.labels)
+            if self.collective.world_size > 1:  # data-parallel EM: the statistics are sums over images
+                stats, counts, log_likelihood = self._sum_over_ranks(stats, counts, log_likelihood)
             value = -(float(self.compiled.log_prior(values)) + float(log_likelihood))
             if not math.isfinite(value):
                 raise NonFiniteLoss
@@ -361,6 +363,15 @@ class EMStepper(Stepper):
             self.largest_increase = max(self.largest_increase, -change / scale)
         self.previous = value
         return value
+
+    def _sum_over_ranks(self, stats: dict[str, torch.Tensor], counts: torch.Tensor, log_likelihood: torch.Tensor):
+        """One all-reduce of everything the E-step summed (a few small calls cost gloo far more)."""
+        keys = sorted(stats)
+        parts = [stats[k] for k in keys] + [counts, log_likelihood.reshape(1)]
+        flat = self.collective.sum_(torch.cat([t.to(DTYPE).reshape(-1) for t in parts]))
+        pieces = list(torch.split(flat, [t.numel() for t in parts]))
+        summed = {k: piece.reshape(stats[k].shape).to(stats[k].dtype) for k, piece in zip(keys, pieces)}
+        return summed, pieces[-2].reshape(counts.shape), pieces[-1].reshape(())
 
     def _outside(self, name: str, value: torch.Tensor, unconstrained: torch.Tensor | None = None) -> str:
         """Why an update left the support, naming the first entry that did."""

@@ -11,16 +11,24 @@ from probkit.data import Dataset
 class Evaluator:
     """Held-out and training NLL of the current params, computed without gradients."""
 
-    def __init__(self, compiled: CompiledModel, dataset: Dataset):
+    def __init__(self, compiled: CompiledModel, dataset: Dataset, collective=None):
+        from probkit.infer.distributed import Local
+
         self.compiled = compiled
         self.dataset = dataset
+        self.collective = collective or Local()  # data-parallel ranks each take a disjoint share
 
     @torch.no_grad()
     def nll(self, values: dict[str, torch.Tensor], part: str) -> float:
         x = self.dataset.fixed(part)
         if len(x) == 0:
             return float("nan")
-        return 0.0 - float(self.compiled.log_marginal(values, x).mean())  # 0.0 - : never "-0.0"
+        ranks = self.collective
+        if ranks.world_size == 1:
+            return 0.0 - float(self.compiled.log_marginal(values, x).mean())  # 0.0 - : never "-0.0"
+        share = torch.tensor_split(x, ranks.world_size)[ranks.rank]
+        total = self.compiled.log_marginal(values, share).sum() if len(share) else x.new_zeros(())
+        return 0.0 - float(ranks.sum_(total.double().reshape(()).clone())) / len(x)
 
     @torch.no_grad()
     def component_usage(self, values: dict[str, torch.Tensor]) -> dict[str, dict]:

@@ -27,6 +27,7 @@ class Batch:
     x: torch.Tensor
     labels: torch.Tensor | None = None
     scale: float = 1.0
+    prior_weight: float = 1.0  # 0 on every data-parallel rank but the first: the prior counts once
 
 
 class Params:
@@ -59,7 +60,8 @@ class FusedObjective:
     def loss(self, params: Params, batch: Batch) -> torch.Tensor:
         values = params.values()
         try:
-            return -(self.log_prior(values) + batch.scale * self.log_likelihood(values, batch))
+            prior = self.log_prior(values) if batch.prior_weight else 0.0
+            return -(batch.prior_weight * prior + batch.scale * self.log_likelihood(values, batch))
         except torch.linalg.LinAlgError as exc:
             raise DomainError(f"a matrix of the model does not factorise at the current params ({exc})") from None
 

@@ -28,9 +28,12 @@ class NonFiniteLoss(Exception):
 class Stepper:
     optimizer: torch.optim.Optimizer | None = None
 
-    def __init__(self, params: list[torch.Tensor], lr: float):
+    def __init__(self, params: list[torch.Tensor], lr: float, collective=None):
+        from probkit.infer.distributed import Local
+
         self.params = params
         self.lr = lr
+        self.collective = collective or Local()  # data-parallel ranks sum losses and gradients
 
     def step(self, loss: Loss, batch=None) -> float:
         """One update; returns the loss at the params before it. (`batch`: the images `loss`
@@ -45,8 +48,8 @@ class Stepper:
 
 
 class AdamStepper(Stepper):
-    def __init__(self, params, lr):
-        super().__init__(params, lr)
+    def __init__(self, params, lr, collective=None):
+        super().__init__(params, lr, collective)
         self.optimizer = torch.optim.Adam(params, lr=lr)
 
     def step(self, loss: Loss, batch=None) -> float:
@@ -55,10 +58,11 @@ class AdamStepper(Stepper):
         def closure():
             self.optimizer.zero_grad(set_to_none=True)
             value = loss()  # a DomainError ends the fit (only line searches step back)
-            read.append(float(value.detach()))  # the step's one read of the device
+            read.append(float(self.collective.sum_(value.detach().clone())))  # the step's one read of the device
             if not math.isfinite(read[-1]):
                 raise NonFiniteLoss
             value.backward()
+            self.collective.sum_grads(self.params)
             return value
 
         self.optimizer.step(closure)
@@ -85,8 +89,8 @@ class AdamStepper(Stepper):
 
 
 class LBFGSStepper(Stepper):
-    def __init__(self, params, lr):
-        super().__init__(params, lr)
+    def __init__(self, params, lr, collective=None):
+        super().__init__(params, lr, collective)
         self.optimizer = torch.optim.LBFGS(params, lr=lr, max_iter=20, line_search_fn="strong_wolfe")
 
     def step(self, loss: Loss, batch=None) -> float:
@@ -100,7 +104,11 @@ class LBFGSStepper(Stepper):
                 number = float(value.detach())
                 inside = math.isfinite(number)
             except DomainError:  # e.g. a covariance that will not factorise
-                inside = False
+                value, number, inside = None, 0.0, False
+            if self.collective.world_size > 1:  # every rank must take the same line-search decision
+                both = self.collective.sum_(torch.tensor([number if inside else 0.0, float(inside)],
+                                                         dtype=torch.float64, device=self.params[0].device))
+                number, inside = float(both[0]), int(both[1]) == self.collective.world_size
             if not inside:
                 if not last:
                     raise NonFiniteLoss  # the start itself: before the update
@@ -109,12 +117,50 @@ class LBFGSStepper(Stepper):
                     u.grad = -g
                 return torch.tensor(best, device=self.params[0].device)
             value.backward()
+            self.collective.sum_grads(self.params)
             first[:1] = first[:1] or [number]
             last[:] = [number, [torch.zeros_like(u) if u.grad is None else u.grad.clone() for u in self.params]]
-            return value
+            return torch.tensor(number, device=self.params[0].device) if self.collective.world_size > 1 else value
 
         self.optimizer.step(closure)
         return first[0]
+
+    # L-BFGS's memory (its last directions and steps, the line search's state) goes into the
+    # checkpoint, so a fit killed and resumed takes the steps the uninterrupted one takes
+    COUNTS = ("func_evals", "n_iter")
+
+    def state_tensors(self, names):
+        state = self.optimizer.state.get(self.optimizer._params[0], {})
+        tensors = {}
+        for key, value in state.items():
+            if isinstance(value, list):
+                tensors[f"lbfgs/{key}/length"] = torch.tensor(len(value))
+                for i, item in enumerate(value):
+                    if item is not None:
+                        tensors[f"lbfgs/{key}/{i}"] = torch.as_tensor(item)
+            elif value is not None:
+                tensors[f"lbfgs/{key}"] = torch.as_tensor(value, dtype=None if torch.is_tensor(value) else torch.float64)
+        return tensors
+
+    def load_state(self, names, tensors):
+        lists: dict[str, list] = {}
+        state: dict = {}
+        device = self.params[0].device
+        for key, value in tensors.items():
+            if not key.startswith("lbfgs/"):
+                continue
+            parts = key.split("/")[1:]
+            if len(parts) == 2 and parts[1] == "length":
+                lists.setdefault(parts[0], []).extend([None] * (int(value) - len(lists.get(parts[0], []))))
+            elif len(parts) == 1:
+                state[parts[0]] = (int(value) if parts[0] in self.COUNTS else
+                                   float(value) if value.dtype == torch.float64 and value.dim() == 0 else value.to(device))
+        for key, value in tensors.items():
+            parts = key.split("/")[1:]
+            if key.startswith("lbfgs/") and len(parts) == 2 and parts[1] != "length":
+                lists[parts[0]][int(parts[1])] = value.to(device)
+        if state or lists:
+            self.optimizer.state[self.optimizer._params[0]] = {**state, **lists}
 
 
 class NothingToFit(Stepper):
@@ -122,7 +168,7 @@ class NothingToFit(Stepper):
 
     def step(self, loss: Loss, batch=None) -> float:
         with torch.no_grad():
-            value = float(loss())
+            value = float(self.collective.sum_(loss().detach().reshape(()).clone()))
         if not math.isfinite(value):
             raise NonFiniteLoss
         return value
@@ -131,5 +177,5 @@ class NothingToFit(Stepper):
 STEPPERS = {"adam": AdamStepper, "lbfgs": LBFGSStepper}
 
 
-def make_stepper(optimizer: str, params: list[torch.Tensor], lr: float) -> Stepper:
-    return STEPPERS[optimizer](params, lr) if params else NothingToFit(params, lr)
+def make_stepper(optimizer: str, params: list[torch.Tensor], lr: float, collective=None) -> Stepper:
+    return STEPPERS[optimizer](params, lr, collective) if params else NothingToFit(params, lr, collective)

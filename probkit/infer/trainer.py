@@ -20,6 +20,7 @@ from probkit.data import Dataset
 from probkit.errors import DomainError, FitError, UsageError
 from probkit.infer.batches import BatchPlan, BatchStream
 from probkit.infer.checkpoint import load_checkpoint, save_checkpoint
+from probkit.infer.distributed import Local
 from probkit.infer.em import EMFailure, EMStepper, choose_optimizer, em_plan
 from probkit.infer.evaluation import Evaluator
 from probkit.infer.objective import ENGINES, Batch, Params
@@ -90,25 +91,30 @@ class Trainer:
     """One fit: params, optimiser, batches, checkpoints. Call `run()` to train."""
 
     def __init__(self, compiled: CompiledModel, dataset: Dataset, settings: FitSettings, run_dir: Path,
-                 *, resume: bool = False):
+                 *, resume: bool = False, collective: Local | None = None):
         self.compiled = compiled
         self.dataset = dataset
         self.settings = settings
         self.run_dir = run_dir
-        self.evaluator = Evaluator(compiled, dataset)
+        self.collective = collective = collective or Local()
+        self.evaluator = Evaluator(compiled, dataset, collective)
         self.objective = ENGINES[settings.engine](compiled)
         self.history: list[dict] = []
         self.start_step = 0
         self.seconds_before = 0.0  # fitting time of the run a --resume continues, up to its checkpoint
-        # a resumed fit takes its values from the checkpoint: no data-driven start to compute
-        data = None if resume else (dataset.fixed("train"), dataset.train_labels)
+        # a resumed fit takes its values from the checkpoint: no data-driven start to compute;
+        # data-parallel ranks take rank 0's start (its k-means runs once)
+        data = None if resume or not collective.is_main else (dataset.fixed("train"), dataset.train_labels)
         start = initial_values(compiled, settings.seed, data=data, optimizer=settings.optimizer)
         self.guide = compiled.make_guide(settings.seed, start)
         self.params = Params(compiled, self.guide)
+        if not resume:
+            collective.broadcast_(self.params.unconstrained)
         if settings.optimizer == "em":
-            self.stepper = EMStepper(em_plan(compiled), self.params, chunk=settings.batch_size)
+            self.stepper = EMStepper(em_plan(compiled), self.params, chunk=settings.batch_size,
+                                     collective=collective)
         else:
-            self.stepper = make_stepper(settings.optimizer, self.params.unconstrained, settings.lr)
+            self.stepper = make_stepper(settings.optimizer, self.params.unconstrained, settings.lr, collective)
         self.stopping = StoppingRule.of(settings.optimizer, settings.tolerance)
         self.stopped = ""  # why the fit ended before its last step (a convergence), if it did
         self.steps_done = 0
@@ -138,8 +144,10 @@ class Trainer:
         return {**tensors, **self.stepper.state_tensors(self.names)}
 
     def save_checkpoint(self, step: int) -> None:
+        if not self.collective.is_main:  # the params are the same on every rank: rank 0 writes them
+            return
         meta = {"seed": str(self.settings.seed), "data": self.dataset.fingerprint(), **self.batches.state(),
-                **self.stopping.state()}
+                **self.stopping.state(), "world_size": str(self.collective.world_size)}
         save_checkpoint(self.run_dir, step, self.checkpoint_tensors(), meta, self.history)
 
     def _resume(self) -> None:
@@ -169,8 +177,8 @@ class Trainer:
 
     # ----- the loop --------------------------------------------------------------------
 
-    def _loss(self, x, labels, scale) -> torch.Tensor:
-        return self.objective.loss(self.params, Batch(x, labels, scale))
+    def _loss(self, batch: Batch) -> torch.Tensor:
+        return self.objective.loss(self.params, batch)
 
     def _fail(self, step: int, batch: Batch, last_saved: int | None, cause: str | None = None) -> FitError:
         kept = (f"the last good checkpoint (step {last_saved}) is kept in {self.run_dir / CHECKPOINT}"
@@ -197,9 +205,9 @@ class Trainer:
         started = time.perf_counter() - self.seconds_before  # history's seconds count the whole fit
         self.steps_done = self.start_step
         for step in range(self.start_step, settings.steps):
-            batch = next(self.batches)
+            batch = self.collective.share(next(self.batches))
             try:
-                loss_value = self.stepper.step(lambda: self._loss(batch.x, batch.labels, batch.scale), batch)
+                loss_value = self.stepper.step(lambda: self._loss(batch), batch)
             except NonFiniteLoss:
                 raise self._fail(step, batch, last_saved) from None
             except (DomainError, EMFailure) as exc:
