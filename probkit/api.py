@@ -396,11 +396,16 @@ def _read_input_images(path: Path, dataset: Dataset) -> tuple[np.ndarray, list[s
     elif path.suffix.lower() == ".png":
         from PIL import Image, UnidentifiedImageError
 
+        from probkit.completion import MAX_PNG_PIXELS
+
         try:
-            with Image.open(path) as image:
+            with Image.open(path) as image:  # reads the header only: the size is known before decoding
+                if image.size[0] * image.size[1] > MAX_PNG_PIXELS:
+                    raise UsageError(f"--input {path}: the PNG is {image.size[0]}x{image.size[1]} pixels; it is "
+                                     f"resized to the spec's {W}x{H}, so give one of at most {MAX_PNG_PIXELS:,} pixels")
                 mode = "L" if image.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
                 pixels = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
-        except (UnidentifiedImageError, OSError) as exc:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise UsageError(f"--input {path}: cannot read it as a PNG image ({exc})") from None
         images = pixels[None, None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)[None]
         if images.shape[-2:] != (H, W):
@@ -419,13 +424,13 @@ MAX_COMPLETIONS = 1000  # per image: a grid row of 1,002 cells is already more t
 
 def _check_completion_memory(images: int, k: int, prepared: Prepared) -> None:
     """Refuse completions whose arrays (images x k x D, a few float copies) exceed the device's memory."""
-    from probkit.context import memory_bytes
+    from probkit.context import human_bytes, memory_bytes
 
     available = memory_bytes(prepared.device)
     need = 16 * images * k * prepared.compiled.dims.D
     if available is not None and need > available:
-        raise UsageError(f"--images {images} with -k {k} needs about {need / 2**30:,.1f} GiB for the completions, "
-                         f"more than the {available / 2**30:,.1f} GiB of {prepared.device}; ask for fewer")
+        raise UsageError(f"--images {images} with -k {k} needs about {human_bytes(need)} for the completions, "
+                         f"more than the {human_bytes(available)} of {prepared.device}; ask for fewer")
 
 
 def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, input: str | Path | None = None,

@@ -34,7 +34,7 @@ from pyro.infer.autoguide import AutoDelta, init_to_value
 from torch.distributions import transform_to
 
 from probkit import expressions
-from probkit.context import CPU, Context, memory_bytes, seeded
+from probkit.context import CPU, Context, human_bytes, memory_bytes, seeded
 from probkit.data import pixel_transform
 from probkit.distributions import FAMILIES, SUPPORT_EVENT_DIM, SUPPORTS, VECTOR_ARGS
 from probkit.errors import DomainError, SpecError
@@ -205,7 +205,7 @@ class CompiledModel:
                 f"{self.dims.D:,} pixels" if latent else f"the params so far hold {numbers:,} numbers")
         raise SpecError(
             f"{self.loaded.smap.where((section, name))}: {section}.{name}: {what}; a fit would need about "
-            f"{need / 2**30:,.1f} GiB, more than the {available / 2**30:,.1f} GiB of memory of {self.device}. "
+            f"{human_bytes(need)}, more than the {human_bytes(available)} of memory of {self.device}. "
             "Use fewer components or latents, or a smaller data.size"
         )
 

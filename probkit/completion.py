@@ -56,6 +56,7 @@ from probkit.errors import UsageError
 from probkit.families import GaussianConditional
 from probkit.spec import suggest
 
+MAX_PNG_PIXELS = 4096 * 4096  # a mask or --input PNG larger than this is refused before it is decoded
 MASKS = ("half", "bottom", "top", "left", "right", "center", "border", "random:P", "checkerboard")
 
 
@@ -97,14 +98,18 @@ def _mask_hw(spec: str, H: int, W: int, seed: int, notes: list[str]) -> torch.Te
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(path) as image:
+            with Image.open(path) as image:  # reads the header only: the size is known before decoding
+                if image.size[0] * image.size[1] > MAX_PNG_PIXELS:
+                    raise UsageError(f"mask '{spec}': the PNG is {image.size[0]}x{image.size[1]} pixels; a mask is "
+                                     f"resized to the spec's {W}x{H} anyway, so give one of at most "
+                                     f"{MAX_PNG_PIXELS:,} pixels")
                 gray = image.convert("L")
                 size = gray.size
                 if size != (W, H):
                     notes.append(f"the mask {path.name} ({size[0]}x{size[1]}) was resized to {W}x{H} (nearest)")
                     gray = gray.resize((W, H), Image.NEAREST)
                 array = np.asarray(gray)
-        except (UnidentifiedImageError, OSError) as exc:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise UsageError(f"mask '{spec}': cannot read it as a PNG image ({exc})") from None
         return torch.from_numpy(array >= 128)
     raise UsageError(

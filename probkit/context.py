@@ -59,6 +59,21 @@ def memory_bytes(device: torch.device | str = CPU) -> int | None:
     if device.type != "cpu":
         return None
     try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        physical = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
         return None
+    try:  # a limit set on this process (ulimit -v) is the memory it really has
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+        return physical if limit in (resource.RLIM_INFINITY, -1) else min(physical, int(limit))
+    except (ImportError, ValueError, OSError):
+        return physical
+
+
+def human_bytes(count: float) -> str:
+    """1.5 GiB, 50 MiB, 12 KiB: a memory size as people read it."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= size:
+            return f"{count / size:,.1f} {unit}"
+    return f"{int(count)} bytes"

@@ -274,15 +274,34 @@ def load_dataset(spec: DataSpec, base_dir: Path) -> Dataset:
     )
 
 
+def _check_data_memory(spec: DataSpec, n: int) -> None:
+    """Refuse, before resizing, images that could not be held while fitting: about 32 bytes a
+    pixel (float32 resizing, the fixed-noise train and held-out copies, a batch's transform, and
+    the float64 copy the k-means start works on)."""
+    from probkit.context import human_bytes, memory_bytes
+
+    H, W = spec.hw
+    need = 32 * n * spec.channels * H * W
+    available = memory_bytes()
+    if available is not None and need > available:
+        raise DataError(f"data: {n:,} images of {spec.channels}×{H}×{W} need about {human_bytes(need)} while "
+                        f"fitting, more than the {human_bytes(available)} of memory here; use a smaller "
+                        "data.size or data.count")
+
+
 PREPARE_VERSION = 2  # bump when resizing or channel matching changes, to invalidate the cache
 
 
 def _prepared_levels(spec: DataSpec, base_dir: Path):
     """Load, resize and match channels, through the on-disk cache (keyed by source and options)."""
+    if spec.count is not None:  # before generating `count` images, not after
+        _check_data_memory(spec, spec.count)
+
     def build() -> dict[str, np.ndarray]:
         raw = load_source(spec.source, base_dir=base_dir, seed=spec.seed, count=spec.count, size=max(spec.hw))
         if len(raw.images) == 0:
             raise DataError(f"data source '{spec.source}' has no images")
+        _check_data_memory(spec, len(raw.images))
         arrays = {"levels": prepare(raw, spec).astype(np.uint8)}
         if raw.labels is not None:
             arrays["labels"] = raw.labels.astype(np.int64)
@@ -298,6 +317,7 @@ def _prepared_levels(spec: DataSpec, base_dir: Path):
         "version": PREPARE_VERSION,
     }
     arrays = cached_arrays(key, build)
+    _check_data_memory(spec, len(arrays["levels"]))  # a cached set too: this machine may be smaller
     label_names = [str(n) for n in arrays["label_names"]] if "label_names" in arrays else None
     notes = [str(n) for n in arrays["notes"]] if "notes" in arrays else []
     return arrays["levels"].astype(np.float32), arrays.get("labels"), label_names, notes

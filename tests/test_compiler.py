@@ -195,7 +195,7 @@ likelihood:
     # 1e11 components: their weights alone need 1.5 TB for a fit
     ((TEST_SPECS / "tiny-mixture.yaml").read_text().replace("K: 3", "K: 100000000000"),
      r"spec\.yaml:\d+:\d+: params\.weights: the params so far hold 100,000,000,000 numbers; a fit would need about "
-     r"[\d,.]+ GiB, more than the [\d,.]+ GiB of memory of cpu"),
+     r"[\d,.]+ TiB, more than the [\d,.]+ [GT]iB of memory of cpu"),
     # latents of 20,000 values each: 400 million configurations already at the second
     (GRID, r"spec\.yaml:12:\d+: latent\.v: the latents so far take 400,000,000 configurations"),
     ((TEST_SPECS / "tiny-mixture.yaml").read_text().replace("Beta(2.0, 2.0)", "Beta(1e308 * 10.0, 2.0)"),

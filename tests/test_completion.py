@@ -583,3 +583,29 @@ likelihood:
     everything = complete_images(prepared.compiled, values, x, torch.ones(64, dtype=torch.bool), k=2)
     assert everything.method == "exact-discrete-latents" and math.isfinite(everything.cond_nll_bits_per_pixel)
     assert np.allclose(everything.mean.double().numpy(), (values["weights"].double().numpy() @ means)[None], atol=1e-2)
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A 1x1 PNG whose header claims width x height (with a correct CRC): what a bomb looks like."""
+    import io
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    start = 8 + 8  # signature, then the IHDR chunk's length and type
+    data[start:start + 8] = struct.pack(">II", width, height)
+    data[start + 13:start + 17] = struct.pack(">I", zlib.crc32(bytes(data[start - 4:start + 13])))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("size", [(5000, 5000), (20000, 20000)])
+def test_a_huge_mask_or_input_png_is_refused_before_it_is_decoded(tiny_run, tmp_path, size):
+    png = tmp_path / "huge.png"
+    png.write_bytes(_png_claiming(*size))
+    for options in (("--mask", str(png)), ("--input", str(png))):
+        result = CliRunner().invoke(app, ["complete", str(tiny_run), *options, "--out", str(tmp_path)])
+        assert result.exit_code == 2, result.output
+        assert "huge.png" in result.output and ("at most 16,777,216 pixels" in " ".join(result.output.split())
+                                                 or "decompression bomb" in result.output)
