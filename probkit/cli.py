@@ -6,6 +6,7 @@ only this module prints messages and chooses exit codes (0 ok, 1 failure, 2 bad 
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
@@ -79,6 +80,9 @@ def _rank() -> int | None:
 def internal_failure(exc: BaseException) -> str:
     """The message for a failure that is not the user's input."""
     first = (str(exc).strip().splitlines() or [""])[0]
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return (f"the disk is full ({first}); nothing was wrong with the spec. Free some space or write "
+                "elsewhere (--out); a fit keeps its last good checkpoint (--resume continues it)")
     if isinstance(exc, torch.OutOfMemoryError):
         return (f"out of memory on the device ({first}); nothing was wrong with the spec. Try a smaller "
                 "fit.batch_size or fewer components, or --device cpu; a fit keeps its last good checkpoint")

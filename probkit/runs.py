@@ -70,12 +70,16 @@ def history_csv(rows: list[dict]) -> str:
 def read_history(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    with open(path, newline="") as handle:
-        rows = []
-        for row in csv.DictReader(handle):
-            rows.append({k: (float(v) if v not in ("", None) else None) for k, v in row.items()})
-            rows[-1]["step"] = int(rows[-1]["step"])
-        return rows
+    try:
+        with open(path, newline="") as handle:
+            rows = []
+            for row in csv.DictReader(handle):
+                rows.append({k: (float(v) if v not in ("", None) else None) for k, v in row.items()})
+                rows[-1]["step"] = int(rows[-1]["step"])
+            return rows
+    except (OSError, ValueError, KeyError, TypeError, csv.Error) as exc:
+        raise RunError(f"{path}: cannot read the fit's history ({type(exc).__name__}: {exc}); the file is "
+                       "damaged: fit again with --overwrite") from None
 
 
 def default_run_dir(name: str) -> Path:

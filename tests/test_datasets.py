@@ -540,3 +540,15 @@ def test_data_that_would_not_fit_in_memory_is_refused_before_it_is_resized(tmp_p
     with pytest.raises(DataError, match=r"data: 10,000,000 images of 3×8×8"):
         load_dataset(DataSpec(source="wallpaper", size=8, channels=3, count=10_000_000), tmp_path)
     assert load_dataset(DataSpec(source="digits", size=8), tmp_path).n_train > 0  # 3.7 MB: fits
+
+
+def test_a_folder_source_holding_too_many_entries_is_refused_before_it_is_walked_further(tmp_path, monkeypatch):
+    """`source: /` would otherwise walk the whole disk, once to fingerprint it and once to load it."""
+    import probkit.datasets.folder as folder
+    from probkit.datasets import load_source
+
+    monkeypatch.setattr(folder, "MAX_FOLDER_ENTRIES", 5)
+    for i in range(8):
+        Image.new("L", (4, 4)).save(tmp_path / f"{i}.png")
+    with pytest.raises(DataError, match=r"holds more than 5 files and folders; point data\.source at the folder"):
+        load_source(str(tmp_path), base_dir=tmp_path)

@@ -282,3 +282,20 @@ def test_sample_and_complete_refuse_an_out_they_cannot_write_with_exit_2(tmp_pat
         result = _invoke(*command, "--out", blocker / "x.png")
         assert result.exit_code == 2, result.output
         assert "cannot write there" in _flat(result) and "a-file" in _flat(result)
+
+
+def test_a_damaged_history_is_refused_on_resume_with_the_file_named(tmp_path):
+    run = tmp_path / "run"
+    assert _fit(run).exit_code == 0
+    (run / "history.csv").write_text("step,loss\nthree,NaN-ish\n")
+    result = _fit(run, "--resume", "--steps", 6)
+    assert result.exit_code == 1 and "history.csv: cannot read the fit's history" in _flat(result), result.output
+
+
+def test_a_full_disk_is_said_plainly():
+    import errno
+
+    from probkit.cli import internal_failure
+
+    message = internal_failure(OSError(errno.ENOSPC, "No space left on device"))
+    assert message.startswith("the disk is full") and "last good checkpoint" in message

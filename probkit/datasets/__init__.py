@@ -16,7 +16,7 @@ from pathlib import Path
 from probkit.datasets.arrays import load_array_file
 from probkit.datasets.builtin import BUILTIN, Loader, missing_requirement
 from probkit.datasets.cache import cache_dir, cached_arrays, clear_cache
-from probkit.datasets.folder import image_suffixes, load_image_folder
+from probkit.datasets.folder import image_suffixes, load_image_folder, walk_files
 from probkit.datasets.idx import IDX_TYPES, find_labels_file, is_idx_name, load_idx
 from probkit.datasets.raw import DatasetInfo, RawImages, take_subset
 from probkit.errors import DataError
@@ -121,7 +121,7 @@ def source_fingerprint(source: str, *, base_dir: Path) -> str:
         digest.update(f"builtin:{source}:{_package_version(BUILTIN[source][0].package)}".encode())
         return digest.hexdigest()[:16]
     path = resolve_path(source, base_dir=base_dir).resolve()
-    files = sorted(path.rglob("*")) if path.is_dir() else [path]
+    files = walk_files(path, hidden=True) if path.is_dir() else [path]
     labels = find_labels_file(path) if path.is_file() and is_idx_name(path) else None
     for file in files + ([labels] if labels else []):
         if file.is_file():

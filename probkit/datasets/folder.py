@@ -10,6 +10,7 @@ resized to it (antialiased) and counted in a note, so `probkit.data` gets one ar
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -83,12 +84,30 @@ def load_image_folder(root: Path) -> RawImages:
     return RawImages(images, labels, label_names, notes)
 
 
+MAX_FOLDER_ENTRIES = 2_000_000  # files and folders a data-set folder may hold (`source: /` would walk the disk)
+
+
+def walk_files(folder: Path, *, recursive: bool = True, hidden: bool = False) -> list[Path]:
+    """The files under `folder` (sorted; symbolic links to folders are not followed), refusing a
+    folder that holds more than MAX_FOLDER_ENTRIES entries before walking further."""
+    found: list[Path] = []
+    seen = 0
+    for current, folders, files in os.walk(folder):
+        if not hidden:
+            folders[:] = [d for d in folders if not d.startswith(".")]
+            files = [f for f in files if not f.startswith(".")]
+        seen += len(folders) + len(files)
+        if seen > MAX_FOLDER_ENTRIES:
+            raise DataError(f"{folder}: holds more than {MAX_FOLDER_ENTRIES:,} files and folders; point "
+                            "data.source at the folder of your images (one sub-folder per label)")
+        found += [Path(current) / f for f in files if (Path(current) / f).is_file()]
+        if not recursive:
+            break
+    return sorted(found)
+
+
 def _visible_files(folder: Path, *, recursive: bool) -> list[Path]:
-    found = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(
-        p for p in found
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    return walk_files(folder, recursive=recursive)
 
 
 def _decode(path: Path) -> np.ndarray:
