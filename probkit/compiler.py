@@ -197,7 +197,7 @@ class CompiledModel:
             return
         numbers = sum(math.prod(site.shape) for site in self.params) + more
         configurations = math.prod(l.cardinality for l in self.latents)
-        need = 16 * numbers + 16 * configurations * self.dims.D
+        need = sum(self.memory_estimate(more).values())
         if need <= available:
             return
         section = "latent" if latent else "params"
@@ -208,6 +208,13 @@ class CompiledModel:
             f"{human_bytes(need)}, more than the {human_bytes(available)} of memory of {self.device}. "
             "Use fewer components or latents, or a smaller data.size"
         )
+
+    def memory_estimate(self, more: int = 0) -> dict[str, int]:
+        """Bytes a fit needs for the params (about 4 float32 copies: values, gradients, Adam's
+        moments) and for the per-configuration arguments of the latent grid (configurations x D)."""
+        numbers = sum(math.prod(site.shape) for site in self.params) + more
+        configurations = math.prod(l.cardinality for l in self.latents)
+        return {"params": 16 * numbers, "latent grid": 16 * configurations * self.dims.D}
 
     def base_env(self) -> dict[str, Any]:
         return {**self.constants, **self.dims.env()}

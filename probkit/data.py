@@ -274,6 +274,11 @@ def load_dataset(spec: DataSpec, base_dir: Path) -> Dataset:
     )
 
 
+def data_memory(n: int, C: int, H: int, W: int) -> int:
+    """Bytes n images of C x H x W take while fitting: about 32 a pixel."""
+    return 32 * n * C * H * W
+
+
 def _check_data_memory(spec: DataSpec, n: int) -> None:
     """Refuse, before resizing, images that could not be held while fitting: about 32 bytes a
     pixel (float32 resizing, the fixed-noise train and held-out copies, a batch's transform, and
@@ -281,7 +286,7 @@ def _check_data_memory(spec: DataSpec, n: int) -> None:
     from probkit.context import human_bytes, memory_bytes
 
     H, W = spec.hw
-    need = 32 * n * spec.channels * H * W
+    need = data_memory(n, spec.channels, H, W)
     available = memory_bytes()
     if available is not None and need > available:
         raise DataError(f"data: {n:,} images of {spec.channels}×{H}×{W} need about {human_bytes(need)} while "

@@ -61,7 +61,36 @@ def summary_tables(prepared: Prepared) -> list[Table]:
         info["source"], str(info["train"]), str(info["test"]), "×".join(map(str, info["shape"])),
         info["transform"], "yes" if info["labels"] else "no",
     )
-    return [params, model, data, fit_table(prepared, settings)]
+    return [params, model, data, fit_table(prepared, settings), memory_table(prepared)]
+
+
+def memory_table(prepared: Prepared) -> Table:
+    """What a fit will hold in memory (the estimates `fit` refuses on), and where its run folder goes."""
+    import os
+
+    from probkit.context import human_bytes, memory_bytes
+    from probkit.data import data_memory
+    from probkit.runs import default_run_dir
+
+    compiled, dataset = prepared.compiled, prepared.dataset
+    estimate = compiled.memory_estimate()
+    estimate["images"] = data_memory(dataset.n_train + dataset.n_test, dataset.channels, dataset.height,
+                                     dataset.width)
+    available = memory_bytes(prepared.device)
+    table = Table(title="memory and run folder")
+    table.add_column("what")
+    table.add_column("needs about", justify="right")
+    for what, size in estimate.items():
+        table.add_row(what, human_bytes(size))
+    table.add_row("total", human_bytes(sum(estimate.values())),
+                  style="bold" if available is None or sum(estimate.values()) <= available else "bold red")
+    run_dir = default_run_dir(prepared.loaded.name)
+    parent = next((p for p in [run_dir, *run_dir.parents] if p.exists()), None)
+    writable = parent is not None and os.access(parent, os.W_OK | os.X_OK)
+    table.caption = escape(
+        (f"of {human_bytes(available)} on {prepared.device}" if available else f"on {prepared.device}")
+        + f"; run folder {run_dir}/ " + ("can be written" if writable else "CANNOT be written here: use fit --out"))
+    return table
 
 
 def fit_table(prepared: Prepared, settings=None) -> Table:

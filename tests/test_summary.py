@@ -263,3 +263,18 @@ def undocumented_keys(readme: Path) -> list[str]:
 
 def test_every_spec_key_is_in_the_readme_with_its_default():
     assert undocumented_keys(ROOT / "README.md") == []
+
+
+def test_validate_prints_the_memory_a_fit_needs_and_whether_its_run_folder_can_be_written():
+    import math
+
+    from probkit.summary import memory_table
+
+    prepared = prepare(Path(__file__).parent / "specs" / "tiny-mixture.yaml")  # K=3 Bernoulli mixture, 8x8
+    table = memory_table(prepared)
+    rows = dict(zip(table.columns[0]._cells, table.columns[1]._cells))
+    numbers = sum(math.prod(site.shape) for site in prepared.compiled.params)
+    assert numbers == 3 + 3 * 64 and rows["params"] == f"{16 * numbers / 2**10:,.1f} KiB"
+    assert rows["latent grid"] == f"{16 * 3 * 64 / 2**10:,.1f} KiB"
+    assert rows["images"] == f"{32 * 1797 * 64 / 2**20:,.1f} MiB"
+    assert "can be written" in str(table.caption)
