@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from probkit.errors import RunError, UsageError
@@ -218,9 +219,15 @@ def load_run(path: str | Path) -> Run:
     try:
         info = json.loads(info_path.read_text())
         tensors = load_file(str(path / "params.safetensors"))
+        with safe_open(str(path / "params.safetensors"), framework="pt") as handle:
+            params_id = (handle.metadata() or {}).get("run_id")
         text = (path / "spec.yaml").read_text()
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - json, safetensors and the file system each raise their own
         raise RunError(f"cannot read the run in {path}: {exc}") from None
+    run_id = info.get("run_id") if isinstance(info, dict) else None
+    if run_id and params_id and run_id != params_id:
+        raise RunError(f"{path / 'params.safetensors'} belongs to another fit (run id {params_id}; run.json says "
+                       f"{run_id}): the folder mixes two runs; fit again with --overwrite")
     base_dir = Path(info.get("spec_dir", path))
     loaded = spec_from_text(text, str(path / "spec.yaml"), base_dir)
     values = {k: v for k, v in tensors.items() if not k.startswith("unconstrained/")}

@@ -299,3 +299,22 @@ def test_a_full_disk_is_said_plainly():
 
     message = internal_failure(OSError(errno.ENOSPC, "No space left on device"))
     assert message.startswith("the disk is full") and "last good checkpoint" in message
+
+
+def test_a_folder_mixing_two_fits_is_refused_naming_the_file(tmp_path):
+    """Every file a fit writes carries its run id; params of another fit are not used as this one's."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert _fit(first).exit_code == 0 and _fit(second, "--seed", 4).exit_code == 0
+    ids = {json.loads((run / "run.json").read_text())["run_id"] for run in (first, second)}
+    assert len(ids) == 2
+    (first / "params.safetensors").write_bytes((second / "params.safetensors").read_bytes())
+    result = _invoke("sample", first, "-n", 4, "--out", tmp_path)
+    assert result.exit_code == 1 and "params.safetensors belongs to another fit" in _flat(result), result.output
+
+
+def test_a_resumed_run_keeps_its_run_id(tmp_path):
+    run = tmp_path / "run"
+    assert _fit(run).exit_code == 0
+    before = json.loads((run / "run.json").read_text())["run_id"]
+    assert _fit(run, "--resume", "--steps", 5).exit_code == 0
+    assert json.loads((run / "run.json").read_text())["run_id"] == before

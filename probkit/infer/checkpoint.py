@@ -87,7 +87,9 @@ def write_run(run_dir: Path, compiled, trainer, info: dict, spec_text: str) -> N
     params = trainer.params
     tensors = {**values, **{f"unconstrained/{n}": u for n, u in zip(params.names, params.unconstrained)}}
     atomic_write(run_dir / "spec.yaml", spec_text)
-    atomic_write(run_dir / "params.safetensors", tensors_bytes(tensors, {"format": "probkit-1"}))
+    info["run_id"] = trainer.run_id  # in run.json, params.safetensors and the checkpoint alike
+    atomic_write(run_dir / "params.safetensors", tensors_bytes(tensors, {"format": "probkit-1",
+                                                                         "run_id": trainer.run_id}))
     atomic_write(run_dir / "history.csv", history_csv(trainer.history))
     trainer.save_checkpoint(trainer.steps_done)
     atomic_write(run_dir / "run.json", json.dumps(info, indent=2) + "\n")

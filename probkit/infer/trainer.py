@@ -9,6 +9,7 @@ current params stops the fit and names the term; nothing untouched is reported a
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -102,6 +103,7 @@ class Trainer:
         self.history: list[dict] = []
         self.start_step = 0
         self.seconds_before = 0.0  # fitting time of the run a --resume continues, up to its checkpoint
+        self.run_id = uuid.uuid4().hex[:16]  # every file of the run carries it (a resumed run keeps its own)
         # a resumed fit takes its values from the checkpoint: no data-driven start to compute;
         # data-parallel ranks take rank 0's start (its k-means runs once)
         data = None if resume or not collective.is_main else (dataset.fixed("train"), dataset.train_labels)
@@ -147,7 +149,7 @@ class Trainer:
         if not self.collective.is_main:  # the params are the same on every rank: rank 0 writes them
             return
         meta = {"seed": str(self.settings.seed), "data": self.dataset.fingerprint(), **self.batches.state(),
-                **self.stopping.state(), "world_size": str(self.collective.world_size)}
+                **self.stopping.state(), "world_size": str(self.collective.world_size), "run_id": self.run_id}
         save_checkpoint(self.run_dir, step, self.checkpoint_tensors(), meta, self.history)
 
     def _resume(self) -> None:
@@ -162,6 +164,8 @@ class Trainer:
                 u.copy_(tensors[key].to(u.device))
         self.stepper.load_state(self.names, tensors)
         self.start_step = checkpoint.step
+        if checkpoint.meta.get("run_id"):
+            self.run_id = checkpoint.meta["run_id"]
         if str(checkpoint.meta.get("seed", "")).isdigit():  # the run continues its own seed (run.json says it)
             self.settings.seed = int(checkpoint.meta["seed"])
         if checkpoint.meta.get("data") not in (None, self.dataset.fingerprint()):
