@@ -96,9 +96,9 @@ def fit(spec: SpecLike, *, steps: int | None = None, device: str = "auto", seed:
 
         loaded = load_spec(spec)
         total = loaded.spec.fit.steps if steps is None else steps
-        from probkit.infer.distributed import launched
+        from probkit.infer.distributed import is_main_process
 
-        with fit_progress(loaded.name, total, enabled=launched() is None or launched()[0] == 0) as bar:
+        with fit_progress(loaded.name, total, enabled=is_main_process()) as bar:
             return fit(loaded, steps=steps, device=device, seed=seed, out=out, resume=resume, overwrite=overwrite,
                        engine=engine, samples=samples, on_step=bar)
     from probkit.infer.distributed import collective_from_env, distributed_device, restarted

@@ -101,16 +101,17 @@ def _derived(path: Path) -> list[Path]:
 
 
 def _run_summary(path: Path) -> str:
-    """A few words on the run a folder holds, for the message that refuses to replace it."""
-    try:
-        info = json.loads((path / "run.json").read_text())
-        test = (info.get("test") or {}).get("bits_per_dim")
-        held_out = f", held-out {test:.4f} bits/dim" if isinstance(test, (int, float)) else ""
-        return f"a fitted run ({info.get('steps_done', info.get('steps', '?'))} steps{held_out})"
-    except (OSError, ValueError, AttributeError):
-        if (path / CHECKPOINT).exists():
-            return "an unfinished fit (a checkpoint without run.json)"
-        return "the files of an earlier run"
+    """A few words on the run a folder holds, for the message that refuses to replace it (read
+    as `probkit runs` reads it)."""
+    from probkit.catalog import read_row
+
+    row = read_row(path, path.name)
+    if row.status == "finished":
+        held_out = "" if row.held_out_bpd is None else f", held-out {row.held_out_bpd:.4f} bits/dim"
+        return f"a fitted run ({'?' if row.steps is None else row.steps} steps{held_out})"
+    if row.status == "unfinished":
+        return f"an unfinished fit (a checkpoint at step {row.steps}, without run.json)"
+    return "the files of an earlier run (damaged)"
 
 
 def folder_state(path: Path) -> str:

@@ -133,6 +133,12 @@ def launched() -> tuple[int, int, int] | None:
     return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def is_main_process() -> bool:
+    """Whether this process speaks for the launch: a plain process, or rank 0 under torchrun."""
+    where = launched()
+    return where is None or where[0] == 0
+
+
 def restarted() -> bool:
     """Whether torchrun restarted this process after a rank failed (`--max-restarts`)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
