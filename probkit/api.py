@@ -84,13 +84,15 @@ def _check_labels(compiled: CompiledModel, dataset: Dataset, loaded: LoadedSpec)
 def fit(spec: SpecLike, *, steps: int | None = None, device: str = "auto", seed: int | None = None,
         out: str | Path | None = None, resume: bool = False, overwrite: bool = False, engine: str = "fused",
         samples: int = 64, on_step: Callable[[int, float, float | None], None] | None = None,
-        progress: bool = False) -> FitResult:
+        progress: bool = False, compile: str = "off") -> FitResult:
     """Fit theta by MAP or MLE and write the run folder (DESIGN section 6).
 
     A folder that already holds a run is refused unless `resume` continues it or `overwrite`
     replaces it (its files go before the new ones are written); `out` picks another folder.
-    on_step(step, loss, held_out_bits_per_dim or None) is called after every step;
-    progress=True shows the CLI's progress bar instead (on stderr)."""
+    on_step(step, loss, held_out_bits_per_dim or None) is called as the fit goes (the loss is the
+    latest one read from the device: an Adam step does not wait for it); progress=True shows the
+    CLI's progress bar instead (on stderr). compile: "on" runs the loss and its backward under
+    torch.compile (falling back to the eager loss if compiling fails), "off" (default) does not."""
     if progress and on_step is None:
         from probkit.progress import fit_progress
 
@@ -100,14 +102,14 @@ def fit(spec: SpecLike, *, steps: int | None = None, device: str = "auto", seed:
 
         with fit_progress(loaded.name, total, enabled=is_main_process()) as bar:
             return fit(loaded, steps=steps, device=device, seed=seed, out=out, resume=resume, overwrite=overwrite,
-                       engine=engine, samples=samples, on_step=bar)
+                       engine=engine, samples=samples, on_step=bar, compile=compile)
     from probkit.infer.distributed import collective_from_env, distributed_device, restarted
 
     if resume and overwrite:
         raise UsageError("--resume continues the run in the folder and --overwrite replaces it: pick one")
     prepared = prepare(spec, device=distributed_device(device))
     compiled, dataset = prepared.compiled, prepared.dataset
-    settings = settings_from(compiled, dataset.n_train, steps=steps, seed=seed, engine=engine)
+    settings = settings_from(compiled, dataset.n_train, steps=steps, seed=seed, engine=engine, compile=compile)
     run_dir = Path(out) if out else default_run_dir(compiled.spec.name)
     ranks = collective_from_env(prepared.device)
     if ranks.world_size > 1:
@@ -231,8 +233,10 @@ def check_run_values(run: Run, compiled: CompiledModel) -> None:
         value = run.values.get(site.name)
         if value is None:
             problem = "is missing"
-        elif tuple(value.shape) != tuple(site.shape) or not value.is_floating_point():
-            problem = f"has shape {list(value.shape)} ({value.dtype}), but the spec gives {list(site.shape)}"
+        elif not value.is_floating_point():
+            problem = f"holds {value.dtype} numbers, not floating point"
+        elif tuple(value.shape) != tuple(site.shape):
+            problem = f"has shape {list(value.shape)}, but the spec gives {list(site.shape)}"
         elif not bool(torch.isfinite(value).all()):
             problem = "holds values that are not finite"
         elif not bool(compiled.constraint(site).check(value.to(torch.float64)).all()):
@@ -290,6 +294,11 @@ def sample(target: SpecLike | Run, n: int = 64, *, given: dict[str, int] | None 
     images = prepared.dataset.images(drawn)
     captions = latent_captions(compiled, latents)
     notes = []
+    fitted = (run.info.get("data") or {}).get("fingerprint") if isinstance(run.info, dict) else None
+    if fitted and fitted != prepared.dataset.fingerprint():
+        # samples need no images, so they are drawn; the data's size and channels are read from it
+        notes.append(f"the data source '{prepared.dataset.spec.source}' gives other images than the run was fitted "
+                     "on (its fingerprint changed); the samples come from the fitted params as they are")
     if mean and possible_configurations(compiled, run.values, given) == 1:
         why = ("the model has no discrete latents" if not compiled.latents else
                "--given fixes every latent" if given else "only one latent configuration has any probability")
@@ -339,7 +348,9 @@ def dataset_examples(source: str, out: str | Path | None = None, *, size: int = 
         raise UsageError(f"--size must be between 1 and {largest} pixels, found {size}")
     name = Path(source).stem or "examples"
     out = Path(RUNS_DIR) / "datasets" if out is None else Path(out)
-    if out.is_dir() or not out.suffix:
+    with writable(out):
+        is_folder = out.is_dir()
+    if is_folder or not out.suffix:
         out = out / f"{name}-examples.png"
     elif out.suffix.lower() != ".png":
         raise UsageError(f"--out {out}: expected a .png path or a folder")
@@ -361,6 +372,25 @@ def dataset_examples(source: str, out: str | Path | None = None, *, size: int = 
                          "choose a writable folder or .png path") from None
 
 
+def read_image_file(path: Path, W: int, H: int) -> np.ndarray:
+    """One image file (--input) -> 1 x C x h x w floats in [0, 1] (grayscale or RGB), refused
+    from its header when it holds more than MAX_PNG_PIXELS pixels (it is resized to W x H)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from probkit.completion import MAX_PNG_PIXELS
+
+    try:
+        with Image.open(path) as image:  # reads the header only: the size is known before decoding
+            if image.size[0] * image.size[1] > MAX_PNG_PIXELS:
+                raise UsageError(f"--input {path}: the image is {image.size[0]}x{image.size[1]} pixels; it is "
+                                 f"resized to {W}x{H}, so give one of at most {MAX_PNG_PIXELS:,} pixels")
+            mode = "L" if image.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
+            pixels = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise UsageError(f"--input {path}: cannot read it as an image ({exc})") from None
+    return pixels[None, None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)[None]
+
+
 def _read_input_images(path: Path, dataset: Dataset) -> tuple[np.ndarray, list[str]]:
     """A PNG or .npy file -> N x C x H x W floats in [0, 1] at the spec's size and channels.
 
@@ -368,6 +398,8 @@ def _read_input_images(path: Path, dataset: Dataset) -> tuple[np.ndarray, list[s
     .npy holds (H, W), (C, H, W) or (N, C, H, W) (or N x H x W) values in [0, 1], or levels
     0..255 when its maximum exceeds 1, at exactly the spec's H x W."""
     from probkit.data import match_channels, resize_images
+
+    from probkit.completion import MAX_PNG_PIXELS
 
     H, W, C = dataset.height, dataset.width, dataset.channels
     notes: list[str] = []
@@ -380,7 +412,16 @@ def _read_input_images(path: Path, dataset: Dataset) -> tuple[np.ndarray, list[s
             raise UsageError(f"--input {path}: cannot read it as a .npy array ({exc})") from None
         if not np.issubdtype(array.dtype, np.number):
             raise UsageError(f"--input {path}: expected a numeric array, found dtype {array.dtype}")
+        if array.size > MAX_PNG_PIXELS * 4:
+            raise UsageError(f"--input {path}: the array holds {array.size:,} numbers; give at most "
+                             f"{MAX_PNG_PIXELS * 4:,} (complete a few images at a time)")
         array = array.astype(np.float32)
+        if not np.isfinite(array).all():
+            raise UsageError(f"--input {path}: the array holds NaN or infinite values; give intensities in [0, 1] "
+                             "or levels 0..255")
+        if array.min() < 0 or array.max() > 255:
+            raise UsageError(f"--input {path}: the values run from {array.min():g} to {array.max():g}; give "
+                             "intensities in [0, 1] or levels 0..255")
         if array.ndim == 2:
             array = array[None, None]
         elif array.ndim == 3:
@@ -394,20 +435,7 @@ def _read_input_images(path: Path, dataset: Dataset) -> tuple[np.ndarray, list[s
             array = array / 255.0
         images = np.clip(array, 0.0, 1.0)
     elif path.suffix.lower() == ".png":
-        from PIL import Image, UnidentifiedImageError
-
-        from probkit.completion import MAX_PNG_PIXELS
-
-        try:
-            with Image.open(path) as image:  # reads the header only: the size is known before decoding
-                if image.size[0] * image.size[1] > MAX_PNG_PIXELS:
-                    raise UsageError(f"--input {path}: the PNG is {image.size[0]}x{image.size[1]} pixels; it is "
-                                     f"resized to the spec's {W}x{H}, so give one of at most {MAX_PNG_PIXELS:,} pixels")
-                mode = "L" if image.mode in ("1", "L", "LA", "I", "I;16", "F") else "RGB"
-                pixels = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-            raise UsageError(f"--input {path}: cannot read it as a PNG image ({exc})") from None
-        images = pixels[None, None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)[None]
+        images = read_image_file(path, W, H)
         if images.shape[-2:] != (H, W):
             notes.append(f"--input {path.name}: resized from {images.shape[-1]}×{images.shape[-2]} to the "
                          f"spec's {W}×{H} pixels (as the training images were)")
@@ -454,13 +482,14 @@ def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, in
     the original, what was observed (the missing region grey, tinted red and hatched), then the k
     completions; and a .npy of the completions, N x k x C x H x W on the display scale [0, 1].
     """
-    from probkit.completion import MCMC_DEFAULTS, complete_images, load_mask, mask_label
+    from probkit.completion import complete_images, load_mask, mask_label
 
-    mcmc_warmup = MCMC_DEFAULTS["warmup_steps"] if mcmc_warmup is None else mcmc_warmup
-    mcmc_samples = MCMC_DEFAULTS["num_samples"] if mcmc_samples is None else mcmc_samples
-    if mcmc_warmup < 0 or mcmc_samples < 1:
-        raise UsageError(f"--mcmc-warmup must be >= 0 and --mcmc-samples >= 1, found {mcmc_warmup} and "
-                         f"{mcmc_samples}")
+    from probkit.completion import MAX_SAMPLER_STEPS
+
+    if not (mcmc_warmup is None or 0 <= mcmc_warmup <= MAX_SAMPLER_STEPS) or \
+            not (mcmc_samples is None or 1 <= mcmc_samples <= MAX_SAMPLER_STEPS):
+        raise UsageError(f"--mcmc-warmup must be 0 to {MAX_SAMPLER_STEPS:,} and --mcmc-samples 1 to "
+                         f"{MAX_SAMPLER_STEPS:,}, found {mcmc_warmup} and {mcmc_samples}")
     if images < 1:
         raise UsageError(f"--images must be at least 1, found {images}")
     if not 1 <= k <= MAX_COMPLETIONS:
@@ -510,4 +539,240 @@ def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, in
                       highlights=marked.reshape(n * (k + 2), H, W))
             npy = save_array(png.with_suffix(".npy"), drawn.astype(np.float32))
         files = {"png": png, "npy": npy}
+    return result, files
+
+
+def compress(target: SpecLike | Run, out: str | Path, *, input: str | Path | None = None, images: int | None = None,
+             device: str = "auto", run_out: str | Path | None = None):
+    """Losslessly compress images with a fitted run into the file `out`: the run's held-out
+    images, or those of `input` (any source the data loader reads), coded pixel by pixel
+    with the model's exact sequential conditionals through a range coder. Returns a
+    `probkit.compression.CompressionResult` (bytes, model bits, bits/dim, PNG and WebP sizes)."""
+    from probkit.compression import compress as compress_images
+
+    return compress_images(target, out, input=input, images=images, device=device, run_out=run_out)
+
+
+def decompress(file: str | Path, out: str | Path | None = None, *, model: SpecLike | Run | None = None,
+               device: str = "auto"):
+    """The images a `compress` file holds, bit-exactly (uint8 N x C x H x W; 0/1 for binary),
+    written to `out` (.npy) when given; `model` overrides the run the file's header names.
+    Returns a `probkit.compression.DecompressionResult`."""
+    from probkit.compression import decompress as decompress_file
+
+    return decompress_file(file, out, model=model, device=device)
+
+
+def input_levels(path: str | Path, dataset: Dataset, *, hw: tuple[int, int] | None = None
+                 ) -> tuple[torch.Tensor, list[str]]:
+    """The images of `path` (--input) as levels 0..255, N x D, prepared like the spec's data
+    (resized to `hw`, default the spec's size; channels matched): any source the data loader
+    reads (.npy, .npz, a folder of images, IDX), or a single image file."""
+    from probkit.data import prepare as prepare_levels
+    from probkit.datasets import RawImages, load_source
+    from probkit.datasets.folder import image_suffixes
+
+    path = Path(path)
+    spec = dataset.spec if hw is None else dataset.spec.model_copy(update={"size": list(hw)})
+    H, W = spec.hw
+    notes: list[str] = []
+    if path.is_file() and path.suffix.lower() in image_suffixes():
+        raw = RawImages(read_image_file(path, W, H))
+    else:
+        raw = load_source(str(path), base_dir=Path.cwd())
+    if raw.images.shape[-2:] != (H, W):
+        notes.append(f"--input {path.name}: resized from {raw.images.shape[-1]}x{raw.images.shape[-2]} to "
+                     f"{W}x{H} pixels")
+    levels = prepare_levels(raw, spec)
+    return torch.from_numpy(levels.reshape(len(levels), -1)), notes
+
+
+GRID_ROWS = 16  # images a denoise / upscale grid shows (the .npy files hold them all)
+
+
+def _grid_file(out: Path, default_name: str) -> Path:
+    """--out as a .png path, or a folder that gets `default_name`."""
+    return out if out.suffix.lower() == ".png" else out / default_name
+
+
+def denoise(target: SpecLike | Run, *, noise: str, images: int = 16, input: str | Path | None = None, k: int = 4,
+            seed: int = 0, device: str = "auto", out: str | Path | None = None,
+            run_out: str | Path | None = None):
+    """Restore noisy images with a fitted run as the prior (see `probkit.denoising`).
+
+    Without `input`, the first `images` held-out images are corrupted with `noise` (seeded by
+    `seed`) and restored, and the PSNRs compare against them; with `input` (any source the data
+    loader reads, or an image file) its images are taken as noisy ones under `noise`. When `out`
+    is given (a .png path or a folder, where the file is denoise-<noise>.png) it writes a grid,
+    one row per image (the first GRID_ROWS): clean, noisy, 3x3 median, posterior mean, then the k draws; a .npy of the
+    means (N x C x H x W) and one of the draws (<name>-samples.npy, N x k x C x H x W), on the
+    [0, 1] display scale. Returns (DenoiseResult, files)."""
+    from probkit.denoising import denoise_images, parse_noise
+
+    if images < 1:
+        raise UsageError(f"--images must be at least 1, found {images}")
+    if not 1 <= k <= MAX_COMPLETIONS:
+        raise UsageError(f"-k must be between 1 and {MAX_COMPLETIONS:,} draws per image, found {k}")
+    run, prepared = open_run(target, device=device, out=run_out)
+    dataset, compiled = prepared.dataset, prepared.compiled
+    noise_model = parse_noise(noise, dataset.transform)
+    _check_completion_memory(images, k, prepared)
+    notes: list[str] = []
+    clean = None
+    if input is None:
+        check_run_data(run, dataset)
+        clean = dataset.fixed("test")[:images].double()
+        if len(clean) == 0:
+            raise UsageError("the spec's data has no held-out images (test_fraction: 0); pass --input IMAGES")
+        noisy = noise_model.corrupt(clean, torch.Generator().manual_seed(seed))
+    else:
+        levels, notes = input_levels(input, dataset)
+        levels = levels.to(prepared.device).double()
+        if dataset.transform == "continuous":
+            noisy = (levels + 0.5) / 256.0
+            if noise_model.kind == "saltpepper":  # the noise's atoms: levels 0 and 255 read as replaced
+                noisy = torch.where(levels == 0, 0.0, torch.where(levels == 255, 1.0, noisy))
+                notes.append("continuous data under salt and pepper: pixels at level 0 or 255 are taken as "
+                             "replaced by the noise, the others as their level's midpoint (l + 1/2)/256")
+        else:
+            noisy = dataset.apply(levels, torch.Generator().manual_seed(seed))
+        if noise_model.kind == "gaussian":
+            notes.append("the input's pixels are quantised to 256 levels; they are taken as the noisy values as "
+                         "they are (quantisation and clipping are not part of the noise model)")
+    result = denoise_images(compiled, run.values, noisy, noise_model, k=k, seed=seed, clean=clean)
+    result.notes[:0] = notes
+    files: dict[str, Path] = {}
+    if out is not None:
+        from probkit.images import save_grid
+        from probkit.runs import save_array
+
+        png = _grid_file(Path(out), f"denoise-{noise_model.label().replace(':', '')}.png")
+        n, C, H, W = len(noisy), dataset.channels, dataset.height, dataset.width
+        columns = ([dataset.images(result.clean)] if clean is not None else []) + [
+            dataset.images(result.noisy.clamp(0, noise_model.top)), dataset.images(result.median),
+            dataset.images(result.mean)]
+        draws = dataset.images(result.samples.reshape(n * k, -1)).reshape(n, k, C, H, W)
+        rows = np.concatenate([c[:, None] for c in columns] + [draws], axis=1)[:GRID_ROWS]
+        headers = (["clean"] if clean is not None else []) + ["noisy", "3x3 median", "posterior mean"] + [
+            f"draw {i + 1}" for i in range(k)]
+        with writable(png):
+            save_grid(png, rows.reshape(-1, C, H, W), columns=len(headers), headers=headers,
+                      title=f"denoise {noise_model.label()} ({result.method})")
+            npy = save_array(png.with_suffix(".npy"), columns[-1].astype(np.float32))
+            samples = save_array(png.with_name(png.stem + "-samples.npy"), draws.astype(np.float32))
+        files = {"png": png, "npy": npy, "samples": samples}
+    return result, files
+
+
+def upscale(target: SpecLike | Run, *, factor: int = 2, images: int = 16, input: str | Path | None = None,
+            k: int = 4, seed: int = 0, device: str = "auto", out: str | Path | None = None,
+            run_out: str | Path | None = None):
+    """Super-resolve low-resolution images by `factor` with a fitted run (see `probkit.upscaling`).
+
+    Without `input`, the low-resolution images are the f x f block averages of the first
+    `images` held-out images, and the PSNRs compare the model's posterior mean and Pillow's
+    bicubic upscaling against them; with `input` (any source the data loader reads, or an
+    image file; resized to the spec's size / factor) its images are the low-resolution ones.
+    When `out` is given (a .png path or a folder, where the file is upscale-x<factor>.png) it
+    writes a grid, one row per image (the first GRID_ROWS): low-res, bicubic, posterior mean, truth, then the k draws;
+    a .npy of the means and one of the draws (<name>-samples.npy), on the [0, 1] display scale.
+    Returns (UpscaleResult, files)."""
+    from probkit.upscaling import blocks_for, upscale_images
+
+    if images < 1:
+        raise UsageError(f"--images must be at least 1, found {images}")
+    if not 1 <= k <= MAX_COMPLETIONS:
+        raise UsageError(f"-k must be between 1 and {MAX_COMPLETIONS:,} draws per image, found {k}")
+    run, prepared = open_run(target, device=device, out=run_out)
+    dataset, compiled = prepared.dataset, prepared.compiled
+    C, H, W = dataset.channels, dataset.height, dataset.width
+    blocks = blocks_for(C, H, W, factor)
+    _check_completion_memory(images, k, prepared)
+    notes: list[str] = []
+    truth = None
+    if input is None:
+        check_run_data(run, dataset)
+        truth = dataset.fixed("test")[:images].double()
+        if len(truth) == 0:
+            raise UsageError("the spec's data has no held-out images (test_fraction: 0); pass --input IMAGES")
+        low = blocks.average(truth)
+    else:
+        levels, notes = input_levels(input, dataset, hw=blocks.low_hw)
+        levels = levels.to(prepared.device).double()
+        if dataset.transform == "binary":  # a block's share of ones: a multiple of 1/f^2
+            low = (levels / 255.0 * blocks.size).round() / blocks.size
+        elif dataset.transform == "continuous":
+            low = (levels + 0.5) / 256.0
+        else:
+            low = levels
+    result = upscale_images(compiled, run.values, low, factor, k=k, seed=seed, truth=truth)
+    result.notes[:0] = notes
+    files: dict[str, Path] = {}
+    if out is not None:
+        from probkit.images import save_grid
+        from probkit.runs import save_array
+
+        png = _grid_file(Path(out), f"upscale-x{factor}.png")
+        n = len(low)
+        shown_low = blocks.join(low.unsqueeze(-1).expand(-1, -1, blocks.size))  # each block as its mean
+        columns = [dataset.images(shown_low), dataset.images(result.bicubic), dataset.images(result.mean)]
+        columns += [dataset.images(truth)] if truth is not None else []
+        draws = dataset.images(result.samples.reshape(n * k, -1)).reshape(n, k, C, H, W)
+        rows = np.concatenate([c[:, None] for c in columns] + [draws], axis=1)[:GRID_ROWS]
+        headers = ["low-res", "bicubic", "posterior mean"] + (["truth"] if truth is not None else []) + [
+            f"draw {i + 1}" for i in range(k)]
+        with writable(png):
+            save_grid(png, rows.reshape(-1, C, H, W), columns=len(headers), headers=headers,
+                      title=f"upscale x{factor} ({result.method})")
+            npy = save_array(png.with_suffix(".npy"), columns[2].astype(np.float32))
+            samples = save_array(png.with_name(png.stem + "-samples.npy"), draws.astype(np.float32))
+        files = {"png": png, "npy": npy, "samples": samples}
+    return result, files
+
+
+def cluster(target: SpecLike | Run, *, seed: int = 0, device: str = "auto", out: str | Path | None = None,
+            run_out: str | Path | None = None, per_cluster: int = 8):
+    """Cluster the training and held-out images by a fitted run's posterior over its discrete
+    latents (see `probkit.clustering`); where the data has labels, NMI, ARI and purity of the
+    model's MAP clusters and of scikit-learn's KMeans and diagonal GaussianMixture (seeded by
+    `seed`).
+
+    When `out` is given (a folder) it writes, per split, clusters-<split>.npy (the posterior
+    probabilities, N x clusters), clusters-<split>-assignments.npy (the MAP clusters) and
+    clusters-<split>.csv; clusters.png (the `per_cluster` most probable training images of
+    every cluster, one row each) and clusters.json (the summary). Returns (ClusterResult, files)."""
+    from probkit.clustering import cluster_images, csv_text, examples
+
+    if per_cluster < 1:
+        raise UsageError(f"--per-cluster must be at least 1, found {per_cluster}")
+    run, prepared = open_run(target, device=device, out=run_out)
+    dataset, compiled = prepared.dataset, prepared.compiled
+    check_run_data(run, dataset)
+    splits = ["train"] + (["test"] if dataset.n_test else [])
+    images = {split: dataset.fixed(split) for split in splits}
+    labels = {"train": dataset.train_labels, "test": dataset.test_labels}
+    display = {split: dataset.images(x).reshape(len(x), -1) for split, x in images.items()}
+    result = cluster_images(compiled, run.values, images, {s: labels[s] for s in splits}, display=display, seed=seed)
+    files: dict[str, Path] = {}
+    if out is not None:
+        import json
+
+        from probkit.images import save_grid
+        from probkit.runs import atomic_write, save_array
+
+        folder = Path(out)
+        with writable(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            for split in splits:
+                files[f"{split}_npy"] = save_array(folder / f"clusters-{split}.npy",
+                                                   result.probabilities[split].astype(np.float32))
+                files[f"{split}_assignments"] = save_array(folder / f"clusters-{split}-assignments.npy",
+                                                           result.assignments[split].astype(np.int64))
+                files[f"{split}_csv"] = folder / f"clusters-{split}.csv"
+                atomic_write(files[f"{split}_csv"], csv_text(result, split))
+            cells, rows = examples(result, dataset.images(images["train"]), "train", per_cluster)
+            files["png"] = save_grid(folder / "clusters.png", cells, columns=per_cluster, row_labels=rows,
+                                     title=f"{len(result.names)} clusters: the most probable training images of each")
+            files["json"] = folder / "clusters.json"
+            atomic_write(files["json"], json.dumps(result.summary(), indent=1))
     return result, files

@@ -66,6 +66,8 @@ def _mtime(path: Path) -> str:
 def spec_hash(path: Path, info: dict) -> str:
     if isinstance(info.get("spec_sha256"), str):
         return info["spec_sha256"][:12]
+    if not (path / "spec.yaml").is_file():  # missing, or a pipe that would block the listing
+        return ""
     try:
         return hashlib.sha256((path / "spec.yaml").read_bytes()).hexdigest()[:12]
     except OSError:
@@ -80,6 +82,8 @@ def read_row(path: Path, name: str) -> RunRow:
         try:
             from safetensors import safe_open
 
+            if not (path / CHECKPOINT).is_file():  # a pipe would block the listing
+                raise OSError("not a regular file")
             with safe_open(str(path / CHECKPOINT), framework="pt") as handle:
                 step = int((handle.metadata() or {}).get("step", 0))
         except Exception:  # noqa: BLE001 - a damaged checkpoint is shown as such, not raised
@@ -87,6 +91,8 @@ def read_row(path: Path, name: str) -> RunRow:
         return RunRow(name, path, "unfinished", steps=step, date=_mtime(path / CHECKPOINT),
                       spec_hash=spec_hash(path, {}))
     try:
+        if not info_path.is_file():  # a pipe would block the listing, a folder cannot be read
+            raise OSError("not a regular file")
         info = json.loads(info_path.read_text())
         if not isinstance(info, dict):
             raise ValueError("not a JSON object")
@@ -115,6 +121,8 @@ def list_runs(root: str | Path = RUNS_DIR, *, sort: str = "date", reverse: bool 
     root = Path(root)
     if sort not in SORT_KEYS:
         raise UsageError(f"--sort {sort}: expected one of {', '.join(SORT_KEYS)}")
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"--dir {root}: is a file, not a folder; give the folder that holds the runs (default runs)")
     if not root.is_dir():
         return []
     rows = []

@@ -104,6 +104,8 @@ def validate(spec: Annotated[str, typer.Argument(help="the spec file")]):
 
     for table in summary_tables(prepared):
         console.print(table)
+    for note in prepared.dataset.notes:  # what loading the data skipped or resized: the user should know
+        console.print(f"note: data: {escape(note)}", highlight=False)
     from probkit.runs import default_run_dir, folder_state
 
     run_dir = default_run_dir(prepared.loaded.name)
@@ -154,6 +156,8 @@ def fit(
                          ] = False,
     engine: Annotated[str, typer.Option("--engine", help="fused (fast) | pyro (TraceEnum_ELBO)")] = "fused",
     progress: Annotated[bool, flag("--progress/--no-progress", help="show the progress bar")] = True,
+    compile: Annotated[str, typer.Option("--compile", help="on: run the loss and its backward under torch.compile "
+                                                           "(falls back to eager if it fails) | off")] = "off",
 ):
     """Fit theta (MAP or MLE) and write the run folder."""
     from probkit.progress import fit_progress
@@ -164,7 +168,7 @@ def fit(
     try:
         with fit_progress(prepared_spec.name, total, console=err_console, enabled=progress and main) as on_step:
             result = api.fit(prepared_spec, steps=steps, device=device, seed=seed, out=out, resume=resume,
-                             overwrite=overwrite, engine=engine, on_step=on_step)
+                             overwrite=overwrite, engine=engine, on_step=on_step, compile=compile)
     finally:
         import torch.distributed as dist
 
@@ -371,12 +375,15 @@ def complete(
     out: Annotated[Optional[Path], typer.Option("--out", help="a .png path or a folder (default: the run folder)")
                    ] = None,
     as_json: Annotated[bool, flag("--json", help="print one JSON object")] = False,
-    method: Annotated[str, typer.Option("--method", help="auto (exact where the model allows, else mcmc) "
-                                                         "or mcmc (NUTS over the missing pixels)")] = "auto",
+    method: Annotated[str, typer.Option("--method", help="auto (exact where the model allows, else gibbs for "
+                                                         "autoregressive discrete pixels, else mcmc), mcmc (NUTS "
+                                                         "over the missing pixels) or gibbs")] = "auto",
     mcmc_warmup: Annotated[Optional[int], typer.Option("--mcmc-warmup", help="NUTS warmup steps per image "
-                                                                             "(default 200)")] = None,
+                                                                             "(default 200); gibbs: burn-in "
+                                                                             "sweeps (default 20)")] = None,
     mcmc_samples: Annotated[Optional[int], typer.Option("--mcmc-samples", help="NUTS samples kept per image "
-                                                                               "(default 500)")] = None,
+                                                                               "(default 500); gibbs: sweeps "
+                                                                               "kept (default 50)")] = None,
 ):
     """Condition on the observed pixels of images and sample the missing ones (exact where the
     model allows, else NUTS over the missing pixels; the method and its settings are printed)."""
@@ -418,11 +425,11 @@ def complete(
     table.add_row("missing pixels per image", str(result.missing_pixels))
     nll = result.cond_nll_bits_per_pixel
     table.add_row("conditional NLL (bits/missing pixel)",
-                  f"{nll:.4f}" if math.isfinite(nll) else "not estimated (mcmc)")
+                  f"{nll:.4f}" if math.isfinite(nll) else f"not estimated ({result.method})")
     table.add_row("PSNR of the mean on missing pixels (dB)", f"{result.psnr_db:.2f}")
     for key, value in result.settings.items():
         shown = "n/a" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
-        table.add_row(f"mcmc {key}", shown)
+        table.add_row(f"{result.method} {key}", shown)
     console.print(table)
     for note in result.notes:
         console.print(f"note: {escape(note)}", highlight=False)
@@ -444,3 +451,179 @@ def report(
         path = write_report(target, out=out, seed=seed, device=device,
                             on_stage=lambda text: status.update(f"report: {text}"))
     console.print(f"report: {path}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@reports_errors
+def compress(
+    target: SpecArg,
+    out: Annotated[Path, typer.Option("--out", help="the compressed file to write")],
+    input: Annotated[Optional[Path], typer.Option("--input", help="the images: a .npy, .npz, folder of images or "
+                                                  "IDX file (default: the run's held-out images)")] = None,
+    images: Annotated[Optional[int], typer.Option("--images", help="code only the first N images")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda (coding itself always runs on the "
+                                                         "CPU in float64, so files decode bit-exactly)")] = "auto",
+    as_json: Annotated[bool, flag("--json", help="print one JSON object")] = False,
+):
+    """Losslessly compress images with a fitted model (a range coder driven by the model's exact
+    sequential conditionals p(x_d | x_<d)); prints bytes, model bits, bits/dim and PNG/WebP sizes."""
+    result = api.compress(target, out, input=input, images=images, device=device)
+    if as_json:
+        typer.echo(json.dumps(result.metrics()))
+        return
+    table = Table(title="compression")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("images", f"{result.images} x {result.dims} pixels")
+    table.add_row("file", f"{result.bytes:,} bytes ({result.header_bytes} of header and checksum)")
+    table.add_row("model bits  Σ −log₂ p(x)", f"{result.model_bits:,.1f} ({result.model_bits / 8:,.1f} bytes)")
+    excess = result.bytes - result.model_bits / 8
+    table.add_row("file − model bits", f"{excess:+,.1f} bytes ({100 * excess / max(result.model_bits / 8, 1):+.2f}%)")
+    table.add_row("bits/dim (file)", f"{result.bits_per_dim:.4f}")
+    table.add_row("bits/dim (model)", f"{result.model_bits_per_dim:.4f}")
+    table.add_row("PNG, one grid of the images", f"{result.png_bytes:,} bytes")
+    table.add_row("WebP lossless, the same grid", f"{result.webp_bytes:,} bytes")
+    console.print(table)
+    console.print(f"method: {escape(result.method)}", highlight=False, soft_wrap=True)
+    for note in result.notes:
+        console.print(f"note: {escape(note)}", highlight=False)
+    console.print(f"compressed: {result.path}", highlight=False)
+
+
+@app.command()
+@reports_errors
+def decompress(
+    file: Annotated[Path, typer.Argument(help="a file written by probkit compress")],
+    out: Annotated[Path, typer.Option("--out", help="the .npy to write (uint8 N x C x H x W)")],
+    model: Annotated[Optional[str], typer.Option("--model", help="the spec or run folder that compressed it "
+                                                                 "(default: the run its header names)")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda (decoding runs on the CPU)")] = "auto",
+):
+    """Decode a compressed file back to the exact images (uint8 N x C x H x W; 0/1 for binary data)."""
+    result = api.decompress(file, out, model=model, device=device)
+    n, c, h, w = result.images.shape
+    console.print(f"{n} images of {c}x{h}x{w} ({result.transform}) decoded with {result.model}: {result.path}",
+                  highlight=False)
+
+
+def _print_task_table(title: str, rows: list[tuple[str, str]], notes: list[str]) -> None:
+    table = Table(title=title)
+    table.add_column("")
+    table.add_column("value", justify="right")
+    for label, value in rows:
+        table.add_row(label, value)
+    console.print(table)
+    for note in notes:
+        console.print(f"note: {escape(note)}", highlight=False)
+
+
+def _db(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} dB"
+
+
+@app.command()
+@reports_errors
+def denoise(
+    target: SpecArg,
+    noise: Annotated[str, typer.Option("--noise", help="flip:P (binary) | saltpepper:P (any data) | gaussian:SIGMA "
+                                                       "(continuous, discrete; SIGMA on the [0, 1] scale)")],
+    images: Annotated[int, typer.Option("--images", help="how many held-out images to corrupt and restore")] = 16,
+    input: Annotated[Optional[Path], typer.Option("--input", help="restore these noisy images instead (.npy, .npz, "
+                                                                  "folder, IDX or an image file)")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="posterior draws per image")] = 4,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=MAX_SEED, help="seeds the noise and the draws")] = 0,
+    device: DeviceOpt = "auto",
+    out: Annotated[Optional[Path], typer.Option("--out", help="a .png path or a folder (default: the run folder)")
+                   ] = None,
+    as_json: Annotated[bool, flag("--json", help="print one JSON object")] = False,
+):
+    """Restore noisy images: the posterior mean and draws of the clean image under the model
+    (exact where the model allows; the method is printed), against a 3x3 median filter."""
+    from probkit.runs import resolve_run
+
+    run = resolve_run(target)
+    result, files = api.denoise(run, noise=noise, images=images, input=input, k=k, seed=seed, device=device,
+                                out=out or run.path)
+    if as_json:
+        typer.echo(json.dumps({**result.metrics(), **{key: str(path) for key, path in files.items()}}))
+        return
+    metrics = result.metrics()
+    _print_task_table("denoising", [
+        ("noise", metrics["noise"]), ("method", result.method), ("images", str(result.images)),
+        ("PSNR noisy", _db(metrics["psnr_noisy_db"])), ("PSNR 3x3 median", _db(metrics["psnr_median_db"])),
+        ("PSNR posterior mean", _db(metrics["psnr_denoised_db"]))], result.notes)
+    console.print(f"denoised: {files['png']} (grid), {files['npy']} (means), {files['samples']} (draws)")
+
+
+@app.command()
+@reports_errors
+def upscale(
+    target: SpecArg,
+    factor: Annotated[int, typer.Option("--factor", help="each low-res pixel is the mean of a factor x factor "
+                                                         "block (2, 4, ...: it must divide H and W)")] = 2,
+    images: Annotated[int, typer.Option("--images", help="how many held-out images to super-resolve")] = 16,
+    input: Annotated[Optional[Path], typer.Option("--input", help="super-resolve these low-res images instead "
+                                                                  "(.npy, .npz, folder, IDX or an image file)")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="posterior draws per image")] = 4,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=MAX_SEED, help="seeds the draws")] = 0,
+    device: DeviceOpt = "auto",
+    out: Annotated[Optional[Path], typer.Option("--out", help="a .png path or a folder (default: the run folder)")
+                   ] = None,
+    as_json: Annotated[bool, flag("--json", help="print one JSON object")] = False,
+):
+    """Super-resolution: the posterior mean and draws of the full image given its block averages
+    (exact where the model allows; the method is printed), against Pillow's bicubic upscaling."""
+    from probkit.runs import resolve_run
+
+    run = resolve_run(target)
+    result, files = api.upscale(run, factor=factor, images=images, input=input, k=k, seed=seed, device=device,
+                                out=out or run.path)
+    if as_json:
+        typer.echo(json.dumps({**result.metrics(), **{key: str(path) for key, path in files.items()}}))
+        return
+    metrics = result.metrics()
+    _print_task_table("super-resolution", [
+        ("factor", str(factor)), ("method", result.method), ("images", str(result.images)),
+        ("PSNR bicubic (Pillow)", _db(metrics["psnr_bicubic_db"])),
+        ("PSNR posterior mean", _db(metrics["psnr_model_db"]))], result.notes)
+    console.print(f"upscaled: {files['png']} (grid), {files['npy']} (means), {files['samples']} (draws)")
+
+
+@app.command()
+@reports_errors
+def cluster(
+    target: SpecArg,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=MAX_SEED, help="seeds the scikit-learn baselines")] = 0,
+    device: DeviceOpt = "auto",
+    out: Annotated[Optional[Path], typer.Option("--out", help="the folder for the files (default: RUN/clusters/)")
+                   ] = None,
+    per_cluster: Annotated[int, typer.Option("--per-cluster", help="example images per cluster in the grid")] = 8,
+    as_json: Annotated[bool, flag("--json", help="print one JSON object")] = False,
+):
+    """Cluster every training and held-out image by the posterior over the model's discrete
+    latents (MAP cluster and probabilities, .npy and CSV); with labels, NMI / ARI / purity beside
+    scikit-learn's KMeans and diagonal GaussianMixture."""
+    from probkit.runs import resolve_run
+
+    run = resolve_run(target)
+    result, files = api.cluster(run, seed=seed, device=device, out=out or run.path / "clusters",
+                                per_cluster=per_cluster)
+    if as_json:
+        typer.echo(json.dumps({**result.summary(), "files": {key: str(path) for key, path in files.items()}}))
+        return
+    console.print(f"{len(result.names)} clusters; training images per cluster: "
+                  f"{', '.join(f'{n}: {s}' for n, s in zip(result.names, result.sizes('train')))}", highlight=False)
+    if result.metrics:
+        table = Table(title="clusters against the labels")
+        for column in ("split", "method", "NMI", "ARI", "purity"):
+            table.add_column(column, justify="left" if column in ("split", "method") else "right")
+        for split, rows in result.metrics.items():
+            for method, row in rows.items():
+                table.add_row("held-out" if split == "test" else split, method.replace("_", " "),
+                              f"{row['nmi']:.3f}", f"{row['ari']:.3f}", f"{row['purity']:.3f}")
+        console.print(table)
+    else:
+        console.print("the data has no labels: no NMI / ARI / purity")
+    for note in result.notes:
+        console.print(f"note: {escape(note)}", highlight=False)
+    console.print(f"clusters: {files['png']} (examples), {files['train_csv'].parent}/ (.npy, .csv, clusters.json)")

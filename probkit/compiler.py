@@ -37,7 +37,7 @@ from probkit import expressions
 from probkit.context import CPU, Context, human_bytes, memory_bytes, seeded
 from probkit.data import pixel_transform
 from probkit.distributions import FAMILIES, SUPPORT_EVENT_DIM, SUPPORTS, VECTOR_ARGS
-from probkit.errors import DomainError, SpecError
+from probkit.errors import DomainError, RunError, SpecError
 from probkit.expressions import Expr
 from probkit.families import LikelihoodFamily, likelihood_family
 from probkit.latents import ENUMERATED, OBSERVED_LABEL, LatentSite, marginalise
@@ -84,6 +84,7 @@ class LikelihoodSite:
 
     expr: Expr
     family: LikelihoodFamily
+    autoregressive: bool = False  # the expression reads x: pixel d's distribution given pixels < d
 
     @property
     def text(self) -> str:
@@ -135,6 +136,7 @@ class CompiledModel:
         self._prior_terms: dict[str, Any] = {}
         self._grid_cache: dict = {}
         self._start_cache: dict[str, torch.Tensor] | None = None
+        self._elements: int | None = None  # per_image_elements, counted once
         self._check_names()
         self.params: list[ParamSite] = []
         self.latents: list[LatentSite] = []
@@ -214,7 +216,16 @@ class CompiledModel:
         moments) and for the per-configuration arguments of the latent grid (configurations x D)."""
         numbers = sum(math.prod(site.shape) for site in self.params) + more
         configurations = math.prod(l.cardinality for l in self.latents)
-        return {"params": 16 * numbers, "latent grid": 16 * configurations * self.dims.D}
+        estimate = {"params": 16 * numbers, "latent grid": 16 * configurations * self.dims.D}
+        site = getattr(self, "likelihood", None)
+        if site is not None and site.autoregressive:
+            estimate["per-image work"] = 8 * self.per_image_elements() * self._batch_images()
+        return estimate
+
+    def _batch_images(self) -> int:
+        """Images one step of a gradient fit evaluates at once (its minibatch, or all)."""
+        batch = self.spec.fit.batch_size
+        return self.dims.N if batch == "full" else min(int(batch), self.dims.N)
 
     def base_env(self) -> dict[str, Any]:
         return {**self.constants, **self.dims.env()}
@@ -310,6 +321,9 @@ class CompiledModel:
         except _SHAPE_ERRORS as exc:
             if _is_internal(exc):
                 raise
+            if isinstance(exc, OverflowError):
+                raise expr.error("cannot evaluate: a number overflows (too large for a float); use smaller "
+                                 "numbers") from None
             kind = "cannot evaluate" if isinstance(exc, (TypeError, ArithmeticError)) else "shape mismatch"
             raise expr.error(f"{kind}: {exc} ({_describe_shapes(expr, env)})") from None
 
@@ -440,16 +454,23 @@ class CompiledModel:
         return LatentSite(name, expr, family, strategy, values)
 
     def _compile_likelihood(self) -> LikelihoodSite:
-        names = [*self.base_env(), *(p.name for p in self.params), *(l.name for l in self.latents)]
+        # x, the image itself, is in scope here only: an autoregressive likelihood reads it
+        names = [*self.base_env(), *(p.name for p in self.params), *(l.name for l in self.latents), "x"]
         expr = self._parse(self.spec.likelihood.x, ("likelihood", "x"), names, dist=True)
-        site = LikelihoodSite(expr, likelihood_family(expr.call_name))
+        site = LikelihoodSite(expr, likelihood_family(expr.call_name), "x" in expr.names())
+        if site.autoregressive and site.family.joint:
+            raise expr.error(f"{site.family.name} is one event over the whole image, so it cannot be conditioned on "
+                             "the image itself; an autoregressive likelihood is a pixel family (Bernoulli, "
+                             "Categorical, Normal, ...) whose pixel d reads x's earlier pixels")
+        self.likelihood = site  # the checks below evaluate it
         start = self._start_for_checks()
-        family_name, kwargs = self._checked(expr, {**self.base_env(), **start, **self._grid(self._checks)})
+        family_name, kwargs = self._checked(expr, {**self.base_env(), **start, **self._grid(self._checks),
+                                                   **self._probe_image()})
         d = self._build(family_name, kwargs, expr, self._checks, check=True, validate=None)
         self._check_likelihood_shape(site, d, expr, self.grid_shape)
         # as in the Pyro model: one value of each latent per image of a batch
         batch = self._probe_batch_size()
-        env = {**self.base_env(), **start,
+        env = {**self.base_env(), **start, **self._probe_image(),
                **{l.name: torch.zeros(batch, dtype=l.values.dtype) for l in self.latents}}
         family_name, kwargs = self._checked(expr, env)
         probe = self._build(family_name, kwargs, expr, self._checks, check=True, validate=None)
@@ -464,12 +485,74 @@ class CompiledModel:
                 raise expr.error(
                     f"{site.family.name}'s {arg} decides which values it gives probability to, so it must not "
                     f"depend on params (it reads {', '.join(fitted)}); make it a number or a constant", nodes[arg])
-        args = self._config_arguments(site, start, self._checks)
+        args = self._config_arguments(site, {**start, **self._probe_image()}, self._checks)
         problem = site.family.support_problem(args, pixel_transform(self.spec.data))
         if problem is not None:
             raise expr.error(problem)
+        if site.autoregressive:
+            self._check_order(site)
+            self._check_work(site)
         return site
 
+    def _check_work(self, site: LikelihoodSite) -> None:
+        """Refuse an autoregressive likelihood whose per-image work (kept for the gradient, about 8
+        bytes a number) for a step's images would not fit in the device's memory."""
+        available = memory_bytes(self.device)
+        need = sum(self.memory_estimate().values())
+        if available is None or need <= available:
+            return
+        per_image = self.per_image_elements()
+        raise site.expr.error(
+            f"evaluating it creates about {per_image:,} numbers per image, so a step over "
+            f"{self._batch_images():,} images would need about {human_bytes(need)}, more than the "
+            f"{human_bytes(available)} of memory of {self.device}; set a smaller fit.batch_size")
+
+    def _probe_image(self) -> dict[str, torch.Tensor]:
+        """x for the checks while compiling: one flat image (expressions are per image)."""
+        return {"x": torch.zeros(self.dims.D)}
+
+    def _check_order(self, site: LikelihoodSite) -> None:
+        """Refuse an autoregressive likelihood in which pixel d's distribution depends on pixel d
+        or a later one: the Jacobian of its arguments with respect to x, by autograd at random
+        params (inside their supports) and a random image, at two such points. A nonzero
+        derivative proves the dependence; the random points keep a dependence from hiding
+        behind a param that starts at zero."""
+        from probkit.autoregressive import dependency_violation, describe_pixel
+        from probkit.families.base import chunk_size
+
+        D = self.dims.D
+        scale = 255.0 if self.spec.data.transform == "discrete" else 1.0
+        for seed in (1, 2):
+            with seeded(seed):
+                values = {}
+                for p in self.params:
+                    transform = transform_to(self.constraint(p))
+                    values[p.name] = transform(torch.randn(transform.inverse_shape(p.shape)))
+                image = (0.05 + 0.9 * torch.rand(D)) * scale
+                args = self._config_arguments(site, {**values, "x": image}, self._checks)
+                weights = {arg: torch.randn(value.shape) for arg, value in args.items()}
+
+            def combined(x, values=values, weights=weights):
+                per_config = self._config_arguments(site, {**values, "x": x}, self._checks)
+                total = torch.zeros(D)
+                for arg, value in per_config.items():
+                    weighted = value * weights[arg]
+                    total = total + weighted.sum(0).reshape(D, -1).sum(-1)
+                return total
+
+            try:
+                violation = dependency_violation(combined, image, chunk_size(self.per_image_elements()))
+            except _SHAPE_ERRORS as exc:
+                raise site.expr.error(f"cannot prove that each pixel depends only on earlier pixels: autograd "
+                                      f"failed on this expression ({str(exc).splitlines()[0]})") from None
+            if violation is not None:
+                d, j = violation
+                dims = (self.dims.C, self.dims.H, self.dims.W)
+                what = "itself" if d == j else f"the later {describe_pixel(j, *dims)}"
+                raise site.expr.error(
+                    f"not autoregressive: the distribution of {describe_pixel(d, *dims)} depends on {what}; each "
+                    "pixel may depend only on earlier pixels (channel-first raster order), so mask the weights "
+                    "strictly below the diagonal, e.g. tril(A, -1) @ x")
     def _probe_batch_size(self) -> int:
         """A batch size that no param dimension equals, so a missing index cannot hide."""
         used = {d for p in self.params for d in p.shape} | set(self.grid_shape) | {self.dims.D}
@@ -572,12 +655,60 @@ class CompiledModel:
                 obs = None if labels is None or not latent.observed else labels.to(latent.values.dtype)
                 infer = {} if obs is not None else {"enumerate": "parallel"}
                 env[latent.name] = pyro.sample(latent.name, d, obs=obs, infer=infer)
-            family_name, kwargs = expressions.evaluate(self.likelihood.expr, env, ctx)
-            d = self._build(family_name, kwargs, self.likelihood.expr, ctx, validate=None)
+            if self.autoregressive:
+                d = self._pyro_autoregressive(env, x, ctx)
+            else:
+                family_name, kwargs = expressions.evaluate(self.likelihood.expr, env, ctx)
+                d = self._build(family_name, kwargs, self.likelihood.expr, ctx, validate=None)
             if not self.family.joint:
                 d = d.expand(d.batch_shape[:-1] + (self.dims.D,)).to_event(1) if d.batch_shape else \
                     d.expand((self.dims.D,)).to_event(1)
             return pyro.sample("x", d, obs=x)
+
+    def _pyro_autoregressive(self, env: dict[str, Any], x: torch.Tensor | None, ctx: Context):
+        """The likelihood of the images x inside the Pyro model's data plate, evaluated per image
+        (vmap over x): a latent Pyro enumerates (values on dims left of the plate, size 1 on it)
+        is the same for every image; one sampled or observed per image (shape (N,)) is mapped
+        with x. Each argument comes out (enumeration dims..., N, pixel dims)."""
+        if x is None:
+            return self._pyro_autoregressive_draw(env, ctx)
+        shared, mapped = dict(env), {}
+        for latent in self.latents:
+            value = env[latent.name]
+            if value.dim() == 1:
+                mapped[latent.name] = value
+                shared.pop(latent.name)
+            else:  # enumerated: drop the data plate's dim, the image's own latent value set
+                shared[latent.name] = value.squeeze(-1)
+        names, family, D = list(mapped), self.family, self.dims.D
+        expr = self.likelihood.expr
+        shapes: dict[str, int] = {}
+
+        def one(image, *latent_values):
+            _, kwargs = expressions.evaluate(expr, {**shared, "x": image, **dict(zip(names, latent_values))}, ctx)
+            out = {}
+            for arg, value in self._arguments(kwargs, ctx).items():
+                pixel_shape = family.config_shape(arg, value, D)
+                lead = value.shape[: max(0, value.dim() - len(pixel_shape))]
+                out[arg] = torch.broadcast_to(value, tuple(lead) + tuple(pixel_shape))
+                shapes[arg] = len(pixel_shape)
+            return out
+
+        per_image = torch.func.vmap(one)(x, *(mapped[n] for n in names))
+        args = {arg: value.movedim(0, -shapes[arg] - 1) for arg, value in per_image.items()}
+        return self._build(expr.call_name, args, expr, ctx, validate=None)
+
+    def _pyro_autoregressive_draw(self, env: dict[str, Any], ctx: Context):
+        """New images in the generative Pyro model (x=None; latents drawn per image): drawn pixel
+        by pixel, then scored at the drawn images, so the trace holds an exact draw and its
+        density. (probkit.sample draws faster; this keeps the printed model complete.)"""
+        sizes = [env[l.name].shape[-1] for l in self.latents if env[l.name].dim() == 1]
+        n = sizes[0] if sizes else 1
+        x = torch.zeros(n, self.dims.D, device=self.device)
+        for d in range(self.dims.D):
+            pixel = self._pyro_autoregressive(env, x, ctx)
+            x[:, d] = pixel.sample()[..., d].reshape(-1)[:n] if pixel.batch_shape else pixel.sample()[d]
+        return _Drawn(self._pyro_autoregressive(env, x, ctx), x)
 
     def make_guide(self, seed: int = 0, values: dict[str, torch.Tensor] | None = None) -> AutoDelta:
         """An AutoDelta guide over the params, started at `values` or the seeded spec start."""
@@ -663,12 +794,169 @@ class CompiledModel:
         return self._config_arguments(self.likelihood, values, ctx or self.context)
 
     def _config_arguments(self, site: LikelihoodSite, values, ctx: Context) -> dict[str, torch.Tensor]:
+        if site.autoregressive and "x" not in values:
+            raise AssertionError("an autoregressive likelihood's arguments depend on the image: use image_arguments")
         _, kwargs = expressions.evaluate(site.expr, {**self.base_env(), **values, **self._grid(ctx)}, ctx)
         return site.family.configs(self._arguments(kwargs, ctx), self.grid_shape, self.dims.D)
 
+    # ----- autoregressive likelihoods: arguments per image ------------------------------
+
+    @property
+    def autoregressive(self) -> bool:
+        """Whether the likelihood reads x (pixel d given pixels < d)."""
+        return self.likelihood.autoregressive
+
+    def configuration_values(self, chosen: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each latent's value at flat configuration indices `chosen` (last latent fastest)."""
+        values, flat = {}, chosen
+        for latent in reversed(self.latents):
+            index = flat % latent.cardinality
+            flat = torch.div(flat, latent.cardinality, rounding_mode="floor")
+            values[latent.name] = latent.values.to(chosen.device)[index]
+        return values
+
+    def image_arguments(self, values: dict[str, torch.Tensor], x: torch.Tensor, chosen: torch.Tensor | None = None,
+                        ctx: Context | None = None, *, pixel: int | None = None) -> dict[str, torch.Tensor]:
+        """The arguments of every image x_n (N x D) of an autoregressive likelihood, the expression
+        evaluated per image (vmap): (N, K or 1) + one configuration's shape over the latent grid,
+        or (N, 1) + ... at one configuration per image, `chosen` (N,) flat indices. With `pixel`
+        d, building blocks that can (nade) compute pixel d's output alone: only entry d is then
+        meaningful (see `pixel_stepper`)."""
+        ctx = ctx or self.context
+        site, D = self.likelihood, self.dims.D
+        env = {**self.base_env(), **values}
+        if pixel is not None:
+            env[expressions.PIXEL_KEY] = pixel
+        if chosen is None:
+            env.update(self._grid(ctx))
+            grid, per_image = self.grid_shape, {}
+        else:
+            grid, per_image = (), self.configuration_values(chosen)
+        names = list(per_image)
+
+        def one(image, *latent_values):
+            local = {**env, "x": image, **dict(zip(names, latent_values))}
+            _, kwargs = expressions.evaluate(site.expr, local, ctx)
+            return site.family.configs(self._arguments(kwargs, ctx), grid, D)
+
+        return torch.func.vmap(one)(x, *(per_image[n] for n in names))
+
+    def autoregressive_table(self, values: dict[str, torch.Tensor], x: torch.Tensor,
+                             pixels: torch.Tensor | None = None, chosen: torch.Tensor | None = None
+                             ) -> torch.Tensor:
+        """sum over pixels d (all, or the `pixels` mask) of log p(x_nd | x_n<d, configuration):
+        N x K (N x 1 when no argument varies with the latents, or at `chosen` configurations).
+        Over a prefix of the pixels this is the prefix's exact marginal; over other subsets it
+        is not a marginal. In chunks of images, so no intermediate is much over CHUNK_ELEMENTS."""
+        from probkit.families.base import chunk_size
+
+        step = chunk_size(self.per_image_elements() // (1 if chosen is None else max(1, math.prod(self.grid_shape))))
+        parts = []
+        for start in range(0, len(x), step):
+            rows = x[start: start + step]
+            pick_rows = None if chosen is None else chosen[start: start + step]
+            log_p = self.family.pixel_log_prob(self.image_arguments(values, rows, pick_rows), rows)
+            if pixels is not None:
+                log_p = log_p * pixels.to(log_p.dtype)
+            parts.append(log_p.sum(-1))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def pixel_stepper(self, values: dict[str, torch.Tensor], chosen: torch.Tensor):
+        """step(x, d) -> pixel d's arguments (N, 1) + its pixel shape, for images x whose pixels
+        before d are set, at configurations `chosen` (N,): what drawing pixel by pixel needs.
+
+        The cheapest exact way the expression allows: an argument affine in x (an FVSBN, its
+        mixtures) is a(0) + J x with J its Jacobian, worked out once, so a step costs O(d); one
+        whose x enters only through nade(...) and elementwise operations evaluates nade for pixel
+        d alone, O(H d); anything else evaluates every pixel's arguments, O(the likelihood)."""
+        from probkit.autoregressive import is_affine, pixelwise_nade
+
+        site, D, ctx = self.likelihood, self.dims.D, self.context
+        nodes = site.argument_nodes()
+
+        def constant(node):
+            return not any(isinstance(n, ast.Name) and n.id == "x" for n in ast.walk(node))
+
+        dtype = next((v.dtype for v in values.values() if v.is_floating_point()), torch.float32)
+        zero = torch.zeros(D, device=self.device, dtype=dtype)
+        at_zero = self._config_arguments(site, {**values, "x": zero}, ctx)
+        K = max(v.shape[0] for v in at_zero.values())
+        pixel_scalars = all(v.dim() == 2 for v in at_zero.values())
+        fits = 4 * K * D * D * len(at_zero) <= min(memory_bytes(self.device) or 2**31, 2**31) // 4
+        if pixel_scalars and fits and all(is_affine(n, constant) for n in nodes.values()):
+            names = list(at_zero)
+
+            def stacked(image):
+                args = self._config_arguments(site, {**values, "x": image}, ctx)
+                return torch.stack([args[n].expand(K, D) for n in names])
+
+            with torch.no_grad():
+                jacobian = torch.func.jacrev(stacked, chunk_size=64)(zero).contiguous()  # (args, K, D, D)
+                offsets = stacked(zero)
+
+            def affine_step(x, d):
+                row = jacobian[:, :, d, :d]  # (args, K, d): pixel d's weights on the pixels before it
+                if K == 1:
+                    value = offsets[:, 0, d, None] + row[:, 0] @ x[:, :d].T
+                else:
+                    value = offsets[:, chosen, d] + torch.einsum("and,nd->an", row[:, chosen], x[:, :d])
+                return {n: value[i].unsqueeze(-1) for i, n in enumerate(names)}
+
+            return affine_step
+        only_pixel = all(pixelwise_nade(n, constant) for n in nodes.values())
+
+        def evaluated_step(x, d):
+            args = self.image_arguments(values, x, chosen, pixel=d if only_pixel else None)
+            return {arg: value[:, 0, d : d + 1] for arg, value in args.items()}
+
+        return evaluated_step
+
+    def pixel_log_probs(self, values: dict[str, torch.Tensor], x: torch.Tensor,
+                        chosen: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(x_nd | x_n<d, configuration) for every pixel: (N, K or 1, D)."""
+        return self.family.pixel_log_prob(self.image_arguments(values, x, chosen), x)
+
+    def per_image_elements(self) -> int:
+        """How many numbers evaluating an autoregressive likelihood's arguments (and their log
+        densities) creates for one image over the whole latent grid: every intermediate result
+        counted once, as it runs on one image (NADE's hidden units for every pixel, say). Sizes
+        the chunks of images evaluated at once. Only results that depend on the image count
+        (`tril(A, -1)` is made once per batch, not once per image). Counted once, on the CPU."""
+        if self._elements is None:
+            from torch.utils._python_dispatch import TorchDispatchMode
+            from torch.utils._pytree import tree_flatten
+
+            counted = [0]
+            derived: set[int] = set()  # ids of the results that depend on the image (kept alive below)
+            alive = []
+
+            class Count(TorchDispatchMode):
+                def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                    out = func(*args, **(kwargs or {}))
+                    inputs, _ = tree_flatten((args, kwargs or {}))
+                    if any(isinstance(t, torch.Tensor) and id(t) in derived for t in inputs):
+                        for t in out if isinstance(out, (tuple, list)) else (out,):
+                            if isinstance(t, torch.Tensor):
+                                counted[0] += t.numel()
+                                derived.add(id(t))
+                                alive.append(t)
+                    return out
+
+            image = self._probe_image()["x"].clone()
+            derived.add(id(image))
+            start = self._start_for_checks()
+            with Count():
+                args = self._config_arguments(self.likelihood, {**start, "x": image}, self._checks)
+                self.family.pixel_log_prob({k: v.unsqueeze(0) for k, v in args.items()}, image.unsqueeze(0))
+            self._elements = max(counted[0], self.dims.D)
+        return self._elements
+
     def likelihood_table(self, values: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """log p(x_n | latents) for every image and configuration: shape (N,) + grid_shape."""
-        table = self.family.table(self.config_arguments(values), x)  # N x K, or N x 1 if no argument varies
+        if self.autoregressive:
+            table = self.autoregressive_table(values, x)
+        else:
+            table = self.family.table(self.config_arguments(values), x)  # N x K, or N x 1 if no argument varies
         grid = self.grid_shape
         return table.expand(len(x), math.prod(grid)).reshape((len(x),) + grid)
 
@@ -690,6 +978,30 @@ class CompiledModel:
     def loss(self, values, x, labels=None, *, scale: float = 1.0) -> torch.Tensor:
         """Negative log joint of params and data: the ELBO of the AutoDelta guide, negated."""
         return -(self.log_prior(values) + scale * self.log_marginal(values, x, labels).sum())
+
+
+class _Drawn(dist.TorchDistribution):
+    """An autoregressive likelihood at images already drawn pixel by pixel: `sample` gives those
+    images, `log_prob` the teacher-forced density of the likelihood it wraps."""
+
+    arg_constraints: dict = {}
+
+    def __init__(self, base, drawn: torch.Tensor):
+        self.base, self.drawn = base, drawn
+        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
+
+    @property
+    def support(self):
+        return self.base.support
+
+    def expand(self, batch_shape, _instance=None):
+        return _Drawn(self.base.expand(batch_shape), self.drawn)
+
+    def sample(self, sample_shape=torch.Size()):
+        return self.drawn.expand(tuple(sample_shape) + tuple(self.drawn.shape))
+
+    def log_prob(self, value):
+        return self.base.log_prob(value)
 
 
 def _broadcasts(shape, grid) -> bool:

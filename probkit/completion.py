@@ -240,8 +240,10 @@ def _complete_gaussian(compiled, values, x, mask, k):
 
 # ----- the general method: NUTS over the missing pixels ------------------------------------
 
-METHODS = ("auto", "mcmc")
+METHODS = ("auto", "mcmc", "gibbs")
 MCMC_DEFAULTS = {"warmup_steps": 200, "num_samples": 500}
+MAX_SAMPLER_STEPS = 100_000  # warmup or kept steps (NUTS) or sweeps (Gibbs): beyond it a run takes days
+GIBBS_DEFAULTS = {"warmup_steps": 20, "num_samples": 50}  # sweeps over the missing pixels
 
 
 @dataclass
@@ -377,30 +379,170 @@ def _complete_mcmc(compiled, values, x, mask, k, settings: MCMCSettings, on_imag
     return draws, mean, cond_ll, notes, info
 
 
-def exact_method(compiled: CompiledModel) -> str | None:
-    """The exact method for this model's likelihood, or None when only mcmc applies."""
+# ----- autoregressive likelihoods: exact after the observed pixels, else Gibbs -------------
+
+def _autoregressive_posterior(compiled: CompiledModel, values, x: torch.Tensor, observed: torch.Tensor
+                              ) -> torch.Tensor:
+    """log p(k | x_obs) over the flattened configurations, N x K, when the observed pixels are
+    a prefix of the order (their terms of the autoregressive table are then their marginal)."""
+    table = compiled.autoregressive_table(values, x, pixels=observed)
+    return (_latent_prior(compiled, values) + table).log_softmax(-1)
+
+
+def _complete_autoregressive(compiled, values, x, mask, k):
+    """Exact: the posterior over configurations from the observed prefix, then the missing
+    pixels drawn in order given everything before them; the conditional NLL is the sum of
+    their exact conditionals under the posterior."""
+    from probkit.sampling import draw_pixel_by_pixel
+
+    log_post = _autoregressive_posterior(compiled, values, x, ~mask)
+    cond_ll = (log_post + compiled.autoregressive_table(values, x, pixels=mask)).logsumexp(-1)
+    chosen = _choose(log_post, k).reshape(-1)  # N*k, image-major
+    start = x.repeat_interleave(k, 0)
+    draws, expected = draw_pixel_by_pixel(compiled, values, chosen, x=start, missing=mask, means=True)
+    draws = draws.reshape(len(x), k, -1)
+    mean = expected.reshape(len(x), k, -1).mean(1)
+    notes = ["exact-autoregressive: the missing pixels come after the observed ones in the model's order, so "
+             "the posterior over latents and the conditional NLL are exact; each completion is drawn pixel by "
+             "pixel from its exact conditional; the mean averages, over the k completions, each missing pixel's "
+             "conditional mean given the pixels drawn before it (an autoregressive model's conditional mean has "
+             "no closed form)"]
+    return draws.to(x.dtype), mean.to(x.dtype), cond_ll, notes
+
+
+@dataclass
+class GibbsSettings:
+    """Gibbs sampling of the missing discrete pixels: one chain per completion, seeded."""
+
+    warmup_steps: int = GIBBS_DEFAULTS["warmup_steps"]  # sweeps discarded
+    num_samples: int = GIBBS_DEFAULTS["num_samples"]  # sweeps kept
+    seed: int = 0
+
+    def describe(self, chains: int) -> str:
+        return (f"Gibbs, {chains} chain{'s' * (chains != 1)} per image (one per completion), "
+                f"{self.warmup_steps} burn-in sweeps and {self.num_samples} kept, latents summed out, seed={self.seed}")
+
+
+def _complete_gibbs(compiled, values, x, mask, k, settings: GibbsSettings, on_image=None):
+    """Collapsed Gibbs over the missing pixels: each sweep visits them in order and redraws
+    pixel d from p(x_d | every other pixel) ∝ p(x) (the latents summed out), computed from the
+    model's joint at each value the pixel can take. Chains start from the pixel-by-pixel draw
+    that ignores the observed pixels after each missing one. The mean is Rao-Blackwellised:
+    the average over kept sweeps of each pixel's conditional mean."""
+    from pyro.ops.stats import effective_sample_size, split_gelman_rubin
+
+    from probkit.sampling import draw_pixel_by_pixel
+
+    levels = _pixel_levels(compiled, values).to(x.device, x.dtype)
+    missing = mask.nonzero().flatten().tolist()
+    prior = _latent_prior(compiled, values)
+    N = len(x)
+    log_post = _autoregressive_posterior(compiled, values, x, ~mask) if missing_after_observed(mask) else \
+        prior.expand(N, -1).log_softmax(-1)
+    state = draw_pixel_by_pixel(compiled, values, _choose(log_post, k).reshape(-1), x=x.repeat_interleave(k, 0),
+                                missing=mask)
+    total = settings.warmup_steps + settings.num_samples
+    mean = torch.zeros(len(state), len(missing), dtype=torch.float64, device=x.device)
+    trace = torch.zeros(len(state), settings.num_samples, dtype=torch.float64, device=x.device)
+
+    def log_joint(images):
+        table = compiled.autoregressive_table(values, images) + prior
+        return table.logsumexp(-1)
+
+    for sweep in range(total):
+        for i, d in enumerate(missing):
+            candidates = state.unsqueeze(0).repeat(len(levels), 1, 1)
+            candidates[:, :, d] = levels[:, None]
+            scores = log_joint(candidates.reshape(-1, state.shape[1])).reshape(len(levels), -1).T  # (chains, L)
+            probs = scores.double().softmax(-1)
+            state[:, d] = levels[torch.multinomial(probs.float(), 1)[:, 0]]
+            if sweep >= settings.warmup_steps:
+                mean[:, i] += probs @ levels.double()
+        if sweep >= settings.warmup_steps:
+            trace[:, sweep - settings.warmup_steps] = log_joint(state).double()
+        if on_image is not None:
+            on_image(sweep + 1, total)
+    mean = (mean / settings.num_samples).reshape(N, k, -1).mean(1)
+    full_mean = x.clone()
+    full_mean[:, mask] = mean.to(x.dtype)
+    draws = state.reshape(N, k, -1)
+    chains = trace.reshape(N, k, -1)
+    diagnostics = {"min_ess": None, "max_split_rhat": None}
+    if settings.num_samples >= 4:
+        rhat = torch.stack([split_gelman_rubin(chains[n], chain_dim=0, sample_dim=1) for n in range(N)])
+        ess = torch.stack([effective_sample_size(chains[n], chain_dim=0, sample_dim=1) for n in range(N)])
+        finite = torch.isfinite(rhat)
+        diagnostics = {"min_ess": float(ess[torch.isfinite(ess)].min()) if bool(torch.isfinite(ess).any()) else None,
+                       "max_split_rhat": float(rhat[finite].max()) if bool(finite.any()) else None}
+    cond_ll = torch.full((N,), float("nan"), dtype=x.dtype, device=x.device)
+    notes = [f"gibbs: {settings.describe(k)}; the missing pixels do not all come after the observed ones in the "
+             "model's order, so no exact method applies",
+             "gibbs: the conditional NLL is not estimated (reported as None): log p(x_obs) sums over every "
+             "value of the missing pixels; the PSNR is of the Rao-Blackwellised mean over the kept sweeps",
+             ]
+    ess, rhat = diagnostics["min_ess"], diagnostics["max_split_rhat"]
+    if rhat is not None:
+        notes.append(f"gibbs diagnostics (log p(x) per sweep): min effective sample size {ess:.0f} of "
+                     f"{settings.num_samples * k}, max split R-hat {rhat:.3f}"
+                     + (" (poor mixing: raise --mcmc-warmup / --mcmc-samples)" if rhat > 1.1 else ""))
+    info = {"kernel": "Gibbs", "warmup_steps": settings.warmup_steps, "num_samples": settings.num_samples,
+            "num_chains": k, "seed": settings.seed, **diagnostics}
+    return draws, full_mean, cond_ll, notes, info
+
+
+def _pixel_levels(compiled: CompiledModel, values) -> torch.Tensor:
+    """Every value one discrete pixel can take under the data transform (0 and 1; 0..255)."""
+    from probkit.data import pixel_transform
+
+    return torch.tensor(pixel_transform(compiled.spec.data).values, dtype=torch.float32)
+
+
+def exact_method(compiled: CompiledModel, mask: torch.Tensor | None = None) -> str | None:
+    """The exact method for this model's likelihood (and `mask`), or None when only a sampler
+    applies. An autoregressive likelihood is exact when every missing pixel comes after every
+    observed one in its order (the bottom half of a one-channel image)."""
+    if compiled.autoregressive:
+        return "exact-autoregressive" if mask is None or missing_after_observed(mask) else None
     return compiled.family.completion
 
 
-def completion_method(compiled: CompiledModel, method: str = "auto") -> str:
-    """The method that runs for `method` ('auto': exact where one exists, else 'mcmc'; or 'mcmc')."""
+def missing_after_observed(mask: torch.Tensor) -> bool:
+    """Whether the missing pixels (mask, D bool) all come after the observed ones (a suffix)."""
+    mask = mask.reshape(-1).to(torch.bool)
+    observed = (~mask).nonzero()
+    return len(observed) == 0 or bool(mask[int(observed.max()):].sum() == mask.sum())
+
+
+def completion_method(compiled: CompiledModel, method: str = "auto", mask: torch.Tensor | None = None) -> str:
+    """The method that runs for `method`: 'auto' is the exact method where one exists, else
+    Gibbs sampling for discrete pixels of an autoregressive likelihood, else 'mcmc' (NUTS);
+    'mcmc' and 'gibbs' ask for a sampler."""
     if method not in METHODS:
         raise UsageError(f"unknown completion method '{method}'{suggest(method, list(METHODS))} "
                          f"(expected one of: {', '.join(METHODS)})")
-    exact = exact_method(compiled)
-    return exact if method == "auto" and exact is not None else "mcmc"
+    if method == "gibbs" and not (compiled.autoregressive and compiled.family.discrete):
+        raise UsageError("--method gibbs samples the missing discrete pixels of an autoregressive likelihood; "
+                         "this model has an exact method (--method auto)" if not compiled.autoregressive else
+                         "--method gibbs samples discrete pixels; these are continuous: use --method mcmc")
+    exact = exact_method(compiled, mask)
+    if method == "auto" and exact is not None:
+        return exact
+    if method == "auto" and compiled.autoregressive and compiled.family.discrete:
+        return "gibbs"
+    return method if method != "auto" else "mcmc"
 
 
 def complete_images(compiled: CompiledModel, values: dict[str, torch.Tensor], x: torch.Tensor,
                     mask: torch.Tensor, *, k: int = 4, seed: int = 0, method: str = "auto",
-                    mcmc_warmup: int = MCMC_DEFAULTS["warmup_steps"],
-                    mcmc_samples: int = MCMC_DEFAULTS["num_samples"],
+                    mcmc_warmup: int | None = None, mcmc_samples: int | None = None,
                     on_image: Callable[[int, int], None] | None = None) -> CompletionResult:
     """Complete N flat model-scale images x (N x D) whose pixels `mask` (D,) names as missing.
 
-    method: 'auto' (the exact method where the likelihood has one, else the general NUTS
-    method) or 'mcmc' (always the general method; `mcmc_warmup` / `mcmc_samples` NUTS steps
-    per image, seeded by `seed`).
+    method: 'auto' (the exact method where the likelihood and mask allow one, else Gibbs for
+    the discrete pixels of an autoregressive likelihood, else the general NUTS method), 'mcmc'
+    (always the general method; `mcmc_warmup` / `mcmc_samples` NUTS steps per image, seeded by
+    `seed`; defaults MCMC_DEFAULTS) or 'gibbs' (`mcmc_warmup` / `mcmc_samples` sweeps; defaults
+    GIBBS_DEFAULTS).
 
     Observed pixels are copied into every completion unchanged. Discrete latents the spec
     observes as labels in training are summed out here like the others.
@@ -415,7 +557,13 @@ def complete_images(compiled: CompiledModel, values: dict[str, torch.Tensor], x:
         raise UsageError("the mask leaves no pixel missing; there is nothing to complete")
     if k < 1:
         raise UsageError(f"-k must be at least 1, found {k}")
-    method = completion_method(compiled, method)
+    method = completion_method(compiled, method, mask)
+    defaults = GIBBS_DEFAULTS if method == "gibbs" else MCMC_DEFAULTS
+    mcmc_warmup = defaults["warmup_steps"] if mcmc_warmup is None else mcmc_warmup
+    mcmc_samples = defaults["num_samples"] if mcmc_samples is None else mcmc_samples
+    if not (0 <= mcmc_warmup <= MAX_SAMPLER_STEPS and 1 <= mcmc_samples <= MAX_SAMPLER_STEPS):
+        raise UsageError(f"--mcmc-warmup must be 0 to {MAX_SAMPLER_STEPS:,} and --mcmc-samples 1 to "
+                         f"{MAX_SAMPLER_STEPS:,}, found {mcmc_warmup} and {mcmc_samples}")
     if method == "mcmc":
         _missing_support(compiled, values)  # discrete pixels: a usage error before anything runs
     notes: list[str] = []
@@ -431,6 +579,11 @@ def complete_images(compiled: CompiledModel, values: dict[str, torch.Tensor], x:
                 compiled, values, x, mask, k, MCMCSettings(mcmc_warmup, mcmc_samples, seed), on_image)
         elif method == "exact-gaussian":
             draws, mean, cond_ll, more = _complete_gaussian(compiled, values, x, mask, k)
+        elif method == "exact-autoregressive":
+            draws, mean, cond_ll, more = _complete_autoregressive(compiled, values, x, mask, k)
+        elif method == "gibbs":
+            draws, mean, cond_ll, more, settings = _complete_gibbs(
+                compiled, values, x, mask, k, GibbsSettings(mcmc_warmup, mcmc_samples, seed), on_image)
         else:
             draws, mean, cond_ll, more = _complete_pixels(compiled, values, x, mask, k)
     notes.extend(more)

@@ -298,7 +298,8 @@ PREPARE_VERSION = 2  # bump when resizing or channel matching changes, to invali
 
 
 def _prepared_levels(spec: DataSpec, base_dir: Path):
-    """Load, resize and match channels, through the on-disk cache (keyed by source and options)."""
+    """Load, resize and match channels, through the on-disk cache (keyed by the source's bytes and
+    the options)."""
     if spec.count is not None:  # before generating `count` images, not after
         _check_data_memory(spec, spec.count)
 
@@ -316,12 +317,14 @@ def _prepared_levels(spec: DataSpec, base_dir: Path):
             arrays["notes"] = np.asarray(raw.notes, dtype=str)
         return arrays
 
+    # content-addressed: the bytes of the source (and the loader's code), not its name or file times,
+    # so a file rewritten in place with its size and times kept is read again
     key = {
-        "source": spec.source, "fingerprint": source_fingerprint(spec.source, base_dir=base_dir),
+        "fingerprint": source_fingerprint(spec.source, base_dir=base_dir),
         "size": list(spec.hw), "channels": spec.channels, "seed": spec.seed, "count": spec.count,
         "version": PREPARE_VERSION,
     }
-    arrays = cached_arrays(key, build)
+    arrays = cached_arrays(key, build, label=spec.source)
     _check_data_memory(spec, len(arrays["levels"]))  # a cached set too: this machine may be smaller
     label_names = [str(n) for n in arrays["label_names"]] if "label_names" in arrays else None
     notes = [str(n) for n in arrays["notes"]] if "notes" in arrays else []

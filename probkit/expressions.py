@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import ast
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -51,8 +52,20 @@ def _softmax(op):
     return run
 
 
+MAX_EXPRESSION_CHARS = 10_000
+MAX_BUILT_ELEMENTS = 1 << 31  # the most numbers zeros/ones/eye may build (8 GiB of float32)
+
+
 def _sizes(values) -> list[int]:
-    return [int(v) for v in values]
+    sizes = [int(v) for v in values]
+    total = 1
+    for size in sizes:
+        if size < 0:
+            raise ValueError(f"sizes must not be negative, found {size}")
+        total *= size
+    if total > MAX_BUILT_ELEMENTS:
+        raise ValueError(f"it would build {total:,} numbers; at most {MAX_BUILT_ELEMENTS:,}")
+    return sizes
 
 
 def grid_rbf(channels, height, width, lengthscale, *, device=None, dtype=None) -> torch.Tensor:
@@ -65,6 +78,37 @@ def grid_rbf(channels, height, width, lengthscale, *, device=None, dtype=None) -
     d2 = (rows[:, None] - rows[None]).square() + (cols[:, None] - cols[None]).square()
     ell = torch.as_tensor(lengthscale, dtype=dtype, device=device)
     return torch.kron(torch.eye(int(channels), dtype=dtype, device=device), torch.exp(-0.5 * d2 / ell**2))
+
+
+def _triangle(op):
+    def run(ctx, matrix, k=0.0):
+        if float(k) != int(float(k)):
+            raise ValueError(f"the diagonal offset k must be a whole number, found {k}")
+        return op(ctx.tensor(matrix), int(float(k)))
+
+    return run
+
+
+def _nade(ctx, x, W, c, V, b):
+    from probkit.autoregressive import nade
+
+    W, c, V, b = (ctx.tensor(a) for a in (W, c, V, b))
+    D = x.shape[-1]
+    if W.dim() < 2 or W.shape[-1] != D or c.shape[-1:] != W.shape[-2:-1] or V.dim() < 2 \
+            or V.shape[-2:] != (D, W.shape[-2]) or b.shape[-1:] != (D,):
+        raise ValueError(f"nade(x, W, c, V, b) needs W (H, D), c (H,), V (D, H), b (D,) with D = {D}; found "
+                         f"W {list(W.shape)}, c {list(c.shape)}, V {list(V.shape)}, b {list(b.shape)}")
+    return nade(ctx.tensor(x), W, c, V, b)
+
+
+def _made(ctx, x, *layers):
+    from probkit.autoregressive import made, made_layers_problem
+
+    layers = [ctx.tensor(a) for a in layers]
+    problem = made_layers_problem(x.shape[-1], layers)
+    if problem is not None:
+        raise ValueError(problem)
+    return made(ctx.tensor(x), *layers)
 
 
 _GRID_RBF_SOURCE = (
@@ -85,13 +129,19 @@ FUNCTIONS: dict[str, Function] = {
     "logit": Function(_elementwise(torch.logit), "torch.logit({0})"),
     "tanh": Function(_elementwise(torch.tanh), "torch.tanh({0})"),
     "softplus": Function(_elementwise(F.softplus), "F.softplus({0})"),
+    "relu": Function(_elementwise(torch.relu), "torch.relu({0})"),
+    "tril": Function(_triangle(torch.tril), "torch.tril({0}, int({1}))", 1, 2),
+    "triu": Function(_triangle(torch.triu), "torch.triu({0}, int({1}))", 1, 2),
+    "nade": Function(_nade, "nade({0}, {1}, {2}, {3}, {4})", 5, 5),
+    "made": Function(_made, "made({all})", 5, None),
     "softmax": Function(_softmax(torch.softmax), "torch.softmax({0}, {1})", 1, 2),
     "log_softmax": Function(_softmax(torch.log_softmax), "torch.log_softmax({0}, {1})", 1, 2),
     "sum": Function(_reduce(torch.sum), "torch.sum({0}, {1})", 1, 2),
     "mean": Function(_reduce(torch.mean), "torch.mean({0}, {1})", 1, 2),
     "transpose": Function(lambda ctx, x: ctx.tensor(x).transpose(-1, -2), "{0}.transpose(-1, -2)"),
     "diag": Function(lambda ctx, x: torch.diag_embed(ctx.tensor(x)), "torch.diag_embed({0})"),
-    "eye": Function(lambda ctx, n: torch.eye(int(n), dtype=ctx.dtype, device=ctx.device), "torch.eye(int({0}))"),
+    "eye": Function(lambda ctx, n: torch.eye(_sizes([n, n])[0], dtype=ctx.dtype, device=ctx.device),
+                    "torch.eye(int({0}))"),
     "zeros": Function(lambda ctx, *s: torch.zeros(_sizes(s), dtype=ctx.dtype, device=ctx.device),
                       "torch.zeros({all})", 1, None),
     "ones": Function(lambda ctx, *s: torch.ones(_sizes(s), dtype=ctx.dtype, device=ctx.device),
@@ -100,6 +150,8 @@ FUNCTIONS: dict[str, Function] = {
                          _GRID_RBF_SOURCE, 4, 4),
 }
 _DEFAULT_DIM = {"softmax": "-1", "log_softmax": "-1", "sum": "None", "mean": "None"}
+_DEFAULT_ARGS = {"tril": ("0.0",), "triu": ("0.0",)}  # printed where the spec leaves them out
+BUILDING_BLOCKS = ("nade", "made")  # functions `probkit show` prints the source of (probkit.autoregressive)
 
 _BINOPS = {
     ast.Add: ("+", lambda a, b: a + b),
@@ -164,8 +216,14 @@ def parse(
 ) -> Expr:
     """Parse and check one expression; anything outside the whitelist raises SpecError."""
     source = str(text)
+    if len(source) > MAX_EXPRESSION_CHARS:
+        expr = Expr(source[:60] + "...", ast.Constant(0), path, smap)
+        raise expr.error(f"the expression is {len(source):,} characters long; at most {MAX_EXPRESSION_CHARS:,}")
     try:
         tree = ast.parse(source.strip(), mode="eval").body
+    except (RecursionError, MemoryError):
+        expr = Expr(source[:60] + "...", ast.Constant(0), path, smap)
+        raise expr.error("the expression is nested too deeply to parse; split it with constants or params") from None
     except SyntaxError as exc:
         expr = Expr(source, ast.Constant(0), path, smap)
         node = ast.Constant(0)
@@ -184,6 +242,9 @@ def _check(expr: Expr, node: ast.AST, names: set[str], allow_dist: bool, top: bo
     if isinstance(node, ast.Constant):
         if isinstance(node.value, bool) or not isinstance(node.value, (int, float)):
             raise expr.error(f"only numbers are allowed as constants, found {node.value!r}", node)
+        if not math.isfinite(float(node.value)):
+            raise expr.error(f"the number {ast.get_source_segment(expr.text.strip(), node) or node.value} is not "
+                             "finite (it overflows a float); give a finite number", node)
     elif isinstance(node, ast.Name):
         if node.id in FUNCTIONS or node.id in FAMILIES:
             raise expr.error(f"'{node.id}' is a function; call it, e.g. {node.id}(...)", node)
@@ -207,6 +268,9 @@ def _check(expr: Expr, node: ast.AST, names: set[str], allow_dist: bool, top: bo
         _check(expr, node.value, names, False)
         index = node.slice
         for part in index.elts if isinstance(index, ast.Tuple) else [index]:
+            if any(isinstance(n, ast.Name) and n.id == "x" for n in ast.walk(part)):
+                raise expr.error("the image x cannot be an index (its pixels would choose entries with no "
+                                 "gradient, and no order could be proved); use it in arithmetic, e.g. A @ x", part)
             if isinstance(part, ast.Slice):
                 for bound in (part.lower, part.upper, part.step):
                     if bound is not None:
@@ -300,12 +364,17 @@ def _eval(expr: Expr, node: ast.AST, env: dict[str, Any], ctx: Context) -> Any:
             family = FAMILIES[name]
             kwargs.update(zip(family.args, args))
             return name, kwargs
+        if name == "nade" and PIXEL_KEY in env:  # drawing one pixel: its output alone
+            from probkit.autoregressive import nade_pixel
+
+            return nade_pixel(*(ctx.tensor(a) for a in args), env[PIXEL_KEY])
         if "dim" in kwargs:
             kwargs["dim"] = int(kwargs["dim"])
         return FUNCTIONS[name].run(ctx, *args, **kwargs)
     raise AssertionError(f"unchecked node {node!r}")
 
 
+PIXEL_KEY = "__pixel__"  # env entry while drawing pixel d of an autoregressive likelihood; not a spec name
 GRID_KEY = "__grid__"  # env entry: {id(grid tensor): (dim, number of grid dims)}; not a spec name
 
 
@@ -372,8 +441,11 @@ def render_node(node: ast.AST, rename=lambda name: name) -> str:
         elif len(args) > 1 and name in _DEFAULT_DIM:
             dim = str(int(float(args.pop())))
         template = FUNCTIONS[name].source
+        if name in BUILDING_BLOCKS:
+            return f"{name}({', '.join(args)})"
         if "{all}" in template:
             return template.format(all=", ".join(f"int({a})" for a in args))
+        args += _DEFAULT_ARGS.get(name, ())[len(args) - 1:] if name in _DEFAULT_ARGS else []
         return template.format(*args, dim or _DEFAULT_DIM.get(name, ""))
     raise AssertionError(f"unchecked node {node!r}")
 

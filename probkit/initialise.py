@@ -27,7 +27,10 @@ by running the same code with a record of each rule that took.
 This module knows k-means and which param feeds which likelihood argument; how an argument
 starts from a component's images is its family's business (`location_args`,
 `spread_start` and `histogram_args` in probkit.families). It uses the compiler's public
-interface only, and works on the CPU with its own generator: the same start on every device.
+interface only, and draws from its own CPU generator. k-means runs on the model's device
+(float64 for small problems, so a start is the same on every device to rounding; float32, a
+seeding subsample and minibatches above LARGE_KMEANS_WORK, so K = 1,000 on 60,000 images takes
+seconds); the rest works on the CPU.
 """
 
 from __future__ import annotations
@@ -147,6 +150,10 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
     """Replace the starts in `values` (constrained, CPU) by data-driven ones where it applies;
     `record` gets how, in words, for each param replaced."""
     record = {} if record is None else record
+    if model.autoregressive:
+        # its arguments are functions of the image itself: no per-component location or spread
+        # to read off the data; the spec's own start (prior draws, init:) stands
+        return
     family = model.family
     explicit = {p.name for p in model.params if p.init is not None}
     uses = [u for u in _param_uses(model) if u.name in values and u.name not in explicit]
@@ -176,7 +183,7 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
         if tuple(values[use.name].shape) != shape:
             continue
         if groups is None or not _same(groups[0], use.latents):
-            centres, assignment = _kmeans(flat, labels, use.latents, generator)
+            centres, assignment = _kmeans(flat, labels, use.latents, generator, device=model.device)
         else:
             _, assignment, centres = groups
         value = values[use.name].clone()
@@ -245,7 +252,7 @@ def _histograms(model: CompiledModel, values, use: _Use, flat, labels, generator
     if isinstance(prior, dist.Dirichlet):
         pseudo = (prior.concentration.reshape(-1, levels)[0].double() - 1.0).clamp_min(PSEUDO_COUNT_FLOOR)
     if use.latents and (groups is None or not _same(groups[0], use.latents)):
-        centres, assignment = _kmeans(flat, labels, use.latents, generator)
+        centres, assignment = _kmeans(flat, labels, use.latents, generator, device=model.device)
         groups = (use.latents, assignment, centres)
     members = _members(use, groups, len(flat))
     value = values[use.name].clone()
@@ -304,11 +311,15 @@ def _allowed(labels, latents, combo) -> torch.Tensor | None:
     return allowed
 
 
-def _kmeans_pp(flat, labels, latents, generator) -> dict[tuple[int, ...], int]:
+def _kmeans_pp(flat, labels, latents, generator, *, exact: bool = True) -> dict[tuple[int, ...], int]:
     """One distinct training image per component: each next start is drawn with probability
-    proportional to its squared distance from the starts so far (k-means++)."""
+    proportional to its squared distance from the starts so far (k-means++). The distances are
+    computed where `flat` lives, the draws on the CPU generator; `exact=False` takes them from
+    norms and one matrix-vector product per start instead of differences (large problems)."""
     taken = torch.zeros(len(flat), dtype=torch.bool)
     nearest = torch.full((len(flat),), float("inf"), dtype=torch.float64)
+    labels = None if labels is None else labels.cpu()
+    squares = None if exact else flat.pow(2).sum(-1)
     picks = {}
     for combo in _combos(latents):
         allowed = ~taken
@@ -319,44 +330,127 @@ def _kmeans_pp(flat, labels, latents, generator) -> dict[tuple[int, ...], int]:
         if len(pool) == 0:
             continue
         weights = nearest[pool]
-        if torch.isinf(weights).all() or not bool((weights > 0).any()):
+        # every image has a finite distance once there is a start: the first start is uniform
+        if not picks or not bool((weights > 0).any()):
             pick = pool[torch.randint(len(pool), (1,), generator=generator)]
         else:
-            weights = torch.where(torch.isinf(weights), weights[~torch.isinf(weights)].max(), weights)
             pick = pool[torch.multinomial(weights, 1, generator=generator)]
         taken[pick] = True
-        nearest = torch.minimum(nearest, (flat - flat[pick[0]]).pow(2).sum(-1))
+        row = flat[int(pick[0])]
+        if exact:
+            distance = (flat - row).pow(2).sum(-1)
+        else:
+            distance = (squares - 2.0 * (flat @ row) + row.pow(2).sum()).clamp_min(0.0)
+        nearest = torch.minimum(nearest, distance.double().cpu())
         picks[combo] = int(pick[0])
     return picks
 
 
-def _kmeans(flat, labels, latents, generator, iterations: int = LLOYD_ITERATIONS):
+# k-means of N images of D pixels into K clusters costs about N·K·D multiply-adds per pass,
+# and Lloyd may take 100 passes (60,000 × 10 × 784 images took 5 minutes on 2 CPU cores);
+# above this, it works in float32, seeds from a subsample and refines by minibatches, then
+# assigns every image once (a 60,000 × 1,000 × 784 problem costs about three passes)
+LARGE_KMEANS_WORK = 2e8
+SEED_POOL = (8, 8192)  # large problems: k-means++ over at most max(8·K, 8192) images
+MINIBATCH = (30, 4096)  # large problems: 30 minibatch k-means steps of max(4·K, 4096) images
+DISTANCE_CHUNK = 1 << 24  # images × centres distances held at once
+
+
+def _nearest(flat, centres, allowed) -> torch.Tensor:
+    """Each image's nearest centre (among those `allowed`), in chunks of images."""
+    rows = max(1, DISTANCE_CHUNK // max(1, len(centres)))
+    centre_squares = centres.pow(2).sum(-1)
+    parts = []
+    for start in range(0, len(flat), rows):
+        chunk = flat[start : start + rows]
+        distance = chunk.pow(2).sum(-1, keepdim=True) - 2.0 * chunk @ centres.T + centre_squares
+        if allowed is not None:
+            distance = distance.masked_fill(~allowed[start : start + rows], torch.inf)
+        parts.append(distance.argmin(-1))
+    return torch.cat(parts)
+
+
+def _cluster_sums(flat, assignment, k: int, products: bool) -> torch.Tensor:
+    """Each cluster's sum of images: index_add_, or (`products`, for large problems, where
+    index_add_'s many writes to few rows serialise on the CPU) one-hot matrix products in chunks."""
+    if not products:
+        return flat.new_zeros(k, flat.shape[1]).index_add_(0, assignment, flat)
+    rows = max(1, DISTANCE_CHUNK // k)
+    sums = flat.new_zeros(k, flat.shape[1])
+    for start in range(0, len(flat), rows):
+        one_hot = torch.nn.functional.one_hot(assignment[start : start + rows], k).to(flat.dtype)
+        sums += one_hot.T @ flat[start : start + rows]
+    return sums
+
+
+def _means(flat, assignment, centres, products: bool = False) -> torch.Tensor:
+    """Each centre moved to the mean of its images (an empty one keeps its place)."""
+    counts = torch.bincount(assignment, minlength=len(centres)).to(flat.dtype)
+    sums = _cluster_sums(flat, assignment, len(centres), products)
+    filled = counts > 0
+    centres = centres.clone()
+    centres[filled] = sums[filled] / counts[filled, None]
+    return centres
+
+
+def _minibatch_kmeans(flat, centres, allowed, generator, steps: int, size: int) -> torch.Tensor:
+    """Sculley's minibatch k-means: each step draws `size` images (CPU generator) and moves every
+    centre towards its share of them, by its share of all the images it has seen so far."""
+    seen = torch.zeros(len(centres), dtype=flat.dtype, device=flat.device)
+    for _ in range(steps):
+        index = torch.randint(len(flat), (size,), generator=generator).to(flat.device)
+        batch = flat[index]
+        nearest = _nearest(batch, centres, None if allowed is None else allowed[index])
+        counts = torch.bincount(nearest, minlength=len(centres)).to(flat.dtype)
+        sums = _cluster_sums(batch, nearest, len(centres), products=True)
+        seen += counts
+        rate = (counts / seen.clamp_min(1.0))[:, None]
+        centres = centres + rate * (sums / counts.clamp_min(1.0)[:, None] - centres)
+    return centres
+
+
+def _kmeans(flat, labels, latents, generator, iterations: int = LLOYD_ITERATIONS, device=None):
     """k-means++ starts refined by Lloyd iterations until no image changes component: each
-    component's centre (the mean of its images) and each image's component (index into _combos)."""
-    picks = _kmeans_pp(flat, labels, latents, generator)
-    if not picks:
-        return {}, torch.zeros(len(flat), dtype=torch.long)
+    component's centre (the mean of its images) and each image's component (index into _combos).
+    It runs on `device` (default: flat's); problems above LARGE_KMEANS_WORK seed from a
+    subsample and refine by minibatches before the last assignment. Results come back to the CPU."""
     combos = _combos(latents)
+    n, d = flat.shape
+    large = n * len(combos) * d > LARGE_KMEANS_WORK
+    data = flat.to(device or flat.device, torch.float32 if large else torch.float64)
+    pool = torch.arange(n)
+    pool_size = max(SEED_POOL[0] * len(combos), SEED_POOL[1])
+    if large and n > pool_size:
+        pool = torch.randperm(n, generator=generator)[:pool_size].sort().values
+    pool_labels = None if labels is None else labels.cpu()[pool]
+    picks = _kmeans_pp(data[pool.to(data.device)], pool_labels, latents, generator, exact=not large)
+    if not picks:
+        return {}, torch.zeros(n, dtype=torch.long)
     seeded = [i for i, combo in enumerate(combos) if combo in picks]  # components with a start
-    centres = flat[[picks[combos[i]] for i in seeded]]
-    allowed = torch.ones(len(flat), len(seeded), dtype=torch.bool)
-    for j, i in enumerate(seeded):
-        match = _allowed(labels, latents, combos[i])
-        if match is not None:
-            allowed[:, j] = match
-    squares = flat.pow(2).sum(-1, keepdim=True)
-    assignment = None
-    for _ in range(iterations):
-        distance = squares - 2.0 * flat @ centres.T + centres.pow(2).sum(-1)
-        nearest = distance.masked_fill(~allowed, torch.inf).argmin(-1)
-        if assignment is not None and torch.equal(nearest, assignment):
-            break
-        assignment = nearest
-        counts = torch.bincount(assignment, minlength=len(seeded)).double()
-        sums = torch.zeros_like(centres).index_add_(0, assignment, flat)
-        filled = counts > 0  # an empty component keeps its centre
-        centres[filled] = sums[filled] / counts[filled, None]
-    index = torch.tensor(seeded)[assignment]  # into _combos
+    centres = data[pool[[picks[combos[i]] for i in seeded]].to(data.device)]
+    allowed = None  # which images each component may take (observed latents must match the labels)
+    matches = [_allowed(labels, latents, combos[i]) for i in seeded]
+    if any(m is not None for m in matches):
+        allowed = torch.ones(n, len(seeded), dtype=torch.bool)
+        for j, match in enumerate(matches):
+            if match is not None:
+                allowed[:, j] = match.cpu()
+        allowed = allowed.to(data.device)
+    if large:
+        steps, size = MINIBATCH[0], max(4 * len(seeded), MINIBATCH[1])
+        centres = _minibatch_kmeans(data, centres, allowed, generator, steps, size)
+        assignment = _nearest(data, centres, allowed)
+        centres = _means(data, assignment, centres, products=True)
+    else:
+        assignment = None
+        for _ in range(iterations):
+            nearest = _nearest(data, centres, allowed)
+            if assignment is not None and torch.equal(nearest, assignment):
+                break
+            assignment = nearest
+            centres = _means(data, assignment, centres)
+    centres = centres.cpu().double()
+    index = torch.tensor(seeded)[assignment.cpu()]  # into _combos
     return {combos[i]: centres[j] for j, i in enumerate(seeded)}, index
 
 

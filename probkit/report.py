@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -50,13 +51,13 @@ def report(target: str | Path | Run, *, out: str | Path | None = None, device: s
     metrics = api.evaluate(run, device=device, memorisation_samples=MEMORISATION_SAMPLES, seed=seed)
     stage("plotting")
     history = read_history(run.path / "history.csv")
-    baseline = baseline_bits_per_dim(info)
+    baseline = baseline_bits_per_dim(info, run.loaded.spec.data.transform)
     sections = [
         _header(run),
         _overview(run),
         _metrics(info, baseline),
         _training(history, baseline),
-        _components(info.get("components") or {}),
+        _components(_usable_components(info.get("components"))),
         _samples(images),
         _completion_section(completion),
         _memorisation(metrics.get("memorisation")),
@@ -78,8 +79,18 @@ def report_path(run: Run, out: str | Path | None) -> Path:
         path = run.path / REPORT_NAME
     else:
         path = Path(out)
-        if path.is_dir():
-            path = path / REPORT_NAME
+        try:
+            if path.is_dir():
+                path = path / REPORT_NAME
+            exists = os.path.lexists(path)
+        except OSError as exc:  # e.g. a name longer than the file system allows
+            raise UsageError(f"--out {out}: cannot write there ({exc.strerror or exc}); choose another path") from None
+        if exists and not path.is_file():
+            raise UsageError(f"--out {out}: is a device, a pipe or a socket, not a file; give a path ending in "
+                             ".html, or a folder")
+        if exists and path.suffix.lower() not in (".html", ".htm"):
+            raise UsageError(f"--out {out}: already exists and is not an HTML page; the report would replace it. "
+                             "Give a path ending in .html, or a folder")
     folder = path.parent
     option = f"--out {out}" if out is not None else f"the run folder {folder}"
     if not folder.is_dir():
@@ -90,13 +101,31 @@ def report_path(run: Run, out: str | Path | None) -> Path:
     return path
 
 
-def baseline_bits_per_dim(info: dict) -> float:
-    """The uniform model's bits/dim; runs written before run.json kept it derive it from the transform."""
-    if info.get("baseline_bits_per_dim") is not None:
-        return float(info["baseline_bits_per_dim"])
+def baseline_bits_per_dim(info: dict, transform: str = "binary") -> float:
+    """The uniform model's bits/dim; runs written before run.json kept it derive it from the
+    transform (run.json's, else `transform`: the run's spec says it too)."""
+    recorded = _finite(info.get("baseline_bits_per_dim"))
+    if recorded is not None:
+        return recorded
     from probkit.data import uniform_bits_per_dim
 
-    return uniform_bits_per_dim(info["data"]["transform"])
+    data = _mapping(info.get("data"))
+    return uniform_bits_per_dim(data["transform"] if data.get("transform") in ("binary", "continuous", "discrete")
+                                else transform)
+
+
+def _finite(value) -> float | None:
+    """A number run.json recorded, or None for anything else: the page shows what a damaged or
+    hand-edited run.json still says, and leaves out what it cannot read."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _mapping(value) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def fitted_on(run: Run) -> str:
@@ -144,8 +173,8 @@ def _header(run: Run) -> str:
 
 def _overview(run: Run) -> str:
     info = run.info
-    data = info.get("data", {})
-    shape = data.get("shape") or []
+    data = _mapping(info.get("data"))
+    shape = data.get("shape") if isinstance(data.get("shape"), list) else []
     data_rows = [
         ("source", data.get("source")),
         ("transform", data.get("transform")),
@@ -166,7 +195,7 @@ def _overview(run: Run) -> str:
         ("optimizer", optimizer),
         ("steps", steps_text),
         ("stopped", info.get("stopped")),
-        ("wall time", None if wall is None else f"{float(wall):.2f} s"),
+        ("wall time", None if _finite(wall) is None else f"{_finite(wall):.2f} s"),
         ("device", info.get("device")),
         ("engine", info.get("engine")),
         ("seed", info.get("seed")),
@@ -180,14 +209,14 @@ def _overview(run: Run) -> str:
 def _metrics(info: dict, baseline: float) -> str:
     rows = []
     for part, label in (("train", "train"), ("test", "held-out")):
-        row = info.get(part)
-        if not row:
+        row = _mapping(info.get(part))
+        bpd, nll = _finite(row.get("bits_per_dim")), _finite(row.get("nll"))
+        if bpd is None or nll is None:
             continue
-        bpd = float(row["bits_per_dim"])
         below = baseline - bpd
         where = "below" if below >= 0 else "above"
         rows.append(
-            f"<tr><th scope='row'>{label}</th><td class='num'>{float(row['nll']):.3f}</td>"
+            f"<tr><th scope='row'>{label}</th><td class='num'>{nll:.3f}</td>"
             f"<td class='num'>{bpd:.4f}</td><td class='num'>{baseline:.4f}</td>"
             f"<td class='num {where}'>{abs(below):.4f} {where} ({abs(below) / baseline:.1%})</td></tr>"
         )
@@ -213,6 +242,21 @@ def _training(history: list[dict], baseline: float) -> str:
             "<p class='note'>Left: the loss the optimiser minimised (the negative log joint or log likelihood "
             "of the training images). Right: held-out bits/dim where it was measured, with the uniform "
             "baseline dashed.</p></section>")
+
+
+def _usable_components(value) -> dict:
+    """run.json's component usage, keeping only latents whose counts are numbers (a damaged or
+    hand-edited file draws what it still says)."""
+    usable = {}
+    for latent, usage in _mapping(value).items():
+        usage = _mapping(usage)
+        counts = usage.get("expected_images")
+        if isinstance(counts, list) and counts and all(_finite(c) is not None for c in counts):
+            collapsed = usage.get("collapsed")
+            usable[str(latent)] = {"expected_images": [_finite(c) for c in counts],
+                                   "collapsed": [c for c in collapsed if isinstance(c, int)]
+                                   if isinstance(collapsed, list) else []}
+    return usable
 
 
 def _components(components: dict) -> str:

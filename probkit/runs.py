@@ -7,6 +7,7 @@ Every file is written to a temporary name in the same folder and moved into plac
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -28,6 +29,12 @@ CHECKPOINT = "checkpoint.safetensors"
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
+    """Write `data` to `path` through a temporary file and `os.replace`. Only a regular file is ever
+    replaced: renaming over `/dev/null` (as root) or a pipe would put a file where the device was."""
+    path = Path(path)
+    if os.path.lexists(path) and not (path.is_file() or path.is_symlink()):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a regular file (a folder, a device or a pipe); "
+                                    "probkit replaces only files")
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -72,10 +79,14 @@ def read_history(path: Path) -> list[dict]:
     if not path.exists():
         return []
     try:
+        if not path.is_file():  # a pipe would block the reader
+            raise OSError(f"{path.name} is not a regular file")
         with open(path, newline="") as handle:
             rows = []
             for row in csv.DictReader(handle):
-                rows.append({k: (float(v) if v not in ("", None) else None) for k, v in row.items()})
+                if None in row or None in row.values():  # a cut-off line, or one with more fields than the header
+                    raise ValueError(f"line {len(rows) + 2} does not hold one value for each column of the header")
+                rows.append({k: (float(v) if v != "" else None) for k, v in row.items()})
                 rows[-1]["step"] = int(rows[-1]["step"])
             return rows
     except (OSError, ValueError, KeyError, TypeError, csv.Error) as exc:
@@ -93,7 +104,9 @@ LOCK = ".probkit.lock"
 # what a fit writes (the run itself), and what commands make from its params (stale once they change)
 RUN_FILES = ("run.json", "params.safetensors", CHECKPOINT, "history.csv", "spec.yaml")
 DERIVED_PATTERNS = ("samples*.png", "samples*.npy", "sample*.png", "sample*.npy", "complete-*.png",
-                    "complete-*.npy", "report.html", "train.npz", "train.npy")
+                    "complete-*.npy", "report.html", "train.npz", "train.npy", "denoise-*.png", "denoise-*.npy",
+                    "upscale-*.png", "upscale-*.npy", "clusters/clusters*.npy", "clusters/clusters*.csv",
+                    "clusters/clusters.png", "clusters/clusters.json")
 
 
 def _derived(path: Path) -> list[Path]:
@@ -167,6 +180,13 @@ class RunFolder:
         path = self.path
         # (a killed atomic write can leave a hidden .NAME.*.tmp: ours, and removed with the rest)
         temporary = [e for e in path.iterdir() if e.name.startswith(".") and e.name.endswith(".tmp")]
+        # a fit writes these: a folder, a pipe or a device in their place is not one to remove, nor one
+        # to find out about at the end of the fit
+        for name in (*RUN_FILES, "samples.png"):
+            if (path / name).exists() and not (path / name).is_file():
+                kind = "a folder" if (path / name).is_dir() else "a pipe, a device or a socket"
+                raise UsageError(f"{path / name}: is {kind} where the run keeps a file; move it away, or fit "
+                                 "into another folder with --out")
         entries = [e for e in path.iterdir() if e.name != LOCK and e not in temporary]
         ours = {path / n for n in RUN_FILES} | set(_derived(path))
         held = [e for e in entries if e in ours]
@@ -217,15 +237,22 @@ def load_run(path: str | Path) -> Run:
     info_path = path / "run.json"
     if not info_path.exists():
         raise RunError(f"{path} is not a fitted run (no run.json); run `probkit fit SPEC` first")
-    try:
-        info = json.loads(info_path.read_text())
-        tensors = load_file(str(path / "params.safetensors"))
-        with safe_open(str(path / "params.safetensors"), framework="pt") as handle:
-            params_id = (handle.metadata() or {}).get("run_id")
-        text = (path / "spec.yaml").read_text()
-    except Exception as exc:  # noqa: BLE001 - json, safetensors and the file system each raise their own
-        raise RunError(f"cannot read the run in {path}: {exc}") from None
-    run_id = info.get("run_id") if isinstance(info, dict) else None
+    info = _read_run_file(info_path, lambda file: json.loads(file.read_text()))
+    if (not isinstance(info, dict) or not isinstance(info.get("spec_dir", ""), str)
+            or not isinstance(info.get("data", {}), dict)):
+        raise RunError(f"cannot read the run in {path}: {info_path} is not the JSON object a fit writes (with "
+                       "spec_dir a path and data an object); the folder is damaged: fit again (probkit fit SPEC "
+                       "--overwrite)")
+    params_path = path / "params.safetensors"
+    tensors = _read_run_file(params_path, lambda file: load_file(str(file)))
+
+    def metadata(file: Path) -> dict:
+        with safe_open(str(file), framework="pt") as handle:
+            return handle.metadata() or {}
+
+    params_id = _read_run_file(params_path, metadata).get("run_id")
+    text = _read_run_file(path / "spec.yaml", lambda file: file.read_text())
+    run_id = info.get("run_id")
     if run_id and params_id and run_id != params_id:
         raise RunError(f"{path / 'params.safetensors'} belongs to another fit (run id {params_id}; run.json says "
                        f"{run_id}): the folder mixes two runs; fit again with --overwrite")
@@ -233,6 +260,18 @@ def load_run(path: str | Path) -> Run:
     loaded = spec_from_text(text, str(path / "spec.yaml"), base_dir)
     values = {k: v for k, v in tensors.items() if not k.startswith("unconstrained/")}
     return Run(path, loaded, values, info)
+
+
+def _read_run_file(file: Path, read):
+    """`read(file)`, any failure (missing, a folder, not UTF-8, malformed JSON or tensors) an
+    exit-1 RunError naming the file."""
+    try:
+        if file.exists() and not file.is_file():  # a pipe would block, a folder cannot be read
+            raise OSError(f"{file.name} is not a regular file")
+        return read(file)
+    except Exception as exc:  # noqa: BLE001 - json, safetensors and the file system each raise their own
+        raise RunError(f"cannot read the run in {file.parent}: {file}: {exc}; the folder is damaged or incomplete: "
+                       "fit again (probkit fit SPEC --overwrite)") from None
 
 
 def resolve_run(target: str | Path, out: str | Path | None = None) -> Run:

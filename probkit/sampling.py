@@ -30,6 +30,9 @@ def parse_given(items: list[str] | None) -> dict[str, int]:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
             raise UsageError(f"--given expects NAME=VALUE such as y=3, found '{item}'")
+        if name.strip() in given:
+            raise UsageError(f"--given {item}: {name.strip()} is already given ({name.strip()}="
+                             f"{given[name.strip()]}); give each latent once")
         try:
             given[name.strip()] = int(value)
         except ValueError:
@@ -73,6 +76,13 @@ def draw_samples(compiled: CompiledModel, values: dict[str, torch.Tensor], n: in
     with torch.no_grad(), seeded(seed, compiled.device):
         weights = latent_log_weights(compiled, values, given)
         choice = torch.multinomial(weights.softmax(-1), n, replacement=True).reshape(n, 1)
+        if compiled.autoregressive:
+            if mean:
+                raise UsageError("--mean: an autoregressive model has no closed-form mean image (each pixel's "
+                                 "mean depends on the pixels drawn before it); sample without --mean")
+            drawn = draw_pixel_by_pixel(compiled, values, choice[:, 0])
+            x = drawn.reshape(n, compiled.dims.D)
+            return x if not return_latents else (x, unravel_configurations(choice[:, 0].cpu(), compiled.grid_shape))
         args = compiled.config_arguments(values)
         if mean:
             drawn = pick({"mean": family.mean(args)}, choice[:, 0])["mean"]
@@ -84,6 +94,32 @@ def draw_samples(compiled: CompiledModel, values: dict[str, torch.Tensor], n: in
     if not return_latents:
         return x
     return x, unravel_configurations(choice[:, 0].cpu(), compiled.grid_shape)
+
+
+def draw_pixel_by_pixel(compiled: CompiledModel, values: dict[str, torch.Tensor], chosen: torch.Tensor,
+                        x: torch.Tensor | None = None, missing: torch.Tensor | None = None, *,
+                        means: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Images from an autoregressive likelihood, pixel by pixel in its order, every image at
+    once: pixel d from p(x_d | x_<d, configuration `chosen` (N,)). With `x` and `missing` (D,)
+    bool, only the missing pixels are drawn and the others kept (exact conditional samples when
+    the missing pixels all come after the observed ones). From torch's global generator.
+
+    means: also return E[x_d | x_<d as drawn] for every pixel drawn (N x D, 0 elsewhere): their
+    average over draws estimates the conditional mean with less noise than the draws'."""
+    D = compiled.dims.D
+    family = compiled.family
+    x = torch.zeros(len(chosen), D, device=compiled.device) if x is None else x.clone()
+    expected = torch.zeros_like(x)
+    order = range(D) if missing is None else missing.nonzero().flatten().tolist()
+    step = compiled.pixel_stepper(values, chosen)
+    for d in order:
+        # pixel d's arguments at the pixels drawn so far (later ones do not count: the compiler
+        # proved pixel d reads only pixels before d)
+        pixel = family.distribution(step(x, d))
+        x[:, d] = pixel.sample()[:, 0].to(x.dtype)
+        if means:
+            expected[:, d] = pixel.mean[:, 0].to(x.dtype)
+    return (x, expected) if means else x
 
 
 def unravel_configurations(flat: torch.Tensor, grid_shape: tuple[int, ...]) -> torch.Tensor:

@@ -12,6 +12,7 @@ step by step (the docstring says so).
 
 from __future__ import annotations
 
+import ast
 import io
 from pathlib import Path
 
@@ -19,9 +20,10 @@ import numpy as np
 from torch.distributions import constraints
 
 from probkit.api import Prepared
+from probkit.autoregressive import source_of
 from probkit.data import fixed_noise_generator
 from probkit.distributions import FAMILIES, SUPPORTS, VECTOR_ARGS
-from probkit.expressions import render, render_node
+from probkit.expressions import BUILDING_BLOCKS, render, render_node
 from probkit.infer import BatchPlan, settings_from
 from probkit.initialise import initial_values
 from probkit.runs import atomic_write
@@ -85,7 +87,10 @@ def program_source(prepared: Prepared, npz_path: Path) -> str:
         emit("the same objective from the same start with L-BFGS instead, on the same fixed-noise full")
         emit("batch: it reaches the same optimum (given enough steps), not the same numbers step by step.")
     emit('"""')
-    emit("import sys\n")
+    emit("import sys")
+    if compiled.autoregressive:
+        emit("from functools import lru_cache")
+    emit("")
     emit("import numpy as np")
     emit("import pyro")
     emit("import pyro.distributions as dist")
@@ -113,6 +118,9 @@ def program_source(prepared: Prepared, npz_path: Path) -> str:
     emit('    """Univariate over x: independent across the D pixels, one event of D values."""')
     emit("    return d.expand(d.batch_shape[:-1] + (D,)).to_event(1) if d.batch_shape else d.expand((D,)).to_event(1)\n")
 
+    if compiled.autoregressive:
+        _emit_autoregressive(emit, compiled)
+
     emit("\ndef model(x=None, labels=None, total=None, n=None):")
     emit('    """x: a batch of flat images (None: draw n new ones); total: the full data size."""')
     for site in compiled.params:
@@ -131,6 +139,18 @@ def program_source(prepared: Prepared, npz_path: Path) -> str:
             emit(f'        {latent.name} = pyro.sample("{latent.name}", {render(latent.expr)}, '
                  'infer={"enumerate": "parallel"})')
     likelihood = render(compiled.likelihood.expr)
+    if compiled.autoregressive:
+        emit("")
+        emit("        def likelihood_arguments(x" + "".join(f", {l.name}" for l in compiled.latents) + "):")
+        emit('            """The likelihood\'s arguments for one image x (a flat vector): pixel d reads x[:d] only."""')
+        emit("            return pixel_shaped({")
+        for arg, node in compiled.likelihood.argument_nodes().items():
+            emit(f"                {arg!r}: torch.as_tensor({render_node(node)}),")
+        emit("            })")
+        emit("")
+        latents = ", ".join(f"{l.name}={l.name}" for l in compiled.latents)
+        likelihood = (f"dist.{compiled.family.name}(**per_image(likelihood_arguments, x"
+                      f"{', ' + latents if latents else ''}))")
     if not compiled.family.joint:
         likelihood = f"pixels({likelihood})"
     emit(f'        return pyro.sample("x", {likelihood}, obs=x)\n')
@@ -200,6 +220,38 @@ def program_source(prepared: Prepared, npz_path: Path) -> str:
     emit('\nif __name__ == "__main__":')
     emit("    main(int(sys.argv[1]) if len(sys.argv) > 1 else STEPS, sys.argv[2] if len(sys.argv) > 2 else None)")
     return "\n".join(lines) + "\n"
+
+
+def _emit_autoregressive(emit, compiled) -> None:
+    """The per-image arguments of an autoregressive likelihood (it reads x), vmapped over the
+    images as probkit's compiler does, and the building blocks it calls."""
+    used = {n.func.id for n in ast.walk(compiled.likelihood.expr.tree)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    for name in BUILDING_BLOCKS:
+        if name in used:
+            emit("")
+            emit(source_of(name))
+    start = compiled._start_for_checks()
+    args = compiled._config_arguments(compiled.likelihood, {**start, **compiled._probe_image()}, compiled._checks)
+    shapes = {arg: tuple(value.shape[1:]) for arg, value in args.items()}
+    emit("\nPIXEL_SHAPES = " + repr(shapes) + "  # one image's shape of each argument, per configuration")
+    emit("\n\ndef pixel_shaped(values):")
+    emit('    """Each argument broadcast to its pixel shape (leading dims: the latents\' values)."""')
+    emit("    return {k: torch.broadcast_to(v, v.shape[: max(0, v.dim() - len(PIXEL_SHAPES[k]))] + PIXEL_SHAPES[k])")
+    emit("            for k, v in values.items()}\n")
+    emit("\ndef per_image(arguments, x, **latents):")
+    emit('    """The arguments of every image (vmap over x): a latent Pyro enumerates (its values left of the')
+    emit("    data plate, size 1 on it) is the same for every image; one sampled or observed per image is")
+    emit('    mapped with x. Each argument comes out (enumeration dims..., N, pixel dims)."""')
+    emit("    shared = {k: v.squeeze(-1) for k, v in latents.items() if v.dim() > 1}")
+    emit("    mapped = {k: v for k, v in latents.items() if v.dim() == 1}")
+    emit("    names = list(mapped)")
+    emit("")
+    emit("    def one(image, *values):")
+    emit("        return arguments(image, **shared, **dict(zip(names, values)))")
+    emit("")
+    emit("    out = torch.func.vmap(one)(x, *mapped.values())")
+    emit("    return {k: v.movedim(0, -len(PIXEL_SHAPES[k]) - 1) for k, v in out.items()}\n")
 
 
 def fit_settings(prepared: Prepared):

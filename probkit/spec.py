@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from probkit.errors import SpecError
 
@@ -23,6 +23,20 @@ KeyPath = tuple[Union[str, int], ...]
 MAX_SEED = 2**32 - 1  # seeds are 32-bit: numpy's and torch's generators both take them
 
 
+def _not_yes_or_no(value):
+    """YAML reads true/false/yes/no/on/off as booleans, which pydantic would take as 1 and 0: a
+    `size: yes` or `K: true` is a slip to refuse, not a number."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a yes-or-no value (YAML reads true, false, yes, no, on and off "
+                         "as those)")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_yes_or_no)]
+# a number in a spec is finite: YAML 1.1 reads `1e309` as text, which pydantic would turn into inf
+Float = Annotated[float, BeforeValidator(_not_yes_or_no), Field(allow_inf_nan=False)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -31,16 +45,16 @@ class DataSpec(_Strict):
     """Where the images come from and how they are prepared (DESIGN section 4 and 5)."""
 
     source: str = Field(description="a built-in data set name, or a path relative to the spec")
-    size: Union[int, tuple[int, int]] = Field(32, description="resize to size x size or [H, W]")
-    channels: Literal[1, 3] = Field(1, description="1 grayscale, 3 RGB")
+    size: Union[Int, tuple[Int, Int]] = Field(32, description="resize to size x size or [H, W]")
+    channels: Annotated[Literal[1, 3], BeforeValidator(_not_yes_or_no)] = Field(1, description="1 grayscale, 3 RGB")
     transform: Literal["binary", "continuous", "discrete"] = Field("binary")
-    threshold: float = Field(0.5, gt=0, lt=1, description="binary: pixels above are 1")
+    threshold: Float = Field(0.5, gt=0, lt=1, description="binary: pixels above are 1")
     binarize: Literal["fixed", "dynamic"] = Field(
         "fixed", description="binary: 'dynamic' resamples x ~ Bernoulli(intensity) each epoch"
     )
-    test_fraction: float = Field(0.2, ge=0, lt=1)
-    seed: int = Field(0, ge=0, le=MAX_SEED, description="fixes the train/held-out split and generated data")
-    count: int | None = Field(None, gt=0, description="how many images to generate or keep")
+    test_fraction: Float = Field(0.2, ge=0, lt=1)
+    seed: Int = Field(0, ge=0, le=MAX_SEED, description="fixes the train/held-out split and generated data")
+    count: Int | None = Field(None, gt=0, description="how many images to generate or keep")
 
     @field_validator("size")
     @classmethod
@@ -58,10 +72,10 @@ class DataSpec(_Strict):
 class ParamSpec(_Strict):
     """A global random variable of theta."""
 
-    shape: list[Union[int, str]] = Field(default_factory=list, description="dims: ints or names")
+    shape: list[Union[Int, str]] = Field(default_factory=list, description="dims: ints or names")
     prior: str | None = Field(None, description="a distribution expression; makes the fit MAP")
     support: str | None = Field(None, description="the constraint of a param without prior")
-    init: Union[float, str, None] = Field(None, description="a number or an expression")
+    init: Union[Float, str, None] = Field(None, description="a number or an expression")
 
     @model_validator(mode="after")
     def _prior_or_support(self):
@@ -87,12 +101,12 @@ class LikelihoodSpec(_Strict):
 class FitSpec(_Strict):
     method: Literal["map", "mle"] = "map"
     optimizer: Literal["auto", "em", "adam", "lbfgs"] = "auto"
-    lr: float = Field(0.05, gt=0)
-    steps: int = Field(2000, ge=0)
-    batch_size: Union[int, Literal["full"]] = "full"
-    seed: int = Field(0, ge=0, le=MAX_SEED)
-    eval_every: int | None = Field(None, gt=0, description="held-out evaluation period (steps)")
-    tolerance: float | None = Field(None, ge=0, allow_inf_nan=False, description="stop when 3 steps in a row each change the loss by "
+    lr: Float = Field(0.05, gt=0)
+    steps: Int = Field(2000, ge=0)
+    batch_size: Union[Int, Literal["full"]] = "full"
+    seed: Int = Field(0, ge=0, le=MAX_SEED)
+    eval_every: Int | None = Field(None, gt=0, description="held-out evaluation period (steps)")
+    tolerance: Float | None = Field(None, ge=0, description="stop when 3 steps in a row each change the loss by "
                                     "less than this share of it (default 1e-7 for em; 0, never, for the others)")
 
     @field_validator("batch_size")
@@ -106,11 +120,11 @@ class FitSpec(_Strict):
 class Spec(_Strict):
     """A whole probkit spec (DESIGN section 2)."""
 
-    probkit: Literal[1] = Field(description="spec format version")
+    probkit: Annotated[Literal[1], BeforeValidator(_not_yes_or_no)] = Field(description="spec format version")
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)]  # a folder name
     description: str = ""
     data: DataSpec
-    constants: dict[str, Union[int, float]] = Field(default_factory=dict)
+    constants: dict[str, Union[Int, Float]] = Field(default_factory=dict)
     params: dict[str, ParamSpec] = Field(default_factory=dict)
     latent: dict[str, Union[str, LatentSpec]] = Field(default_factory=dict)
     likelihood: LikelihoodSpec
@@ -280,7 +294,7 @@ def _model_path(loc: tuple) -> KeyPath:
     for part in loc:
         if isinstance(part, str) and (part in models or part in ("str", "int", "float", "tuple[int, int]")):
             continue
-        if isinstance(part, str) and part.startswith(("literal[", "function-")):
+        if isinstance(part, str) and part.startswith(("literal[", "function-", "tuple[")):
             continue
         out.append(part)
     return tuple(out)
@@ -367,15 +381,24 @@ def spec_from_text(text: str, file: str = "<spec>", base_dir: Path | None = None
     return LoadedSpec(spec, smap, base_dir or Path.cwd(), text)
 
 
+MAX_SPEC_BYTES = 1 << 20  # a spec is a page of YAML; /dev/zero or a data file given by mistake is not
+
+
 def read_spec(path: str | Path) -> LoadedSpec:
     """Read a spec file (structure only; `probkit.compiler.compile_spec` checks the maths)."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        if path.exists() and not path.is_file() and not path.is_dir():  # reading a pipe or a device would block
+            raise SpecError(f"{path}: not a spec file (a pipe, a device or a socket); give the path of a .yaml file")
+        with path.open("rb") as stream:
+            raw = stream.read(MAX_SPEC_BYTES + 1)
     except FileNotFoundError:
         raise SpecError(f"spec file not found: {path}") from None
     except OSError as exc:
         raise SpecError(f"cannot read spec file {path}: {exc}") from None
+    if len(raw) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path}: the spec file is larger than {MAX_SPEC_BYTES:,} bytes; a spec is a few hundred "
+                        "bytes, so this is probably not one")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

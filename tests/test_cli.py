@@ -186,3 +186,22 @@ def test_a_run_with_a_damaged_param_is_refused_naming_the_file(tmp_path, damage)
         result = runner.invoke(app, command)
         assert result.exit_code == 1, (command, result.output)
         assert "params.safetensors" in result.output and "probs" in result.output, result.output
+
+
+def test_validate_says_what_loading_the_data_skipped_and_resized(tmp_path):
+    """The folder loader's notes (files skipped, odd sizes resized) reached no one before."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    Image.fromarray(np.zeros((5, 7), dtype=np.uint8)).save(folder / "odd.png")
+    (folder / "readme.txt").write_text("not an image")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(GOOD.replace("source: digits", "source: images"))
+    result = _invoke("validate", spec)
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())
+    assert "note: data: skipped 1 file(s) that are not images (readme.txt)" in flat
+    assert "note: data: resized 1 of 7 images to the most common size 8x8" in flat

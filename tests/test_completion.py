@@ -354,6 +354,8 @@ def test_method_choice_and_mcmc_refusals(write_spec):
     with pytest.raises(UsageError, match="Bernoulli pixels are discrete"):
         complete_images(prepared.compiled, values, x, mask, method="mcmc")
     with pytest.raises(UsageError, match="unknown completion method"):
+        complete_images(prepared.compiled, values, x, mask, method="nuts")
+    with pytest.raises(UsageError, match="gibbs samples the missing discrete pixels of an autoregressive"):
         complete_images(prepared.compiled, values, x, mask, method="gibbs")
     assert completion_method(prepared.compiled) == "exact-discrete-latents"
 

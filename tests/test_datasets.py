@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from probkit.datasets import (
     describe,
     load_source,
     missing_requirement,
+    source_digest,
     source_fingerprint,
 )
 from probkit.datasets.cache import cache_path
@@ -504,7 +506,7 @@ def test_an_idx_header_too_big_for_int64_is_refused_not_overflowed(tmp_path):
 
 
 def test_a_file_replaced_by_other_images_of_the_same_size_and_mtime_is_read_again(tmp_path, monkeypatch):
-    """The cache key has the file's change time and inode, which a replacement cannot keep."""
+    """The cache key is a hash of the file's bytes, which a replacement cannot keep."""
     from probkit.data import load_dataset
     from probkit.spec import DataSpec
 
@@ -552,3 +554,153 @@ def test_a_folder_source_holding_too_many_entries_is_refused_before_it_is_walked
         Image.new("L", (4, 4)).save(tmp_path / f"{i}.png")
     with pytest.raises(DataError, match=r"holds more than 5 files and folders; point data\.source at the folder"):
         load_source(str(tmp_path), base_dir=tmp_path)
+
+
+def _digits_spec(source):
+    from probkit.spec import DataSpec
+
+    return DataSpec(source=str(source), size=8, transform="discrete", test_fraction=0.0)
+
+
+def test_a_file_rewritten_in_place_keeping_its_size_inode_and_mtime_is_read_again(tmp_path, monkeypatch):
+    """Only the bytes change: no name, size, inode or modification time tells the old key apart."""
+    from probkit.data import load_dataset
+
+    monkeypatch.setenv("PROBKIT_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "images.npy"
+    first = np.random.default_rng(1).integers(0, 256, (20, 8, 8), dtype=np.uint8)
+    np.save(path, first)
+    stamp = path.stat()
+    before = load_dataset(_digits_spec(path), tmp_path).train_levels
+    np.testing.assert_array_equal(np.sort(before.numpy(), 0), np.sort(first.reshape(20, -1).astype(np.float32), 0))
+    header = len(path.read_bytes()) - first.size
+    with open(path, "r+b") as stream:  # the same file, its pixels overwritten where they lie
+        stream.seek(header)
+        stream.write((255 - first).tobytes())
+    os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    now = path.stat()
+    assert (now.st_size, now.st_ino, now.st_mtime_ns) == (stamp.st_size, stamp.st_ino, stamp.st_mtime_ns)
+    after = load_dataset(_digits_spec(path), tmp_path).train_levels
+    np.testing.assert_array_equal(np.sort(after.numpy(), 0), np.sort(255 - before.numpy(), 0))
+
+
+def test_the_cache_is_addressed_by_content_not_by_name_or_time(tmp_path, monkeypatch):
+    """A copy of the same bytes under another name and time is a cache hit: nothing is loaded."""
+    import probkit.data
+    from probkit.data import load_dataset
+
+    monkeypatch.setenv("PROBKIT_CACHE", str(tmp_path / "cache"))
+    images = np.random.default_rng(2).integers(0, 256, (12, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", images)
+    (tmp_path / "copy.npy").write_bytes((tmp_path / "a.npy").read_bytes())
+    os.utime(tmp_path / "copy.npy", (1e9, 1e9))
+    assert source_digest("a.npy", base_dir=tmp_path) == source_digest("copy.npy", base_dir=tmp_path)
+    expected = load_dataset(_digits_spec(tmp_path / "a.npy"), tmp_path).train_levels
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a cache hit must not load the source")
+
+    monkeypatch.setattr(probkit.data, "load_source", no_loading)
+    assert torch_equal(load_dataset(_digits_spec(tmp_path / "copy.npy"), tmp_path).train_levels, expected)
+
+
+def torch_equal(a, b) -> bool:
+    return a.shape == b.shape and bool((a == b).all())
+
+
+def test_a_folder_digest_follows_its_images_and_their_labels_only(tmp_path):
+    """The bytes the loader reads, framed by path: an edited image or a moved one (another label)
+    changes the digest; a hidden file or a file that is not an image, which the loader skips, does not."""
+    for label, seed in (("cat", 0), ("dog", 1)):
+        save_gray(tmp_path / "pets" / label / "0.png", random_pixels(seed, (4, 4)))
+    digest = source_digest("pets", base_dir=tmp_path)
+    (tmp_path / "pets" / "dog" / ".DS_Store").write_bytes(b"finder")
+    (tmp_path / "pets" / "dog" / "notes.txt").write_text("not an image")
+    assert source_digest("pets", base_dir=tmp_path) == digest
+    save_gray(tmp_path / "pets" / "dog" / "0.png", random_pixels(5, (4, 4)))
+    edited = source_digest("pets", base_dir=tmp_path)
+    assert edited != digest
+    os.replace(tmp_path / "pets" / "dog" / "0.png", tmp_path / "pets" / "cat" / "1.png")
+    save_gray(tmp_path / "pets" / "dog" / "0.png", random_pixels(0, (4, 4)))
+    assert source_digest("pets", base_dir=tmp_path) not in (digest, edited)
+    assert len(source_digest("pets", base_dir=tmp_path)) == 64
+
+
+def test_a_builtin_digest_hashes_the_files_its_loader_reads(tmp_path, monkeypatch):
+    import probkit.datasets as datasets
+
+    shipped = tmp_path / "digits.csv.gz"
+    shipped.write_bytes(b"first")
+    monkeypatch.setattr(datasets, "data_files", lambda name: [shipped])
+    before = source_digest("digits", base_dir=tmp_path)
+    shipped.write_bytes(b"other")
+    assert source_digest("digits", base_dir=tmp_path) != before
+    monkeypatch.undo()
+    assert source_digest("digits", base_dir=tmp_path) != source_digest("faces", base_dir=tmp_path)
+
+
+def test_an_idx_digest_covers_its_labels_file(tmp_path):
+    write_idx(tmp_path / "train-images-idx3-ubyte", random_pixels(0, (3, 4, 4)))
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.array([0, 1, 2], dtype=np.uint8))
+    before = source_digest("train-images-idx3-ubyte", base_dir=tmp_path)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.array([2, 1, 0], dtype=np.uint8))
+    assert source_digest("train-images-idx3-ubyte", base_dir=tmp_path) != before
+
+
+def test_a_source_too_big_to_hash_is_refused_before_reading(tmp_path, monkeypatch):
+    import probkit.datasets as datasets
+
+    monkeypatch.setattr(datasets, "MAX_SOURCE_BYTES", 100)
+    np.save(tmp_path / "images.npy", np.zeros((4, 8, 8), dtype=np.uint8))
+    size = (tmp_path / "images.npy").stat().st_size
+    with pytest.raises(DataError, match=rf"data source 'images.npy': holds {size:,} bytes, more than the 100 probkit"):
+        source_digest("images.npy", base_dir=tmp_path)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
+def test_a_file_that_yields_more_than_its_size_is_refused_not_read_without_end(tmp_path):
+    """/proc files say size 0 and stream on (pagemap for hundreds of GB): hashing stops at the size."""
+    with pytest.raises(DataError, match=r"/proc/self/status: holds more bytes than its size \(0\) says"):
+        source_digest("/proc/self/status", base_dir=tmp_path)
+
+
+def test_a_symbolic_link_in_a_loop_is_named_as_such(tmp_path):
+    os.symlink(tmp_path / "images.npy", tmp_path / "images.npy")
+    with pytest.raises(DataError, match=r"images\.npy: is a symbolic link that leads to no file"):
+        load_source("images.npy", base_dir=tmp_path)
+
+
+def test_an_unknown_users_home_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match=r"cannot tell whose home folder ~no-such-user-probkit is"):
+        load_source("~no-such-user-probkit/images.npy", base_dir=tmp_path)
+
+
+def test_a_folder_entry_that_cannot_be_looked_at_is_named(tmp_path, monkeypatch):
+    """`source: /proc` met /proc/1/cwd, whose stat is refused even to root: exit 2, not a traceback."""
+    save_gray(tmp_path / "images" / "a.png", random_pixels(0, (4, 4)))
+    real_is_file = Path.is_file
+
+    def refused(path):
+        if path.name == "a.png":
+            raise PermissionError(13, "Permission denied")
+        return real_is_file(path)
+
+    monkeypatch.setattr(Path, "is_file", refused)
+    with pytest.raises(DataError, match=r"a\.png: cannot look at it \(Permission denied\)"):
+        source_digest("images", base_dir=tmp_path)
+
+
+@pytest.mark.parametrize("array, message", [
+    (np.ones((3, 4, 4), dtype=np.complex64), r"expected real pixel values, found complex numbers \(dtype complex64\)"),
+    # out of range in float64, not the inf a cast to float32 would make of it (nor its overflow warning)
+    (np.full((3, 4, 4), 1e300), r"contains values from 1e\+300 to 1e\+300; 3 image\(s\) are affected\. Images of dtype "
+                                r"float64 must lie in \[0, 1\]"),
+])
+def test_arrays_of_complex_or_huge_values_are_refused_with_what_they_hold(tmp_path, array, message):
+    import warnings
+
+    np.save(tmp_path / "images.npy", array)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy warning reaches the user before the message
+        with pytest.raises(DataError, match=message):
+            load_source("images.npy", base_dir=tmp_path)

@@ -14,7 +14,8 @@ SPECS = Path(__file__).parent / "specs"
 SOURCES = ["tiny-mixture.yaml", "tiny-class.yaml", "tiny-em.yaml", "tiny-smooth.yaml", "tiny-diag.yaml"]
 TOKENS = [":", "[", "]", "{", "}", "- ", "1e309", "0", "-1", "'", '"', "*", "&a", "*a", "\t", "é", "\x07", "#",
           "K", "D", "z", "(", ")", ",", "/0.0", "**999", "!!python/object:os.system", "~", "null", "yes"]
-NUMBERS = ["0", "-1", "1e309", "-1e309", "1e-320", "nan", ".inf", "4294967296", "2.5", "1000000000000"]
+NUMBERS = ["0", "-1", "1e309", "-1e309", "1e-320", "nan", ".inf", "4294967296", "2.5", "1000000000000",
+           "yes", "true", ".nan", "0x10", "1_000"]  # YAML 1.1 booleans, NaN, hex and underscores where numbers go
 MUTANTS = int(__import__('os').environ.get('PROBKIT_FUZZ_MUTANTS', 150))
 pytestmark = pytest.mark.slow
 

@@ -179,6 +179,21 @@ def test_out_into_a_missing_place_exits_2_naming_out(fitted, tmp_path, where):
     assert "--out" in flat and "does not exist" in flat and "Traceback" not in flat
 
 
+def test_out_never_replaces_a_file_that_is_not_a_page_nor_a_device(fitted, tmp_path):
+    """`--out spec.yaml` would have replaced the spec with HTML, and (as root) `--out /dev/null` the
+    device with a file: both are refused before any work, and left as they were."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("probkit: 1\n")
+    os.mkfifo(tmp_path / "pipe.html")
+    for out, message in ((spec, "already exists and is not an HTML page; the report would replace it"),
+                         (tmp_path / "pipe.html", "is a device, a pipe or a socket, not a file"),
+                         (tmp_path / ("n" * 300 + ".html"), "cannot write there (File name too long)")):
+        result = _invoke("report", fitted, "--out", out)
+        assert result.exit_code == 2, result.output
+        assert message in " ".join(result.output.split())
+    assert spec.read_text() == "probkit: 1\n" and not (tmp_path / "pipe.html").is_file()
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_out_into_a_read_only_folder_exits_2(fitted, tmp_path):
     locked = tmp_path / "locked"
@@ -280,3 +295,21 @@ def test_the_page_renders_in_a_headless_browser(fitted, page, tmp_path):
     assert sum(1 for count in histogram if count) > 32, "the screenshot has almost no shades: nothing rendered"
     dark = sum(histogram[:128]) / sum(histogram)
     assert 0.005 < dark < 0.6, f"{dark:.1%} of the screenshot is dark: text and pictures missing or a black page"
+
+
+def test_a_damaged_run_json_gives_a_page_of_what_it_still_says(fitted, tmp_path):
+    """Metrics that are not numbers, a wall time too large for a float, or component counts that
+    are text were tracebacks; the page leaves out what it cannot read."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(fitted, run)
+    info = json.loads((run / "run.json").read_text())
+    info.update({"test": {"nll": float("nan"), "bits_per_dim": "x"}, "train": None, "wall_time_s": 10**400,
+                 "baseline_bits_per_dim": "one", "components": {"z": {"expected_images": "many"}}})
+    (run / "run.json").write_text(json.dumps(info))
+    result = _invoke("report", run, "--out", tmp_path / "page.html", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    sections = _parse((tmp_path / "page.html").read_text()).sections
+    assert "run.json records no metrics" in sections["metrics"]
+    assert "no component usage to show" in sections["components"]

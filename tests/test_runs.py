@@ -216,9 +216,20 @@ def _rewrite_meta(path: Path, **changes: str) -> None:
     save_file(load_file(str(path)), str(path), metadata={**meta, **changes})
 
 
+def _recast(path: Path, dtype) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+    save_file({k: v.to(dtype) for k, v in load_file(str(path)).items()}, str(path), metadata=meta)
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda path: path.write_bytes(b"\x00" * 40), "cannot read the checkpoint"),
     (lambda path: _rewrite_meta(path, step="-3"), "not a step count"),
+    (lambda path: _recast(path, torch.float16), "not the float32 a fit writes"),
+    (lambda path: _recast(path, torch.int64), "not the float32 a fit writes"),
 ])
 def test_a_damaged_checkpoint_is_refused_on_resume_with_the_file_named(tmp_path, damage, message):
     run = tmp_path / "run"
@@ -284,10 +295,14 @@ def test_sample_and_complete_refuse_an_out_they_cannot_write_with_exit_2(tmp_pat
         assert "cannot write there" in _flat(result) and "a-file" in _flat(result)
 
 
-def test_a_damaged_history_is_refused_on_resume_with_the_file_named(tmp_path):
+@pytest.mark.parametrize("damage", [
+    lambda text: "step,loss\nthree,NaN-ish\n",
+    lambda text: text[: text.rindex(",")],  # the last line cut off (was a TypeError when resuming)
+])
+def test_a_damaged_history_is_refused_on_resume_with_the_file_named(tmp_path, damage):
     run = tmp_path / "run"
     assert _fit(run).exit_code == 0
-    (run / "history.csv").write_text("step,loss\nthree,NaN-ish\n")
+    (run / "history.csv").write_text(damage((run / "history.csv").read_text()))
     result = _fit(run, "--resume", "--steps", 6)
     assert result.exit_code == 1 and "history.csv: cannot read the fit's history" in _flat(result), result.output
 
@@ -318,3 +333,88 @@ def test_a_resumed_run_keeps_its_run_id(tmp_path):
     before = json.loads((run / "run.json").read_text())["run_id"]
     assert _fit(run, "--resume", "--steps", 5).exit_code == 0
     assert json.loads((run / "run.json").read_text())["run_id"] == before
+
+
+def test_atomic_write_replaces_only_regular_files(tmp_path):
+    from probkit.runs import atomic_write
+
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(OSError, match="exists and is not a regular file"):
+        atomic_write(tmp_path / "pipe", b"data")
+    assert not (tmp_path / "pipe").is_file()
+    atomic_write(tmp_path / "file", b"one")
+    atomic_write(tmp_path / "file", b"two")
+    assert (tmp_path / "file").read_bytes() == b"two"
+
+
+def test_runs_dir_that_is_a_file_is_a_usage_error(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a folder")
+    result = _invoke("runs", "--dir", tmp_path / "notes.txt")
+    assert result.exit_code == 2, result.output
+    assert "--dir" in _flat(result) and "is a file, not a folder" in _flat(result)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda run: (run / "run.json").write_text("[1, 2]"), r"run\.json is not the JSON object a fit writes"),
+    (lambda run: (run / "run.json").write_text('{"spec_dir": 5}'), r"run\.json is not the JSON object a fit writes"),
+    (lambda run: (run / "run.json").write_text('{"data": "digits"}'), r"run\.json is not the JSON object a fit"),
+    (lambda run: ((run / "params.safetensors").unlink(), os.mkfifo(run / "params.safetensors")),
+     r"params\.safetensors: params\.safetensors is not a regular file"),
+    (lambda run: (run / "spec.yaml").write_bytes(b"\xff\xfe"), r"spec\.yaml: 'utf-8' codec can't decode"),
+])
+def test_a_damaged_run_file_is_refused_naming_it_never_read_as_it_is(tmp_path, damage, message):
+    """A run.json that is not an object was an AttributeError, and a pipe in place of the params
+    blocked every command for ever."""
+    run = tmp_path / "run"
+    assert _fit(run).exit_code == 0
+    damage(run)
+    for command in (("sample", run, "-n", 2, "--out", tmp_path), ("evaluate", run)):
+        result = _invoke(*command)
+        assert result.exit_code == 1, result.output
+        assert __import__("re").search(message, _flat(result)) and "fit again" in _flat(result), result.output
+
+
+def test_a_folder_or_a_pipe_in_place_of_a_run_file_is_refused_before_the_fit_and_kept(tmp_path):
+    """Found at the end of the fit, when the params were written (or removed as a stale file), these
+    were tracebacks after the work."""
+    run = tmp_path / "run"
+    assert _fit(run).exit_code == 0
+    (run / "run.json").unlink()
+    (run / "run.json").mkdir()
+    (run / "run.json" / "mine.txt").write_text("kept")
+    (run / "params.safetensors").unlink()
+    os.mkfifo(run / "params.safetensors")
+    for extra in (("--resume", "--steps", 4), ("--overwrite",)):
+        result = _fit(run, *extra)
+        assert result.exit_code == 2, result.output
+        assert "run.json: is a folder where the run keeps a file" in _flat(result)
+    (run / "run.json" / "mine.txt").unlink()
+    (run / "run.json").rmdir()
+    result = _fit(run, "--resume", "--steps", 4)
+    assert result.exit_code == 2 and "params.safetensors: is a pipe, a device or a socket" in _flat(result)
+    assert not (run / "params.safetensors").is_file()
+    (run / "params.safetensors").unlink()
+    (run / "samples.png").unlink()
+    os.mkfifo(run / "samples.png")  # the grid a fit draws at its end
+    result = _fit(run, "--resume", "--steps", 4)
+    assert result.exit_code == 2 and "samples.png: is a pipe, a device or a socket" in _flat(result)
+
+
+def test_a_pipe_in_place_of_the_history_is_refused_not_read(tmp_path):
+    """`probkit report` and `fit --resume` read history.csv: a pipe there blocked them for ever."""
+    from probkit.errors import RunError
+    from probkit.runs import read_history
+
+    os.mkfifo(tmp_path / "history.csv")
+    with pytest.raises(RunError, match=r"history\.csv: cannot read the fit's history \(OSError: history\.csv is not a "
+                                       r"regular file\)"):
+        read_history(tmp_path / "history.csv")
+
+
+def test_runs_lists_a_folder_with_a_pipe_for_its_run_json_as_damaged_without_reading_it(tmp_path):
+    (tmp_path / "a").mkdir()
+    os.mkfifo(tmp_path / "a" / "run.json")
+    (tmp_path / "b").mkdir()
+    os.mkfifo(tmp_path / "b" / "checkpoint.safetensors")
+    rows = {row.name: row.status for row in list_runs(tmp_path)}
+    assert rows == {"a": "damaged", "b": "damaged"}

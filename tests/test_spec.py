@@ -103,3 +103,50 @@ def test_a_name_too_long_for_a_folder_is_refused_at_its_line():
     text = (Path(__file__).parent / "specs" / "tiny-mixture.yaml").read_text()
     with pytest.raises(SpecError, match=r"spec\.yaml:2:7: name: String should have at most 100 characters"):
         spec_from_text(text.replace("name: tiny-mixture", "name: " + "a" * 300), "spec.yaml")
+
+
+@pytest.mark.parametrize("key, text", [
+    ("data.size", GOOD.replace("  source: digits", "  source: digits\n  size: yes")),
+    ("data.count", GOOD.replace("  source: digits", "  source: digits\n  count: true")),
+    ("data.channels", GOOD.replace("  source: digits", "  source: digits\n  channels: true")),
+    ("constants.K", GOOD + "constants:\n  K: on\n"),
+    ("params.probs.shape[0]", GOOD.replace("shape: [D]", "shape: [true]")),
+    ("fit.steps", GOOD + "fit:\n  steps: true\n"),
+    ("probkit", GOOD.replace("probkit: 1", "probkit: true")),
+])
+def test_a_yes_or_no_value_where_a_number_belongs_is_refused_not_read_as_1(key, text):
+    """pydantic would take true as 1: `size: yes` would fit 1x1 images without a word."""
+    with pytest.raises(SpecError, match=rf"s\.yaml:\d+:\d+: {__import__('re').escape(key)}: expected a number, not a "
+                                        r"yes-or-no value \(YAML reads true, false, yes, no, on and off as those\)"):
+        spec_from_text(text, "s.yaml")
+
+
+@pytest.mark.parametrize("key, text", [
+    ("fit.lr", GOOD + "fit:\n  lr: 1e309\n"),  # YAML 1.1 reads 1e309 as text, which pydantic turns into inf
+    ("fit.lr", GOOD + "fit:\n  lr: .inf\n"),
+    ("constants.K", GOOD + "constants:\n  K: .nan\n"),
+    ("params.probs.init", GOOD.replace("prior: Beta(1.0, 1.0)", "prior: Beta(1.0, 1.0)\n    init: .nan")),
+])
+def test_numbers_that_are_not_finite_are_refused_at_their_line(key, text):
+    with pytest.raises(SpecError, match=rf"s\.yaml:\d+:\d+: {__import__('re').escape(key)}: expected a finite number"):
+        spec_from_text(text, "s.yaml")
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "mkfifo"), reason="needs named pipes")
+def test_a_pipe_given_as_the_spec_is_refused_not_read(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "spec.yaml")  # reading it would block until someone writes
+    with pytest.raises(SpecError, match=r"spec\.yaml: not a spec file \(a pipe, a device or a socket\)"):
+        read_spec(tmp_path / "spec.yaml")
+
+
+def test_a_spec_file_too_big_to_be_one_is_refused_before_it_is_read_whole(tmp_path, monkeypatch):
+    import probkit.spec
+
+    monkeypatch.setattr(probkit.spec, "MAX_SPEC_BYTES", len(GOOD) - 1)
+    (tmp_path / "big.yaml").write_text(GOOD)
+    with pytest.raises(SpecError, match=rf"big\.yaml: the spec file is larger than {len(GOOD) - 1:,} bytes"):
+        read_spec(tmp_path / "big.yaml")
+    monkeypatch.setattr(probkit.spec, "MAX_SPEC_BYTES", len(GOOD))  # the bound itself is a spec
+    assert read_spec(tmp_path / "big.yaml").spec.name == "ok"

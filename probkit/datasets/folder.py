@@ -100,10 +100,20 @@ def walk_files(folder: Path, *, recursive: bool = True, hidden: bool = False) ->
         if seen > MAX_FOLDER_ENTRIES:
             raise DataError(f"{folder}: holds more than {MAX_FOLDER_ENTRIES:,} files and folders; point "
                             "data.source at the folder of your images (one sub-folder per label)")
-        found += [Path(current) / f for f in files if (Path(current) / f).is_file()]
+        found += [Path(current) / f for f in files if _is_regular(Path(current) / f)]
         if not recursive:
             break
     return sorted(found)
+
+
+def _is_regular(path: Path) -> bool:
+    """A regular file (through symbolic links): pipes, devices and sockets are left out, as they
+    could block or never end; one that cannot even be looked at is refused, naming it."""
+    try:
+        return path.is_file()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot look at it ({exc.strerror or exc}); point data.source at the folder "
+                        "of your images, or make the file readable") from None
 
 
 def _visible_files(folder: Path, *, recursive: bool) -> list[Path]:

@@ -170,6 +170,12 @@ class LikelihoodFamily:
     def log_likelihood(self, args: Args, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def pixel_log_prob(self, args: Args, x: torch.Tensor) -> torch.Tensor:
+        """log p(x_nd | arguments of image n) for every pixel of an autoregressive likelihood:
+        arguments with leading dims (N, K or 1) (probkit.compiler's image_arguments), x (N, D)
+        -> (N, K or 1, D). Pyro's log_prob by default."""
+        return self.distribution(args).log_prob(x.unsqueeze(1))
+
     def marginal(self, args: Args, pixels: torch.Tensor) -> Args:
         """The arguments of the distribution of a subset of the pixels. For a pixel family
         it is the same arguments at those pixels."""

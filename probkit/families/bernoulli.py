@@ -48,6 +48,10 @@ class Bernoulli(LikelihoodFamily):
         logits = logits_of(args)
         return (x * weight) @ logits.T - F.softplus(logits) @ weight
 
+    def pixel_log_prob(self, args, x):
+        logits = logits_of(args)
+        return x.unsqueeze(1) * logits - F.softplus(logits)
+
     def mean(self, args):
         return probs_of(args)
 

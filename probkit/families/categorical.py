@@ -49,6 +49,11 @@ class Categorical(LikelihoodFamily):
 
         return chunked(gather, x, K * D, dim=1).T
 
+    def pixel_log_prob(self, args, x):
+        logp = log_probs_of(args)  # (N, K, D, L)
+        index = x.long().unsqueeze(1).unsqueeze(-1).expand(logp.shape[:-1] + (1,))
+        return logp.gather(-1, index).squeeze(-1)
+
     em_steps = (("probs",), ("logits",))
     em_priors = {"probs": ("Dirichlet",), "logits": ()}
 

@@ -10,12 +10,19 @@ the families are never touched.
 from probkit.infer.batches import BatchPlan, BatchStream
 from probkit.infer.checkpoint import fitted_spec_text, run_info, write_run
 from probkit.infer.evaluation import Evaluator
-from probkit.infer.objective import Batch, FusedObjective, Params, PyroObjective, pyro_elbo
+from probkit.infer.objective import (
+    Batch,
+    CompiledLoss,
+    FusedObjective,
+    Params,
+    PyroObjective,
+    pyro_elbo,
+)
 from probkit.infer.steppers import AdamStepper, LBFGSStepper, NonFiniteLoss
 from probkit.infer.trainer import FitResult, FitSettings, Trainer, settings_from
 
 __all__ = [
-    "AdamStepper", "Batch", "BatchPlan", "BatchStream", "Evaluator", "FitResult", "FitSettings", "FusedObjective",
+    "AdamStepper", "Batch", "BatchPlan", "BatchStream", "CompiledLoss", "Evaluator", "FitResult", "FitSettings", "FusedObjective",
     "LBFGSStepper", "NonFiniteLoss", "Params", "PyroObjective", "Trainer", "fitted_spec_text", "pyro_elbo",
     "run_info", "settings_from", "write_run",
 ]

@@ -61,6 +61,12 @@ class BatchStream:
             self.generator.set_state(torch.from_numpy(raw))
             self.skip_batches = int(state.get("batch_in_epoch", 0))
 
+    def rewind(self, state: dict[str, str]) -> None:
+        """Go back to a `state()` taken earlier in this fit: the next batch is the one that
+        followed it then (a fit rolled back to its last good state replays the same batches)."""
+        self.restore(state)
+        self._iterator = self._batches()
+
     def _batches(self) -> Iterator[Batch]:
         dataset, plan = self.dataset, self.plan
         levels = dataset.train_levels

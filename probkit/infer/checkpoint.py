@@ -47,6 +47,12 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a damaged file
         raise RunError(f"--resume: cannot read the checkpoint {path} ({exc}); it is damaged: start again "
                        "with --overwrite") from None
+    # params and optimiser moments are written as float32; another dtype is a file changed since
+    # (L-BFGS keeps its counts and float64 curvature pairs under lbfgs/, as written)
+    wrong = sorted(k for k, v in tensors.items() if not k.startswith("lbfgs/") and v.dtype != torch.float32)
+    if wrong:
+        raise RunError(f"--resume: the checkpoint {path} holds {wrong[0]} as {tensors[wrong[0]].dtype}, not the "
+                       "float32 a fit writes; it is damaged: start again with --overwrite")
     step = meta.get("step", "")
     if not step.isdigit():
         raise RunError(f"--resume: the checkpoint {path} gives step {step!r}, not a step count; it is damaged: "

@@ -9,6 +9,7 @@ raises DomainError where the model cannot be evaluated at the current params.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,34 @@ class PyroObjective(FusedObjective):
                                                  total=total)
         except (ValueError, torch.linalg.LinAlgError) as exc:  # Pyro's validation of a value outside a support
             raise DomainError(f"the model cannot be evaluated at the current params ({exc})") from None
+
+
+class CompiledLoss:
+    """An objective's loss under torch.compile (its backward too, through AOTAutograd), for
+    batches of one shape, as a fit with full batches or a fixed minibatch size has. Where
+    compiling fails, the loss runs eagerly from then on and `fallback` says why; a batch of
+    another shape recompiles (torch falls back to eager itself past its recompile limit)."""
+
+    def __init__(self, objective: FusedObjective, params: Params):
+        self.objective = objective
+        self.params = params
+        self.fallback: str | None = None
+        self._compiled = torch.compile(self._loss, dynamic=False)
+
+    def _loss(self, x, labels, scale, prior_weight):
+        return self.objective.loss(self.params, Batch(x, labels, scale, prior_weight))
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        if self.fallback is None:
+            try:
+                with warnings.catch_warnings():  # torch's tracer reads .grad of non-leaf tensors: not the user's doing
+                    warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+                    return self._compiled(batch.x, batch.labels, batch.scale, batch.prior_weight)
+            except (DomainError, torch.OutOfMemoryError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure to compile: the eager loss is the same loss
+                self.fallback = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        return self.objective.loss(self.params, batch)
 
 
 def pyro_elbo(compiled: CompiledModel):

@@ -7,6 +7,11 @@ outside the model's domain (DomainError, or a non-finite loss): those count as n
 the last good point and sloping back towards it, so the search halves its step there. Every
 point the search has evaluated has a loss at least that of its best point so far, so such a
 point fails the sufficient-decrease test and is never the one kept.
+
+Adam can also step without reading the device (`step_deferred`): the loss stays a device
+tensor, and the trainer checks finiteness at its read points, rolling back to a `snapshot`
+of the last good state (probkit.infer.watch). Its update is torch's fused Adam where the
+device has one (one kernel for all params), else the multi-tensor (`foreach`) one.
 """
 
 from __future__ import annotations
@@ -47,10 +52,47 @@ class Stepper:
         pass
 
 
+def adam(params: list[torch.Tensor], lr: float) -> torch.optim.Adam:
+    """torch's Adam with the fewest launches the params' device allows: fused (CPU and CUDA
+    float params), else foreach (one multi-tensor kernel per operation)."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.Adam(params, lr=lr, foreach=True)
+
+
 class AdamStepper(Stepper):
     def __init__(self, params, lr, collective=None):
         super().__init__(params, lr, collective)
-        self.optimizer = torch.optim.Adam(params, lr=lr)
+        self.optimizer = adam(params, lr)
+        # fused Adam keeps its step count on the params' device; the others on the CPU
+        self._step_on_device = bool(self.optimizer.defaults.get("fused") or self.optimizer.defaults.get("capturable"))
+
+    def step_deferred(self, loss: Loss) -> torch.Tensor:
+        """One update without reading the device: the loss at the params before it, as a
+        detached device tensor. A non-finite loss still updates (to non-finite params): the
+        caller checks the losses later and restores a `snapshot` taken before it."""
+        self.optimizer.zero_grad(set_to_none=True)
+        value = loss()  # a DomainError ends the fit (the caller checks for earlier non-finite losses first)
+        value.backward()
+        self.optimizer.step()
+        return value.detach()
+
+    def snapshot(self) -> list[dict[str, torch.Tensor]]:
+        """A device copy of the params and Adam's state, for `restore`."""
+        with torch.no_grad():
+            return [{"param": u.detach().clone(),
+                     **{k: v.clone() for k, v in self.optimizer.state.get(u, {}).items()}} for u in self.params]
+
+    def restore(self, snapshot: list[dict[str, torch.Tensor]]) -> None:
+        with torch.no_grad():
+            for u, saved in zip(self.params, snapshot):
+                u.copy_(saved["param"])
+                state = {k: v.clone() for k, v in saved.items() if k != "param"}
+                if state:
+                    self.optimizer.state[u] = state
+                else:
+                    self.optimizer.state.pop(u, None)
 
     def step(self, loss: Loss, batch=None) -> float:
         read: list[float] = []
@@ -82,7 +124,7 @@ class AdamStepper(Stepper):
             return
         for n, u in zip(names, self.params):
             self.optimizer.state[u] = {
-                "step": tensors[f"adam/{n}/step"].reshape(()).cpu(),
+                "step": tensors[f"adam/{n}/step"].reshape(()).to(u.device if self._step_on_device else "cpu"),
                 "exp_avg": tensors[f"adam/{n}/exp_avg"].to(u.device),
                 "exp_avg_sq": tensors[f"adam/{n}/exp_avg_sq"].to(u.device),
             }

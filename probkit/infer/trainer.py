@@ -4,6 +4,12 @@ The loop knows no family and no formula: the objective (objective.py) says what 
 minimised, the stepper (steppers.py) how one step is taken, the batch plan (batches.py)
 what each step sees, and checkpoint.py how the state is written. A non-finite loss at the
 current params stops the fit and names the term; nothing untouched is reported as a result.
+
+An Adam fit on one process reads the device only at read points (watch.py): its steps queue
+on the device one after another, and a non-finite loss found at a read point rolls the fit
+back to the last good state and replays the steps one at a time, so it stops where, and with
+the message, the step-by-step loop would. L-BFGS, EM, data-parallel fits and fits with a
+`fit.tolerance` (which reads every loss) take the step-by-step loop.
 """
 
 from __future__ import annotations
@@ -24,9 +30,10 @@ from probkit.infer.checkpoint import load_checkpoint, save_checkpoint
 from probkit.infer.distributed import Local
 from probkit.infer.em import EMFailure, EMStepper, choose_optimizer, em_plan
 from probkit.infer.evaluation import Evaluator
-from probkit.infer.objective import ENGINES, Batch, Params
-from probkit.infer.steppers import NonFiniteLoss, make_stepper
+from probkit.infer.objective import ENGINES, Batch, CompiledLoss, Params
+from probkit.infer.steppers import AdamStepper, NonFiniteLoss, make_stepper
 from probkit.infer.stopping import StoppingRule
+from probkit.infer.watch import READ_PERIOD_S, DeviceWatch, LastGood
 from probkit.initialise import initial_values
 from probkit.runs import CHECKPOINT, read_history
 from probkit.spec import MAX_SEED
@@ -49,6 +56,10 @@ class FitResult:
 # relative change of the loss at which a fit stops (Adam, whose minibatch losses are noisy: never)
 DEFAULT_TOLERANCE = {"em": 1e-7, "lbfgs": 1e-7}
 
+# torch.compile of the loss and its backward, opt-in: compiling takes tens of seconds, and
+# whether it repays that on a GPU has not been measured yet (benchmarks/gpu_scale.py --compile on)
+COMPILE_CHOICES = ("off", "on")
+
 
 @dataclass
 class FitSettings:
@@ -61,10 +72,11 @@ class FitSettings:
     engine: str = "fused"
     tolerance: float = 0.0
     choice: str = ""  # why this optimizer (for fit, validate and run.json)
+    compile: str = "off"  # one of COMPILE_CHOICES
 
 
 def settings_from(compiled: CompiledModel, n_train: int, *, steps: int | None, seed: int | None,
-                  engine: str = "fused") -> FitSettings:
+                  engine: str = "fused", compile: str = "off") -> FitSettings:
     fit = compiled.spec.fit
     steps = fit.steps if steps is None else steps
     if steps < 0:
@@ -82,10 +94,18 @@ def settings_from(compiled: CompiledModel, n_train: int, *, steps: int | None, s
         raise UsageError("L-BFGS needs full batches: set fit.batch_size: full (or use optimizer: adam)")
     if engine not in ENGINES:
         raise UsageError(f"unknown engine '{engine}' (expected {' or '.join(ENGINES)})")
+    if compile not in COMPILE_CHOICES:
+        raise UsageError(f"unknown compile setting '{compile}' (expected one of: {', '.join(COMPILE_CHOICES)})")
     eval_every = fit.eval_every or max(1, steps // 20) if steps else 1
     tolerance = DEFAULT_TOLERANCE.get(optimizer, 0.0) if fit.tolerance is None else fit.tolerance
     return FitSettings(steps, fit.lr, optimizer, batch, fit.seed if seed is None else seed,
-                       eval_every, engine, tolerance, choice)
+                       eval_every, engine, tolerance, choice, compile)
+
+
+def compiles(settings: FitSettings) -> bool:
+    """Whether a fit with these settings runs its loss under torch.compile (gradient-based
+    optimisers on the fused objective only)."""
+    return settings.compile == "on" and settings.engine == "fused" and settings.optimizer in ("adam", "lbfgs")
 
 
 class Trainer:
@@ -121,6 +141,8 @@ class Trainer:
         self.stopped = ""  # why the fit ended before its last step (a convergence), if it did
         self.steps_done = 0
         self.batches = BatchStream(BatchPlan.of(compiled, dataset, settings), dataset)
+        self.compiled_loss = CompiledLoss(self.objective, self.params) if (
+            self.params.names and compiles(settings)) else None
         if resume:
             self._resume()
 
@@ -182,7 +204,15 @@ class Trainer:
     # ----- the loop --------------------------------------------------------------------
 
     def _loss(self, batch: Batch) -> torch.Tensor:
+        if self.compiled_loss is not None:
+            return self.compiled_loss(batch)
         return self.objective.loss(self.params, batch)
+
+    @property
+    def deferred(self) -> bool:
+        """Whether `run` reads the device at read points only (see the module's docstring)."""
+        return (isinstance(self.stepper, AdamStepper) and self.collective.world_size == 1
+                and not self.settings.tolerance)
 
     def _fail(self, step: int, batch: Batch, last_saved: int | None, cause: str | None = None) -> FitError:
         kept = (f"the last good checkpoint (step {last_saved}) is kept in {self.run_dir / CHECKPOINT}"
@@ -204,14 +234,35 @@ class Trainer:
         )
 
     def run(self, on_step: Callable[[int, float, float | None], None] | None = None) -> list[dict]:
+        """Train to the last step (or convergence); `on_step(step, loss, held_out_bpd)` after every
+        step. In the deferred loop its loss is the latest one read (read at the first step, at
+        every evaluation and at most every READ_PERIOD_S seconds while `on_step` is given)."""
+        self.steps_done = self.start_step
+        if self.deferred:
+            return self._run_deferred(on_step)
+        return self._run_step_by_step(on_step)
+
+    def _record(self, done: int, loss_value: float, started: float) -> float | None:
+        """Evaluate, append to the history and write the checkpoint; the held-out bits/dim."""
+        test_bpd = None
+        if self.dataset.n_test:
+            test_bpd = self.dataset.bits_per_dim(self.evaluator.nll(self.values(), "test"))
+        self.history.append({"step": done, "loss": loss_value, "test_bits_per_dim": test_bpd,
+                             "seconds": round(time.perf_counter() - started, 4)})
+        self.save_checkpoint(done)
+        return test_bpd
+
+    def _params_finite(self) -> bool:
+        return all(bool(torch.isfinite(u).all()) for u in self.unconstrained)
+
+    def _run_step_by_step(self, on_step) -> list[dict]:
         settings = self.settings
         last_saved = self.start_step if self.start_step else None
         started = time.perf_counter() - self.seconds_before  # history's seconds count the whole fit
-        self.steps_done = self.start_step
         for step in range(self.start_step, settings.steps):
             batch = self.collective.share(next(self.batches))
             try:
-                loss_value = self.stepper.step(lambda: self._loss(batch), batch)
+                loss_value = self.stepper.step(lambda batch=batch: self._loss(batch), batch)
             except NonFiniteLoss:
                 raise self._fail(step, batch, last_saved) from None
             except (DomainError, EMFailure) as exc:
@@ -223,16 +274,68 @@ class Trainer:
             test_bpd = None
             if done % settings.eval_every == 0 or done == settings.steps or converged:
                 # an update to non-finite params shows in the next loss; check before saving them
-                if not all(torch.isfinite(u).all() for u in self.unconstrained):
+                if not self._params_finite():
                     raise self._fail(step, batch, last_saved)
-                if self.dataset.n_test:
-                    test_bpd = self.dataset.bits_per_dim(self.evaluator.nll(self.values(), "test"))
-                self.history.append({"step": done, "loss": loss_value, "test_bits_per_dim": test_bpd,
-                                     "seconds": round(time.perf_counter() - started, 4)})
-                self.save_checkpoint(done)
+                test_bpd = self._record(done, loss_value, started)
                 last_saved = done
             if on_step is not None:
                 on_step(done, loss_value, test_bpd)
             if converged:
                 break
         return self.history
+
+    def _run_deferred(self, on_step) -> list[dict]:
+        settings = self.settings
+        last_saved = self.start_step if self.start_step else None
+        started = time.perf_counter() - self.seconds_before
+        watch = DeviceWatch(self.compiled.device)
+        good = self._last_good(self.start_step)
+        next_read = 0.0  # the first step is read, so a progress bar shows a loss at once
+        loss_value = float("nan")
+        for step in range(self.start_step, settings.steps):
+            batch = self.collective.share(next(self.batches))
+            try:
+                watch.record(self.stepper.step_deferred(lambda batch=batch: self._loss(batch)))
+            except DomainError as exc:
+                if not watch.all_finite():  # an earlier non-finite loss led here: stop at it
+                    raise self._replay(good, step + 1, last_saved) from None
+                raise self._fail(step, batch, last_saved, str(exc)) from None
+            done = self.steps_done = step + 1
+            record = done % settings.eval_every == 0 or done == settings.steps
+            test_bpd = None
+            if record or (on_step is not None and time.perf_counter() >= next_read):
+                if not watch.all_finite():
+                    raise self._replay(good, done, last_saved) from None
+                loss_value = watch.latest_value()
+                self.stopping.update(loss_value)  # tolerance 0: only its state (for the checkpoint) moves
+                if record:
+                    if not self._params_finite():  # as the step-by-step loop: the next loss would show it
+                        raise self._fail(step, batch, last_saved)
+                    test_bpd = self._record(done, loss_value, started)
+                    last_saved = done
+                good = self._last_good(done)
+                next_read = time.perf_counter() + READ_PERIOD_S
+            if on_step is not None:
+                on_step(done, loss_value, test_bpd)
+        return self.history
+
+    def _last_good(self, done: int) -> LastGood:
+        return LastGood(done, self.stepper.snapshot(), self.batches.state())
+
+    def _replay(self, good: LastGood, upto: int, last_saved: int | None) -> FitError:
+        """A loss after the last good read point was non-finite: go back to that state and take
+        the steps again one at a time, reading each loss, up to step `upto`; the failure of the
+        first bad step, with the message and params the step-by-step loop gives."""
+        self.stepper.restore(good.state)
+        self.batches.rewind(good.batches)
+        batch = None
+        for step in range(good.step, upto):
+            batch = self.collective.share(next(self.batches))
+            try:
+                self.stepper.step(lambda batch=batch: self._loss(batch), batch)
+            except NonFiniteLoss:
+                return self._fail(step, batch, last_saved)
+            except DomainError as exc:
+                return self._fail(step, batch, last_saved, str(exc))
+        # not reproduced (a device whose sums differ run to run): report it at the read point
+        return self._fail(upto - 1, batch, last_saved)

@@ -190,9 +190,9 @@ likelihood:
     "mvn-scale-tril": ("continuous", """
 params:
   loc: {shape: [D], prior: "Normal(0.5, 1.0)"}
-  tril: {shape: [D, D], support: lower_cholesky}
+  chol: {shape: [D, D], support: lower_cholesky}
 likelihood:
-  x: MultivariateNormal(loc, scale_tril=tril)
+  x: MultivariateNormal(loc, scale_tril=chol)
 """),
     "laplace-mixture": ("continuous", """
 constants: {K: 2}
@@ -249,9 +249,9 @@ def _random_values(compiled, dtype, seed=0) -> dict[str, torch.Tensor]:
         transform = transform_to(constraint)
         raw = 0.5 * torch.randn(transform.inverse_shape(site.shape), generator=g, dtype=torch.float64)
         value = transform(raw)
-        if site.name in ("precision", "cov", "tril"):  # well-conditioned matrices
+        if site.name in ("precision", "cov", "chol"):  # well-conditioned matrices
             D = site.shape[-1]
-            value = value + 5.0 * torch.eye(D, dtype=torch.float64) if site.name != "tril" else \
+            value = value + 5.0 * torch.eye(D, dtype=torch.float64) if site.name != "chol" else \
                 torch.tril(0.1 * raw, -1) + torch.diag_embed(0.2 + raw.diagonal(dim1=-2, dim2=-1).exp())
         values[site.name] = value.to(dtype).detach().requires_grad_()
     return values

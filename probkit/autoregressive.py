@@ -1,0 +1,185 @@
+"""Autoregressive likelihoods: the building blocks `nade` and `made`, and the order check.
+
+An autoregressive likelihood reads the image itself: p(x) = prod_d p(x_d | x_<d), pixel d's
+distribution a function of the earlier pixels only (channel-first raster order). A spec writes
+it as an ordinary expression over `x` (one flat image of D values, as every expression is
+per image), e.g. an FVSBN `Bernoulli(logits=b + tril(A, -1) @ x)`, and probkit
+
+- proves the order before any work (`dependency_violation`): the Jacobian of the
+  likelihood's arguments with respect to x, probed by autograd at random params and a random
+  image, must vanish on and above the diagonal (a nonzero derivative is a proof of dependence);
+- evaluates the log-likelihood of every image in one pass (teacher forcing: the arguments
+  of all pixels from the observed image at once, `torch.func.vmap` over images);
+- samples pixel by pixel, every image at once.
+
+`nade` and `made` are plain torch functions of one image, so `probkit show` prints them
+into its standalone program as they are here (it reads this file's source of them).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Callable
+
+import torch
+
+
+def nade(x, W, c, V, b):
+    """NADE (Larochelle & Murray, 2011) of one flat image x (D,): hidden units
+    h_d = sigmoid(c + W[:, :d] @ x[:d]) for every pixel d (the running sum over earlier pixels
+    shares W), and pixel d's output b_d + V_d . h_d.
+
+    Shapes: W (H, D), c (H,), V (D, H), b (D,) -> one number per pixel (Bernoulli logits, a
+    Normal's loc). Leading dimensions (components of a mixture: c[z], b[z]) broadcast."""
+    weighted = W * x  # (..., H, D): each earlier pixel's push on every hidden unit
+    before = torch.cumsum(weighted, -1) - weighted  # sums over pixels < d only
+    hidden = torch.sigmoid(c.unsqueeze(-1) + before)  # (..., H, D)
+    return torch.einsum("...dh,...hd->...d", V, hidden) + b
+
+
+def nade_pixel(x, W, c, V, b, d: int):
+    """NADE's output for pixel d alone (what drawing pixel d needs): O(H d), not O(H D).
+    Returns (..., 1), which broadcasts against per-pixel terms whose entry d is then pixel d's."""
+    hidden = torch.sigmoid(c + W[..., :, :d] @ x[:d])
+    return ((V[..., d, :] * hidden).sum(-1) + b[..., d]).unsqueeze(-1)
+
+
+@lru_cache(maxsize=64)
+def made_masks(D: int, hidden: tuple[int, ...], device: str = "cpu") -> tuple[torch.Tensor, ...]:
+    """MADE's connectivity masks (Germain et al., 2015) for D inputs in their natural order and
+    hidden layers of the given sizes: unit k of every hidden layer gets degree (k mod (D-1)) + 1;
+    a unit sees the units of the layer below whose degree is at most its own (pixel d has degree
+    d + 1), and output d sees the hidden units whose degree is below d + 1. So output d
+    depends on pixels 0..d-1 only. Returns one mask per weight matrix, output last (D, H_last)."""
+    inputs = torch.arange(1, D + 1, device=device)
+    degrees = [inputs]
+    for size in hidden:
+        degrees.append(torch.arange(size, device=device) % max(D - 1, 1) + 1)
+    masks = [(above[:, None] >= below[None, :]).float() for below, above in zip(degrees, degrees[1:])]
+    masks.append((inputs[:, None] > degrees[-1][None, :]).float())
+    return tuple(masks)
+
+
+def made(x, *layers):
+    """MADE of one flat image x (D,): a ReLU network whose masks make output d a function of
+    pixels before d only. layers: W1, b1, ..., Wn, bn (hidden layers, W_i of shape
+    (H_i, H_i-1), the first (H_1, D)), then V (D, H_n) and c (D,): the output layer, one number
+    per pixel. Leading dimensions (components: b1[z], c[z]) broadcast."""
+    *hidden_layers, V, c = layers
+    D = x.shape[-1]
+    sizes = tuple(int(W.shape[-2]) for W in hidden_layers[0::2])
+    masks = made_masks(D, sizes, str(x.device))
+    h = x
+    # h (..., 1, n) @ W^T (..., n, m): a matrix product (an einsum here is ~50x slower under vmap)
+    for W, bias, mask in zip(hidden_layers[0::2], hidden_layers[1::2], masks):
+        h = torch.relu((h.unsqueeze(-2) @ (W * mask).mT).squeeze(-2) + bias)
+    return (h.unsqueeze(-2) @ (V * masks[-1]).mT).squeeze(-2) + c
+
+
+def made_layers_problem(D: int, layers: list[torch.Tensor]) -> str | None:
+    """Why MADE's weights do not chain (None when they do): the sizes a spec must give."""
+    if len(layers) < 4 or len(layers) % 2:
+        return ("made(x, W1, b1, ..., V, c) takes x, then a weight and a bias for each hidden layer and for the "
+                f"output layer (an even number of them, at least 4), found {len(layers)}")
+    width = D
+    for i, (W, bias) in enumerate(zip(layers[:-2:2], layers[1:-2:2]), start=1):
+        if W.dim() < 2 or W.shape[-1] != width:
+            return f"hidden layer {i}'s weight has shape {list(W.shape)}; expected (H{i}, {width})"
+        width = W.shape[-2]
+        if bias.shape[-1:] != (width,):
+            return f"hidden layer {i}'s bias has shape {list(bias.shape)}; expected ({width},)"
+    V, c = layers[-2:]
+    if V.dim() < 2 or V.shape[-2:] != (D, width):
+        return f"the output weight V has shape {list(V.shape)}; expected ({D}, {width})"
+    if c.shape[-1:] != (D,):
+        return f"the output bias c has shape {list(c.shape)}; expected ({D},)"
+    return None
+
+
+# ----- the order check --------------------------------------------------------------------
+
+def dependency_violation(arguments: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int = 64
+                         ) -> tuple[int, int] | None:
+    """The first (pixel d, pixel j) with j >= d whose argument depends on x_j, or None.
+
+    arguments(x) -> (D,): one number per pixel, a random combination of everything the
+    likelihood's arguments hold for that pixel (components, levels), so a dependence of any of
+    them shows. Its Jacobian at x, by reverse mode in chunks of `chunk` pixels."""
+    D = x.shape[-1]
+    jacobian = torch.func.jacrev(arguments, chunk_size=max(1, min(D, chunk)))(x)  # (D outputs, D inputs)
+    depends = (jacobian != 0) | jacobian.isnan()
+    bad = (depends & torch.ones(D, D, dtype=torch.bool).triu()).nonzero()
+    if len(bad) == 0:
+        return None
+    d, j = (int(v) for v in bad[0])
+    return d, j
+
+
+def describe_pixel(d: int, C: int, H: int, W: int) -> str:
+    """Pixel d of the flat image (channel-first raster order) as 'pixel 37 (row 1, column 5)'."""
+    c, rest = divmod(d, H * W)
+    row, col = divmod(rest, W)
+    where = f"row {row}, column {col}" + (f", channel {c}" if C > 1 else "")
+    return f"pixel {d} ({where})"
+
+
+def source_of(name: str) -> str:
+    """The source of a building block (and what it needs), for `probkit show`'s program."""
+    import inspect
+
+    parts = {"nade": [nade], "made": [made_masks, made]}[name]
+    text = []
+    for function in parts:
+        source = inspect.getsource(function)
+        text.append(source)
+    return "\n\n".join(text)
+
+
+# ----- drawing pixel by pixel ------------------------------------------------------------------
+
+ELEMENTWISE = frozenset({"exp", "log", "log1p", "expm1", "sqrt", "abs", "square", "sigmoid", "logit", "tanh",
+                         "softplus", "relu"})
+
+
+def is_affine(node, constant: Callable[[object], bool]) -> bool:
+    """Whether an expression node is affine in x: x itself, constants (nodes `constant` says do
+    not read x), and sums, differences, negations, products and quotients by constants and
+    constant @ affine. Then its value is a(0) + J x with J its (constant) Jacobian."""
+    import ast
+
+    if constant(node):
+        return True
+    if isinstance(node, ast.Name):
+        return node.id == "x"
+    if isinstance(node, ast.UnaryOp):
+        return is_affine(node.operand, constant)
+    if isinstance(node, ast.BinOp):
+        left, right = node.left, node.right
+        if isinstance(node.op, (ast.Add, ast.Sub)):
+            return is_affine(left, constant) and is_affine(right, constant)
+        if isinstance(node.op, ast.Mult):
+            return (constant(left) and is_affine(right, constant)) or (constant(right) and is_affine(left, constant))
+        if isinstance(node.op, ast.Div):
+            return constant(right) and is_affine(left, constant)
+        if isinstance(node.op, ast.MatMult):
+            return constant(left) and is_affine(right, constant)
+    return False
+
+
+def pixelwise_nade(node, constant: Callable[[object], bool]) -> bool:
+    """Whether every use of x in the node is inside a nade(...) call whose result reaches the
+    node through elementwise operations only (so pixel d of the node is pixel d of nade's
+    output, and `nade_pixel` can stand in for it)."""
+    import ast
+
+    if constant(node):
+        return True
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        if node.func.id == "nade":
+            return all(constant(a) for a in node.args[1:])
+        return node.func.id in ELEMENTWISE and all(pixelwise_nade(a, constant) for a in node.args)
+    if isinstance(node, ast.UnaryOp):
+        return pixelwise_nade(node.operand, constant)
+    if isinstance(node, ast.BinOp) and not isinstance(node.op, ast.MatMult):
+        return pixelwise_nade(node.left, constant) and pixelwise_nade(node.right, constant)
+    return False
