@@ -37,7 +37,7 @@ from probkit import expressions
 from probkit.context import CPU, Context, human_bytes, memory_bytes, seeded
 from probkit.data import pixel_transform
 from probkit.distributions import FAMILIES, SUPPORT_EVENT_DIM, SUPPORTS, VECTOR_ARGS
-from probkit.errors import DomainError, RunError, SpecError
+from probkit.errors import DomainError, SpecError
 from probkit.expressions import Expr
 from probkit.families import LikelihoodFamily, likelihood_family
 from probkit.latents import ENUMERATED, OBSERVED_LABEL, LatentSite, marginalise
