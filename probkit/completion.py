@@ -274,7 +274,12 @@ def _missing_support(compiled: CompiledModel, values):
             f"the mcmc method needs continuous pixels, but {family.name} pixels are discrete (NUTS cannot "
             f"move over them); use the exact method (--method auto), which covers every {family.name} spec"
         )
-    support = family.distribution(compiled.config_arguments(values)).support
+    if compiled.autoregressive:  # the support does not move with the image: read it at a blank one
+        image = torch.zeros(1, compiled.dims.D, device=compiled.device)
+        args = {arg: value[0] for arg, value in compiled.image_arguments(values, image).items()}
+    else:
+        args = compiled.config_arguments(values)
+    support = family.distribution(args).support
     while isinstance(support, constraints.independent):
         support = support.base_constraint
     bounds = {attr: getattr(support, attr) for attr in ("lower_bound", "upper_bound") if hasattr(support, attr)}

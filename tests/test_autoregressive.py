@@ -287,3 +287,14 @@ def test_sampler_steps_are_bounded_and_a_latent_is_given_once(write_spec):
         complete_images(compiled, values, torch.zeros(1, 4), mask, mcmc_samples=10**20)
     with pytest.raises(UsageError, match="give each latent once"):
         parse_given(["y=1", "y=2"])
+
+
+def test_continuous_pixels_of_an_autoregressive_model_complete_by_nuts_outside_a_suffix():
+    prepared = prepare(TINY[2])  # a MADE with Normal pixels
+    compiled = prepared.compiled
+    x = prepared.dataset.fixed("test")[:2]
+    mask = make_mask("center", 1, 4, 4).reshape(-1)
+    result = complete_images(compiled, compiled.initial_values(0), x, mask, k=2, mcmc_warmup=5, mcmc_samples=10)
+    assert result.method == "mcmc" and result.settings["kernel"] == "NUTS"
+    assert torch.equal(result.completions[:, :, ~mask], x[:, None, ~mask].expand(-1, 2, -1))
+    assert torch.isfinite(result.completions).all()
