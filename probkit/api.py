@@ -595,6 +595,23 @@ def _grid_file(out: Path, default_name: str) -> Path:
     return out if out.suffix.lower() == ".png" else out / default_name
 
 
+def _check_draw_counts(images: int, k: int) -> None:
+    """--images and -k of denoise and upscale, before any work."""
+    if images < 1:
+        raise UsageError(f"--images must be at least 1, found {images}")
+    if not 1 <= k <= MAX_COMPLETIONS:
+        raise UsageError(f"-k must be between 1 and {MAX_COMPLETIONS:,} draws per image, found {k}")
+
+
+def _held_out_images(run: Run, dataset: Dataset, images: int) -> torch.Tensor:
+    """The first `images` held-out images (float64, model scale) of a run whose data is unchanged."""
+    check_run_data(run, dataset)
+    held_out = dataset.fixed("test")[:images].double()
+    if len(held_out) == 0:
+        raise UsageError("the spec's data has no held-out images (test_fraction: 0); pass --input IMAGES")
+    return held_out
+
+
 def denoise(target: SpecLike | Run, *, noise: str, images: int = 16, input: str | Path | None = None, k: int = 4,
             seed: int = 0, device: str = "auto", out: str | Path | None = None,
             run_out: str | Path | None = None):
@@ -609,10 +626,7 @@ def denoise(target: SpecLike | Run, *, noise: str, images: int = 16, input: str 
     [0, 1] display scale. Returns (DenoiseResult, files)."""
     from probkit.denoising import denoise_images, parse_noise
 
-    if images < 1:
-        raise UsageError(f"--images must be at least 1, found {images}")
-    if not 1 <= k <= MAX_COMPLETIONS:
-        raise UsageError(f"-k must be between 1 and {MAX_COMPLETIONS:,} draws per image, found {k}")
+    _check_draw_counts(images, k)
     run, prepared = open_run(target, device=device, out=run_out)
     dataset, compiled = prepared.dataset, prepared.compiled
     noise_model = parse_noise(noise, dataset.transform)
@@ -620,10 +634,7 @@ def denoise(target: SpecLike | Run, *, noise: str, images: int = 16, input: str 
     notes: list[str] = []
     clean = None
     if input is None:
-        check_run_data(run, dataset)
-        clean = dataset.fixed("test")[:images].double()
-        if len(clean) == 0:
-            raise UsageError("the spec's data has no held-out images (test_fraction: 0); pass --input IMAGES")
+        clean = _held_out_images(run, dataset, images)
         noisy = noise_model.corrupt(clean, torch.Generator().manual_seed(seed))
     else:
         levels, notes = input_levels(input, dataset)
@@ -679,10 +690,7 @@ def upscale(target: SpecLike | Run, *, factor: int = 2, images: int = 16, input:
     Returns (UpscaleResult, files)."""
     from probkit.upscaling import blocks_for, upscale_images
 
-    if images < 1:
-        raise UsageError(f"--images must be at least 1, found {images}")
-    if not 1 <= k <= MAX_COMPLETIONS:
-        raise UsageError(f"-k must be between 1 and {MAX_COMPLETIONS:,} draws per image, found {k}")
+    _check_draw_counts(images, k)
     run, prepared = open_run(target, device=device, out=run_out)
     dataset, compiled = prepared.dataset, prepared.compiled
     C, H, W = dataset.channels, dataset.height, dataset.width
@@ -691,10 +699,7 @@ def upscale(target: SpecLike | Run, *, factor: int = 2, images: int = 16, input:
     notes: list[str] = []
     truth = None
     if input is None:
-        check_run_data(run, dataset)
-        truth = dataset.fixed("test")[:images].double()
-        if len(truth) == 0:
-            raise UsageError("the spec's data has no held-out images (test_fraction: 0); pass --input IMAGES")
+        truth = _held_out_images(run, dataset, images)
         low = blocks.average(truth)
     else:
         levels, notes = input_levels(input, dataset, hw=blocks.low_hw)
