@@ -53,7 +53,7 @@ LITERATURE = {"mixture": 137.6, "fvsbn": 97.0, "nade": 88.9, "made": 86.6}
 # (key, label, spec): the autoregressive rows, fitted with their spec's settings (steps overridable)
 AUTOREGRESSIVE = [
     ("fvsbn", "FVSBN", ROOT / "specs" / "mnist-fvsbn.yaml"),
-    ("nade", "NADE, M=100", ROOT / "specs" / "mnist-nade.yaml"),
+    ("nade", "NADE, M=300", ROOT / "specs" / "mnist-nade.yaml"),
     ("made", "MADE, 1 hidden layer of 500", SPECS / "mnist28-made.yaml"),
     ("fvsbn-mixture", "mixture of K=3 FVSBNs", SPECS / "mnist28-fvsbn-mixture.yaml"),
 ]
@@ -74,6 +74,7 @@ class Row:
     load: float = 0.0  # 1-minute load average when the fit ended
     notes: list[str] = field(default_factory=list)  # how the conditional NLL was computed
     stopped: str = ""  # why a fit ended before its last step (EM's convergence)
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out nats/image), --eval-every
 
 
 def parse_args(argv=None):
@@ -91,6 +92,9 @@ def parse_args(argv=None):
     p.add_argument("--only", nargs="*", default=None, help="run only these rows (mixture, hand-nade and the keys above)")
     p.add_argument("--quick", action="store_true", help="smoke run: 5 steps, K=20, 50 images")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="also evaluate the held-out NLL every N steps of the probkit fits and print the curve "
+                        "(default: once, at the end)")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.em_steps, args.mixture_k, args.adam_mixture_k = 5, 5, [20], 20
@@ -114,8 +118,10 @@ def log(message: str) -> None:
 
 # ----- probkit's fits ------------------------------------------------------------------------
 
-def fit_probkit(prepared, steps: int | None, tmp: Path, sync, optimizer: str | None = None):
-    """Fit one spec with probkit's Trainer: (trainer, fit seconds, per-step seconds)."""
+def fit_probkit(prepared, steps: int | None, tmp: Path, sync, optimizer: str | None = None, eval_every: int = 0,
+                curve: list | None = None):
+    """Fit one spec with probkit's Trainer: (trainer, fit seconds, per-step seconds). With
+    `eval_every`, the held-out bits/dim of every evaluation is appended to `curve` as (step, bpd)."""
     import pyro
 
     from probkit.infer import Trainer, settings_from
@@ -124,7 +130,7 @@ def fit_probkit(prepared, steps: int | None, tmp: Path, sync, optimizer: str | N
     settings = settings_from(compiled, dataset.n_train, steps=steps, seed=0)
     if optimizer is not None:
         settings.optimizer = optimizer
-    settings.eval_every = max(1, settings.steps)  # one held-out evaluation, at the end
+    settings.eval_every = eval_every or max(1, settings.steps)  # default: one held-out evaluation, at the end
     pyro.clear_param_store()
     trainer = Trainer(compiled, dataset, settings, Path(tempfile.mkdtemp(dir=tmp)))
     stamps = []
@@ -132,6 +138,8 @@ def fit_probkit(prepared, steps: int | None, tmp: Path, sync, optimizer: str | N
     def on_step(step, loss, bpd):
         sync()
         stamps.append(time.perf_counter())
+        if curve is not None and bpd is not None and math.isfinite(bpd):
+            curve.append((step, bpd))
 
     sync()
     started = time.perf_counter()
@@ -263,7 +271,8 @@ def main(argv=None) -> int:
     def add_probkit_row(key, label, prepared, steps, optimizer=None):
         log(f"fitting {label} ({'spec steps' if steps is None else f'{steps} steps'})")
         try:
-            trainer, seconds, steps_s = fit_probkit(prepared, steps, tmp, sync, optimizer)
+            bpd_curve: list[tuple[int, float]] = []
+            trainer, seconds, steps_s = fit_probkit(prepared, steps, tmp, sync, optimizer, args.eval_every, bpd_curve)
         except ProbkitError as exc:
             log(f"{label}: failed: {exc}")
             return None
@@ -273,6 +282,9 @@ def main(argv=None) -> int:
         row = Row(key, label, trainer.steps_done, trainer.settings.optimizer, nats,
                   prepared.dataset.bits_per_dim(nats), seconds, median_ms(steps_s), load=os.getloadavg()[0])
         row.stopped = trainer.stopped
+        dataset = prepared.dataset  # bits/dim back to nats/image: the inverse of dataset.bits_per_dim
+        row.curve = [(step, bpd * dataset.D * math.log(2.0) - dataset.pixels.bits_offset(dataset.D))
+                     for step, bpd in bpd_curve]
         log(f"{label}: {nats:.2f} nats/image in {seconds:.1f} s; conditional NLL of the bottom half")
         row.cond_bits, method = conditional_bits(prepared, values, args.complete_images)
         row.notes.append(method)
@@ -295,7 +307,7 @@ def main(argv=None) -> int:
         steps = per_model.get("nade", args.steps) or prepared.compiled.spec.fit.steps
         log(f"fitting the hand-written NADE ({steps} steps)")
         hand, nats, seconds, steps_s, start = fit_hand_nade(prepared, steps, tmp, sync)
-        row = Row("hand-nade", "hand-written PyTorch NADE, M=100", steps, "adam", nats,
+        row = Row("hand-nade", f"hand-written PyTorch NADE, M={start['U'].shape[0]}", steps, "adam", nats,
                   prepared.dataset.bits_per_dim(nats), seconds, median_ms(steps_s), load=os.getloadavg()[0])
         mask = make_mask("half", 1, prepared.dataset.height, prepared.dataset.width).reshape(-1).to(device)
         x = prepared.dataset.fixed("test")[: args.complete_images]
@@ -374,6 +386,9 @@ def print_report(args, rows: list[Row], checks: list[str], load_start, total_s: 
     for r in rows:
         if r.stopped:
             print(f"{r.label}: {r.stopped}")
+    for r in rows:
+        if r.curve and args.eval_every:
+            print(f"{r.label}, held-out nats/image by step: " + ", ".join(f"{step} {nats:.2f}" for step, nats in r.curve))
     print()
     print(f"Conditional NLL of the bottom half given the top half (first {args.complete_images} held-out images, "
           "5,000-image subset)")

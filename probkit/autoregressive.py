@@ -31,10 +31,12 @@ def nade(x, W, c, V, b):
 
     Shapes: W (H, D), c (H,), V (D, H), b (D,) -> one number per pixel (Bernoulli logits, a
     Normal's loc). Leading dimensions (components of a mixture: c[z], b[z]) broadcast."""
-    weighted = W * x  # (..., H, D): each earlier pixel's push on every hidden unit
-    before = torch.cumsum(weighted, -1) - weighted  # sums over pixels < d only
-    hidden = torch.sigmoid(c.unsqueeze(-1) + before)  # (..., H, D)
-    return torch.einsum("...dh,...hd->...d", V, hidden) + b
+    pushes = x[..., :-1, None] * W.mT[..., :-1, :]  # (..., D-1, H): each pixel's push on every hidden unit
+    # pixel d's pre-activations: the running sum of the pushes of pixels < d (pixel 0's is c alone);
+    # the (pixel, hidden) layout and vecdot run ~2x faster under vmap than (hidden, pixel) and einsum
+    before = torch.nn.functional.pad(torch.cumsum(pushes, -2), (0, 0, 1, 0))
+    hidden = torch.sigmoid(before + c.unsqueeze(-2))  # (..., D, H)
+    return torch.linalg.vecdot(hidden, V) + b
 
 
 def nade_pixel(x, W, c, V, b, d: int):
@@ -47,17 +49,26 @@ def nade_pixel(x, W, c, V, b, d: int):
 @lru_cache(maxsize=64)
 def made_masks(D: int, hidden: tuple[int, ...], device: str = "cpu") -> tuple[torch.Tensor, ...]:
     """MADE's connectivity masks (Germain et al., 2015) for D inputs in their natural order and
-    hidden layers of the given sizes: unit k of every hidden layer gets degree (k mod (D-1)) + 1;
-    a unit sees the units of the layer below whose degree is at most its own (pixel d has degree
-    d + 1), and output d sees the hidden units whose degree is below d + 1. So output d
-    depends on pixels 0..d-1 only. Returns one mask per weight matrix, output last (D, H_last)."""
+    hidden layers of the given sizes. Pixel d has degree d + 1; the units of every hidden layer
+    get degrees spread evenly over 1..D-1, both ends included (every degree at least once when
+    the layer has D - 1 units or more). A unit sees the units of the layer below whose degree is
+    at most its own, and output d sees the hidden units whose degree is below d + 1. So output d
+    depends on pixels 0..d-1 only, and the last pixel can read every earlier one, however narrow
+    the layers. Returns one mask per weight matrix, output last (D, H_last)."""
     inputs = torch.arange(1, D + 1, device=device)
     degrees = [inputs]
     for size in hidden:
-        degrees.append(torch.arange(size, device=device) % max(D - 1, 1) + 1)
+        degrees.append(hidden_degrees(D, size, device))
     masks = [(above[:, None] >= below[None, :]).float() for below, above in zip(degrees, degrees[1:])]
     masks.append((inputs[:, None] > degrees[-1][None, :]).float())
     return tuple(masks)
+
+
+def hidden_degrees(D: int, size: int, device: str = "cpu") -> torch.Tensor:
+    """The degrees of a hidden layer's `size` units: 1..D-1 spread evenly, ends included (a
+    single unit gets D - 1, so that the last pixel still reads every earlier one)."""
+    top = max(D - 1, 1)
+    return torch.linspace(top, 1, size, device=device, dtype=torch.float64).round().long().flip(0)
 
 
 def made(x, *layers):
@@ -127,7 +138,7 @@ def source_of(name: str) -> str:
     """The source of a building block (and what it needs), for `probkit show`'s program."""
     import inspect
 
-    parts = {"nade": [nade], "made": [made_masks, made]}[name]
+    parts = {"nade": [nade], "made": [hidden_degrees, made_masks, made]}[name]
     text = []
     for function in parts:
         source = inspect.getsource(function)

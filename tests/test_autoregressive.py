@@ -103,6 +103,46 @@ def test_made_output_d_changes_with_earlier_pixels_only():
     assert all(bool(m.any()) for m in masks)
 
 
+@pytest.mark.parametrize("D, hidden", [(20, (7,)), (20, (19,)), (20, (45, 6)), (3, (1,)), (2, (4,))])
+def test_made_reaches_every_earlier_pixel_it_may(D, hidden):
+    """The masks' connectivity, multiplied out: output d reads pixel j only when j < d, and the
+    last output reads every earlier pixel even through a layer narrower than D - 1; with layers
+    of D - 1 units or more, every output reads every earlier pixel."""
+    masks = made_masks(D, hidden)
+    reach = masks[0]
+    for mask in masks[1:]:
+        reach = mask @ reach  # paths from each input to each unit of the next layer
+    allowed = torch.tril(torch.ones(D, D), -1)
+    assert not bool(((reach > 0) & (allowed == 0)).any())
+    assert bool((reach[-1, :-1] > 0).all())
+    if min(hidden) >= D - 1:
+        assert bool(((reach > 0) == (allowed > 0)).all())
+
+
+@pytest.mark.parametrize("spec", TINY, ids=lambda p: p.stem)
+def test_the_table_does_not_depend_on_how_images_are_chunked(spec, monkeypatch):
+    """Chunks of one image each and one chunk of every image give the same log-likelihoods,
+    and the same gradients."""
+    import probkit.families.base as base
+
+    compiled = prepare(spec).compiled
+    values = {k: v.requires_grad_(True) for k, v in _random_values(compiled, 3).items()}
+    x = prepare(spec).dataset.fixed("train")[:12].double()
+    tables, grads = [], []
+    for chunk_elements in (1, base.CHUNK_ELEMENTS):
+        monkeypatch.setattr(base, "CHUNK_ELEMENTS", chunk_elements)
+        chunk = base.chunk_size(compiled.per_image_elements())
+        assert chunk == 1 if chunk_elements == 1 else chunk >= len(x)
+        table = compiled.autoregressive_table(values, x)
+        tables.append(table.detach())
+        grads.append(torch.autograd.grad(table.sum(), list(values.values()), allow_unused=True))
+    torch.testing.assert_close(tables[0], tables[1], rtol=1e-6, atol=1e-5)
+    for one, whole in zip(*grads):
+        assert (one is None) == (whole is None)
+        if one is not None:
+            torch.testing.assert_close(one, whole, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("spec", TINY, ids=lambda p: p.stem)
 def test_fused_loss_equals_pyros_trace_enum_elbo(spec):
     prepared = prepare(spec)
