@@ -123,7 +123,7 @@ def test_made_reaches_every_earlier_pixel_it_may(D, hidden):
 def test_the_table_does_not_depend_on_how_images_are_chunked(spec, monkeypatch):
     """Chunks of one image each and one chunk of every image give the same log-likelihoods,
     and the same gradients."""
-    import probkit.families.base as base
+    from probkit.families import base
 
     compiled = prepare(spec).compiled
     values = {k: v.requires_grad_(True) for k, v in _random_values(compiled, 3).items()}
