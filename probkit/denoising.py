@@ -469,6 +469,20 @@ class MaskedGaussian(Denoiser):
         return mean, draws
 
 
+def require_independent_pixels(compiled: CompiledModel, task: str) -> None:
+    """UsageError unless the pixels are independent given the discrete latents (what denoise's
+    and upscale's non-Gaussian strategies need): not for autoregressive or joint families."""
+    family = compiled.family
+    if compiled.autoregressive:
+        raise UsageError(f"{task} needs pixels that are independent given the discrete latents, or a Gaussian "
+                         "family; this likelihood is autoregressive (each pixel depends on earlier ones), so "
+                         "the posterior does not factorise over pixels and no exact method applies")
+    if family.joint or family.completion != "exact-discrete-latents":
+        raise UsageError(f"{task} needs pixels that are independent given the discrete latents, or a Gaussian "
+                         f"family; {family.name} is neither (its pixels depend on each other), so the posterior "
+                         "does not factorise over pixels")
+
+
 def denoiser_for(compiled: CompiledModel, values, noise: Noise) -> Denoiser:
     """The strategy that computes p(x | y) for this model and noise (UsageError when none does)."""
     family = compiled.family
@@ -477,14 +491,7 @@ def denoiser_for(compiled: CompiledModel, values, noise: Noise) -> Denoiser:
         if noise.kind == "gaussian":
             return LinearGaussian(compiled, values, noise)
         return MaskedGaussian(compiled, values, noise)
-    if getattr(compiled, "autoregressive", False):
-        raise UsageError("denoise needs pixels that are independent given the discrete latents, or a Gaussian "
-                         "family; this likelihood is autoregressive (each pixel depends on earlier ones), so "
-                         "the posterior does not factorise over pixels and no exact method applies")
-    if family.joint or family.completion != "exact-discrete-latents":
-        raise UsageError("denoise needs pixels that are independent given the discrete latents, or a Gaussian "
-                         f"family; {family.name} is neither (its pixels depend on each other), so the posterior "
-                         "does not factorise over pixels")
+    require_independent_pixels(compiled, "denoise")
     device = compiled.device
     if transform == "binary":
         return DiscreteSum(compiled, values, noise, torch.tensor([0.0, 1.0], dtype=DTYPE, device=device),

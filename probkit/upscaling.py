@@ -41,7 +41,7 @@ import torch
 from probkit.compiler import CompiledModel
 from probkit.context import seeded
 from probkit.denoising import (DTYPE, choose, joint_moments, linear_gaussian_posterior, log_prior, posterior_weights,
-                               psnr_db)
+                               psnr_db, require_independent_pixels)
 from probkit.errors import UsageError
 from probkit.families.base import chunk_size
 
@@ -328,13 +328,7 @@ def upscaler_for(compiled: CompiledModel, values, blocks: Blocks) -> Upscaler:
     transform = compiled.spec.data.transform
     if family.completion == "exact-gaussian":
         return LinearGaussianBlocks(compiled, values, blocks)
-    if getattr(compiled, "autoregressive", False):
-        raise UsageError("upscale needs pixels that are independent given the discrete latents, or a Gaussian "
-                         "family; this likelihood is autoregressive (each pixel depends on earlier ones), so "
-                         "the posterior does not factorise over pixels and no exact method applies")
-    if family.joint or family.completion != "exact-discrete-latents":
-        raise UsageError("upscale needs pixels that are independent given the discrete latents, or a Gaussian "
-                         f"family; {family.name} is neither (its pixels depend on each other)")
+    require_independent_pixels(compiled, "upscale")
     if transform == "binary":
         return PoissonBinomialBlocks(compiled, values, blocks)
     if transform == "discrete":
