@@ -96,6 +96,8 @@ def parse_args(argv=None):
                    help="also evaluate the held-out NLL every N steps of the probkit fits and print the curve "
                         "(default: once, at the end)")
     args = p.parse_args(argv)
+    if args.eval_every < 0:
+        p.error(f"--eval-every must be 0 (once, at the end) or a positive number of steps, found {args.eval_every}")
     if args.quick:
         args.steps, args.em_steps, args.mixture_k, args.adam_mixture_k = 5, 5, [20], 20
         args.complete_images = 50
