@@ -207,6 +207,7 @@ def open_run(target: SpecLike | Run, *, device: str = "auto", out: str | Path | 
     """A fitted run with its model compiled again (on `device`) and its data reloaded."""
     run = target if isinstance(target, Run) else resolve_run(target, out)
     prepared = prepare(run.loaded, device=device)
+    check_run_revisions(run, prepared.compiled)
     check_run_values(run, prepared.compiled)
     values = {k: v.to(prepared.device) for k, v in run.values.items()}
     run.values = values
@@ -222,6 +223,19 @@ def check_run_data(run: Run, dataset: Dataset) -> None:
                        f"source '{dataset.spec.source}' now gives {dataset.fingerprint()}: the data changed since "
                        "the fit, so its train and held-out images are not the run's. Restore the data, or fit "
                        "again (probkit fit SPEC --overwrite)")
+
+
+def check_run_revisions(run: Run, compiled: CompiledModel) -> None:
+    """The run's params mean what this probkit reads them as: a building block (made, nade) whose
+    params changed meaning since the fit (run.json's `revisions`; runs written before it was
+    recorded have revision 1) is refused, never read through other connections."""
+    from probkit.autoregressive import revision_mismatch
+
+    problem = revision_mismatch(compiled.likelihood.expr.tree, run.info.get("revisions"))
+    if problem:
+        raise RunError(f"{run.path / 'run.json'}: the run was fitted by probkit "
+                       f"{run.info.get('probkit', 'of an unknown version')} with {problem}. Fit the spec again "
+                       "(probkit fit SPEC --overwrite)")
 
 
 def check_run_values(run: Run, compiled: CompiledModel) -> None:

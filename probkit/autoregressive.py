@@ -134,6 +134,36 @@ def describe_pixel(d: int, C: int, H: int, W: int) -> str:
     return f"pixel {d} ({where})"
 
 
+# What a building block's params mean, numbered: a run records the revision of each block its
+# likelihood calls, and a run fitted under another revision is refused rather than read wrongly.
+REVISIONS = {"nade": 1, "made": 2}
+REVISION_CHANGES = {
+    ("made", 1): "hidden unit k had degree (k mod (D-1)) + 1, so with fewer than D-1 units the last pixels "
+                 "never read their neighbours; revision 2 spreads the degrees evenly over 1..D-1 (2026-11-30)",
+}
+
+
+def blocks_called(tree) -> list[str]:
+    """The building blocks (nade, made) an expression's syntax tree calls, in REVISIONS' order."""
+    import ast
+
+    called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    return [name for name in REVISIONS if name in called]
+
+
+def revision_mismatch(tree, recorded) -> str | None:
+    """How a fit recorded under `recorded` ({block: revision}; a block it lacks is revision 1)
+    reads differently now, for the first block `tree` calls whose revision changed; else None."""
+    recorded = recorded if isinstance(recorded, dict) else {}
+    for name in blocks_called(tree):
+        fitted = recorded.get(name, 1)
+        if fitted != REVISIONS[name]:
+            change = REVISION_CHANGES.get((name, fitted), "its params were read differently")
+            return (f"{name} revision {fitted!r}, and this probkit reads {name}'s params as revision "
+                    f"{REVISIONS[name]}: under revision {fitted!r}, {change}")
+    return None
+
+
 def source_of(name: str) -> str:
     """The source of a building block (and what it needs), for `probkit show`'s program."""
     import inspect

@@ -12,7 +12,6 @@ step by step (the docstring says so).
 
 from __future__ import annotations
 
-import ast
 import io
 from pathlib import Path
 
@@ -20,10 +19,10 @@ import numpy as np
 from torch.distributions import constraints
 
 from probkit.api import Prepared
-from probkit.autoregressive import source_of
+from probkit.autoregressive import blocks_called, source_of
 from probkit.data import fixed_noise_generator
 from probkit.distributions import FAMILIES, SUPPORTS, VECTOR_ARGS
-from probkit.expressions import BUILDING_BLOCKS, render, render_node
+from probkit.expressions import render, render_node
 from probkit.infer import BatchPlan, settings_from
 from probkit.initialise import initial_values
 from probkit.runs import atomic_write
@@ -225,12 +224,9 @@ def program_source(prepared: Prepared, npz_path: Path) -> str:
 def _emit_autoregressive(emit, compiled) -> None:
     """The per-image arguments of an autoregressive likelihood (it reads x), vmapped over the
     images as probkit's compiler does, and the building blocks it calls."""
-    used = {n.func.id for n in ast.walk(compiled.likelihood.expr.tree)
-            if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
-    for name in BUILDING_BLOCKS:
-        if name in used:
-            emit("")
-            emit(source_of(name))
+    for name in blocks_called(compiled.likelihood.expr.tree):
+        emit("")
+        emit(source_of(name))
     start = compiled._start_for_checks()
     args = compiled._config_arguments(compiled.likelihood, {**start, **compiled._probe_image()}, compiled._checks)
     shapes = {arg: tuple(value.shape[1:]) for arg, value in args.items()}

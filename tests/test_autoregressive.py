@@ -294,6 +294,42 @@ def test_fit_sample_complete_and_evaluate_from_the_command_line(tmp_path):
     assert 0 < evaluated["test"]["bits_per_dim"] < 1.5
 
 
+def test_a_run_fitted_under_another_revision_of_its_building_block_is_refused(tmp_path):
+    # MADE's masks changed meaning (revision 2); a MADE run written before run.json recorded the
+    # revision was fitted under revision 1, and its weights would be read through other connections
+    runs = {}
+    for name in ("nade", "made"):
+        runs[name] = tmp_path / name
+        result = runner.invoke(app, ["fit", str(HERE / "specs" / f"tiny-{name}.yaml"), "--steps", "2",
+                                     "--out", str(runs[name]), "--no-progress"])
+        assert result.exit_code == 0, result.output
+        info = json.loads((runs[name] / "run.json").read_text())
+        assert info["revisions"] == {name: {"nade": 1, "made": 2}[name]}
+        del info["revisions"]  # as a run written before the revisions were recorded
+        (runs[name] / "run.json").write_text(json.dumps(info))
+    result = runner.invoke(app, ["evaluate", str(runs["made"]), "--json"])
+    assert result.exit_code == 1
+    assert "made revision 1" in result.output and "revision 2" in result.output and "Fit the spec again" in result.output
+    result = runner.invoke(app, ["sample", str(runs["made"]), "-n", "2", "--out", str(tmp_path / "m.png")])
+    assert result.exit_code == 1 and "made revision 1" in result.output
+    # NADE's params have meant one thing throughout: revision 1, whether recorded or not
+    result = runner.invoke(app, ["evaluate", str(runs["nade"]), "--json"])
+    assert result.exit_code == 0, result.output
+    # --resume from a MADE checkpoint written before the record: the same refusal, before any step
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    checkpoint = runs["made"] / "checkpoint.safetensors"
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        meta = handle.metadata()
+    assert json.loads(meta.pop("revisions")) == {"made": 2}
+    save_file(load_file(str(checkpoint)), str(checkpoint), metadata=meta)
+    result = runner.invoke(app, ["fit", str(HERE / "specs" / "tiny-made.yaml"), "--steps", "4", "--resume",
+                                 "--out", str(runs["made"]), "--no-progress"])
+    assert result.exit_code == 2 and "made revision 1" in result.output, result.output
+    assert "step,loss" in (runs["made"] / "history.csv").read_text() and "\n3," not in (runs["made"] / "history.csv").read_text()
+
+
 def test_a_step_whose_per_image_work_would_not_fit_in_memory_is_refused(monkeypatch):
     import probkit.compiler
 

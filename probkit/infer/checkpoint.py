@@ -60,6 +60,13 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     return Checkpoint(int(step), tensors, meta)
 
 
+def block_revisions(compiled) -> dict[str, int]:
+    """The revision of each building block (nade, made) the likelihood calls: what its params mean."""
+    from probkit.autoregressive import REVISIONS, blocks_called
+
+    return {name: REVISIONS[name] for name in blocks_called(compiled.likelihood.expr.tree)}
+
+
 def run_info(compiled, dataset, settings, device: torch.device, wall_time: float, metrics: dict,
              spec_dir: Path) -> dict:
     return {
@@ -83,6 +90,7 @@ def run_info(compiled, dataset, settings, device: torch.device, wall_time: float
             "fingerprint": dataset.fingerprint(),
         },
         "spec_dir": str(spec_dir),
+        "revisions": block_revisions(compiled),
         **metrics,
     }
 

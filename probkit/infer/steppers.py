@@ -79,16 +79,21 @@ class AdamStepper(Stepper):
         return value.detach()
 
     def snapshot(self) -> list[dict[str, torch.Tensor]]:
-        """A device copy of the params and Adam's state, for `restore`."""
+        """A copy of the params and Adam's state in host memory, for `restore`: on a GPU it costs
+        no device memory (three copies of the params would be) and is taken at read points only,
+        where the loop waits for the device anyway."""
         with torch.no_grad():
-            return [{"param": u.detach().clone(),
-                     **{k: v.clone() for k, v in self.optimizer.state.get(u, {}).items()}} for u in self.params]
+            return [{"param": u.detach().to("cpu", copy=True),
+                     **{k: v.to("cpu", copy=True) for k, v in self.optimizer.state.get(u, {}).items()}}
+                    for u in self.params]
 
     def restore(self, snapshot: list[dict[str, torch.Tensor]]) -> None:
         with torch.no_grad():
             for u, saved in zip(self.params, snapshot):
                 u.copy_(saved["param"])
-                state = {k: v.clone() for k, v in saved.items() if k != "param"}
+                # each state tensor back where the optimiser keeps it (fused Adam: its step on the device)
+                state = {k: v.to(u.device if k != "step" or self._step_on_device else "cpu", copy=True)
+                         for k, v in saved.items() if k != "param"}
                 if state:
                     self.optimizer.state[u] = state
                 else:

@@ -14,6 +14,7 @@ the message, the step-by-step loop would. L-BFGS, EM, data-parallel fits and fit
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -22,11 +23,12 @@ from typing import Callable
 
 import torch
 
+from probkit.autoregressive import revision_mismatch
 from probkit.compiler import CompiledModel
 from probkit.data import Dataset
 from probkit.errors import DomainError, FitError, UsageError
 from probkit.infer.batches import BatchPlan, BatchStream
-from probkit.infer.checkpoint import load_checkpoint, save_checkpoint
+from probkit.infer.checkpoint import block_revisions, load_checkpoint, save_checkpoint
 from probkit.infer.distributed import Local
 from probkit.infer.em import EMFailure, EMStepper, choose_optimizer, em_plan
 from probkit.infer.evaluation import Evaluator
@@ -171,7 +173,8 @@ class Trainer:
         if not self.collective.is_main:  # the params are the same on every rank: rank 0 writes them
             return
         meta = {"seed": str(self.settings.seed), "data": self.dataset.fingerprint(), **self.batches.state(),
-                **self.stopping.state(), "world_size": str(self.collective.world_size), "run_id": self.run_id}
+                **self.stopping.state(), "world_size": str(self.collective.world_size), "run_id": self.run_id,
+                "revisions": json.dumps(block_revisions(self.compiled))}
         save_checkpoint(self.run_dir, step, self.checkpoint_tensors(), meta, self.history)
 
     def _resume(self) -> None:
@@ -193,6 +196,14 @@ class Trainer:
         if checkpoint.meta.get("data") not in (None, self.dataset.fingerprint()):
             raise UsageError(f"--resume: the checkpoint in {self.run_dir} was fitted on other data "
                              "(its data fingerprint differs); start without --resume or use another --out")
+        try:
+            recorded = json.loads(checkpoint.meta.get("revisions", "{}"))
+        except ValueError:
+            recorded = None
+        problem = revision_mismatch(self.compiled.likelihood.expr.tree, recorded)
+        if problem:
+            raise UsageError(f"--resume: the checkpoint in {self.run_dir} was written with {problem}; start again "
+                             "with --overwrite")
         if self.start_step > self.settings.steps:
             raise UsageError(f"--resume: the checkpoint in {self.run_dir} is already at step {self.start_step}; "
                              f"pass --steps {self.start_step} or more")
@@ -313,6 +324,7 @@ class Trainer:
                         raise self._fail(step, batch, last_saved)
                     test_bpd = self._record(done, loss_value, started)
                     last_saved = done
+                good = None  # the old snapshot goes before the new one is taken: never two at once
                 good = self._last_good(done)
                 next_read = time.perf_counter() + READ_PERIOD_S
             if on_step is not None:
