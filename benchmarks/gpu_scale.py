@@ -78,7 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--sizes", default=None, metavar="NxK,...",
                    help="the (N, K) pairs to run, e.g. 1437x10,60000x100 (default: N in 1437, 60000 "
                         "and K in 10, 100, 1000)")
-    p.add_argument("--steps", type=int, default=None, help="Adam steps per timed round (cpu 3, cuda 200)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="Adam steps per timed round (cuda 200; cpu 3-50 by size, so a round outweighs its checkpoint)")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per Adam row; the median is reported")
     p.add_argument("--warmup", type=int, default=None, help="untimed Adam steps first (cpu 2, cuda 20)")
     p.add_argument("--em-iters", type=int, default=None,
@@ -251,7 +252,15 @@ def main(argv=None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     cuda = args.device == "cuda"
-    steps = args.steps or (200 if cuda else (2 if args.quick else 3))
+    def steps_for(n: int, k: int) -> int:
+        """Adam steps per timed round: --steps, else 200 on cuda; on the CPU enough that a round
+        is not mostly its checkpoint write (3 to 50: ~2e9 / (N K D) multiply-adds of the product)."""
+        if args.steps:
+            return args.steps
+        if cuda:
+            return 200
+        return 2 if args.quick else max(3, min(50, round(2e9 / (n * k * 784))))
+
     warmup = args.warmup if args.warmup is not None else (20 if cuda else (1 if args.quick else 2))
     em_iters = args.em_iters or (500 if cuda else (10 if args.quick else 30))
     try:
@@ -302,7 +311,9 @@ def main(argv=None) -> int:
             return None
 
     table = Table(title=f"Bernoulli mixture, D = 784, full batch, on {args.device}: ms per step (Adam) or "
-                        f"iteration (EM); median of {args.rounds} rounds of {steps} Adam steps after {warmup}")
+                        f"iteration (EM); median of {args.rounds} rounds of "
+                        f"{args.steps or ('200' if cuda else '2' if args.quick else '3-50 (by size)')} Adam steps after "
+                        f"{warmup}")
     for column, justify in [("N", "right"), ("K", "right"), ("variant", "left"), ("ms/step", "right"),
                             ("ratio to hand eager", "right"), ("start s", "right"), ("iterations", "right"),
                             ("s to converge", "right"), ("held-out NLL", "right"), ("peak MB", "right")]:
@@ -313,6 +324,7 @@ def main(argv=None) -> int:
 
     for n, k in sizes:
         progress(f"N={n:,} K={k}: data")
+        steps = steps_for(n, k)
         train_path, test_path = write_images(folder, n)
         pyro.clear_param_store()
         prepared = prepare(spec_file(n, k, train_path, "adam"), device=args.device)
@@ -394,7 +406,7 @@ def main(argv=None) -> int:
             del graphed
         ratios[(n, k)] = (probkit_ms / hand_ms, None if graph_ms is None else probkit_ms / graph_ms)
         # the Adam rows now, so a run cut short by a time limit still leaves them
-        progress(f"N={n:,} K={k}: Adam ms/step probkit {probkit_ms:.3f}, hand eager {hand_ms:.3f}"
+        progress(f"N={n:,} K={k}: {steps} steps a round; Adam ms/step probkit {probkit_ms:.3f}, hand eager {hand_ms:.3f}"
                  + ("" if graph_ms is None else f", CUDA graph {graph_ms:.3f}")
                  + f"; peak MB probkit {probkit_peak}, hand {hand_peak}"
                  + ("" if graph_ms is None else f", graph {graph_peak}"))
@@ -467,7 +479,8 @@ def main(argv=None) -> int:
     console.print(table)
     if load is not None:
         console.print(f"load average (1, 5, 15 min) at the end: {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} "
-                      f"on {os.cpu_count()} CPUs (above the CPU count, other work shared the cores)")
+                      f"on {os.cpu_count()} CPUs" + (" (above the CPU count: other work shared the cores)"
+                                                     if max(load) > (os.cpu_count() or 1) else ""))
     console.print("ms/step: wall time of a round / its steps, median of the rounds; probkit's rounds each end in "
                   "one checkpoint write. held-out NLL: nats/image on mnist 4,000-4,999 after each row's "
                   "steps (Adam rows: warm-up + rounds; the CUDA graph row has at least 3 warm-up steps). "
