@@ -190,10 +190,6 @@ def _fit_into(prepared: Prepared, settings, trainer: Trainer, run_dir: Path, sam
     spec_text = fitted_spec_text(prepared.loaded, settings)
     info.update({"fitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "spec_sha256": hashlib.sha256(spec_text.encode()).hexdigest()})
-    if compiled.likelihood.autoregressive:  # compiling proved the order (or the fit was refused)
-        from probkit.autoregressive import ORDER_CHECK
-
-        info["checks"] = {"order": ORDER_CHECK}
     write_run(run_dir, compiled, trainer, info, spec_text)
     png = None
     if samples:
@@ -210,24 +206,12 @@ def open_run(target: SpecLike | Run, *, device: str = "auto", out: str | Path | 
              ) -> tuple[Run, Prepared]:
     """A fitted run with its model compiled again (on `device`) and its data reloaded."""
     run = target if isinstance(target, Run) else resolve_run(target, out)
-    run.loaded.order_proven = _order_proven(run)
     prepared = prepare(run.loaded, device=device)
     check_run_revisions(run, prepared.compiled)
     check_run_values(run, prepared.compiled)
     values = {k: v.to(prepared.device) for k, v in run.values.items()}
     run.values = values
     return run, prepared
-
-
-def _order_proven(run: Run) -> bool:
-    """Whether the run's fit proved its likelihood autoregressive (run.json `checks`) with this
-    order check, on exactly the spec text in its spec.yaml: then opening it need not prove it
-    again (for NADE on 28x28 images the proof is most of the seconds `sample` takes)."""
-    from probkit.autoregressive import ORDER_CHECK
-
-    checks = run.info.get("checks")
-    return (isinstance(checks, dict) and checks.get("order") == ORDER_CHECK
-            and run.info.get("spec_sha256") == hashlib.sha256(run.loaded.text.encode()).hexdigest())
 
 
 def check_run_data(run: Run, dataset: Dataset) -> None:

@@ -134,10 +134,6 @@ def describe_pixel(d: int, C: int, H: int, W: int) -> str:
     return f"pixel {d} ({where})"
 
 
-# The order check's revision: a run records it when its fit proved the order, and opening the run
-# (spec.yaml unchanged, by its sha256) skips proving it again unless the check changed since.
-ORDER_CHECK = 1
-
 # What a building block's params mean, numbered: a run records the revision of each block its
 # likelihood calls, and a run fitted under another revision is refused rather than read wrongly.
 REVISIONS = {"nade": 1, "made": 2}

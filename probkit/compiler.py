@@ -490,8 +490,7 @@ class CompiledModel:
         if problem is not None:
             raise expr.error(problem)
         if site.autoregressive:
-            if not self.loaded.order_proven:  # a run's unchanged spec was proven when it was fitted
-                self._check_order(site)
+            self._check_order(site)
             self._check_work(site)
         return site
 

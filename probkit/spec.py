@@ -356,8 +356,6 @@ class LoadedSpec:
         self.smap = smap
         self.base_dir = base_dir
         self.text = text
-        # set by probkit.api.open_run for a run whose spec is the text its fit proved autoregressive
-        self.order_proven = False
 
     @property
     def name(self) -> str:

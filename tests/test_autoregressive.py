@@ -330,32 +330,6 @@ def test_a_run_fitted_under_another_revision_of_its_building_block_is_refused(tm
     assert "step,loss" in (runs["made"] / "history.csv").read_text() and "\n3," not in (runs["made"] / "history.csv").read_text()
 
 
-def test_opening_a_run_proves_the_order_again_only_when_its_spec_changed(tmp_path, monkeypatch):
-    import probkit.autoregressive
-    from probkit.api import open_run
-
-    run = tmp_path / "run"
-    result = runner.invoke(app, ["fit", str(TINY[0]), "--steps", "2", "--out", str(run), "--no-progress"])
-    assert result.exit_code == 0, result.output
-    assert json.loads((run / "run.json").read_text())["checks"] == {"order": probkit.autoregressive.ORDER_CHECK}
-    proofs = []
-    original = probkit.autoregressive.dependency_violation
-    monkeypatch.setattr(probkit.autoregressive, "dependency_violation",
-                        lambda *a, **k: proofs.append(1) or original(*a, **k))
-    open_run(run, device="cpu")
-    assert proofs == []  # proven by the fit, on this very spec text
-    spec = run / "spec.yaml"
-    spec.write_text(spec.read_text() + "# edited after the fit\n")
-    open_run(run, device="cpu")
-    assert len(proofs) == 2  # another text: proven again, at both random points
-    # a likelihood edited into one that reads later pixels is refused, not trusted
-    text = spec.read_text()
-    assert "tril(A[z], -1)" in text
-    spec.write_text(text.replace("tril(A[z], -1)", "A[z]"))
-    with pytest.raises(SpecError, match="not autoregressive"):
-        open_run(run, device="cpu")
-
-
 def test_a_step_whose_per_image_work_would_not_fit_in_memory_is_refused(monkeypatch):
     import probkit.compiler
 
