@@ -9,7 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
-from gpu_scale import step_peak_bytes  # noqa: E402 - benchmarks/ is not a package
+from gpu_scale import step_peak_bytes  # benchmarks/ is not a package: on sys.path above
 
 
 def test_step_peak_counts_what_is_live_at_once_above_the_start():
