@@ -144,23 +144,31 @@ REVISION_CHANGES = {
 
 
 def blocks_called(tree) -> list[str]:
-    """The building blocks (nade, made) an expression's syntax tree calls, in REVISIONS' order."""
+    """The building blocks (nade, made) an expression's syntax tree calls, in BUILDING_BLOCKS' order."""
     import ast
 
+    from probkit.expressions import BUILDING_BLOCKS
+
     called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
-    return [name for name in REVISIONS if name in called]
+    return [name for name in BUILDING_BLOCKS if name in called]
+
+
+def block_revisions(tree) -> dict[str, int]:
+    """The revision of each building block `tree` calls (one never revised is revision 1): what
+    its params mean, as run.json and the checkpoint record it."""
+    return {name: REVISIONS.get(name, 1) for name in blocks_called(tree)}
 
 
 def revision_mismatch(tree, recorded) -> str | None:
     """How a fit recorded under `recorded` ({block: revision}; a block it lacks is revision 1)
     reads differently now, for the first block `tree` calls whose revision changed; else None."""
     recorded = recorded if isinstance(recorded, dict) else {}
-    for name in blocks_called(tree):
+    for name, current in block_revisions(tree).items():
         fitted = recorded.get(name, 1)
-        if fitted != REVISIONS[name]:
+        if fitted != current:
             change = REVISION_CHANGES.get((name, fitted), "its params were read differently")
             return (f"{name} revision {fitted!r}, and this probkit reads {name}'s params as revision "
-                    f"{REVISIONS[name]}: under revision {fitted!r}, {change}")
+                    f"{current}: under revision {fitted!r}, {change}")
     return None
 
 

@@ -151,7 +151,7 @@ FUNCTIONS: dict[str, Function] = {
 }
 _DEFAULT_DIM = {"softmax": "-1", "log_softmax": "-1", "sum": "None", "mean": "None"}
 _DEFAULT_ARGS = {"tril": ("0.0",), "triu": ("0.0",)}  # printed where the spec leaves them out
-BUILDING_BLOCKS = ("nade", "made")  # functions `probkit show` prints the source of (probkit.autoregressive)
+BUILDING_BLOCKS = ("nade", "made")  # probkit.autoregressive's functions: `probkit show` prints their source, runs record their revisions
 
 _BINOPS = {
     ast.Add: ("+", lambda a, b: a + b),

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from probkit import __version__
+from probkit.autoregressive import block_revisions
 from probkit.errors import RunError, UsageError
 from probkit.runs import CHECKPOINT, atomic_write, history_csv, tensors_bytes
 
@@ -60,13 +61,6 @@ def load_checkpoint(run_dir: Path) -> Checkpoint:
     return Checkpoint(int(step), tensors, meta)
 
 
-def block_revisions(compiled) -> dict[str, int]:
-    """The revision of each building block (nade, made) the likelihood calls: what its params mean."""
-    from probkit.autoregressive import REVISIONS, blocks_called
-
-    return {name: REVISIONS[name] for name in blocks_called(compiled.likelihood.expr.tree)}
-
-
 def run_info(compiled, dataset, settings, device: torch.device, wall_time: float, metrics: dict,
              spec_dir: Path) -> dict:
     return {
@@ -90,7 +84,7 @@ def run_info(compiled, dataset, settings, device: torch.device, wall_time: float
             "fingerprint": dataset.fingerprint(),
         },
         "spec_dir": str(spec_dir),
-        "revisions": block_revisions(compiled),
+        "revisions": block_revisions(compiled.likelihood.expr.tree),
         **metrics,
     }
 

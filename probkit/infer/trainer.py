@@ -23,12 +23,12 @@ from typing import Callable
 
 import torch
 
-from probkit.autoregressive import revision_mismatch
+from probkit.autoregressive import block_revisions, revision_mismatch
 from probkit.compiler import CompiledModel
 from probkit.data import Dataset
 from probkit.errors import DomainError, FitError, UsageError
 from probkit.infer.batches import BatchPlan, BatchStream
-from probkit.infer.checkpoint import block_revisions, load_checkpoint, save_checkpoint
+from probkit.infer.checkpoint import load_checkpoint, save_checkpoint
 from probkit.infer.distributed import Local
 from probkit.infer.em import EMFailure, EMStepper, choose_optimizer, em_plan
 from probkit.infer.evaluation import Evaluator
@@ -174,7 +174,7 @@ class Trainer:
             return
         meta = {"seed": str(self.settings.seed), "data": self.dataset.fingerprint(), **self.batches.state(),
                 **self.stopping.state(), "world_size": str(self.collective.world_size), "run_id": self.run_id,
-                "revisions": json.dumps(block_revisions(self.compiled))}
+                "revisions": json.dumps(block_revisions(self.compiled.likelihood.expr.tree))}
         save_checkpoint(self.run_dir, step, self.checkpoint_tensors(), meta, self.history)
 
     def _resume(self) -> None:
