@@ -166,9 +166,12 @@ def revision_mismatch(tree, recorded) -> str | None:
     for name, current in block_revisions(tree).items():
         fitted = recorded.get(name, 1)
         if fitted != current:
-            change = REVISION_CHANGES.get((name, fitted), "its params were read differently")
-            return (f"{name} revision {fitted!r}, and this probkit reads {name}'s params as revision "
-                    f"{current}: under revision {fitted!r}, {change}")
+            # a hand-edited file may hold anything there: a list or dict (unhashable), a long string
+            change = (REVISION_CHANGES.get((name, fitted)) if isinstance(fitted, int) else None) \
+                or "its params were read differently"
+            shown = repr(fitted) if len(repr(fitted)) <= 40 else repr(fitted)[:40] + "..."
+            return (f"{name} revision {shown}, and this probkit reads {name}'s params as revision "
+                    f"{current}: under revision {shown}, {change}")
     return None
 
 

@@ -312,6 +312,14 @@ def test_a_run_fitted_under_another_revision_of_its_building_block_is_refused(tm
     assert "made revision 1" in result.output and "revision 2" in result.output and "Fit the spec again" in result.output
     result = runner.invoke(app, ["sample", str(runs["made"]), "-n", "2", "--out", str(tmp_path / "m.png")])
     assert result.exit_code == 1 and "made revision 1" in result.output
+    # a hand-edited record of any JSON shape is refused with the same message, never a traceback
+    original = (runs["made"] / "run.json").read_text()
+    for odd in ({"made": {"a": [1, 2]}}, {"made": "x" * 100_000}, ["made"], {"made": None}):
+        (runs["made"] / "run.json").write_text(json.dumps({**json.loads(original), "revisions": odd}))
+        result = runner.invoke(app, ["evaluate", str(runs["made"]), "--json"])
+        assert result.exit_code == 1 and "this probkit reads made's params as revision 2" in result.output, odd
+        assert len(result.output) < 2000
+    (runs["made"] / "run.json").write_text(original)
     # NADE's params have meant one thing throughout: revision 1, whether recorded or not
     result = runner.invoke(app, ["evaluate", str(runs["nade"]), "--json"])
     assert result.exit_code == 0, result.output
