@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import torch
 import typer
 from rich.console import Console
@@ -30,6 +29,8 @@ app = typer.Typer(
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
 console = Console()
+# typer < 0.26 raises click's exceptions, later versions their vendored copies: name them through typer
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 err_console = Console(stderr=True)
 
 SpecArg = Annotated[str, typer.Argument(help="a spec file (its run is runs/<name>/) or a run folder")]
@@ -58,7 +59,7 @@ def reports_errors(command):
         except KeyboardInterrupt:
             err_console.print("interrupted; the last checkpoint in the run folder is kept (--resume continues)")
             raise typer.Exit(130) from None
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (typer.Exit, typer.Abort, _CLICK_ERROR):
             raise
         except Exception as exc:
             if os.environ.get("PROBKIT_TRACEBACK"):
