@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from probkit.compiler import CompiledModel, Dims, compile_spec
+from probkit.compiler import CompiledModel, Dims, compile_spec, prove_order_before_data
 from probkit.data import Dataset, load_dataset
 from probkit.errors import DataError, RunError, UsageError
 from probkit.infer import (Evaluator, FitResult, Trainer, fitted_spec_text, run_info, settings_from,
@@ -58,6 +58,7 @@ def prepare(spec: SpecLike, *, device: str | torch.device = "cpu") -> Prepared:
     """Load data and compile: all spec and data errors surface here, before any work."""
     loaded = load_spec(spec)
     device = resolve_device(device)
+    prove_order_before_data(loaded)
     dataset = load_dataset(loaded.spec.data, loaded.base_dir)
     dims = Dims(dataset.channels, dataset.height, dataset.width, dataset.n_train)
     compiled = compile_spec(loaded, dims, device=device)

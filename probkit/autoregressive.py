@@ -5,9 +5,8 @@ distribution a function of the earlier pixels only (channel-first raster order).
 it as an ordinary expression over `x` (one flat image of D values, as every expression is
 per image), e.g. an FVSBN `Bernoulli(logits=b + tril(A, -1) @ x)`, and probkit
 
-- proves the order before any work (`dependency_violation`): the Jacobian of the
-  likelihood's arguments with respect to x, probed by autograd at random params and a random
-  image, must vanish on and above the diagonal (a nonzero derivative is a proof of dependence);
+- proves the order before any work, statically, from the expression tree
+  (`probkit.structures.dependency`: each building block here carries its known mask);
 - evaluates the log-likelihood of every image in one pass (teacher forcing: the arguments
   of all pixels from the observed image at once, `torch.func.vmap` over images);
 - samples pixel by pixel, every image at once.
@@ -105,25 +104,6 @@ def made_layers_problem(D: int, layers: list[torch.Tensor]) -> str | None:
     if c.shape[-1:] != (D,):
         return f"the output bias c has shape {list(c.shape)}; expected ({D},)"
     return None
-
-
-# ----- the order check --------------------------------------------------------------------
-
-def dependency_violation(arguments: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int = 64
-                         ) -> tuple[int, int] | None:
-    """The first (pixel d, pixel j) with j >= d whose argument depends on x_j, or None.
-
-    arguments(x) -> (D,): one number per pixel, a random combination of everything the
-    likelihood's arguments hold for that pixel (components, levels), so a dependence of any of
-    them shows. Its Jacobian at x, by reverse mode in chunks of `chunk` pixels."""
-    D = x.shape[-1]
-    jacobian = torch.func.jacrev(arguments, chunk_size=max(1, min(D, chunk)))(x)  # (D outputs, D inputs)
-    depends = (jacobian != 0) | jacobian.isnan()
-    bad = (depends & torch.ones(D, D, dtype=torch.bool).triu()).nonzero()
-    if len(bad) == 0:
-        return None
-    d, j = (int(v) for v in bad[0])
-    return d, j
 
 
 def describe_pixel(d: int, C: int, H: int, W: int) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,7 @@ from probkit import expressions
 from probkit.context import CPU, Context, human_bytes, memory_bytes, seeded
 from probkit.data import pixel_transform
 from probkit.distributions import FAMILIES, SUPPORT_EVENT_DIM, SUPPORTS, VECTOR_ARGS
-from probkit.errors import DomainError, SpecError
+from probkit.errors import DomainError, NotAutoregressive, SpecError
 from probkit.expressions import Expr
 from probkit.families import LikelihoodFamily, likelihood_family
 from probkit.latents import ENUMERATED, OBSERVED_LABEL, LatentSite, marginalise
@@ -512,47 +513,39 @@ class CompiledModel:
         return {"x": torch.zeros(self.dims.D)}
 
     def _check_order(self, site: LikelihoodSite) -> None:
-        """Refuse an autoregressive likelihood in which pixel d's distribution depends on pixel d
-        or a later one: the Jacobian of its arguments with respect to x, by autograd at random
-        params (inside their supports) and a random image, at two such points. A nonzero
-        derivative proves the dependence; the random points keep a dependence from hiding
-        behind a param that starts at zero."""
-        from probkit.autoregressive import dependency_violation, describe_pixel
-        from probkit.families.base import chunk_size
+        """Refuse an autoregressive likelihood in which pixel d's distribution may read pixel d or
+        a later one. Proved statically (probkit.structures.dependency): from the expression
+        tree and the shapes, on the meta device, so no value of params or data enters it."""
+        from probkit.autoregressive import describe_pixel
+        from probkit.structures import dependency
 
         D = self.dims.D
-        scale = 255.0 if self.spec.data.transform == "discrete" else 1.0
-        for seed in (1, 2):
-            with seeded(seed):
-                values = {}
-                for p in self.params:
-                    transform = transform_to(self.constraint(p))
-                    values[p.name] = transform(torch.randn(transform.inverse_shape(p.shape)))
-                image = (0.05 + 0.9 * torch.rand(D)) * scale
-                args = self._config_arguments(site, {**values, "x": image}, self._checks)
-                weights = {arg: torch.randn(value.shape) for arg, value in args.items()}
-
-            def combined(x, values=values, weights=weights):
-                per_config = self._config_arguments(site, {**values, "x": x}, self._checks)
-                total = torch.zeros(D)
-                for arg, value in per_config.items():
-                    weighted = value * weights[arg]
-                    total = total + weighted.sum(0).reshape(D, -1).sum(-1)
-                return total
-
-            try:
-                violation = dependency_violation(combined, image, chunk_size(self.per_image_elements()))
-            except _SHAPE_ERRORS as exc:
-                raise site.expr.error(f"cannot prove that each pixel depends only on earlier pixels: autograd "
-                                      f"failed on this expression ({str(exc).splitlines()[0]})") from None
+        env = {name: dependency.leaf(value, D) for name, value in self.base_env().items()}
+        for p in self.params:
+            env[p.name] = dependency.leaf(torch.empty(p.shape, device="meta"), D)
+        grid = self._grid(self._checks)
+        for latent in self.latents:
+            env[latent.name] = dependency.leaf(grid[latent.name], D, concrete=True)
+        env["x"] = dependency.leaf(torch.empty(D, device="meta"), D, reads=dependency.pixels(D))
+        try:
+            arguments = dependency.analyse(site.expr, env, D)
+        except dependency.Unanalysable as exc:
+            raise site.expr.error(f"cannot prove that each pixel depends only on earlier pixels: {exc}") from None
+        found = []
+        for arg, abstract in arguments.items():
+            config_dims = len(site.family.config_shape(arg, abstract.value, D))
+            violation = dependency.first_violation(dependency.pixel_reads(abstract, config_dims, D))
             if violation is not None:
-                d, j = violation
-                dims = (self.dims.C, self.dims.H, self.dims.W)
-                what = "itself" if d == j else f"the later {describe_pixel(j, *dims)}"
-                raise site.expr.error(
-                    f"not autoregressive: the distribution of {describe_pixel(d, *dims)} depends on {what}; each "
-                    "pixel may depend only on earlier pixels (channel-first raster order), so mask the weights "
-                    "strictly below the diagonal, e.g. tril(A, -1) @ x")
+                found.append(violation)
+        if found:
+            d, j = min(found)
+            dims = (self.dims.C, self.dims.H, self.dims.W)
+            what = "itself" if d == j else f"the later {describe_pixel(j, *dims)}"
+            raise NotAutoregressive(str(site.expr.error(
+                f"not autoregressive: the distribution of {describe_pixel(d, *dims)} may depend on {what}; each "
+                "pixel may depend only on earlier pixels (channel-first raster order), so mask the weights "
+                "strictly below the diagonal, e.g. tril(A, -1) @ x, or use nade(...)/made(...)"))) from None
+
     def _probe_batch_size(self) -> int:
         """A batch size that no param dimension equals, so a missing index cannot hide."""
         used = {d for p in self.params for d in p.shape} | set(self.grid_shape) | {self.dims.D}
@@ -1009,6 +1002,24 @@ def _broadcasts(shape, grid) -> bool:
     if len(shape) > len(grid):
         return False
     return all(s in (1, g) for s, g in zip(reversed(shape), reversed(grid)))
+
+
+def prove_order_before_data(loaded: LoadedSpec) -> None:
+    """Refuse a likelihood that reads x out of order before any data is read: the order proof
+    needs the image's sizes, which the spec gives (data.size, data.channels), not the data.
+    Where the spec names N (the training images) the proof waits for the data's count; any
+    other error waits for the full compile, which reports it with the real sizes."""
+    text = " ".join(str(v) for v in (loaded.spec.likelihood.x, *(p.shape for p in loaded.spec.params.values())))
+    if "x" not in re.findall(r"[A-Za-z_]\w*", str(loaded.spec.likelihood.x)) or \
+            "N" in re.findall(r"[A-Za-z_]\w*", text):
+        return
+    H, W = loaded.spec.data.hw
+    try:
+        compile_spec(loaded, Dims(loaded.spec.data.channels, H, W, 1), device="cpu")
+    except NotAutoregressive:
+        raise
+    except SpecError:
+        return
 
 
 def compile_spec(loaded: LoadedSpec, dims: Dims, *, device="cpu", method: str | None = None) -> CompiledModel:

@@ -15,6 +15,11 @@ class SpecError(ProbkitError, ValueError):
     exit_code = 2
 
 
+class NotAutoregressive(SpecError):
+    """A likelihood that reads x, in which some pixel may read itself or a later pixel (exit 2):
+    refused by the static order proof, which needs the spec's sizes only, before any data."""
+
+
 class DataError(ProbkitError, ValueError):
     """The data set cannot be loaded or is malformed (exit 2: fix the input)."""
 
