@@ -478,8 +478,9 @@ def compress(
     table.add_row("images", f"{result.images} x {result.dims} pixels")
     table.add_row("file", f"{result.bytes:,} bytes ({result.header_bytes} of header and checksum)")
     table.add_row("model bits  Σ −log₂ p(x)", f"{result.model_bits:,.1f} ({result.model_bits / 8:,.1f} bytes)")
-    excess = result.bytes - result.model_bits / 8
-    table.add_row("file − model bits", f"{excess:+,.1f} bytes ({100 * excess / max(result.model_bits / 8, 1):+.2f}%)")
+    table.add_row("coded bits (probabilities ≥ 2⁻²⁰)", f"{result.coded_bits:,.1f} ({result.coded_bits / 8:,.1f} bytes)")
+    excess = result.bytes - result.coded_bits / 8
+    table.add_row("file − coded bits", f"{excess:+,.1f} bytes ({100 * excess / max(result.coded_bits / 8, 1):+.2f}%)")
     table.add_row("bits/dim (file)", f"{result.bits_per_dim:.4f}")
     table.add_row("bits/dim (model)", f"{result.model_bits_per_dim:.4f}")
     table.add_row("PNG, one grid of the images", f"{result.png_bytes:,} bytes")

@@ -22,6 +22,7 @@ random numbers outside a private seeded scope and knows nothing of data-driven s
 from __future__ import annotations
 
 import ast
+import copy
 import math
 import re
 from dataclasses import dataclass
@@ -151,6 +152,13 @@ class CompiledModel:
     @property
     def device(self) -> torch.device:
         return self.context.device
+
+    def in_dtype(self, dtype: torch.dtype) -> "CompiledModel":
+        """The same model whose run-time evaluations build their constants in `dtype` (the held-out
+        NLL is computed in float64): a shallow copy sharing every compiled site."""
+        twin = copy.copy(self)
+        twin.context = Context(self.context.device, dtype)
+        return twin
 
     @property
     def family(self) -> LikelihoodFamily:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from probkit.datasets import RawImages, cached_arrays, load_source, source_fingerprint
-from probkit.errors import DataError
+from probkit.errors import DataError, NotADensity
 from probkit.spec import DataSpec
 
 LUMINANCE = (0.299, 0.587, 0.114)
@@ -212,8 +212,19 @@ class Dataset:
             self.label_names, self.notes,
         )
 
-    def bits_per_dim(self, nll_per_image: float) -> float:
-        """DESIGN section 5: continuous densities pay D ln 256 to compare with discrete ones."""
+    def bits_per_dim(self, nll_per_image: float, *, what: str = "the model") -> float:
+        """Bits per pixel of an NLL (nats per image); continuous densities pay D ln 256 to compare
+        with discrete ones. A tripwire: on binary or discrete data every probability is at most 1,
+        so a negative NLL (beyond float64 rounding, 1e-9 nats a pixel) means the model is not a
+        normalised density, and the number is refused, never printed."""
+        if self.transform != "continuous" and nll_per_image < 0:
+            if nll_per_image < -1e-9 * self.D:
+                raise NotADensity(
+                    f"{what} gives its images an NLL of {nll_per_image:.6g} nats per image, below zero, on "
+                    f"{self.transform} data where every probability is at most 1: it is not a normalised "
+                    "density (probkit's own checks should have refused it; please report the spec), so no "
+                    "bits/dim is printed")
+            nll_per_image = 0.0  # float64 rounding of a model that gives its images probability 1
         return (nll_per_image + self.pixels.bits_offset(self.D)) / (self.D * math.log(2.0))
 
     @property

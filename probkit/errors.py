@@ -43,5 +43,10 @@ class DomainError(FitError):
 
 
 
+class NotADensity(ProbkitError):
+    """A number no normalised model can give, such as a negative NLL of discrete data (every
+    probability is at most 1): probkit refuses to print it (exit 1)."""
+
+
 class RunError(ProbkitError):
     """A run folder is missing or unreadable (exit 1)."""

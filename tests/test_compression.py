@@ -273,6 +273,7 @@ def test_file_size_within_one_percent_of_model_bits(spec, tmp_path, monkeypatch)
     assert result.images == prepared.dataset.n_test
     assert result.bytes == Path("x.pkz").stat().st_size
     assert abs(result.bytes - result.model_bits / 8) <= 0.01 * result.model_bits / 8 + 64
+    assert abs(result.bytes - result.coded_bits / 8) <= 0.01 * result.coded_bits / 8 + 64
     assert result.bits_per_dim == pytest.approx(8 * result.bytes / (result.images * prepared.compiled.dims.D))
     assert result.png_bytes > 0 and result.webp_bytes > 0
     back = probkit.decompress("x.pkz", "x.npy")

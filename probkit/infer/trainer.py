@@ -257,7 +257,8 @@ class Trainer:
         """Evaluate, append to the history and write the checkpoint; the held-out bits/dim."""
         test_bpd = None
         if self.dataset.n_test:
-            test_bpd = self.dataset.bits_per_dim(self.evaluator.nll(self.values(), "test"))
+            test_bpd = self.dataset.bits_per_dim(self.evaluator.nll(self.values(), "test"),
+                                                 what=f"the model of '{self.compiled.spec.name}' (held-out images)")
         self.history.append({"step": done, "loss": loss_value, "test_bits_per_dim": test_bpd,
                              "seconds": round(time.perf_counter() - started, 4)})
         self.save_checkpoint(done)
