@@ -1,6 +1,6 @@
 """`probkit validate`'s tables say what `probkit fit` does: each param's init column names the
 rule that really starts it (checked against the start itself and an independent reference),
-the fit table marks defaults, and the README documents every key a spec may hold."""
+the fit table marks defaults, and the spec reference (docs/spec.md) documents every key a spec may hold."""
 
 from pathlib import Path
 from typing import Union, get_args, get_origin
@@ -244,14 +244,14 @@ def _nested_paths(annotation, path: str) -> dict[str, object]:
     return paths
 
 
-def readme_rows(text: str) -> dict[str, str]:
-    """The README's table rows by the backquoted key they start with."""
+def reference_rows(text: str) -> dict[str, str]:
+    """The spec reference's table rows by the backquoted key they start with."""
     return {line.split("`")[1]: line for line in text.splitlines() if line.startswith("| `")}
 
 
-def undocumented_keys(readme: Path) -> list[str]:
-    """Key paths the README's table of spec keys lacks, or whose row does not give the default."""
-    rows = readme_rows(readme.read_text())
+def undocumented_keys(reference: Path) -> list[str]:
+    """Key paths the table of spec keys lacks, or whose row does not give the default."""
+    rows = reference_rows(reference.read_text())
     missing = []
     for path, default in spec_key_paths().items():
         if path not in rows:
@@ -261,8 +261,8 @@ def undocumented_keys(readme: Path) -> list[str]:
     return missing
 
 
-def test_every_spec_key_is_in_the_readme_with_its_default():
-    assert undocumented_keys(ROOT / "README.md") == []
+def test_every_spec_key_is_in_the_spec_reference_with_its_default():
+    assert undocumented_keys(ROOT / "docs" / "spec.md") == []
 
 
 def test_validate_prints_the_memory_a_fit_needs_and_whether_its_run_folder_can_be_written():
