@@ -426,6 +426,9 @@ def _read_input_images(path: Path, dataset: Dataset) -> tuple[np.ndarray, list[s
             raise UsageError(f"--input {path}: cannot read it as a .npy array ({exc})") from None
         if not np.issubdtype(array.dtype, np.number):
             raise UsageError(f"--input {path}: expected a numeric array, found dtype {array.dtype}")
+        if array.size == 0:
+            raise UsageError(f"--input {path}: the array holds no images (shape {list(array.shape)}); give at least "
+                             "one image")
         if array.size > MAX_PNG_PIXELS * 4:
             raise UsageError(f"--input {path}: the array holds {array.size:,} numbers; give at most "
                              f"{MAX_PNG_PIXELS * 4:,} (complete a few images at a time)")
