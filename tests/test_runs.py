@@ -418,3 +418,22 @@ def test_runs_lists_a_folder_with_a_pipe_for_its_run_json_as_damaged_without_rea
     os.mkfifo(tmp_path / "b" / "checkpoint.safetensors")
     rows = {row.name: row.status for row in list_runs(tmp_path)}
     assert rows == {"a": "damaged", "b": "damaged"}
+
+
+@pytest.mark.parametrize("command", [["evaluate"], ["report"], ["sample", "-n", "4"], ["compress", "--out", "x.pkz"],
+                                     ["cluster"], ["complete"]])
+def test_a_killed_fit_is_unfinished_and_resume_is_suggested(tmp_path, monkeypatch, command):
+    """A fit killed before it wrote run.json leaves a checkpoint: every command that reads a run
+    says the run is unfinished and how to finish it (exit 2), for a folder and for a spec."""
+    monkeypatch.chdir(tmp_path)
+    run = Path("runs") / "tiny-mixture"
+    assert _fit(run).exit_code == 0
+    for name in ("run.json", "params.safetensors", "spec.yaml"):  # what a fit writes only when it finishes
+        (run / name).unlink()
+    result = _invoke(command[0], run, *command[1:])
+    assert result.exit_code == 2, result.output
+    assert "unfinished fit" in _flat(result) and f"probkit fit SPEC --resume --out {run}" in _flat(result)
+    result = _invoke(command[0], TINY, *command[1:])
+    assert result.exit_code == 2, result.output
+    assert f"probkit fit {TINY} --resume`" in _flat(result)
+    assert "internally" not in result.output
