@@ -84,9 +84,21 @@ def internal_failure(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return (f"the disk is full ({first}); nothing was wrong with the spec. Free some space or write "
                 "elsewhere (--out); a fit keeps its last good checkpoint (--resume continues it)")
-    if isinstance(exc, torch.OutOfMemoryError):
+    torch = sys.modules.get("torch")  # an error of torch's can only come once torch is imported
+    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
         return (f"out of memory on the device ({first}); nothing was wrong with the spec. Try a smaller "
                 "fit.batch_size or fewer components, or --device cpu; a fit keeps its last good checkpoint")
+    if isinstance(exc, MemoryError) or "can't allocate memory" in first:
+        import re
+
+        from probkit.context import human_bytes
+
+        asked = re.search(r"allocate (\d+) bytes", first)
+        size = f"{human_bytes(int(asked.group(1)))} asked for" if asked else first or "no size given"
+        return (f"out of memory ({size}): this machine, or a limit on this process such as `ulimit -v`, gives "
+                "less memory than the command needs; nothing was wrong with the spec. Free memory or raise the "
+                "limit, or make the model or data smaller (fewer components, a smaller data.size or "
+                "fit.batch_size); a fit keeps its last good checkpoint")
     return (f"probkit failed internally ({type(exc).__name__}: {first}). This is a bug in probkit or a "
             "problem with the machine (device, memory), not with your spec or data; set PROBKIT_TRACEBACK=1 "
             "to see where, and please report it")

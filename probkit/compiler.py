@@ -213,10 +213,12 @@ class CompiledModel:
 
     def memory_estimate(self, more: int = 0) -> dict[str, int]:
         """Bytes a fit needs for the params (about 4 float32 copies: values, gradients, Adam's
-        moments) and for the per-configuration arguments of the latent grid (configurations x D)."""
+        moments; 6 more while a checkpoint is written) and for the per-configuration arguments of the latent grid (configurations x D)."""
         numbers = sum(math.prod(site.shape) for site in self.params) + more
         configurations = math.prod(l.cardinality for l in self.latents)
-        estimate = {"params": 16 * numbers, "latent grid": 16 * configurations * self.dims.D}
+        # a checkpoint copies the unconstrained values and Adam's two moments, then serialises the copies
+        estimate = {"params": 16 * numbers, "checkpoints": 24 * numbers,
+                    "latent grid": 16 * configurations * self.dims.D}
         site = getattr(self, "likelihood", None)
         if site is not None and site.autoregressive:
             estimate["per-image work"] = 8 * self.per_image_elements() * self._batch_images()

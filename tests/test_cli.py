@@ -127,6 +127,12 @@ def test_observed_label_without_labels_exits_2(write_spec, tmp_path):
     (TypeError("unsupported operand"), ["probkit failed internally", "TypeError"]),
     (__import__("torch").OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
      ["out of memory on the device", "Tried to allocate", "batch_size", "--device cpu"]),
+    # what escapes the memory estimate (issue 25): said as memory, with the size asked, not as a bug
+    (MemoryError("Unable to allocate 1.6 GiB for an array with shape (400000000,) and data type float32"),
+     ["out of memory (Unable to allocate 1.6 GiB", "ulimit -v", "nothing was wrong with the spec"]),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 1760000000 bytes. Error code 12 (Cannot allocate memory)"),
+     ["out of memory (1.6 GiB asked for)", "ulimit -v"]),
 ])
 def test_a_failure_inside_probkit_is_exit_1_and_says_so(monkeypatch, tmp_path, failure, words):
     """Not a bad spec (exit 2, "shape mismatch"): probkit's own failure, with no traceback."""
