@@ -243,3 +243,40 @@ def test_a_param_too_big_for_a_ulimit_is_refused_at_its_line(write_spec):
     assert result.returncode == 2, result.stdout + result.stderr
     flat = " ".join(result.stderr.split())
     assert "params.w: the params so far hold 60,000,000 numbers" in flat and "Traceback" not in flat
+
+
+SUPPORT_SPEC = """probkit: 1
+name: supports
+data: {{source: digits, size: 8, transform: {transform}}}
+params:
+  a:
+    shape: [D]
+    {declared}
+likelihood:
+  x: {likelihood}
+"""
+
+
+@pytest.mark.parametrize("transform, declared, likelihood, words", [
+    ("discrete", "prior: Normal(0.0, 1.0)", "Poisson(rate=a)",
+     r"spec\.yaml:7:12: params\.a\.prior: a is passed as Poisson's rate \(likelihood\.x\), which must be nonnegative, "
+     r"but its prior Normal\(0\.0, 1\.0\) gives it values in real.*Gamma, LogNormal, HalfNormal.*support: positive"),
+    ("discrete", "support: real", "Poisson(rate=a)", r"spec\.yaml:7:\d+: params\.a\.support: .*support: real gives"),
+    ("binary", "prior: Normal(0.0, 1.0)", "Bernoulli(probs=a)", r"must be unit_interval.*Beta.*sigmoid\(a\)"),
+    ("continuous", "prior: Normal(0.0, 1.0)", "Normal(0.5, a)", r"Normal's scale .* must be positive"),
+])
+def test_a_param_whose_support_leaves_its_arguments_constraint_is_refused_at_its_line(
+        write_spec, transform, declared, likelihood, words):
+    with pytest.raises(SpecError, match=words):
+        prepare(write_spec(SUPPORT_SPEC.format(transform=transform, declared=declared, likelihood=likelihood)))
+
+
+@pytest.mark.parametrize("transform, declared, likelihood", [
+    ("discrete", "prior: Gamma(2.0, 1.0)", "Poisson(rate=a)"),
+    ("discrete", "support: positive", "Poisson(rate=a)"),
+    ("binary", "prior: Beta(2.0, 2.0)", "Bernoulli(probs=a)"),
+    ("binary", "prior: Normal(0.0, 1.0)", "Bernoulli(logits=a)"),
+    ("continuous", "prior: HalfNormal(1.0)", "Normal(0.5, a)"),
+])
+def test_a_param_whose_support_lies_in_its_arguments_constraint_compiles(write_spec, transform, declared, likelihood):
+    prepare(write_spec(SUPPORT_SPEC.format(transform=transform, declared=declared, likelihood=likelihood)))
