@@ -14,15 +14,30 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from probkit import api
 from probkit.errors import ProbkitError, UsageError
-from probkit.spec import MAX_SEED, suggest
+
+MAX_SEED = 2**32 - 1  # probkit.spec.MAX_SEED (a test checks), without importing pydantic for --help
+
+
+class _OnFirstUse:
+    """A module imported when a command first reads from it: `--help` and the usage errors
+    typer reports do not import torch and Pyro (seconds at a cold start)."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        import importlib
+
+        return getattr(importlib.import_module(self._name), attr)
+
+
+api = _OnFirstUse("probkit.api")
 
 app = typer.Typer(
     help="Declare a probability model of images in YAML; fit, sample and evaluate it with Pyro.",
@@ -72,6 +87,8 @@ def reports_errors(command):
 
 def _rank() -> int | None:
     """This process's rank under torchrun (None in a plain one-process run)."""
+    if "RANK" not in os.environ:  # not under torchrun: no need to import torch to say so
+        return None
     from probkit.infer.distributed import launched
 
     where = launched()
@@ -352,6 +369,8 @@ def datasets(
     infos = describe()
     if name is not None and name not in {i.name for i in infos}:
         if not show_grid:
+            from probkit.spec import suggest
+
             raise UsageError(f"unknown data set '{name}'{suggest(name, [i.name for i in infos])}")
     if not show_grid:
         table = Table(title="built-in data sets")

@@ -211,3 +211,29 @@ def test_validate_says_what_loading_the_data_skipped_and_resized(tmp_path):
     flat = " ".join(result.output.split())
     assert "note: data: skipped 1 file(s) that are not images (readme.txt)" in flat
     assert "note: data: resized 1 of 7 images to the most common size 8x8" in flat
+
+
+def test_the_command_line_starts_without_torch():
+    """`probkit --help` (and typer's usage errors) import neither torch, Pyro, matplotlib,
+    scikit-learn nor pydantic: they cost seconds at a cold start (issue 25)."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "pyro", "matplotlib", "sklearn", "pydantic", "scipy")
+    code = f"import sys, probkit.cli; print([m for m in {heavy!r} if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_the_public_api_is_imported_on_first_use():
+    import probkit
+    import probkit.report as report_module  # noqa: F401 - importing the submodule must not hide the function
+    from probkit import cli, spec
+
+    assert callable(probkit.report) and probkit.report.__module__ == "probkit.report"
+    assert probkit.fit.__module__ == "probkit.api" and "fit" in dir(probkit)
+    assert cli.MAX_SEED == spec.MAX_SEED
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        probkit.nope  # noqa: B018
