@@ -437,3 +437,14 @@ def test_a_killed_fit_is_unfinished_and_resume_is_suggested(tmp_path, monkeypatc
     assert result.exit_code == 2, result.output
     assert f"probkit fit {TINY} --resume`" in _flat(result)
     assert "internally" not in result.output
+
+
+def test_a_refused_fit_shows_no_progress_bar(tmp_path):
+    """The refusal comes before the bar: no heading and no empty bar above the error."""
+    run = tmp_path / "run"
+    shown = _invoke("fit", TINY, "--steps", 3, "--out", run, "--device", "cpu")
+    assert shown.exit_code == 0 and "at most 3 steps" in shown.output and "3/3" in shown.output, shown.output
+    refused = _invoke("fit", TINY, "--steps", 3, "--out", run, "--device", "cpu")
+    assert refused.exit_code == 2, refused.output
+    assert "at most" not in refused.output and "0/3" not in refused.output and "loss" not in refused.output
+    assert refused.output.lstrip().startswith("error:"), refused.output
