@@ -237,3 +237,34 @@ def test_the_public_api_is_imported_on_first_use():
     assert cli.MAX_SEED == spec.MAX_SEED
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         probkit.nope  # noqa: B018
+
+
+def test_folder_labels_keep_their_names_in_given_and_captions(tmp_path, monkeypatch):
+    """A folder data set whose sub-folders are the labels (circle/, square/): --given takes the
+    name or the number, a wrong name lists the names, and the captions show names."""
+    from PIL import Image
+
+    import probkit
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    for label in ("circle", "square"):
+        (tmp_path / "shapes" / label).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray((rng.random((8, 8)) * 255).astype(np.uint8), mode="L").save(
+                tmp_path / "shapes" / label / f"{i}.png")
+    text = (HERE_SPECS / "tiny-class.yaml").read_text().replace("source: digits", "source: shapes").replace(
+        "Y: 10", "Y: 2").replace("batch_size: 256", "batch_size: full")
+    spec = tmp_path / "shapes.yaml"
+    spec.write_text(text)
+    result = _invoke("fit", spec, "--steps", 2, "--no-progress", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    result = _invoke("sample", spec, "-n", 4, "--given", "y=circle")
+    assert result.exit_code == 0, result.output
+    assert Path("runs/tiny-class/samples-ycircle.png").exists()
+    samples = probkit.sample(spec, 4, given={"y": "square"}, out=None)
+    assert all(caption.startswith("y=square ") for caption in samples.captions), samples.captions
+    assert probkit.sample(spec, 4, given={"y": 1}, out=None).captions == samples.captions
+    result = _invoke("sample", spec, "-n", 4, "--given", "y=triangle")
+    assert result.exit_code == 2, result.output
+    assert "the labels are circle (0), square (1)" in " ".join(result.output.split())
