@@ -299,22 +299,24 @@ def sample(target: SpecLike | Run, n: int = 64, *, given: dict[str, int] | None 
     captions each image with its latent values."""
     from probkit.images import save_grid
     from probkit.runs import save_array
-    from probkit.sampling import (Samples, check_sample_count, draw_samples, latent_captions,
-                                  possible_configurations, samples_file_name)
+    from probkit.sampling import (Samples, check_sample_count, draw_samples, label_captions, latent_captions,
+                                  name_labels, possible_configurations, samples_file_name)
 
     check_sample_count(n)
     run, prepared = open_run(target, device=device, out=run_out)
     compiled = prepared.compiled
-    drawn, latents = draw_samples(compiled, run.values, n, given=given, seed=seed, mean=mean, return_latents=True)
+    label_names = prepared.dataset.label_names
+    numbered = name_labels(compiled, given, label_names)
+    drawn, latents = draw_samples(compiled, run.values, n, given=numbered, seed=seed, mean=mean, return_latents=True)
     images = prepared.dataset.images(drawn)
-    captions = latent_captions(compiled, latents)
+    captions = label_captions(latent_captions(compiled, latents), compiled, label_names)
     notes = []
     fitted = (run.info.get("data") or {}).get("fingerprint") if isinstance(run.info, dict) else None
     if fitted and fitted != prepared.dataset.fingerprint():
         # samples need no images, so they are drawn; the data's size and channels are read from it
         notes.append(f"the data source '{prepared.dataset.spec.source}' gives other images than the run was fitted "
                      "on (its fingerprint changed); the samples come from the fitted params as they are")
-    if mean and possible_configurations(compiled, run.values, given) == 1:
+    if mean and possible_configurations(compiled, run.values, numbered) == 1:
         why = ("the model has no discrete latents" if not compiled.latents else
                "--given fixes every latent" if given else "only one latent configuration has any probability")
         notes.append(f"{why}, so all {n} mean images are the same image (the likelihood's mean); "
@@ -427,6 +429,9 @@ def _read_input_images(path: Path, dataset: Dataset) -> tuple[np.ndarray, list[s
             raise UsageError(f"--input {path}: cannot read it as a .npy array ({exc})") from None
         if not np.issubdtype(array.dtype, np.number):
             raise UsageError(f"--input {path}: expected a numeric array, found dtype {array.dtype}")
+        if array.size == 0:
+            raise UsageError(f"--input {path}: the array holds no images (shape {list(array.shape)}); give at least "
+                             "one image")
         if array.size > MAX_PNG_PIXELS * 4:
             raise UsageError(f"--input {path}: the array holds {array.size:,} numbers; give at most "
                              f"{MAX_PNG_PIXELS * 4:,} (complete a few images at a time)")

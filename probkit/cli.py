@@ -14,15 +14,30 @@ import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
-import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from probkit import api
 from probkit.errors import ProbkitError, UsageError
-from probkit.spec import MAX_SEED, suggest
+
+MAX_SEED = 2**32 - 1  # probkit.spec.MAX_SEED (a test checks), without importing pydantic for --help
+
+
+class _OnFirstUse:
+    """A module imported when a command first reads from it: `--help` and the usage errors
+    typer reports do not import torch and Pyro (seconds at a cold start)."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        import importlib
+
+        return getattr(importlib.import_module(self._name), attr)
+
+
+api = _OnFirstUse("probkit.api")
 
 app = typer.Typer(
     help="Declare a probability model of images in YAML; fit, sample and evaluate it with Pyro.",
@@ -72,6 +87,8 @@ def reports_errors(command):
 
 def _rank() -> int | None:
     """This process's rank under torchrun (None in a plain one-process run)."""
+    if "RANK" not in os.environ:  # not under torchrun: no need to import torch to say so
+        return None
     from probkit.infer.distributed import launched
 
     where = launched()
@@ -84,9 +101,21 @@ def internal_failure(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return (f"the disk is full ({first}); nothing was wrong with the spec. Free some space or write "
                 "elsewhere (--out); a fit keeps its last good checkpoint (--resume continues it)")
-    if isinstance(exc, torch.OutOfMemoryError):
+    torch = sys.modules.get("torch")  # an error of torch's can only come once torch is imported
+    if torch is not None and isinstance(exc, torch.OutOfMemoryError):
         return (f"out of memory on the device ({first}); nothing was wrong with the spec. Try a smaller "
                 "fit.batch_size or fewer components, or --device cpu; a fit keeps its last good checkpoint")
+    if isinstance(exc, MemoryError) or "can't allocate memory" in first:
+        import re
+
+        from probkit.context import human_bytes
+
+        asked = re.search(r"allocate (\d+) bytes", first)
+        size = f"{human_bytes(int(asked.group(1)))} asked for" if asked else first or "no size given"
+        return (f"out of memory ({size}): this machine, or a limit on this process such as `ulimit -v`, gives "
+                "less memory than the command needs; nothing was wrong with the spec. Free memory or raise the "
+                "limit, or make the model or data smaller (fewer components, a smaller data.size or "
+                "fit.batch_size); a fit keeps its last good checkpoint")
     return (f"probkit failed internally ({type(exc).__name__}: {first}). This is a bug in probkit or a "
             "problem with the machine (device, memory), not with your spec or data; set PROBKIT_TRACEBACK=1 "
             "to see where, and please report it")
@@ -300,24 +329,72 @@ def runs(
         return
     from rich import box
 
-    table = Table(title=f"runs in {root}/ (by {sort})", box=box.SIMPLE_HEAD, padding=(0, 1),
-                  collapse_padding=True, pad_edge=False,
-                  caption="bits/dim: held-out / the uniform model's; fitted: UTC; spec: its sha256")
-    for column, justify in (("run", "left"), ("data", "left"), ("model", "left"), ("steps", "right"),
-                            ("bits/dim", "right"), ("time", "right"), ("fitted", "left"), ("spec", "left")):
-        table.add_column(column, justify=justify, no_wrap=column != "run", min_width=11 if column == "run" else None)
+    # the run's name stays whole: a narrow terminal loses the spec hash, then the date, then the
+    # wall time, and a data path is cut in its middle (its file name tells runs apart)
+    headers = ["run", "data", "model", "steps", "bits/dim", "time", "fitted", "spec"]
+    rows = []
     for r in listed:
         data = (r.data.rsplit(" ", 1)[0] or "-") if r.status == "finished" else f"({r.status})"
         bits = "-" if r.held_out_bpd is None else f"{r.held_out_bpd:.4f}"
         if r.baseline_bpd is not None:
             bits += f"/{r.baseline_bpd:g}"
-        table.add_row(
-            escape(r.name), escape(data), r.model or "-",
-            "-" if r.steps is None else str(r.steps), bits,
-            "-" if r.wall_time_s is None else f"{r.wall_time_s:.1f} s",
-            (r.date or "-").replace("T", " ")[5:16] if r.date else "-", r.spec_hash[:7],
-        )
+        rows.append([r.name, data, r.model or "-", "-" if r.steps is None else str(r.steps), bits,
+                     "-" if r.wall_time_s is None else f"{r.wall_time_s:.1f} s",
+                     (r.date or "-").replace("T", " ")[5:16] if r.date else "-", r.spec_hash[:7]])
+    headers, rows = _fit_columns(headers, rows, console.width, drop=["spec", "fitted", "time"], flexible="data")
+    notes = {"bits/dim": "bits/dim: held-out / the uniform model's", "fitted": "fitted: UTC",
+             "spec": "spec: its sha256"}
+    table = Table(title=f"runs in {root}/ (by {sort})", box=box.SIMPLE_HEAD, padding=(0, 1),
+                  collapse_padding=True, pad_edge=False,
+                  caption="; ".join(text for column, text in notes.items() if column in headers))
+    for i, column in enumerate(headers):
+        table.add_column(column, justify="right" if column in ("steps", "bits/dim", "time") else "left",
+                         no_wrap=True, min_width=max(len(column), *(len(row[i]) for row in rows)))
+    for row in rows:
+        table.add_row(*(escape(cell) for cell in row))
     console.print(table)
+
+
+def _fit_columns(headers: list[str], rows: list[list[str]], width: int, *, drop: list[str], flexible: str,
+                 cut=None) -> tuple[list[str], list[list[str]]]:
+    """The columns of a table that fit in `width` terminal columns: those in `drop` go first to
+    last while the rest is too wide, then the cells of `flexible` are cut to what remains (in
+    their middle, or by `cut(text, width)`); every other cell stays whole."""
+    cut = cut or _middle
+    headers, rows = list(headers), [list(row) for row in rows]
+
+    def widths():
+        return [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
+
+    def others():
+        return sum(w for h, w in zip(headers, widths()) if h != flexible) + 2 * len(headers)  # gaps and edges
+
+    for column in drop:
+        if others() + max(len(flexible), 20) <= width:
+            break
+        if column in headers:
+            i = headers.index(column)
+            headers.pop(i)
+            for row in rows:
+                row.pop(i)
+    if flexible in headers:
+        i, room = headers.index(flexible), max(len(flexible), width - others())
+        for row in rows:
+            row[i] = cut(row[i], room)
+    return headers, rows
+
+
+def _end(text: str, width: int) -> str:
+    """`text` cut to `width` characters at its end."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _middle(text: str, width: int) -> str:
+    """`text` cut to `width` characters in its middle (a path keeps its start and its file name)."""
+    if len(text) <= width:
+        return text
+    head = (width - 1) // 2
+    return text[:head] + "…" + text[len(text) - (width - 1 - head):]
 
 
 @app.command()
@@ -340,16 +417,31 @@ def datasets(
     infos = describe()
     if name is not None and name not in {i.name for i in infos}:
         if not show_grid:
+            from probkit.spec import suggest
+
             raise UsageError(f"unknown data set '{name}'{suggest(name, [i.name for i in infos])}")
-    if not show_grid:
-        table = Table(title="built-in data sets")
-        table.add_column("name", no_wrap=True)
-        for column in ("images", "resolution", "labels", "channels", "package", "licence"):
-            table.add_column(column)
-        for info in infos:
-            if name in (None, info.name):
-                table.add_row(info.name, info.images, info.resolution, info.labels, str(info.channels),
-                              info.package, info.licence)
+    if not show_grid and name is not None:  # one set: all it says, the licence in full
+        info = next(i for i in infos if i.name == name)
+        for label, value in (("name", info.name), ("images", info.images), ("resolution", info.resolution),
+                             ("labels", info.labels), ("channels", str(info.channels)), ("package", info.package),
+                             ("licence", info.licence)):
+            console.print(f"[bold]{label:>10}[/]  {escape(value)}", highlight=False)
+        return
+    if not show_grid:  # one line a set; the licence is cut to what fits (`probkit datasets NAME` shows it whole)
+        from rich import box
+
+        headers, rows = _fit_columns(
+            ["name", "images", "resolution", "labels", "C", "package", "licence"],
+            [[i.name, *(_end(text, 99 if console.width >= 120 else cap) for text, cap in
+                        ((i.images, 12), (i.resolution, 15), (i.labels, 16))), str(i.channels), i.package, i.licence]
+             for i in infos],
+            console.width, drop=["package", "C"], flexible="licence", cut=_end)
+        table = Table(title="built-in data sets", box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True,
+                      pad_edge=False, caption="probkit datasets NAME: one set in full")
+        for i, column in enumerate(headers):
+            table.add_column(column, no_wrap=True, min_width=max(len(column), *(len(row[i]) for row in rows)))
+        for row in rows:
+            table.add_row(*(escape(cell) for cell in row))
         console.print(table)
         return
     if name is None:

@@ -222,10 +222,12 @@ class CompiledModel:
 
     def memory_estimate(self, more: int = 0) -> dict[str, int]:
         """Bytes a fit needs for the params (about 4 float32 copies: values, gradients, Adam's
-        moments) and for the per-configuration arguments of the latent grid (configurations x D)."""
+        moments; 6 more while a checkpoint is written) and for the per-configuration arguments of the latent grid (configurations x D)."""
         numbers = sum(math.prod(site.shape) for site in self.params) + more
         configurations = math.prod(l.cardinality for l in self.latents)
-        estimate = {"params": 16 * numbers, "latent grid": 16 * configurations * self.dims.D}
+        # a checkpoint copies the unconstrained values and Adam's two moments, then serialises the copies
+        estimate = {"params": 16 * numbers, "checkpoints": 24 * numbers,
+                    "latent grid": 16 * configurations * self.dims.D}
         site = getattr(self, "likelihood", None)
         if site is not None and site.autoregressive:
             estimate["per-image work"] = 8 * self.per_image_elements() * self._batch_images()
@@ -344,6 +346,8 @@ class CompiledModel:
         """A Pyro distribution from evaluated arguments. While compiling (`check`) a failure is
         the spec's; at run time an invalid argument is a point outside the model's domain."""
         family = FAMILIES[family_name]
+        if check:
+            self._check_argument_supports(family, expr)
         args = self._arguments(kwargs, ctx)
         # an overflowed constant (1e308 * 10.0) is not a number the spec can mean; arguments that
         # read params are checked at run time instead (their values here are only stand-ins)
@@ -368,6 +372,39 @@ class CompiledModel:
                 f"{expr.where()}: {family_name} cannot be built from the current parameter values "
                 f"({str(exc).splitlines()[0]}); a stronger prior or a smaller fit.lr usually helps"
             ) from None
+
+    def _check_argument_supports(self, family, expr: Expr) -> None:
+        """Refuse, at the param's line, a param passed as an argument (`rate`, `probs[z]`) whose
+        support reaches outside the argument's constraint: a Normal prior for a Poisson rate."""
+        from probkit.spec import dotted
+        from probkit.supports import constraint_name, support_escapes
+
+        tree = expr.tree
+        if not isinstance(tree, ast.Call):
+            return
+        nodes = {**dict(zip(family.args, tree.args)), **{k.arg: k.value for k in tree.keywords}}
+        sites = {p.name: p for p in self.params}
+        declared = getattr(family.cls, "arg_constraints", None)  # a property on some classes: nothing to ask
+        declared = declared if isinstance(declared, dict) else {}
+        for arg, node in nodes.items():
+            name = node.value if isinstance(node, ast.Subscript) else node
+            site = sites.get(name.id) if isinstance(name, ast.Name) else None
+            constraint = declared.get(arg)
+            if site is None or not support_escapes(site.support, constraint):
+                continue
+            wanted, found = constraint_name(constraint), constraint_name(site.support)
+            key = "prior" if site.prior is not None else "support"
+            source = f"its prior {site.prior.text}" if site.prior is not None else f"support: {site.support_name}"
+            positive = ("a prior on positive values (Gamma, LogNormal, HalfNormal), or `support: positive` without "
+                        f"a prior, or pass exp({site.name}) or softplus({site.name})")
+            fix = {"positive": positive, "nonnegative": positive,
+                   "unit_interval": f"a prior on [0, 1] (Beta), or `support: unit_interval` without a prior, or pass "
+                                    f"sigmoid({site.name})"}.get(wanted, f"a prior or support whose values lie in "
+                                                                         f"{wanted}")
+            raise SpecError(
+                f"{self.loaded.smap.where(('params', site.name, key))}: params.{site.name}.{key}: {site.name} is "
+                f"passed as {family.name}'s {arg} ({dotted(expr.path)}), which must be {wanted}, but {source} "
+                f"gives it values in {found}, which does not lie in {wanted}; give {site.name} {fix}")
 
     # ----- priors --------------------------------------------------------------------------
 

@@ -39,6 +39,8 @@ import contextlib
 import hashlib
 import io
 import math
+import os
+import stat
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -49,6 +51,7 @@ import numpy as np
 import torch
 
 from probkit.compiler import CompiledModel
+from probkit.context import human_bytes, memory_bytes
 from probkit.errors import RunError, UsageError
 from probkit.families.gaussian import cholesky_or_nan
 
@@ -66,6 +69,12 @@ FINGERPRINT_BYTES = 16
 FLOOR = 2.0**-20
 BINS = 256
 CODING_ELEMENTS = 1 << 22  # the largest per-pixel tensor coding builds (images x configurations x levels)
+MAX_FILE_BYTES = 1 << 30  # the largest compressed file probkit writes or reads
+# constriction's leaky quantisation gives every level at least 2^-24 of probability, so a coded
+# symbol costs at most 24 bits and, with L levels, at least (L - 1) 2^-24 / ln 2 bits: the
+# payload's length bounds the number of symbols it can hold from both sides
+MAX_SYMBOL_BITS = 24
+SLACK_BITS = 96  # what the range coder may add or save at the ends of its stream
 
 
 # ----- the sequential models: p(x_d = level | x_<d, configuration k) -----------------------
@@ -421,6 +430,12 @@ class Header:
         words = len(data) - TRAILER.size - end
         if code not in transforms or min(n, c, h, w) < 1 or words < 0 or words % 4:
             raise UsageError(f"{where} is damaged: its header is not valid; compress the images again")
+        symbols, bits = n * c * h * w, 8 * words
+        levels = 2 if transforms[code] == "binary" else BINS
+        if bits > MAX_SYMBOL_BITS * symbols + SLACK_BITS or \
+                symbols * (levels - 1) > (bits + SLACK_BITS) * 2**MAX_SYMBOL_BITS * math.log(2):
+            raise UsageError(f"{where} is damaged: its header says {n:,} images of {c}x{h}x{w}, which {words:,} "
+                             "bytes of coded data cannot hold; compress the images again")
         hint = data[HEADER.size : end].decode(errors="replace")
         coded = np.frombuffer(data, dtype="<u4", count=words // 4, offset=end).astype(np.uint32)
         return cls(transforms[code], (n, c, h, w), fingerprint, images_crc, hint), coded
@@ -531,19 +546,64 @@ def decompress_bytes(data: bytes, where: str, compiled: CompiledModel, values: d
             f"{fingerprint[:2 * FINGERPRINT_BYTES]}: another spec, run or fit, which would decode garbage. "
             "Decompress with the run that made the file (--model RUN)")
     n, c, h, w = header.shape
-    if header.transform != compiled.spec.data.transform or c * h * w != compiled.dims.D:
-        raise UsageError(f"{where}: its images ({header.transform}, {c}x{h}x{w}) are not what the model codes "
-                         f"({compiled.spec.data.transform}, D = {compiled.dims.D}); the file is damaged")
+    dims = compiled.dims
+    if header.transform != compiled.spec.data.transform or (c, h, w) != (dims.C, dims.H, dims.W):
+        raise UsageError(f"{where} is damaged: its header says {header.transform} images of {c}x{h}x{w}, but the "
+                         f"model that made it codes {compiled.spec.data.transform} images of "
+                         f"{dims.C}x{dims.H}x{dims.W}; compress the images again")
+    _check_decoding_memory(where, n, dims.D)
     model = sequential_model(compiled, values)
     try:
         symbols = decode(model, words, n)
-    except (ValueError, RuntimeError) as exc:  # constriction's complaint about data it cannot decode
-        raise RunError(f"{where}: decoding failed ({exc}); the file is damaged") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # constriction's complaint (ValueError, AssertionError, ...) about data it cannot decode
+        raise UsageError(f"{where} is a damaged compressed file: decoding failed ({type(exc).__name__}: "
+                         f"{str(exc).strip()[:200] or 'no message'}); compress the images again") from None
     if _crc(symbols.astype(np.uint8)) != header.images_crc:
         raise RunError(f"{where}: the decoded images fail their checksum although the model matches: this machine "
                        "computes the coding probabilities differently from the one that compressed them (another "
                        "torch or CPU); decompress where the file was made")
     return symbols.astype(np.uint8).reshape(n, c, h, w), header
+
+
+def _check_decoding_memory(where: str, n: int, D: int) -> None:
+    """Refuse, before allocating, a count of images whose decoding would not fit in memory
+    (the int32 symbols, their uint8 copy and the .npy written: about 6 bytes per pixel)."""
+    need, available = 6 * n * D, memory_bytes()
+    if available is not None and need > available:
+        raise UsageError(f"{where}: its header says {n:,} images of {D:,} pixels, which would need about "
+                         f"{human_bytes(need)} to decode, more than the {human_bytes(available)} of memory here; "
+                         "the file is damaged, or decompress it on a machine with more memory")
+
+
+def read_compressed(file: Path) -> bytes:
+    """The bytes of a compressed file, read only once it is known to be a regular file of at
+    most MAX_FILE_BYTES that starts like one (a FIFO, a device or a huge file is refused
+    before anything is read from it)."""
+    try:
+        info = os.stat(file)
+    except OSError as exc:
+        raise UsageError(f"cannot read {file} ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = "folder" if stat.S_ISDIR(info.st_mode) else "FIFO" if stat.S_ISFIFO(info.st_mode) else \
+            "device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else "socket or other special file"
+        raise UsageError(f"{file} is a {kind}, not a regular file; give a file written by probkit compress")
+    if info.st_size > MAX_FILE_BYTES:
+        raise UsageError(f"{file} is {human_bytes(info.st_size)}, larger than the {human_bytes(MAX_FILE_BYTES)} a "
+                         "probkit compressed file can be; give a file written by probkit compress")
+    try:
+        with open(file, "rb") as stream:
+            head = stream.read(len(MAGIC))
+            if head != MAGIC:
+                Header.unpack(head, str(file))  # says it is not a compressed file
+            data = head + stream.read(info.st_size - len(head) + 1)  # + 1: a file that grew is caught
+    except OSError as exc:
+        raise UsageError(f"cannot read {file} ({exc.strerror or exc})") from None
+    if len(data) != info.st_size:
+        raise UsageError(f"{file} changed size while it was read ({info.st_size:,} bytes, then {len(data):,}); "
+                         "read it again once nothing writes to it")
+    return data
 
 
 def _symbols_of_levels(levels: np.ndarray, data, notes: list[str]) -> np.ndarray:
@@ -601,6 +661,10 @@ def compress(target, out: str | Path, *, input: str | Path | None = None, images
     shape = (dataset.channels, dataset.height, dataset.width)
     payload, header_bytes, bits, method = compress_symbols(compiled, run.values, symbols, shape,
                                              model_fingerprint(run.loaded.text, run.values), str(run.path))
+    if len(payload) > MAX_FILE_BYTES:
+        raise UsageError(f"the {len(symbols):,} images code to {human_bytes(len(payload))}, more than the "
+                         f"{human_bytes(MAX_FILE_BYTES)} a compressed file can hold; compress fewer at a time "
+                         "(--images N)")
     try:
         atomic_write(out, payload)
     except OSError as exc:
@@ -642,10 +706,7 @@ def decompress(file: str | Path, out: str | Path | None = None, *, model=None, d
     file = Path(file)
     if out is not None and Path(out).suffix != ".npy":
         raise UsageError(f"--out {out}: the images are written as a .npy array; give a path ending in .npy")
-    try:
-        data = file.read_bytes()
-    except OSError as exc:
-        raise UsageError(f"cannot read {file} ({exc.strerror or exc})") from None
+    data = read_compressed(file)
     header, _ = Header.unpack(data, str(file))
     if model is None:
         if not header.hint or not (Path(header.hint) / "run.json").exists():

@@ -66,9 +66,25 @@ def memory_bytes(device: torch.device | str = CPU) -> int | None:
         import resource
 
         limit = resource.getrlimit(resource.RLIMIT_AS)[0]
-        return physical if limit in (resource.RLIM_INFINITY, -1) else min(physical, int(limit))
+        if limit in (resource.RLIM_INFINITY, -1):
+            return physical
+        # the limit counts what the process already maps (torch, its libraries, the data): only the rest is free
+        return min(physical, max(0, int(limit) - mapped_bytes()))
     except (ImportError, ValueError, OSError):
         return physical
+
+
+def mapped_bytes() -> int:
+    """The address space this process already maps (VmSize in /proc/self/status; 0 where
+    that cannot be read), which counts against a `ulimit -v` limit."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 def human_bytes(count: float) -> str:

@@ -236,6 +236,7 @@ def load_run(path: str | Path) -> Run:
     path = Path(path)
     info_path = path / "run.json"
     if not info_path.exists():
+        _refuse_unfinished(path, f"probkit fit SPEC --resume --out {path}")
         raise RunError(f"{path} is not a fitted run (no run.json); run `probkit fit SPEC` first")
     info = _read_run_file(info_path, lambda file: json.loads(file.read_text()))
     if (not isinstance(info, dict) or not isinstance(info.get("spec_dir", ""), str)
@@ -274,6 +275,15 @@ def _read_run_file(file: Path, read):
                        "fit again (probkit fit SPEC --overwrite)") from None
 
 
+def _refuse_unfinished(path: Path, command: str) -> None:
+    """A folder with a checkpoint but no run.json holds a fit that was stopped before it
+    finished (run.json is written last): the user's to finish, exit 2, not a damaged run."""
+    if (path / CHECKPOINT).is_file():
+        raise UsageError(f"{path} holds an unfinished fit (a checkpoint but no run.json: the fit was stopped before "
+                         f"it finished); finish it with `{command}`{' (SPEC: the spec it fits)' if 'SPEC' in command else ''}, "
+                         "then run this again")
+
+
 def resolve_run(target: str | Path, out: str | Path | None = None) -> Run:
     """A run folder, or a spec whose run lives at runs/<name>/ (or `out`)."""
     target = Path(target)
@@ -284,6 +294,7 @@ def resolve_run(target: str | Path, out: str | Path | None = None) -> Run:
     loaded = read_spec(target)
     run_dir = Path(out) if out else default_run_dir(loaded.name)
     if not (run_dir / "run.json").exists():
+        _refuse_unfinished(run_dir, f"probkit fit {target} --resume" + (f" --out {out}" if out else ""))
         raise RunError(
             f"spec '{loaded.name}' has no fitted run at {run_dir}/; fit it first: probkit fit {target}"
         )

@@ -23,8 +23,9 @@ from probkit.spec import suggest
 MAX_SAMPLES = 10_000  # one grid of 64 px cells stays a few hundred MB at most
 
 
-def parse_given(items: list[str] | None) -> dict[str, int]:
-    """['y=3'] -> {'y': 3}; malformed items raise UsageError."""
+def parse_given(items: list[str] | None) -> dict[str, int | str]:
+    """['y=3'] -> {'y': 3}; ['y=circle'] -> {'y': 'circle'} (a label name, resolved against the
+    data's label names by `name_labels`); malformed items raise UsageError."""
     given = {}
     for item in items or []:
         name, sep, value = item.partition("=")
@@ -36,8 +37,47 @@ def parse_given(items: list[str] | None) -> dict[str, int]:
         try:
             given[name.strip()] = int(value)
         except ValueError:
-            raise UsageError(f"--given {item}: the value must be an integer, found '{value}'") from None
+            if not value.strip():
+                raise UsageError(f"--given {item}: give a value, an integer or a label name such as y=3") from None
+            given[name.strip()] = value.strip()
     return given
+
+
+def name_labels(compiled: CompiledModel, given: dict[str, int | str] | None,
+                label_names: list[str] | None) -> dict[str, int]:
+    """`given` with label names (y=circle) replaced by their numbers, for latents observed as
+    the data's labels; a name that is not a label lists the labels."""
+    observed = {latent.name for latent in compiled.observed_latents}
+    resolved = {}
+    for name, value in (given or {}).items():
+        if isinstance(value, int):
+            resolved[name] = value
+        elif name in observed and label_names and value in label_names:
+            resolved[name] = label_names.index(value)
+        elif name in observed and label_names:
+            listed = ", ".join(f"{label} ({i})" for i, label in enumerate(label_names))
+            raise UsageError(f"--given {name}={value}: '{value}' is not a label of the data{suggest(value, label_names)}"
+                             f"; the labels are {listed}: give a name or its number")
+        else:
+            raise UsageError(f"--given {name}={value}: the value must be an integer (latent '{name}' "
+                             + ("takes the data's labels, which have no names)" if name in observed else
+                                "is not observed as a label, so its values have no names)"))
+    return resolved
+
+
+def label_captions(captions: list[str], compiled: CompiledModel, label_names: list[str] | None) -> list[str]:
+    """Captions ('y=1 z=0') with each observed latent's value shown as its label name ('y=circle z=0')."""
+    if not label_names:
+        return captions
+    observed = {latent.name for latent in compiled.observed_latents}
+
+    def named(part: str) -> str:
+        name, _, value = part.partition("=")
+        if name in observed and value.isdigit() and int(value) < len(label_names):
+            return f"{name}={label_names[int(value)]}"
+        return part
+
+    return [" ".join(named(part) for part in caption.split(" ")) for caption in captions]
 
 
 def latent_log_weights(compiled: CompiledModel, values: dict[str, torch.Tensor],

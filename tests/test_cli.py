@@ -127,6 +127,12 @@ def test_observed_label_without_labels_exits_2(write_spec, tmp_path):
     (TypeError("unsupported operand"), ["probkit failed internally", "TypeError"]),
     (__import__("torch").OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
      ["out of memory on the device", "Tried to allocate", "batch_size", "--device cpu"]),
+    # what escapes the memory estimate (issue 25): said as memory, with the size asked, not as a bug
+    (MemoryError("Unable to allocate 1.6 GiB for an array with shape (400000000,) and data type float32"),
+     ["out of memory (Unable to allocate 1.6 GiB", "ulimit -v", "nothing was wrong with the spec"]),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 1760000000 bytes. Error code 12 (Cannot allocate memory)"),
+     ["out of memory (1.6 GiB asked for)", "ulimit -v"]),
 ])
 def test_a_failure_inside_probkit_is_exit_1_and_says_so(monkeypatch, tmp_path, failure, words):
     """Not a bad spec (exit 2, "shape mismatch"): probkit's own failure, with no traceback."""
@@ -205,3 +211,60 @@ def test_validate_says_what_loading_the_data_skipped_and_resized(tmp_path):
     flat = " ".join(result.output.split())
     assert "note: data: skipped 1 file(s) that are not images (readme.txt)" in flat
     assert "note: data: resized 1 of 7 images to the most common size 8x8" in flat
+
+
+def test_the_command_line_starts_without_torch():
+    """`probkit --help` (and typer's usage errors) import neither torch, Pyro, matplotlib,
+    scikit-learn nor pydantic: they cost seconds at a cold start (issue 25)."""
+    import subprocess
+    import sys
+
+    heavy = ("torch", "pyro", "matplotlib", "sklearn", "pydantic", "scipy")
+    code = f"import sys, probkit.cli; print([m for m in {heavy!r} if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_the_public_api_is_imported_on_first_use():
+    import probkit
+    import probkit.report as report_module  # noqa: F401 - importing the submodule must not hide the function
+    from probkit import cli, spec
+
+    assert callable(probkit.report) and probkit.report.__module__ == "probkit.report"
+    assert probkit.fit.__module__ == "probkit.api" and "fit" in dir(probkit)
+    assert cli.MAX_SEED == spec.MAX_SEED
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        probkit.nope  # noqa: B018
+
+
+def test_folder_labels_keep_their_names_in_given_and_captions(tmp_path, monkeypatch):
+    """A folder data set whose sub-folders are the labels (circle/, square/): --given takes the
+    name or the number, a wrong name lists the names, and the captions show names."""
+    from PIL import Image
+
+    import probkit
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    for label in ("circle", "square"):
+        (tmp_path / "shapes" / label).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray((rng.random((8, 8)) * 255).astype(np.uint8), mode="L").save(
+                tmp_path / "shapes" / label / f"{i}.png")
+    text = (HERE_SPECS / "tiny-class.yaml").read_text().replace("source: digits", "source: shapes").replace(
+        "Y: 10", "Y: 2").replace("batch_size: 256", "batch_size: full")
+    spec = tmp_path / "shapes.yaml"
+    spec.write_text(text)
+    result = _invoke("fit", spec, "--steps", 2, "--no-progress", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    result = _invoke("sample", spec, "-n", 4, "--given", "y=circle")
+    assert result.exit_code == 0, result.output
+    assert Path("runs/tiny-class/samples-ycircle.png").exists()
+    samples = probkit.sample(spec, 4, given={"y": "square"}, out=None)
+    assert all(caption.startswith("y=square ") for caption in samples.captions), samples.captions
+    assert probkit.sample(spec, 4, given={"y": 1}, out=None).captions == samples.captions
+    result = _invoke("sample", spec, "-n", 4, "--given", "y=triangle")
+    assert result.exit_code == 2, result.output
+    assert "the labels are circle (0), square (1)" in " ".join(result.output.split())

@@ -206,3 +206,77 @@ def test_specs_too_big_for_memory_or_with_overflowed_constants_fail_before_any_a
 
     with pytest.raises(SpecError, match=message):
         prepare(write_spec(text))
+
+
+def test_a_memory_limit_counts_what_the_process_already_maps(monkeypatch):
+    """Under `ulimit -v`, the memory left is the limit less the address space already mapped
+    (torch alone maps hundreds of MiB), not the limit itself."""
+    import resource
+
+    from probkit.context import mapped_bytes, memory_bytes
+
+    mapped = mapped_bytes()
+    if mapped == 0:
+        pytest.skip("no /proc/self/status here")
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (mapped + 2**30, resource.RLIM_INFINITY))
+    assert abs(memory_bytes() - 2**30) < 64 * 2**20  # what the process maps may move a little between the calls
+
+
+def test_a_param_too_big_for_a_ulimit_is_refused_at_its_line(write_spec):
+    """A 60-million-number param under ulimit -v 3000000 (2.9 GiB): its fit would need ~2.2 GiB
+    and about 0.7 GiB is already mapped, so validate refuses it at its line (exit 2) instead of
+    the fit failing for memory later."""
+    import resource
+    import subprocess
+    import sys
+
+    text = (TEST_SPECS / "tiny-mixture.yaml").read_text().replace(
+        "params:\n", "params:\n  w: {shape: [60000000], support: real}\n", 1)
+    spec = write_spec(text)
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (3_000_000 * 1024, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+    result = subprocess.run([sys.executable, "-m", "probkit", "validate", str(spec)], preexec_fn=limited,
+                            capture_output=True, text=True, timeout=300, cwd=spec.parent,
+                            env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert result.returncode == 2, result.stdout + result.stderr
+    flat = " ".join(result.stderr.split())
+    assert "params.w: the params so far hold 60,000,000 numbers" in flat and "Traceback" not in flat
+
+
+SUPPORT_SPEC = """probkit: 1
+name: supports
+data: {{source: digits, size: 8, transform: {transform}}}
+params:
+  a:
+    shape: [D]
+    {declared}
+likelihood:
+  x: {likelihood}
+"""
+
+
+@pytest.mark.parametrize("transform, declared, likelihood, words", [
+    ("discrete", "prior: Normal(0.0, 1.0)", "Poisson(rate=a)",
+     r"spec\.yaml:7:12: params\.a\.prior: a is passed as Poisson's rate \(likelihood\.x\), which must be nonnegative, "
+     r"but its prior Normal\(0\.0, 1\.0\) gives it values in real.*Gamma, LogNormal, HalfNormal.*support: positive"),
+    ("discrete", "support: real", "Poisson(rate=a)", r"spec\.yaml:7:\d+: params\.a\.support: .*support: real gives"),
+    ("binary", "prior: Normal(0.0, 1.0)", "Bernoulli(probs=a)", r"must be unit_interval.*Beta.*sigmoid\(a\)"),
+    ("continuous", "prior: Normal(0.0, 1.0)", "Normal(0.5, a)", r"Normal's scale .* must be positive"),
+])
+def test_a_param_whose_support_leaves_its_arguments_constraint_is_refused_at_its_line(
+        write_spec, transform, declared, likelihood, words):
+    with pytest.raises(SpecError, match=words):
+        prepare(write_spec(SUPPORT_SPEC.format(transform=transform, declared=declared, likelihood=likelihood)))
+
+
+@pytest.mark.parametrize("transform, declared, likelihood", [
+    ("discrete", "prior: Gamma(2.0, 1.0)", "Poisson(rate=a)"),
+    ("discrete", "support: positive", "Poisson(rate=a)"),
+    ("binary", "prior: Beta(2.0, 2.0)", "Bernoulli(probs=a)"),
+    ("binary", "prior: Normal(0.0, 1.0)", "Bernoulli(logits=a)"),
+    ("continuous", "prior: HalfNormal(1.0)", "Normal(0.5, a)"),
+])
+def test_a_param_whose_support_lies_in_its_arguments_constraint_compiles(write_spec, transform, declared, likelihood):
+    prepare(write_spec(SUPPORT_SPEC.format(transform=transform, declared=declared, likelihood=likelihood)))

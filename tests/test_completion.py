@@ -611,3 +611,18 @@ def test_a_huge_mask_or_input_png_is_refused_before_it_is_decoded(tiny_run, tmp_
         assert result.exit_code == 2, result.output
         assert "huge.png" in result.output and ("at most 16,777,216 pixels" in " ".join(result.output.split())
                                                  or "decompression bomb" in result.output)
+
+
+@pytest.mark.parametrize("command", [["complete"], ["compress", "--out", "x.pkz"], ["denoise", "--noise", "flip:0.1"],
+                                     ["upscale"]])
+@pytest.mark.parametrize("shape", [(0, 1, 8, 8), (0, 8, 8), (0, 64)])
+def test_input_of_zero_images_is_refused(tiny_run, tmp_path, monkeypatch, command, shape):
+    """--input of an empty array is the user's input, exit 2 "holds no images", for every
+    command that reads --input (complete took it for probkit's own failure, exit 1)."""
+    monkeypatch.chdir(tmp_path)
+    np.save("empty.npy", np.zeros(shape, dtype=np.float32))
+    result = CliRunner().invoke(app, [command[0], str(tiny_run), *command[1:], "--input", "empty.npy"])
+    assert result.exit_code == 2, result.output
+    # a flat (0, 64) array is refused by the data loader for its rank before its length: also exit 2
+    assert "holds no images" in result.output or "found rank 2" in result.output, result.output
+    assert "internally" not in result.output

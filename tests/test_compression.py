@@ -406,3 +406,86 @@ def test_images_coded_in_batches_round_trip(monkeypatch):
     assert np.array_equal(decoded.reshape(10, -1), symbols)
     reference = -float(prepared.compiled.log_marginal(values, torch.from_numpy(symbols).double()).sum()) / math.log(2)
     assert bits == pytest.approx(reference, rel=1e-9)
+
+
+# ----- hostile files (issue 25): bounded reads, headers checked before decoding ------------
+
+def _forged(data: bytes, **fields) -> bytes:
+    """`data` with header fields replaced (n, c, h, w) and its checksum made good again, as an
+    adversary would."""
+    import struct
+    import zlib
+
+    from probkit.compression import HEADER, TRAILER
+
+    magic, version, code, n, c, h, w, fingerprint, images_crc, hint_len = HEADER.unpack_from(data)
+    values = dict(n=n, c=c, h=h, w=w) | fields
+    head = HEADER.pack(magic, version, code, values["n"], values["c"], values["h"], values["w"], fingerprint,
+                       images_crc, hint_len)
+    body = head + data[HEADER.size : -TRAILER.size]
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "folder", "huge"])
+def test_files_that_are_not_small_regular_files_are_refused_unread(runs, kind):
+    """A FIFO (which would block), /dev/zero (endless), a folder and a 3 GiB file are refused
+    from os.stat alone, exit 2, before anything is read."""
+    import os
+
+    path = {"device": "/dev/zero"}.get(kind, "x.pkz")
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "folder":
+        os.mkdir(path)
+    elif kind == "huge":
+        with open(path, "wb") as stream:
+            stream.truncate(3 * 2**30)  # sparse: no disk used
+    words = {"fifo": "FIFO, not a regular file", "device": "device, not a regular file",
+             "folder": "folder, not a regular file", "huge": "larger than the 1.0 GiB"}[kind]
+    with pytest.raises(UsageError, match=words):
+        probkit.decompress(path, model=runs[0])
+    result = runner.invoke(app, ["decompress", path, "--out", "x.npy", "--model", str(runs[0])])
+    assert result.exit_code == 2, result.output
+    assert "regular file" in result.output or "larger than" in result.output
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"n": 2**32 - 1}, "cannot hold"),  # would allocate a TiB
+    ({"c": 1, "h": 1, "w": 64}, "1x1x64, but the model that made it codes binary images of 1x8x8"),
+])
+def test_forged_headers_are_refused_before_decoding(runs, fields, words):
+    first, _ = runs
+    probkit.compress(first, "x.pkz", images=20)
+    Path("f.pkz").write_bytes(_forged(Path("x.pkz").read_bytes(), **fields))
+    with pytest.raises(UsageError, match=words):
+        probkit.decompress("f.pkz")
+    result = runner.invoke(app, ["decompress", "f.pkz", "--out", "x.npy"])
+    assert result.exit_code == 2 and "damaged" in result.output, result.output
+    assert not Path("x.npy").exists()
+
+
+def test_image_count_beyond_memory_is_refused_before_allocating(runs, monkeypatch):
+    import probkit.compression as compression
+
+    first, _ = runs
+    probkit.compress(first, "x.pkz", images=20)
+    Path("f.pkz").write_bytes(_forged(Path("x.pkz").read_bytes(), n=2000))
+    monkeypatch.setattr(compression, "memory_bytes", lambda device="cpu": 100_000)
+    with pytest.raises(UsageError, match=r"2,000 images of 64 pixels, which would need about 750.0 KiB"):
+        probkit.decompress("f.pkz")
+
+
+def test_any_decoder_failure_is_a_damaged_file(runs, monkeypatch):
+    """constriction's AssertionError (or any exception of the decoder) is exit 2, said plainly."""
+    import probkit.compression as compression
+
+    first, _ = runs
+    probkit.compress(first, "x.pkz", images=4)
+
+    def failing(*args):
+        raise AssertionError
+
+    monkeypatch.setattr(compression, "decode", failing)
+    result = runner.invoke(app, ["decompress", "x.pkz", "--out", "x.npy"])
+    assert result.exit_code == 2 and "damaged compressed file" in result.output, result.output
+    assert "internally" not in result.output

@@ -418,3 +418,67 @@ def test_runs_lists_a_folder_with_a_pipe_for_its_run_json_as_damaged_without_rea
     os.mkfifo(tmp_path / "b" / "checkpoint.safetensors")
     rows = {row.name: row.status for row in list_runs(tmp_path)}
     assert rows == {"a": "damaged", "b": "damaged"}
+
+
+@pytest.mark.parametrize("command", [["evaluate"], ["report"], ["sample", "-n", "4"], ["compress", "--out", "x.pkz"],
+                                     ["cluster"], ["complete"]])
+def test_a_killed_fit_is_unfinished_and_resume_is_suggested(tmp_path, monkeypatch, command):
+    """A fit killed before it wrote run.json leaves a checkpoint: every command that reads a run
+    says the run is unfinished and how to finish it (exit 2), for a folder and for a spec."""
+    monkeypatch.chdir(tmp_path)
+    run = Path("runs") / "tiny-mixture"
+    assert _fit(run).exit_code == 0
+    for name in ("run.json", "params.safetensors", "spec.yaml"):  # what a fit writes only when it finishes
+        (run / name).unlink()
+    result = _invoke(command[0], run, *command[1:])
+    assert result.exit_code == 2, result.output
+    assert "unfinished fit" in _flat(result) and f"probkit fit SPEC --resume --out {run}" in _flat(result)
+    result = _invoke(command[0], TINY, *command[1:])
+    assert result.exit_code == 2, result.output
+    assert f"probkit fit {TINY} --resume`" in _flat(result)
+    assert "internally" not in result.output
+
+
+def test_a_refused_fit_shows_no_progress_bar(tmp_path):
+    """The refusal comes before the bar: no heading and no empty bar above the error."""
+    run = tmp_path / "run"
+    shown = _invoke("fit", TINY, "--steps", 3, "--out", run, "--device", "cpu")
+    assert shown.exit_code == 0 and "at most 3 steps" in shown.output and "3/3" in shown.output, shown.output
+    refused = _invoke("fit", TINY, "--steps", 3, "--out", run, "--device", "cpu")
+    assert refused.exit_code == 2, refused.output
+    assert "at most" not in refused.output and "0/3" not in refused.output and "loss" not in refused.output
+    assert refused.output.lstrip().startswith("error:"), refused.output
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_runs_keeps_the_run_name_whole_in_a_narrow_terminal(tmp_path, monkeypatch, width):
+    """A long run name with a data path as its source: at 80 columns the name is whole, the
+    path is cut in its middle, and no line is wider than the terminal."""
+    from probkit import cli
+
+    images = tmp_path / "a-rather-long-folder-name" / "with-more-folders" / "train-images.npy"
+    images.parent.mkdir(parents=True)
+    np.save(images, (np.random.default_rng(0).random((40, 8, 8)) > 0.5).astype(np.float32))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(TINY.read_text().replace("source: digits", f"source: {images}").replace(
+        "name: tiny-mixture", "name: a-mixture-with-a-long-descriptive-name"))
+    assert _fit(tmp_path / "runs" / "a-mixture-with-a-long-descriptive-name", spec=spec).exit_code == 0
+    monkeypatch.setattr(cli.console, "width", width)
+    result = _invoke("runs", "--dir", tmp_path / "runs")
+    assert result.exit_code == 0, result.output
+    assert "a-mixture-with-a-long-descriptive-name" in result.output and "…" in result.output, result.output
+    assert max(len(line) for line in result.output.splitlines()) <= width, result.output
+
+
+def test_datasets_is_one_line_a_set_at_80_columns(monkeypatch):
+    from probkit import cli
+
+    monkeypatch.setattr(cli.console, "width", 80)
+    result = _invoke("datasets")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    for name in ("digits", "mnist", "faces", "textures", "wallpaper"):
+        assert sum(line.split()[:1] == [name] for line in lines) == 1, result.output
+    assert len(lines) <= 12 and max(len(line) for line in lines) <= 80, result.output
+    result = _invoke("datasets", "digits")
+    assert result.exit_code == 0 and "UCI optical digits, CC BY 4.0" in result.output, result.output

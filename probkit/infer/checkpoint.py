@@ -82,6 +82,7 @@ def run_info(compiled, dataset, settings, device: torch.device, wall_time: float
             "shape": [dataset.channels, dataset.height, dataset.width],
             "n_train": dataset.n_train, "n_test": dataset.n_test,
             "fingerprint": dataset.fingerprint(),
+            "label_names": dataset.label_names,  # what --given NAME=LABEL and the captions read
         },
         "spec_dir": str(spec_dir),
         "revisions": block_revisions(compiled.likelihood.expr.tree),
