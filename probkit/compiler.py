@@ -40,6 +40,7 @@ from probkit.context import CPU, Context, human_bytes, memory_bytes, seeded
 from probkit.data import pixel_transform
 from probkit.distributions import FAMILIES, SUPPORT_EVENT_DIM, SUPPORTS, VECTOR_ARGS
 from probkit.errors import DomainError, NotAutoregressive, SpecError
+from probkit.structures.base import structure_for
 from probkit.expressions import Expr
 from probkit.families import LikelihoodFamily, likelihood_family
 from probkit.latents import ENUMERATED, OBSERVED_LABEL, LatentSite, marginalise
@@ -86,7 +87,6 @@ class LikelihoodSite:
 
     expr: Expr
     family: LikelihoodFamily
-    autoregressive: bool = False  # the expression reads x: pixel d's distribution given pixels < d
 
     @property
     def text(self) -> str:
@@ -134,11 +134,10 @@ class CompiledModel:
         self.context = Context(torch.device(device))
         self.method = method or self.spec.fit.method
         self.constants = dict(self.spec.constants)
-        self._checks = Context(CPU)  # where compile-time checks evaluate
+        self.checks = Context(CPU)  # where compile-time checks evaluate
         self._prior_terms: dict[str, Any] = {}
         self._grid_cache: dict = {}
         self._start_cache: dict[str, torch.Tensor] | None = None
-        self._elements: int | None = None  # per_image_elements, counted once
         self._check_names()
         self.params: list[ParamSite] = []
         self.latents: list[LatentSite] = []
@@ -158,6 +157,8 @@ class CompiledModel:
         NLL is computed in float64): a shallow copy sharing every compiled site."""
         twin = copy.copy(self)
         twin.context = Context(self.context.device, dtype)
+        twin.structure = copy.copy(self.structure)
+        twin.structure.model = twin
         return twin
 
     @property
@@ -228,12 +229,12 @@ class CompiledModel:
         # a checkpoint copies the unconstrained values and Adam's two moments, then serialises the copies
         estimate = {"params": 16 * numbers, "checkpoints": 24 * numbers,
                     "latent grid": 16 * configurations * self.dims.D}
-        site = getattr(self, "likelihood", None)
-        if site is not None and site.autoregressive:
-            estimate["per-image work"] = 8 * self.per_image_elements() * self._batch_images()
+        structure = getattr(self, "structure", None)
+        if structure is not None:
+            estimate.update(structure.memory_estimate())
         return estimate
 
-    def _batch_images(self) -> int:
+    def batch_images(self) -> int:
         """Images one step of a gradient fit evaluates at once (its minibatch, or all)."""
         batch = self.spec.fit.batch_size
         return self.dims.N if batch == "full" else min(int(batch), self.dims.N)
@@ -290,7 +291,7 @@ class CompiledModel:
         if prior is not None:
             # shape-check the prior now, and take its support
             values = {p.name: self._feasible_value(p) for p in self.params}
-            prior_dist = self._shaped_prior(site, values, self._checks, check=True)
+            prior_dist = self._shaped_prior(site, values, self.checks, check=True)
             site.support = prior_dist.support
             site.support_name = site.support_name or type(prior_dist.support).__name__
         return site
@@ -320,13 +321,13 @@ class CompiledModel:
         ctx = ctx or self.context
         env = {**self.base_env(), **values}
         if grid:
-            env.update(self._grid(ctx))
+            env.update(self.grid(ctx))
         return expressions.evaluate(expr, env, ctx)
 
     def _checked(self, expr: Expr, env: dict[str, Any]) -> Any:
         """Evaluate while compiling (on the CPU): an error of shapes or values is the spec's."""
         try:
-            return expressions.evaluate(expr, env, self._checks)
+            return expressions.evaluate(expr, env, self.checks)
         except SpecError:
             raise
         except _SHAPE_ERRORS as exc:
@@ -338,17 +339,17 @@ class CompiledModel:
             kind = "cannot evaluate" if isinstance(exc, (TypeError, ArithmeticError)) else "shape mismatch"
             raise expr.error(f"{kind}: {exc} ({_describe_shapes(expr, env)})") from None
 
-    def _arguments(self, kwargs: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    def as_arguments(self, kwargs: dict[str, Any], ctx: Context) -> dict[str, Any]:
         return {k: ctx.tensor(v) if isinstance(v, (int, float)) else v for k, v in kwargs.items()}
 
-    def _build(self, family_name: str, kwargs: dict[str, Any], expr: Expr, ctx: Context, *,
+    def build(self, family_name: str, kwargs: dict[str, Any], expr: Expr, ctx: Context, *,
                check: bool = False, validate: bool | None = False):
         """A Pyro distribution from evaluated arguments. While compiling (`check`) a failure is
         the spec's; at run time an invalid argument is a point outside the model's domain."""
         family = FAMILIES[family_name]
         if check:
             self._check_argument_supports(family, expr)
-        args = self._arguments(kwargs, ctx)
+        args = self.as_arguments(kwargs, ctx)
         # an overflowed constant (1e308 * 10.0) is not a number the spec can mean; arguments that
         # read params are checked at run time instead (their values here are only stand-ins)
         if check and expr.names() <= set(self.base_env()):
@@ -424,7 +425,7 @@ class CompiledModel:
                     kwargs[key] = torch.broadcast_to(value, target)
                 except RuntimeError as exc:
                     raise expr.error(f"{key} does not fit the param shape {list(shape)}: {exc}") from None
-        prior = self._build(family_name, kwargs, expr, ctx, check=check, validate=None if check else False)
+        prior = self.build(family_name, kwargs, expr, ctx, check=check, validate=None if check else False)
         event_dim = family.event_dim
         if len(shape) < event_dim:
             raise expr.error(f"{family_name} draws vectors but params.{site.name} has shape {list(shape)}")
@@ -453,7 +454,7 @@ class CompiledModel:
         site = self.param(name)
         if site.prior is None or self.method != "map":
             return None
-        prior = self._shaped_prior(site, {k: v.cpu() for k, v in values.items()}, self._checks)
+        prior = self._shaped_prior(site, {k: v.cpu() for k, v in values.items()}, self.checks)
         # the expand/to_event wrappers of _shaped_prior (not a transformed family's own base:
         # an InverseGamma stays one)
         while isinstance(prior, (torch.distributions.Independent, dist.ExpandedDistribution)):
@@ -484,9 +485,9 @@ class CompiledModel:
                 f"'{self.observed_latents[0].name}' is already observed as the label; the data set has one "
                 "label per image, so at most one latent can be `observed: label`"
             )
-        env = {**self.base_env(), **self._start_for_checks(), **self._grid(self._checks)}
+        env = {**self.base_env(), **self.start_for_checks(), **self.grid(self.checks)}
         family_name, kwargs = self._checked(expr, env)
-        d = self._build(family_name, kwargs, expr, self._checks, check=True, validate=None)
+        d = self.build(family_name, kwargs, expr, self.checks, check=True, validate=None)
         values = d.enumerate_support(expand=False).reshape(-1)
         grid_shape = self.grid_shape
         if len(d.batch_shape) > len(grid_shape) or any(
@@ -503,23 +504,21 @@ class CompiledModel:
         # x, the image itself, is in scope here only: an autoregressive likelihood reads it
         names = [*self.base_env(), *(p.name for p in self.params), *(l.name for l in self.latents), "x"]
         expr = self._parse(self.spec.likelihood.x, ("likelihood", "x"), names, dist=True)
-        site = LikelihoodSite(expr, likelihood_family(expr.call_name), "x" in expr.names())
-        if site.autoregressive and site.family.joint:
-            raise expr.error(f"{site.family.name} is one event over the whole image, so it cannot be conditioned on "
-                             "the image itself; an autoregressive likelihood is a pixel family (Bernoulli, "
-                             "Categorical, Normal, ...) whose pixel d reads x's earlier pixels")
+        site = LikelihoodSite(expr, likelihood_family(expr.call_name))
         self.likelihood = site  # the checks below evaluate it
-        start = self._start_for_checks()
-        family_name, kwargs = self._checked(expr, {**self.base_env(), **start, **self._grid(self._checks),
+        self.structure = structure_for(self)
+        self.structure.check_family()
+        start = self.start_for_checks()
+        family_name, kwargs = self._checked(expr, {**self.base_env(), **start, **self.grid(self.checks),
                                                    **self._probe_image()})
-        d = self._build(family_name, kwargs, expr, self._checks, check=True, validate=None)
+        d = self.build(family_name, kwargs, expr, self.checks, check=True, validate=None)
         self._check_likelihood_shape(site, d, expr, self.grid_shape)
         # as in the Pyro model: one value of each latent per image of a batch
         batch = self._probe_batch_size()
         env = {**self.base_env(), **start, **self._probe_image(),
                **{l.name: torch.zeros(batch, dtype=l.values.dtype) for l in self.latents}}
         family_name, kwargs = self._checked(expr, env)
-        probe = self._build(family_name, kwargs, expr, self._checks, check=True, validate=None)
+        probe = self.build(family_name, kwargs, expr, self.checks, check=True, validate=None)
         self._check_likelihood_shape(site, probe, expr, (batch,) if self.latents else ())
         # the data's values must lie in the likelihood's support, which the fit cannot move
         params = {p.name for p in self.params}
@@ -531,65 +530,16 @@ class CompiledModel:
                 raise expr.error(
                     f"{site.family.name}'s {arg} decides which values it gives probability to, so it must not "
                     f"depend on params (it reads {', '.join(fitted)}); make it a number or a constant", nodes[arg])
-        args = self._config_arguments(site, {**start, **self._probe_image()}, self._checks)
+        args = self.config_arguments({**start, **self._probe_image()}, self.checks)
         problem = site.family.support_problem(args, pixel_transform(self.spec.data))
         if problem is not None:
             raise expr.error(problem)
-        if site.autoregressive:
-            self._check_order(site)
-            self._check_work(site)
+        self.structure.check()
         return site
-
-    def _check_work(self, site: LikelihoodSite) -> None:
-        """Refuse an autoregressive likelihood whose per-image work (kept for the gradient, about 8
-        bytes a number) for a step's images would not fit in the device's memory."""
-        available = memory_bytes(self.device)
-        need = sum(self.memory_estimate().values())
-        if available is None or need <= available:
-            return
-        per_image = self.per_image_elements()
-        raise site.expr.error(
-            f"evaluating it creates about {per_image:,} numbers per image, so a step over "
-            f"{self._batch_images():,} images would need about {human_bytes(need)}, more than the "
-            f"{human_bytes(available)} of memory of {self.device}; set a smaller fit.batch_size")
 
     def _probe_image(self) -> dict[str, torch.Tensor]:
         """x for the checks while compiling: one flat image (expressions are per image)."""
         return {"x": torch.zeros(self.dims.D)}
-
-    def _check_order(self, site: LikelihoodSite) -> None:
-        """Refuse an autoregressive likelihood in which pixel d's distribution may read pixel d or
-        a later one. Proved statically (probkit.structures.dependency): from the expression
-        tree and the shapes, on the meta device, so no value of params or data enters it."""
-        from probkit.autoregressive import describe_pixel
-        from probkit.structures import dependency
-
-        D = self.dims.D
-        env = {name: dependency.leaf(value, D) for name, value in self.base_env().items()}
-        for p in self.params:
-            env[p.name] = dependency.leaf(torch.empty(p.shape, device="meta"), D)
-        grid = self._grid(self._checks)
-        for latent in self.latents:
-            env[latent.name] = dependency.leaf(grid[latent.name], D, concrete=True)
-        env["x"] = dependency.leaf(torch.empty(D, device="meta"), D, reads=dependency.pixels(D))
-        try:
-            arguments = dependency.analyse(site.expr, env, D)
-        except dependency.Unanalysable as exc:
-            raise site.expr.error(f"cannot prove that each pixel depends only on earlier pixels: {exc}") from None
-        found = []
-        for arg, abstract in arguments.items():
-            config_dims = len(site.family.config_shape(arg, abstract.value, D))
-            violation = dependency.first_violation(dependency.pixel_reads(abstract, config_dims, D))
-            if violation is not None:
-                found.append(violation)
-        if found:
-            d, j = min(found)
-            dims = (self.dims.C, self.dims.H, self.dims.W)
-            what = "itself" if d == j else f"the later {describe_pixel(j, *dims)}"
-            raise NotAutoregressive(str(site.expr.error(
-                f"not autoregressive: the distribution of {describe_pixel(d, *dims)} may depend on {what}; each "
-                "pixel may depend only on earlier pixels (channel-first raster order), so mask the weights "
-                "strictly below the diagonal, e.g. tril(A, -1) @ x, or use nade(...)/made(...)"))) from None
 
     def _probe_batch_size(self) -> int:
         """A batch size that no param dimension equals, so a missing index cannot hide."""
@@ -615,7 +565,7 @@ class CompiledModel:
                 f" (latent sizes: {list(grid) or 'none'}){hint}"
             )
 
-    def _grid(self, ctx: Context) -> dict[str, Any]:
+    def grid(self, ctx: Context) -> dict[str, Any]:
         """Each latent's values on its own dimension: the first latent varies along dim 0.
         Cached per device, and registered so that indexing a param by the whole grid skips
         the gather."""
@@ -633,7 +583,7 @@ class CompiledModel:
 
     # ----- values ------------------------------------------------------------------------
 
-    def _start_for_checks(self) -> dict[str, torch.Tensor]:
+    def start_for_checks(self) -> dict[str, torch.Tensor]:
         """The seed-0 spec start on the CPU, for the checks while compiling."""
         if self._start_cache is None:
             self._start_cache = self._spec_start(0)
@@ -666,7 +616,7 @@ class CompiledModel:
                 raise site.init.error(f"the init lies outside params.{site.name}'s support ({site.support_name})")
             return value
         if site.prior is not None:
-            prior = self._shaped_prior(site, values, self._checks)
+            prior = self._shaped_prior(site, values, self.checks)
             if FAMILIES[site.prior.call_name].event_dim == 2:
                 return prior.mean.clone()  # a draw of a random matrix can be near singular
             return prior.sample()
@@ -689,64 +639,15 @@ class CompiledModel:
             env = {**self.base_env(), **values}
             for latent in self.latents:
                 family_name, kwargs = expressions.evaluate(latent.expr, env, ctx)
-                d = self._build(family_name, kwargs, latent.expr, ctx, validate=None)
+                d = self.build(family_name, kwargs, latent.expr, ctx, validate=None)
                 obs = None if labels is None or not latent.observed else labels.to(latent.values.dtype)
                 infer = {} if obs is not None else {"enumerate": "parallel"}
                 env[latent.name] = pyro.sample(latent.name, d, obs=obs, infer=infer)
-            if self.autoregressive:
-                d = self._pyro_autoregressive(env, x, ctx)
-            else:
-                family_name, kwargs = expressions.evaluate(self.likelihood.expr, env, ctx)
-                d = self._build(family_name, kwargs, self.likelihood.expr, ctx, validate=None)
+            d = self.structure.pyro_distribution(env, x, ctx)
             if not self.family.joint:
                 d = d.expand(d.batch_shape[:-1] + (self.dims.D,)).to_event(1) if d.batch_shape else \
                     d.expand((self.dims.D,)).to_event(1)
             return pyro.sample("x", d, obs=x)
-
-    def _pyro_autoregressive(self, env: dict[str, Any], x: torch.Tensor | None, ctx: Context):
-        """The likelihood of the images x inside the Pyro model's data plate, evaluated per image
-        (vmap over x): a latent Pyro enumerates (values on dims left of the plate, size 1 on it)
-        is the same for every image; one sampled or observed per image (shape (N,)) is mapped
-        with x. Each argument comes out (enumeration dims..., N, pixel dims)."""
-        if x is None:
-            return self._pyro_autoregressive_draw(env, ctx)
-        shared, mapped = dict(env), {}
-        for latent in self.latents:
-            value = env[latent.name]
-            if value.dim() == 1:
-                mapped[latent.name] = value
-                shared.pop(latent.name)
-            else:  # enumerated: drop the data plate's dim, the image's own latent value set
-                shared[latent.name] = value.squeeze(-1)
-        names, family, D = list(mapped), self.family, self.dims.D
-        expr = self.likelihood.expr
-        shapes: dict[str, int] = {}
-
-        def one(image, *latent_values):
-            _, kwargs = expressions.evaluate(expr, {**shared, "x": image, **dict(zip(names, latent_values))}, ctx)
-            out = {}
-            for arg, value in self._arguments(kwargs, ctx).items():
-                pixel_shape = family.config_shape(arg, value, D)
-                lead = value.shape[: max(0, value.dim() - len(pixel_shape))]
-                out[arg] = torch.broadcast_to(value, tuple(lead) + tuple(pixel_shape))
-                shapes[arg] = len(pixel_shape)
-            return out
-
-        per_image = torch.func.vmap(one)(x, *(mapped[n] for n in names))
-        args = {arg: value.movedim(0, -shapes[arg] - 1) for arg, value in per_image.items()}
-        return self._build(expr.call_name, args, expr, ctx, validate=None)
-
-    def _pyro_autoregressive_draw(self, env: dict[str, Any], ctx: Context):
-        """New images in the generative Pyro model (x=None; latents drawn per image): drawn pixel
-        by pixel, then scored at the drawn images, so the trace holds an exact draw and its
-        density. (probkit.sample draws faster; this keeps the printed model complete.)"""
-        sizes = [env[l.name].shape[-1] for l in self.latents if env[l.name].dim() == 1]
-        n = sizes[0] if sizes else 1
-        x = torch.zeros(n, self.dims.D, device=self.device)
-        for d in range(self.dims.D):
-            pixel = self._pyro_autoregressive(env, x, ctx)
-            x[:, d] = pixel.sample()[..., d].reshape(-1)[:n] if pixel.batch_shape else pixel.sample()[d]
-        return _Drawn(self._pyro_autoregressive(env, x, ctx), x)
 
     def make_guide(self, seed: int = 0, values: dict[str, torch.Tensor] | None = None) -> AutoDelta:
         """An AutoDelta guide over the params, started at `values` or the seeded spec start."""
@@ -798,7 +699,7 @@ class CompiledModel:
             return self.prior(site, values).log_prob(values[site.name]).sum()
         term = self._prior_terms.get(site.name)
         if term is None:  # constant arguments: worked out once, on the CPU
-            term = fast_log_prior(self._shaped_prior(site, {}, self._checks), self.device)
+            term = fast_log_prior(self._shaped_prior(site, {}, self.checks), self.device)
             if term is None:
                 prior = self.prior(site, values)
                 term = lambda v, prior=prior: prior.log_prob(v).sum()  # noqa: E731
@@ -815,12 +716,12 @@ class CompiledModel:
     def latent_table(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
         """log p(latents) for every configuration, shape grid_shape (a scalar without latents)."""
         ctx = self.context
-        grid = self._grid(ctx)
+        grid = self.grid(ctx)
         env = {**self.base_env(), **values, **grid}
         table = torch.zeros(self.grid_shape, device=self.device)
         for latent in self.latents:
             family_name, kwargs = expressions.evaluate(latent.expr, env, ctx)
-            d = self._build(family_name, kwargs, latent.expr, ctx)
+            d = self.build(family_name, kwargs, latent.expr, ctx)
             table = table + d.log_prob(grid[latent.name])
         return table
 
@@ -829,20 +730,14 @@ class CompiledModel:
         """The likelihood's arguments flattened to the K latent configurations (leading dim K,
         or 1 for an argument that is the same for all): what the family's methods take.
         Evaluated in the model's context unless `ctx` says otherwise."""
-        return self._config_arguments(self.likelihood, values, ctx or self.context)
+        site, ctx = self.likelihood, ctx or self.context
+        if "x" in site.expr.names() and "x" not in values:
+            raise AssertionError("an autoregressive likelihood's arguments depend on the image: use "
+                                 "structure.image_arguments")
+        _, kwargs = expressions.evaluate(site.expr, {**self.base_env(), **values, **self.grid(ctx)}, ctx)
+        return site.family.configs(self.as_arguments(kwargs, ctx), self.grid_shape, self.dims.D)
 
-    def _config_arguments(self, site: LikelihoodSite, values, ctx: Context) -> dict[str, torch.Tensor]:
-        if site.autoregressive and "x" not in values:
-            raise AssertionError("an autoregressive likelihood's arguments depend on the image: use image_arguments")
-        _, kwargs = expressions.evaluate(site.expr, {**self.base_env(), **values, **self._grid(ctx)}, ctx)
-        return site.family.configs(self._arguments(kwargs, ctx), self.grid_shape, self.dims.D)
-
-    # ----- autoregressive likelihoods: arguments per image ------------------------------
-
-    @property
-    def autoregressive(self) -> bool:
-        """Whether the likelihood reads x (pixel d given pixels < d)."""
-        return self.likelihood.autoregressive
+    # ----- latent configurations ----------------------------------------------------
 
     def configuration_values(self, chosen: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each latent's value at flat configuration indices `chosen` (last latent fastest)."""
@@ -853,148 +748,9 @@ class CompiledModel:
             values[latent.name] = latent.values.to(chosen.device)[index]
         return values
 
-    def image_arguments(self, values: dict[str, torch.Tensor], x: torch.Tensor, chosen: torch.Tensor | None = None,
-                        ctx: Context | None = None, *, pixel: int | None = None) -> dict[str, torch.Tensor]:
-        """The arguments of every image x_n (N x D) of an autoregressive likelihood, the expression
-        evaluated per image (vmap): (N, K or 1) + one configuration's shape over the latent grid,
-        or (N, 1) + ... at one configuration per image, `chosen` (N,) flat indices. With `pixel`
-        d, building blocks that can (nade) compute pixel d's output alone: only entry d is then
-        meaningful (see `pixel_stepper`)."""
-        ctx = ctx or self.context
-        site, D = self.likelihood, self.dims.D
-        env = {**self.base_env(), **values}
-        if pixel is not None:
-            env[expressions.PIXEL_KEY] = pixel
-        if chosen is None:
-            env.update(self._grid(ctx))
-            grid, per_image = self.grid_shape, {}
-        else:
-            grid, per_image = (), self.configuration_values(chosen)
-        names = list(per_image)
-
-        def one(image, *latent_values):
-            local = {**env, "x": image, **dict(zip(names, latent_values))}
-            _, kwargs = expressions.evaluate(site.expr, local, ctx)
-            return site.family.configs(self._arguments(kwargs, ctx), grid, D)
-
-        return torch.func.vmap(one)(x, *(per_image[n] for n in names))
-
-    def autoregressive_table(self, values: dict[str, torch.Tensor], x: torch.Tensor,
-                             pixels: torch.Tensor | None = None, chosen: torch.Tensor | None = None
-                             ) -> torch.Tensor:
-        """sum over pixels d (all, or the `pixels` mask) of log p(x_nd | x_n<d, configuration):
-        N x K (N x 1 when no argument varies with the latents, or at `chosen` configurations).
-        Over a prefix of the pixels this is the prefix's exact marginal; over other subsets it
-        is not a marginal. In chunks of images, so no intermediate is much over CHUNK_ELEMENTS."""
-        from probkit.families.base import chunk_size
-
-        step = chunk_size(self.per_image_elements() // (1 if chosen is None else max(1, math.prod(self.grid_shape))))
-        parts = []
-        for start in range(0, len(x), step):
-            rows = x[start: start + step]
-            pick_rows = None if chosen is None else chosen[start: start + step]
-            log_p = self.family.pixel_log_prob(self.image_arguments(values, rows, pick_rows), rows)
-            if pixels is not None:
-                log_p = log_p * pixels.to(log_p.dtype)
-            parts.append(log_p.sum(-1))
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
-
-    def pixel_stepper(self, values: dict[str, torch.Tensor], chosen: torch.Tensor):
-        """step(x, d) -> pixel d's arguments (N, 1) + its pixel shape, for images x whose pixels
-        before d are set, at configurations `chosen` (N,): what drawing pixel by pixel needs.
-
-        The cheapest exact way the expression allows: an argument affine in x (an FVSBN, its
-        mixtures) is a(0) + J x with J its Jacobian, worked out once, so a step costs O(d); one
-        whose x enters only through nade(...) and elementwise operations evaluates nade for pixel
-        d alone, O(H d); anything else evaluates every pixel's arguments, O(the likelihood)."""
-        from probkit.autoregressive import is_affine, pixelwise_nade
-
-        site, D, ctx = self.likelihood, self.dims.D, self.context
-        nodes = site.argument_nodes()
-
-        def constant(node):
-            return not any(isinstance(n, ast.Name) and n.id == "x" for n in ast.walk(node))
-
-        dtype = next((v.dtype for v in values.values() if v.is_floating_point()), torch.float32)
-        zero = torch.zeros(D, device=self.device, dtype=dtype)
-        at_zero = self._config_arguments(site, {**values, "x": zero}, ctx)
-        K = max(v.shape[0] for v in at_zero.values())
-        pixel_scalars = all(v.dim() == 2 for v in at_zero.values())
-        fits = 4 * K * D * D * len(at_zero) <= min(memory_bytes(self.device) or 2**31, 2**31) // 4
-        if pixel_scalars and fits and all(is_affine(n, constant) for n in nodes.values()):
-            names = list(at_zero)
-
-            def stacked(image):
-                args = self._config_arguments(site, {**values, "x": image}, ctx)
-                return torch.stack([args[n].expand(K, D) for n in names])
-
-            with torch.no_grad():
-                jacobian = torch.func.jacrev(stacked, chunk_size=64)(zero).contiguous()  # (args, K, D, D)
-                offsets = stacked(zero)
-
-            def affine_step(x, d):
-                row = jacobian[:, :, d, :d]  # (args, K, d): pixel d's weights on the pixels before it
-                if K == 1:
-                    value = offsets[:, 0, d, None] + row[:, 0] @ x[:, :d].T
-                else:
-                    value = offsets[:, chosen, d] + torch.einsum("and,nd->an", row[:, chosen], x[:, :d])
-                return {n: value[i].unsqueeze(-1) for i, n in enumerate(names)}
-
-            return affine_step
-        only_pixel = all(pixelwise_nade(n, constant) for n in nodes.values())
-
-        def evaluated_step(x, d):
-            args = self.image_arguments(values, x, chosen, pixel=d if only_pixel else None)
-            return {arg: value[:, 0, d : d + 1] for arg, value in args.items()}
-
-        return evaluated_step
-
-    def pixel_log_probs(self, values: dict[str, torch.Tensor], x: torch.Tensor,
-                        chosen: torch.Tensor | None = None) -> torch.Tensor:
-        """log p(x_nd | x_n<d, configuration) for every pixel: (N, K or 1, D)."""
-        return self.family.pixel_log_prob(self.image_arguments(values, x, chosen), x)
-
-    def per_image_elements(self) -> int:
-        """How many numbers evaluating an autoregressive likelihood's arguments (and their log
-        densities) creates for one image over the whole latent grid: every intermediate result
-        counted once, as it runs on one image (NADE's hidden units for every pixel, say). Sizes
-        the chunks of images evaluated at once. Only results that depend on the image count
-        (`tril(A, -1)` is made once per batch, not once per image). Counted once, on the CPU."""
-        if self._elements is None:
-            from torch.utils._python_dispatch import TorchDispatchMode
-            from torch.utils._pytree import tree_flatten
-
-            counted = [0]
-            derived: set[int] = set()  # ids of the results that depend on the image (kept alive below)
-            alive = []
-
-            class Count(TorchDispatchMode):
-                def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                    out = func(*args, **(kwargs or {}))
-                    inputs, _ = tree_flatten((args, kwargs or {}))
-                    if any(isinstance(t, torch.Tensor) and id(t) in derived for t in inputs):
-                        for t in out if isinstance(out, (tuple, list)) else (out,):
-                            if isinstance(t, torch.Tensor):
-                                counted[0] += t.numel()
-                                derived.add(id(t))
-                                alive.append(t)
-                    return out
-
-            image = self._probe_image()["x"].clone()
-            derived.add(id(image))
-            start = self._start_for_checks()
-            with Count():
-                args = self._config_arguments(self.likelihood, {**start, "x": image}, self._checks)
-                self.family.pixel_log_prob({k: v.unsqueeze(0) for k, v in args.items()}, image.unsqueeze(0))
-            self._elements = max(counted[0], self.dims.D)
-        return self._elements
-
     def likelihood_table(self, values: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """log p(x_n | latents) for every image and configuration: shape (N,) + grid_shape."""
-        if self.autoregressive:
-            table = self.autoregressive_table(values, x)
-        else:
-            table = self.family.table(self.config_arguments(values), x)  # N x K, or N x 1 if no argument varies
+        table = self.structure.table(values, x)  # N x K, or N x 1 if no argument varies
         grid = self.grid_shape
         return table.expand(len(x), math.prod(grid)).reshape((len(x),) + grid)
 
@@ -1016,30 +772,6 @@ class CompiledModel:
     def loss(self, values, x, labels=None, *, scale: float = 1.0) -> torch.Tensor:
         """Negative log joint of params and data: the ELBO of the AutoDelta guide, negated."""
         return -(self.log_prior(values) + scale * self.log_marginal(values, x, labels).sum())
-
-
-class _Drawn(dist.TorchDistribution):
-    """An autoregressive likelihood at images already drawn pixel by pixel: `sample` gives those
-    images, `log_prob` the teacher-forced density of the likelihood it wraps."""
-
-    arg_constraints: dict = {}
-
-    def __init__(self, base, drawn: torch.Tensor):
-        self.base, self.drawn = base, drawn
-        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
-
-    @property
-    def support(self):
-        return self.base.support
-
-    def expand(self, batch_shape, _instance=None):
-        return _Drawn(self.base.expand(batch_shape), self.drawn)
-
-    def sample(self, sample_shape=torch.Size()):
-        return self.drawn.expand(tuple(sample_shape) + tuple(self.drawn.shape))
-
-    def log_prob(self, value):
-        return self.base.log_prob(value)
 
 
 def _broadcasts(shape, grid) -> bool:

@@ -274,11 +274,7 @@ def _missing_support(compiled: CompiledModel, values):
             f"the mcmc method needs continuous pixels, but {family.name} pixels are discrete (NUTS cannot "
             f"move over them); use the exact method (--method auto), which covers every {family.name} spec"
         )
-    if compiled.autoregressive:  # the support does not move with the image: read it at a blank one
-        image = torch.zeros(1, compiled.dims.D, device=compiled.device)
-        args = {arg: value[0] for arg, value in compiled.image_arguments(values, image).items()}
-    else:
-        args = compiled.config_arguments(values)
+    args = compiled.structure.support_arguments(values)
     support = family.distribution(args).support
     while isinstance(support, constraints.independent):
         support = support.base_constraint
@@ -390,7 +386,7 @@ def _autoregressive_posterior(compiled: CompiledModel, values, x: torch.Tensor, 
                               ) -> torch.Tensor:
     """log p(k | x_obs) over the flattened configurations, N x K, when the observed pixels are
     a prefix of the order (their terms of the autoregressive table are then their marginal)."""
-    table = compiled.autoregressive_table(values, x, pixels=observed)
+    table = compiled.structure.table(values, x, pixels=observed)
     return (_latent_prior(compiled, values) + table).log_softmax(-1)
 
 
@@ -401,7 +397,7 @@ def _complete_autoregressive(compiled, values, x, mask, k):
     from probkit.sampling import draw_pixel_by_pixel
 
     log_post = _autoregressive_posterior(compiled, values, x, ~mask)
-    cond_ll = (log_post + compiled.autoregressive_table(values, x, pixels=mask)).logsumexp(-1)
+    cond_ll = (log_post + compiled.structure.table(values, x, pixels=mask)).logsumexp(-1)
     chosen = _choose(log_post, k).reshape(-1)  # N*k, image-major
     start = x.repeat_interleave(k, 0)
     draws, expected = draw_pixel_by_pixel(compiled, values, chosen, x=start, missing=mask, means=True)
@@ -451,7 +447,7 @@ def _complete_gibbs(compiled, values, x, mask, k, settings: GibbsSettings, on_im
     trace = torch.zeros(len(state), settings.num_samples, dtype=torch.float64, device=x.device)
 
     def log_joint(images):
-        table = compiled.autoregressive_table(values, images) + prior
+        table = compiled.structure.table(values, images) + prior
         return table.logsumexp(-1)
 
     for sweep in range(total):
@@ -506,9 +502,7 @@ def exact_method(compiled: CompiledModel, mask: torch.Tensor | None = None) -> s
     """The exact method for this model's likelihood (and `mask`), or None when only a sampler
     applies. An autoregressive likelihood is exact when every missing pixel comes after every
     observed one in its order (the bottom half of a one-channel image)."""
-    if compiled.autoregressive:
-        return "exact-autoregressive" if mask is None or missing_after_observed(mask) else None
-    return compiled.family.completion
+    return compiled.structure.exact_completion(mask)
 
 
 def missing_after_observed(mask: torch.Tensor) -> bool:
@@ -525,15 +519,16 @@ def completion_method(compiled: CompiledModel, method: str = "auto", mask: torch
     if method not in METHODS:
         raise UsageError(f"unknown completion method '{method}'{suggest(method, list(METHODS))} "
                          f"(expected one of: {', '.join(METHODS)})")
-    if method == "gibbs" and not (compiled.autoregressive and compiled.family.discrete):
+    sampler = compiled.structure.discrete_sampler
+    if method == "gibbs" and not (sampler == "gibbs" and compiled.family.discrete):
         raise UsageError("--method gibbs samples the missing discrete pixels of an autoregressive likelihood; "
-                         "this model has an exact method (--method auto)" if not compiled.autoregressive else
+                         "this model has an exact method (--method auto)" if sampler != "gibbs" else
                          "--method gibbs samples discrete pixels; these are continuous: use --method mcmc")
     exact = exact_method(compiled, mask)
     if method == "auto" and exact is not None:
         return exact
-    if method == "auto" and compiled.autoregressive and compiled.family.discrete:
-        return "gibbs"
+    if method == "auto" and sampler is not None and compiled.family.discrete:
+        return sampler
     return method if method != "auto" else "mcmc"
 
 

@@ -228,12 +228,12 @@ class GaussianChain(SequentialModel):
 
 class AutoregressiveLevels(PixelLevels):
     """Autoregressive likelihoods: p(x_d | x_<d, k) from the likelihood's arguments at the pixels
-    coded so far (the compiler's `pixel_stepper`: O(d) a pixel for FVSBNs, nade for one pixel),
+    coded so far (the structure's `pixel_stepper`: O(d) a pixel for FVSBNs, nade for one pixel),
     for every image and configuration at once; continuous pixels read the earlier pixels at
     their bin centres (l + 0.5)/256, so the code is exact for the model given those values."""
 
     def __init__(self, compiled: CompiledModel, values: dict[str, torch.Tensor], latent_log_prior, transform: str):
-        probe = {arg: value for arg, value in compiled.image_arguments(
+        probe = {arg: value for arg, value in compiled.structure.image_arguments(
             values, torch.zeros(1, compiled.dims.D, dtype=torch.float64)).items()}
         self.compiled, self.values = compiled, values
         self.K = max(1, latent_log_prior.numel())
@@ -247,7 +247,7 @@ class AutoregressiveLevels(PixelLevels):
         rows = n * self.K
         state.memory["x"] = torch.zeros(rows, self.D, dtype=torch.float64)
         chosen = torch.arange(self.K).repeat(n)  # image-major: image i's configurations together
-        state.memory["step"] = self.compiled.pixel_stepper(self.values, chosen)
+        state.memory["step"] = self.compiled.structure.pixel_stepper(self.values, chosen)
         return state
 
     def config_probs(self, state, d):
@@ -271,7 +271,7 @@ def sequential_model(compiled: CompiledModel, values: dict[str, torch.Tensor]) -
     transform = compiled.spec.data.transform
     values = {name: value.detach().to("cpu", torch.float64) for name, value in values.items()}
     prior = compiled.latent_table(values).to(torch.float64)
-    if compiled.autoregressive:
+    if compiled.structure.reads_image:
         return AutoregressiveLevels(compiled, values, prior, transform)
     args = {arg: value.to(torch.float64) for arg, value in compiled.config_arguments(values).items()}
     family = compiled.family

@@ -473,10 +473,10 @@ def require_independent_pixels(compiled: CompiledModel, task: str) -> None:
     """UsageError unless the pixels are independent given the discrete latents (what denoise's
     and upscale's non-Gaussian strategies need): not for autoregressive or joint families."""
     family = compiled.family
-    if compiled.autoregressive:
+    why = compiled.structure.independent_pixels
+    if why is not None:
         raise UsageError(f"{task} needs pixels that are independent given the discrete latents, or a Gaussian "
-                         "family; this likelihood is autoregressive (each pixel depends on earlier ones), so "
-                         "the posterior does not factorise over pixels and no exact method applies")
+                         f"family; {why} and no exact method applies")
     if family.joint or family.completion != "exact-discrete-latents":
         raise UsageError(f"{task} needs pixels that are independent given the discrete latents, or a Gaussian "
                          f"family; {family.name} is neither (its pixels depend on each other), so the posterior "

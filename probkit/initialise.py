@@ -150,7 +150,7 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
     """Replace the starts in `values` (constrained, CPU) by data-driven ones where it applies;
     `record` gets how, in words, for each param replaced."""
     record = {} if record is None else record
-    if model.autoregressive:
+    if model.structure.reads_image:
         # its arguments are functions of the image itself: no per-component location or spread
         # to read off the data; the spec's own start (prior draws, init:) stands
         return

@@ -116,11 +116,12 @@ def draw_samples(compiled: CompiledModel, values: dict[str, torch.Tensor], n: in
     with torch.no_grad(), seeded(seed, compiled.device):
         weights = latent_log_weights(compiled, values, given)
         choice = torch.multinomial(weights.softmax(-1), n, replacement=True).reshape(n, 1)
-        if compiled.autoregressive:
+        step = compiled.structure.pixel_stepper(values, choice[:, 0])
+        if step is not None:  # each pixel reads the ones before it: drawn in order
             if mean:
                 raise UsageError("--mean: an autoregressive model has no closed-form mean image (each pixel's "
                                  "mean depends on the pixels drawn before it); sample without --mean")
-            drawn = draw_pixel_by_pixel(compiled, values, choice[:, 0])
+            drawn = draw_pixel_by_pixel(compiled, values, choice[:, 0], step=step)
             x = drawn.reshape(n, compiled.dims.D)
             return x if not return_latents else (x, unravel_configurations(choice[:, 0].cpu(), compiled.grid_shape))
         args = compiled.config_arguments(values)
@@ -138,7 +139,7 @@ def draw_samples(compiled: CompiledModel, values: dict[str, torch.Tensor], n: in
 
 def draw_pixel_by_pixel(compiled: CompiledModel, values: dict[str, torch.Tensor], chosen: torch.Tensor,
                         x: torch.Tensor | None = None, missing: torch.Tensor | None = None, *,
-                        means: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                        means: bool = False, step=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Images from an autoregressive likelihood, pixel by pixel in its order, every image at
     once: pixel d from p(x_d | x_<d, configuration `chosen` (N,)). With `x` and `missing` (D,)
     bool, only the missing pixels are drawn and the others kept (exact conditional samples when
@@ -151,7 +152,7 @@ def draw_pixel_by_pixel(compiled: CompiledModel, values: dict[str, torch.Tensor]
     x = torch.zeros(len(chosen), D, device=compiled.device) if x is None else x.clone()
     expected = torch.zeros_like(x)
     order = range(D) if missing is None else missing.nonzero().flatten().tolist()
-    step = compiled.pixel_stepper(values, chosen)
+    step = step or compiled.structure.pixel_stepper(values, chosen)
     for d in order:
         # pixel d's arguments at the pixels drawn so far (later ones do not count: the compiler
         # proved pixel d reads only pixels before d)

@@ -16,6 +16,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.distributions import constraints
 
 from probkit.api import Prepared
@@ -87,7 +88,7 @@ def program_source(prepared: Prepared, npz_path: Path) -> str:
         emit("batch: it reaches the same optimum (given enough steps), not the same numbers step by step.")
     emit('"""')
     emit("import sys")
-    if compiled.autoregressive:
+    if compiled.structure.reads_image:
         emit("from functools import lru_cache")
     emit("")
     emit("import numpy as np")
@@ -117,7 +118,7 @@ def program_source(prepared: Prepared, npz_path: Path) -> str:
     emit('    """Univariate over x: independent across the D pixels, one event of D values."""')
     emit("    return d.expand(d.batch_shape[:-1] + (D,)).to_event(1) if d.batch_shape else d.expand((D,)).to_event(1)\n")
 
-    if compiled.autoregressive:
+    if compiled.structure.reads_image:
         _emit_autoregressive(emit, compiled)
 
     emit("\ndef model(x=None, labels=None, total=None, n=None):")
@@ -138,7 +139,7 @@ def program_source(prepared: Prepared, npz_path: Path) -> str:
             emit(f'        {latent.name} = pyro.sample("{latent.name}", {render(latent.expr)}, '
                  'infer={"enumerate": "parallel"})')
     likelihood = render(compiled.likelihood.expr)
-    if compiled.autoregressive:
+    if compiled.structure.reads_image:
         emit("")
         emit("        def likelihood_arguments(x" + "".join(f", {l.name}" for l in compiled.latents) + "):")
         emit('            """The likelihood\'s arguments for one image x (a flat vector): pixel d reads x[:d] only."""')
@@ -227,8 +228,8 @@ def _emit_autoregressive(emit, compiled) -> None:
     for name in blocks_called(compiled.likelihood.expr.tree):
         emit("")
         emit(source_of(name))
-    start = compiled._start_for_checks()
-    args = compiled._config_arguments(compiled.likelihood, {**start, **compiled._probe_image()}, compiled._checks)
+    start = compiled.start_for_checks()
+    args = compiled.config_arguments({**start, "x": torch.zeros(compiled.dims.D)}, compiled.checks)
     shapes = {arg: tuple(value.shape[1:]) for arg, value in args.items()}
     emit("\nPIXEL_SHAPES = " + repr(shapes) + "  # one image's shape of each argument, per configuration")
     emit("\n\ndef pixel_shaped(values):")

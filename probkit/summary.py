@@ -50,9 +50,7 @@ def summary_tables(prepared: Prepared) -> list[Table]:
     for latent in compiled.latents:
         how = latent.strategy.describe
         model.add_row(latent.name, escape(latent.expr.text), str(latent.cardinality), how)
-    structure = ("one event over x" if compiled.family.joint else
-                 "autoregressive: pixel d given the pixels before it (order checked)" if compiled.autoregressive
-                 else "independent across the D pixels")
+    structure = compiled.structure.describe
     model.add_row("x", escape(compiled.likelihood.text), f"D = {compiled.dims.D}", structure)
 
     data = Table(title="data")

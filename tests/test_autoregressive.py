@@ -131,9 +131,9 @@ def test_the_table_does_not_depend_on_how_images_are_chunked(spec, monkeypatch):
     tables, grads = [], []
     for chunk_elements in (1, base.CHUNK_ELEMENTS):
         monkeypatch.setattr(base, "CHUNK_ELEMENTS", chunk_elements)
-        chunk = base.chunk_size(compiled.per_image_elements())
+        chunk = base.chunk_size(compiled.structure.per_image_elements())
         assert chunk == 1 if chunk_elements == 1 else chunk >= len(x)
-        table = compiled.autoregressive_table(values, x)
+        table = compiled.structure.table(values, x)
         tables.append(table.detach())
         grads.append(torch.autograd.grad(table.sum(), list(values.values()), allow_unused=True))
     torch.testing.assert_close(tables[0], tables[1], rtol=1e-6, atol=1e-5)
@@ -340,8 +340,10 @@ def test_a_run_fitted_under_another_revision_of_its_building_block_is_refused(tm
 
 def test_a_step_whose_per_image_work_would_not_fit_in_memory_is_refused(monkeypatch):
     import probkit.compiler
+    import probkit.structures.autoregressive
 
-    monkeypatch.setattr(probkit.compiler, "memory_bytes", lambda device: 1_000_000)
+    for module in (probkit.compiler, probkit.structures.autoregressive):
+        monkeypatch.setattr(module, "memory_bytes", lambda device: 1_000_000)
     with pytest.raises(SpecError, match="numbers per image.*set a smaller fit.batch_size"):
         prepare(TINY[1].parent / "tiny-nade.yaml").compiled  # noqa: B018
     monkeypatch.undo()

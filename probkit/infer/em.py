@@ -105,9 +105,8 @@ def em_plan(compiled: CompiledModel) -> EMPlan:
 
     if not params:
         return fail("the model has no params (each step only evaluates it)")
-    if compiled.autoregressive:
-        return fail("the likelihood is autoregressive (pixel d reads the pixels before it), so its M-step "
-                    "has no closed form")
+    if compiled.structure.independent_pixels is not None:
+        return fail(f"{compiled.structure.independent_pixels}, so its M-step has no closed form")
     for site in compiled.params:
         if site.prior is not None and compiled.method == "map" and not site.prior.names().isdisjoint(params):
             return fail(f"the prior of {site.name} depends on other params (a hierarchical prior)")
