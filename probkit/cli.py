@@ -171,10 +171,9 @@ def fit(
             result = api.fit(prepared_spec, steps=steps, device=device, seed=seed, out=out, resume=resume,
                              overwrite=overwrite, engine=engine, on_step=on_step, compile=compile)
     finally:
-        import torch.distributed as dist
+        from probkit.infer.distributed import leave
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        leave()  # every rank, after rank 0 has written the run
     if not main:
         return
     console.print(f"optimizer: {result.optimizer} ({result.choice}); {result.stopped}", highlight=False)
