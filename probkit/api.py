@@ -21,7 +21,8 @@ from probkit.data import Dataset, load_dataset
 from probkit.errors import DataError, RunError, UsageError
 from probkit.infer import (Evaluator, FitResult, Trainer, fitted_spec_text, run_info, settings_from,
                            write_run)
-from probkit.runs import CHECKPOINT, Run, RunFolder, default_run_dir, resolve_run
+from probkit.runs import (CHECKPOINT, PENDING, RUN_FILES, Run, RunFolder, default_run_dir, fit_manifest,
+                          resolve_run)
 from probkit.spec import LoadedSpec, read_spec
 
 SpecLike = str | Path | LoadedSpec
@@ -118,7 +119,8 @@ def fit(spec: SpecLike, *, steps: int | None = None, device: str = "auto", seed:
         if restarted() and (run_dir / CHECKPOINT).exists():  # torchrun's restart after a rank failed
             resume, overwrite = True, False
     # rank 0 alone holds the folder; every rank learns of any rank's failure before going on
-    folder = RunFolder(run_dir, resume=resume, overwrite=overwrite) if ranks.is_main else None
+    folder = (RunFolder(run_dir, resume=resume, overwrite=overwrite, data=_data_path(prepared)) if ranks.is_main
+              else None)
     error = None
     try:
         if folder is not None:
@@ -141,6 +143,14 @@ def fit(spec: SpecLike, *, steps: int | None = None, device: str = "auto", seed:
     finally:
         if folder is not None:
             folder.__exit__(None, None, None)
+
+
+def _data_path(prepared: Prepared) -> Path | None:
+    """The file or folder the spec's data comes from (None for a built-in set)."""
+    from probkit.datasets import BUILTIN, resolve_path
+
+    source = prepared.dataset.spec.source
+    return None if source in BUILTIN else resolve_path(source, base_dir=prepared.loaded.base_dir)
 
 
 def _check_ranks(world_size: int, settings, n_train: int) -> None:
@@ -191,7 +201,9 @@ def _fit_into(prepared: Prepared, settings, trainer: Trainer, run_dir: Path, sam
     spec_text = fitted_spec_text(prepared.loaded, settings)
     info.update({"fitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "spec_sha256": hashlib.sha256(spec_text.encode()).hexdigest()})
+    info["files"] = fit_manifest(run_dir, [*RUN_FILES, *(["samples.png"] if samples else [])])
     write_run(run_dir, compiled, trainer, info, spec_text)
+    (run_dir / PENDING).unlink(missing_ok=True)  # run.json lists its files now
     png = None
     if samples:
         from probkit.sampling import draw_samples, latent_captions
@@ -200,7 +212,8 @@ def _fit_into(prepared: Prepared, settings, trainer: Trainer, run_dir: Path, sam
         drawn, latents = draw_samples(compiled, values, samples, seed=settings.seed, return_latents=True)
         png = save_grid(run_dir / "samples.png", dataset.images(drawn), title=f"{samples} samples",
                         captions=latent_captions(compiled, latents) if compiled.latents else None)
-    return FitResult(run_dir, metrics, values, trainer.history, png, settings.optimizer, settings.choice, stopped)
+    return FitResult(run_dir, metrics, values, trainer.history, png, settings.optimizer, settings.choice, stopped,
+                     list(dataset.notes))
 
 
 def open_run(target: SpecLike | Run, *, device: str = "auto", out: str | Path | None = None
@@ -288,7 +301,7 @@ def evaluate(target: SpecLike | Run, *, device: str = "auto", out: str | Path | 
 
 def sample(target: SpecLike | Run, n: int = 64, *, given: dict[str, int] | None = None, seed: int = 0,
            device: str = "auto", out: str | Path | None = None, run_out: str | Path | None = None,
-           mean: bool = False):
+           mean: bool = False, overwrite: bool = False):
     """Draw n images from a fitted run; `given` fixes latents (e.g. {"y": 3}).
 
     Returns a `probkit.sampling.Samples`, which unpacks as (images, files): the images
@@ -303,6 +316,10 @@ def sample(target: SpecLike | Run, n: int = 64, *, given: dict[str, int] | None 
                                   name_labels, possible_configurations, samples_file_name)
 
     check_sample_count(n)
+    if out is not None:  # before any work
+        png = Path(out) if Path(out).suffix == ".png" else Path(out) / samples_file_name(given, n=n, seed=seed,
+                                                                                          mean=mean)
+        check_outputs(png, png.with_suffix(".npy"), overwrite=overwrite)
     run, prepared = open_run(target, device=device, out=run_out)
     compiled = prepared.compiled
     label_names = prepared.dataset.label_names
@@ -324,11 +341,11 @@ def sample(target: SpecLike | Run, n: int = 64, *, given: dict[str, int] | None 
     files: dict[str, Path] = {}
     if out is not None:
         out = Path(out)
-        png = out if out.suffix == ".png" else out / samples_file_name(given)
+        png = out if out.suffix == ".png" else out / samples_file_name(given, n=n, seed=seed, mean=mean)
         fixed = " ".join(f"{k}={v}" for k, v in (given or {}).items())
         title = f"{n} mean images (expected pixels)" if mean else f"{n} samples"
         title += f" given {fixed}" if fixed else ""
-        with writable(png):
+        with output_files(png, png.with_suffix(".npy"), overwrite=overwrite):
             save_grid(png, images, title=title, captions=captions if compiled.latents else None)
             npy = save_array(png.with_suffix(".npy"), drawn.cpu().numpy().reshape(images.shape))
         files = {"png": png, "npy": npy}
@@ -344,6 +361,27 @@ def writable(path: Path):
     except OSError as exc:
         raise UsageError(f"--out {path}: cannot write there ({exc.strerror or exc}); choose a writable place "
                          "(a .png path or a folder)") from None
+
+
+def check_outputs(*paths: Path, overwrite: bool = False) -> None:
+    """Before any work: the files a command will write may be written (see `output_files`)."""
+    from probkit.runs import check_output
+
+    for path in paths:
+        check_output(path, overwrite=overwrite)
+
+
+@contextmanager
+def output_files(*paths: Path, overwrite: bool = False):
+    """Writing a command's files: each is checked before any is written (an existing file that
+    probkit did not write needs `overwrite`; a run's own files are never replaced), and each is
+    listed in the run.json of the run folder it lands in, so a later fit --overwrite removes it."""
+    from probkit.runs import record_outputs
+
+    check_outputs(*paths, overwrite=overwrite)
+    with writable(paths[0]):
+        yield
+        record_outputs([path for path in paths if path.exists()])
 
 
 def dataset_examples(source: str, out: str | Path | None = None, *, size: int = 32, n: int = 64,
@@ -453,6 +491,9 @@ def _read_input_images(path: Path, dataset: Dataset) -> tuple[np.ndarray, list[s
             )
         if array.max() > 1.0:
             array = array / 255.0
+        elif np.issubdtype(np.load(path, mmap_mode="r").dtype, np.integer):
+            notes.append(f"--input {path.name}: every value of the integer array is 0 or 1, so it is read as binary "
+                         "images (1 = white), not as levels 0..255")
         images = np.clip(array, 0.0, 1.0)
     elif path.suffix.lower() == ".png":
         images = read_image_file(path, W, H)
@@ -484,7 +525,8 @@ def _check_completion_memory(images: int, k: int, prepared: Prepared) -> None:
 def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, input: str | Path | None = None,
              k: int = 4, seed: int = 0, device: str = "auto", out: str | Path | None = None,
              run_out: str | Path | None = None, method: str = "auto", mcmc_warmup: int | None = None,
-             mcmc_samples: int | None = None, on_image: Callable[[int, int], None] | None = None):
+             mcmc_samples: int | None = None, on_image: Callable[[int, int], None] | None = None,
+             overwrite: bool = False):
     """Condition a fitted run on the observed pixels of images and sample the missing ones.
 
     The images are the first `images` held-out images, or those of `input` (a PNG or .npy,
@@ -514,6 +556,9 @@ def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, in
         raise UsageError(f"--images must be at least 1, found {images}")
     if not 1 <= k <= MAX_COMPLETIONS:
         raise UsageError(f"-k must be between 1 and {MAX_COMPLETIONS:,} completions per image, found {k}")
+    if out is not None:  # before any work
+        png = Path(out) if Path(out).suffix == ".png" else Path(out) / f"complete-{mask_label(mask)}.png"
+        check_outputs(png, png.with_suffix(".npy"), overwrite=overwrite)
     run, prepared = open_run(target, device=device, out=run_out)
     _check_completion_memory(images, k, prepared)
     dataset, compiled = prepared.dataset, prepared.compiled
@@ -554,7 +599,7 @@ def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, in
         marked = np.zeros((n, k + 2, H, W), dtype=bool)
         marked[:, 1] = hole  # the observed column: the missing region grey, tinted and hatched
         headers = ["original", "observed"] + [f"completion {i + 1}" for i in range(k)]
-        with writable(png):
+        with output_files(png, png.with_suffix(".npy"), overwrite=overwrite):
             save_grid(png, rows.reshape(n * (k + 2), C, H, W), columns=k + 2, headers=headers,
                       highlights=marked.reshape(n * (k + 2), H, W))
             npy = save_array(png.with_suffix(".npy"), drawn.astype(np.float32))
@@ -563,24 +608,25 @@ def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, in
 
 
 def compress(target: SpecLike | Run, out: str | Path, *, input: str | Path | None = None, images: int | None = None,
-             device: str = "auto", run_out: str | Path | None = None):
+             device: str = "auto", run_out: str | Path | None = None, overwrite: bool = False):
     """Losslessly compress images with a fitted run into the file `out`: the run's held-out
     images, or those of `input` (any source the data loader reads), coded pixel by pixel
     with the model's exact sequential conditionals through a range coder. Returns a
     `probkit.compression.CompressionResult` (bytes, model bits, bits/dim, PNG and WebP sizes)."""
     from probkit.compression import compress as compress_images
 
-    return compress_images(target, out, input=input, images=images, device=device, run_out=run_out)
+    return compress_images(target, out, input=input, images=images, device=device, run_out=run_out,
+                           overwrite=overwrite)
 
 
 def decompress(file: str | Path, out: str | Path | None = None, *, model: SpecLike | Run | None = None,
-               device: str = "auto"):
+               device: str = "auto", overwrite: bool = False):
     """The images a `compress` file holds, bit-exactly (uint8 N x C x H x W; 0/1 for binary),
     written to `out` (.npy) when given; `model` overrides the run the file's header names.
     Returns a `probkit.compression.DecompressionResult`."""
     from probkit.compression import decompress as decompress_file
 
-    return decompress_file(file, out, model=model, device=device)
+    return decompress_file(file, out, model=model, device=device, overwrite=overwrite)
 
 
 def input_levels(path: str | Path, dataset: Dataset, *, hw: tuple[int, int] | None = None
@@ -600,6 +646,7 @@ def input_levels(path: str | Path, dataset: Dataset, *, hw: tuple[int, int] | No
         raw = RawImages(read_image_file(path, W, H))
     else:
         raw = load_source(str(path), base_dir=Path.cwd())
+    notes.extend(f"--input {note}" for note in raw.notes)  # e.g. 0/1 integers read as binary images
     if raw.images.shape[-2:] != (H, W):
         notes.append(f"--input {path.name}: resized from {raw.images.shape[-1]}x{raw.images.shape[-2]} to "
                      f"{W}x{H} pixels")
@@ -634,7 +681,7 @@ def _held_out_images(run: Run, dataset: Dataset, images: int) -> torch.Tensor:
 
 def denoise(target: SpecLike | Run, *, noise: str, images: int = 16, input: str | Path | None = None, k: int = 4,
             seed: int = 0, device: str = "auto", out: str | Path | None = None,
-            run_out: str | Path | None = None):
+            run_out: str | Path | None = None, overwrite: bool = False):
     """Restore noisy images with a fitted run as the prior (see `probkit.denoising`).
 
     Without `input`, the first `images` held-out images are corrupted with `noise` (seeded by
@@ -686,7 +733,8 @@ def denoise(target: SpecLike | Run, *, noise: str, images: int = 16, input: str 
         rows = np.concatenate([c[:, None] for c in columns] + [draws], axis=1)[:GRID_ROWS]
         headers = (["clean"] if clean is not None else []) + ["noisy", "3x3 median", "posterior mean"] + [
             f"draw {i + 1}" for i in range(k)]
-        with writable(png):
+        with output_files(png, png.with_suffix(".npy"), png.with_name(png.stem + "-samples.npy"),
+                          overwrite=overwrite):
             save_grid(png, rows.reshape(-1, C, H, W), columns=len(headers), headers=headers,
                       title=f"denoise {noise_model.label()} ({result.method})")
             npy = save_array(png.with_suffix(".npy"), columns[-1].astype(np.float32))
@@ -697,7 +745,7 @@ def denoise(target: SpecLike | Run, *, noise: str, images: int = 16, input: str 
 
 def upscale(target: SpecLike | Run, *, factor: int = 2, images: int = 16, input: str | Path | None = None,
             k: int = 4, seed: int = 0, device: str = "auto", out: str | Path | None = None,
-            run_out: str | Path | None = None):
+            run_out: str | Path | None = None, overwrite: bool = False):
     """Super-resolve low-resolution images by `factor` with a fitted run (see `probkit.upscaling`).
 
     Without `input`, the low-resolution images are the f x f block averages of the first
@@ -711,6 +759,10 @@ def upscale(target: SpecLike | Run, *, factor: int = 2, images: int = 16, input:
     from probkit.upscaling import blocks_for, upscale_images
 
     _check_draw_counts(images, k)
+    if out is not None:  # before any work
+        png = _grid_file(Path(out), f"upscale-x{factor}.png")
+        check_outputs(png, png.with_suffix(".npy"), png.with_name(png.stem + "-samples.npy"),
+                          overwrite=overwrite)
     run, prepared = open_run(target, device=device, out=run_out)
     dataset, compiled = prepared.dataset, prepared.compiled
     C, H, W = dataset.channels, dataset.height, dataset.width
@@ -746,7 +798,8 @@ def upscale(target: SpecLike | Run, *, factor: int = 2, images: int = 16, input:
         rows = np.concatenate([c[:, None] for c in columns] + [draws], axis=1)[:GRID_ROWS]
         headers = ["low-res", "bicubic", "posterior mean"] + (["truth"] if truth is not None else []) + [
             f"draw {i + 1}" for i in range(k)]
-        with writable(png):
+        with output_files(png, png.with_suffix(".npy"), png.with_name(png.stem + "-samples.npy"),
+                          overwrite=overwrite):
             save_grid(png, rows.reshape(-1, C, H, W), columns=len(headers), headers=headers,
                       title=f"upscale x{factor} ({result.method})")
             npy = save_array(png.with_suffix(".npy"), columns[2].astype(np.float32))
@@ -756,7 +809,7 @@ def upscale(target: SpecLike | Run, *, factor: int = 2, images: int = 16, input:
 
 
 def cluster(target: SpecLike | Run, *, seed: int = 0, device: str = "auto", out: str | Path | None = None,
-            run_out: str | Path | None = None, per_cluster: int = 8):
+            run_out: str | Path | None = None, per_cluster: int = 8, overwrite: bool = False):
     """Cluster the training and held-out images by a fitted run's posterior over its discrete
     latents (see `probkit.clustering`); where the data has labels, NMI, ARI and purity of the
     model's MAP clusters and of scikit-learn's KMeans and diagonal GaussianMixture (seeded by
@@ -786,7 +839,9 @@ def cluster(target: SpecLike | Run, *, seed: int = 0, device: str = "auto", out:
         from probkit.runs import atomic_write, save_array
 
         folder = Path(out)
-        with writable(folder):
+        names = [f"clusters-{split}{end}" for split in splits for end in (".npy", "-assignments.npy", ".csv")]
+        with output_files(*(folder / name for name in [*names, "clusters.png", "clusters.json"]),
+                          overwrite=overwrite):
             folder.mkdir(parents=True, exist_ok=True)
             for split in splits:
                 files[f"{split}_npy"] = save_array(folder / f"clusters-{split}.npy",

@@ -50,6 +50,8 @@ err_console = Console(stderr=True)
 
 SpecArg = Annotated[str, typer.Argument(help="a spec file (its run is runs/<name>/) or a run folder")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", metavar="", help="replace an existing --out file that "
+                                             "probkit did not write (default: refuse)")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", help="the run folder (default runs/<name>/)")]
 
 
@@ -152,6 +154,7 @@ def show(
     spec: Annotated[str, typer.Argument(help="the spec file")],
     npz: Annotated[Optional[Path], typer.Option("--npz", "--npy", help="where to write the training arrays "
                                                 "the program loads (a .npz; default runs/<name>/train.npz)")] = None,
+    overwrite: OverwriteOpt = False,
 ):
     """Print the spec's Pyro program as standalone Python (model, guide, fit loop)."""
     from probkit.show import program_source, write_training_array
@@ -163,7 +166,12 @@ def show(
                          "in .npz")
     if path.is_dir():
         raise UsageError(f"--npz {path} is a folder; give a file path ending in .npz")
+    from probkit.runs import check_output, record_outputs
+
+    check_output(path, overwrite=overwrite, option="--npz")
     write_training_array(prepared, path)
+    # the default place is the run folder: its list names the file, so a fit there keeps or removes it
+    record_outputs([path], folder=path.parent if npz is None else None)
     sys.stdout.write(program_source(prepared, path))
     err_console.print(f"(the program reads the training images from {path})")
     from probkit.show import fit_settings
@@ -200,12 +208,13 @@ def fit(
             result = api.fit(prepared_spec, steps=steps, device=device, seed=seed, out=out, resume=resume,
                              overwrite=overwrite, engine=engine, on_step=on_step, compile=compile)
     finally:
-        import torch.distributed as dist
+        from probkit.infer.distributed import leave
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        leave()  # every rank, after rank 0 has written the run
     if not main:
         return
+    for note in result.notes:  # what loading the data said (e.g. 0/1 integers read as binary images)
+        console.print(f"note: data: {escape(note)}", highlight=False)
     console.print(f"optimizer: {result.optimizer} ({result.choice}); {result.stopped}", highlight=False)
     _print_metrics(result.metrics)
     for latent, usage in (result.metrics.get("components") or {}).items():
@@ -230,6 +239,7 @@ def sample(
     device: DeviceOpt = "auto",
     out: Annotated[Optional[Path], typer.Option("--out", help="a .png path or a folder (default: the run folder)")] = None,
     mean: Annotated[bool, flag("--mean", help="show each sample's expected pixels given its latents")] = False,
+    overwrite: OverwriteOpt = False,
 ):
     """Draw new images from a fitted run: a PNG grid and a .npy."""
     from probkit.runs import resolve_run
@@ -238,8 +248,9 @@ def sample(
     check_sample_count(n)
     fixed = parse_given(given)
     run = resolve_run(target)
-    destination = out or run.path / samples_file_name(fixed)
-    result = api.sample(run, n, given=fixed, seed=seed, device=device, out=destination, mean=mean)
+    destination = out or run.path / samples_file_name(fixed, n=n, seed=seed, mean=mean)
+    result = api.sample(run, n, given=fixed, seed=seed, device=device, out=destination, mean=mean,
+                        overwrite=overwrite)
     for note in result.notes:
         console.print(f"note: {escape(note)}", highlight=False)
     console.print(f"{n} samples: {result.files['png']} (grid), {result.files['npy']} (array)")
@@ -282,6 +293,15 @@ def _print_metrics(metrics: dict) -> None:
         table.add_row("uniform model", "", f"{baseline:.4f}", style="dim")
         table.caption = "the uniform model gives every value the data can take the same probability"
     console.print(table)
+    from probkit.data import above_baseline_warning
+
+    _warn(above_baseline_warning((metrics.get("test") or {}).get("bits_per_dim"), baseline))
+
+
+def _warn(message: str) -> None:
+    """A plain warning line on stderr ('' prints nothing)."""
+    if message:
+        err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -353,6 +373,10 @@ def runs(
     for row in rows:
         table.add_row(*(escape(cell) for cell in row))
     console.print(table)
+    from probkit.data import above_baseline_warning
+
+    for r in listed:
+        _warn(above_baseline_warning(r.held_out_bpd, r.baseline_bpd, what=f"run {r.name}: held-out"))
 
 
 def _fit_columns(headers: list[str], rows: list[list[str]], width: int, *, drop: list[str], flexible: str,
@@ -477,6 +501,7 @@ def complete(
     mcmc_samples: Annotated[Optional[int], typer.Option("--mcmc-samples", help="NUTS samples kept per image "
                                                                                "(default 500); gibbs: sweeps "
                                                                                "kept (default 50)")] = None,
+    overwrite: OverwriteOpt = False,
 ):
     """Condition on the observed pixels of images and sample the missing ones (exact where the
     model allows, else NUTS over the missing pixels; the method and its settings are printed)."""
@@ -504,7 +529,7 @@ def complete(
     try:
         result, files = api.complete(run, mask=mask, images=images, input=input, k=k, seed=seed, device=device,
                                      out=destination, method=method, mcmc_warmup=mcmc_warmup,
-                                     mcmc_samples=mcmc_samples, on_image=on_image)
+                                     mcmc_samples=mcmc_samples, on_image=on_image, overwrite=overwrite)
     finally:
         bar.stop()
     if as_json:
@@ -536,12 +561,13 @@ def report(
     out: Annotated[Optional[Path], typer.Option("--out", help="the HTML file (default: RUN/report.html)")] = None,
     seed: Annotated[int, typer.Option("--seed", min=0, max=MAX_SEED, help="for the samples and completions")] = 0,
     device: DeviceOpt = "auto",
+    overwrite: OverwriteOpt = False,
 ):
     """Write one self-contained HTML page about a fitted run: curves, metrics, samples, completions, spec."""
     from probkit.report import report as write_report
 
     with err_console.status("report: reading the run") as status:
-        path = write_report(target, out=out, seed=seed, device=device,
+        path = write_report(target, out=out, seed=seed, device=device, overwrite=overwrite,
                             on_stage=lambda text: status.update(f"report: {text}"))
     console.print(f"report: {path}", highlight=False, soft_wrap=True)
 
@@ -557,10 +583,11 @@ def compress(
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda (coding itself always runs on the "
                                                          "CPU in float64, so files decode bit-exactly)")] = "auto",
     as_json: Annotated[bool, flag("--json", help="print one JSON object")] = False,
+    overwrite: OverwriteOpt = False,
 ):
     """Losslessly compress images with a fitted model (a range coder driven by the model's exact
     sequential conditionals p(x_d | x_<d)); prints bytes, model bits, bits/dim and PNG/WebP sizes."""
-    result = api.compress(target, out, input=input, images=images, device=device)
+    result = api.compress(target, out, input=input, images=images, device=device, overwrite=overwrite)
     if as_json:
         typer.echo(json.dumps(result.metrics()))
         return
@@ -592,9 +619,10 @@ def decompress(
     model: Annotated[Optional[str], typer.Option("--model", help="the spec or run folder that compressed it "
                                                                  "(default: the run its header names)")] = None,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda (decoding runs on the CPU)")] = "auto",
+    overwrite: OverwriteOpt = False,
 ):
     """Decode a compressed file back to the exact images (uint8 N x C x H x W; 0/1 for binary data)."""
-    result = api.decompress(file, out, model=model, device=device)
+    result = api.decompress(file, out, model=model, device=device, overwrite=overwrite)
     n, c, h, w = result.images.shape
     console.print(f"{n} images of {c}x{h}x{w} ({result.transform}) decoded with {result.model}: {result.path}",
                   highlight=False)
@@ -630,6 +658,7 @@ def denoise(
     out: Annotated[Optional[Path], typer.Option("--out", help="a .png path or a folder (default: the run folder)")
                    ] = None,
     as_json: Annotated[bool, flag("--json", help="print one JSON object")] = False,
+    overwrite: OverwriteOpt = False,
 ):
     """Restore noisy images: the posterior mean and draws of the clean image under the model
     (exact where the model allows; the method is printed), against a 3x3 median filter."""
@@ -637,7 +666,7 @@ def denoise(
 
     run = resolve_run(target)
     result, files = api.denoise(run, noise=noise, images=images, input=input, k=k, seed=seed, device=device,
-                                out=out or run.path)
+                                out=out or run.path, overwrite=overwrite)
     if as_json:
         typer.echo(json.dumps({**result.metrics(), **{key: str(path) for key, path in files.items()}}))
         return
@@ -664,6 +693,7 @@ def upscale(
     out: Annotated[Optional[Path], typer.Option("--out", help="a .png path or a folder (default: the run folder)")
                    ] = None,
     as_json: Annotated[bool, flag("--json", help="print one JSON object")] = False,
+    overwrite: OverwriteOpt = False,
 ):
     """Super-resolution: the posterior mean and draws of the full image given its block averages
     (exact where the model allows; the method is printed), against Pillow's bicubic upscaling."""
@@ -671,7 +701,7 @@ def upscale(
 
     run = resolve_run(target)
     result, files = api.upscale(run, factor=factor, images=images, input=input, k=k, seed=seed, device=device,
-                                out=out or run.path)
+                                out=out or run.path, overwrite=overwrite)
     if as_json:
         typer.echo(json.dumps({**result.metrics(), **{key: str(path) for key, path in files.items()}}))
         return
@@ -693,6 +723,7 @@ def cluster(
                    ] = None,
     per_cluster: Annotated[int, typer.Option("--per-cluster", help="example images per cluster in the grid")] = 8,
     as_json: Annotated[bool, flag("--json", help="print one JSON object")] = False,
+    overwrite: OverwriteOpt = False,
 ):
     """Cluster every training and held-out image by the posterior over the model's discrete
     latents (MAP cluster and probabilities, .npy and CSV); with labels, NMI / ARI / purity beside
@@ -701,7 +732,7 @@ def cluster(
 
     run = resolve_run(target)
     result, files = api.cluster(run, seed=seed, device=device, out=out or run.path / "clusters",
-                                per_cluster=per_cluster)
+                                per_cluster=per_cluster, overwrite=overwrite)
     if as_json:
         typer.echo(json.dumps({**result.summary(), "files": {key: str(path) for key, path in files.items()}}))
         return

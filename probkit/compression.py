@@ -618,7 +618,7 @@ def _symbols_of_levels(levels: np.ndarray, data, notes: list[str]) -> np.ndarray
 
 
 def compress(target, out: str | Path, *, input: str | Path | None = None, images: int | None = None,
-             device: str = "auto", run_out: str | Path | None = None) -> CompressionResult:
+             device: str = "auto", run_out: str | Path | None = None, overwrite: bool = False) -> CompressionResult:
     """Losslessly compress images with a fitted run (a spec, whose run is runs/<name>/, a run
     folder, or a `probkit.runs.Run`) into the file `out`.
 
@@ -627,7 +627,7 @@ def compress(target, out: str | Path, *, input: str | Path | None = None, images
     first so many. Coding runs on the CPU in float64 whatever `device` says (a file must
     decode bit-exactly elsewhere)."""
     from probkit.api import check_run_data, input_levels, open_run, resolve_device
-    from probkit.runs import Run, atomic_write, resolve_run
+    from probkit.runs import Run, atomic_write, check_output, record_outputs, resolve_run
 
     resolve_device(device)  # a bad --device is still the user's error
     if images is not None and images < 1:
@@ -635,6 +635,7 @@ def compress(target, out: str | Path, *, input: str | Path | None = None, images
     out = Path(out)
     if out.is_dir():
         raise UsageError(f"--out {out} is a folder; give the path of the file to write (e.g. images.pkz)")
+    check_output(out, overwrite=overwrite)  # a user's file, or the run's own, is never replaced silently
     run = target if isinstance(target, Run) else resolve_run(target, run_out)
     run, prepared = open_run(run, device="cpu")
     compiled, dataset = prepared.compiled, prepared.dataset
@@ -667,6 +668,7 @@ def compress(target, out: str | Path, *, input: str | Path | None = None, images
                          "(--images N)")
     try:
         atomic_write(out, payload)
+        record_outputs([out])
     except OSError as exc:
         raise UsageError(f"--out {out}: cannot write there ({exc.strerror or exc}); choose a writable path") from None
     png, webp = baseline_sizes(symbols, *shape, dataset.transform)
@@ -694,18 +696,20 @@ class DecompressionResult:
     transform: str
 
 
-def decompress(file: str | Path, out: str | Path | None = None, *, model=None, device: str = "auto"
-               ) -> DecompressionResult:
+def decompress(file: str | Path, out: str | Path | None = None, *, model=None, device: str = "auto",
+               overwrite: bool = False) -> DecompressionResult:
     """The images a compressed file holds, exactly as they were coded (uint8 N x C x H x W:
     0/1 for binary, levels 0..255 otherwise), written to `out` (.npy) when given. `model`
     (a spec, run folder or Run) overrides the run folder the file names in its header."""
     from probkit.api import open_run, resolve_device
-    from probkit.runs import Run, resolve_run, save_array
+    from probkit.runs import Run, check_output, record_outputs, resolve_run, save_array
 
     resolve_device(device)
     file = Path(file)
     if out is not None and Path(out).suffix != ".npy":
         raise UsageError(f"--out {out}: the images are written as a .npy array; give a path ending in .npy")
+    if out is not None:
+        check_output(Path(out), overwrite=overwrite)
     data = read_compressed(file)
     header, _ = Header.unpack(data, str(file))
     if model is None:
@@ -721,6 +725,7 @@ def decompress(file: str | Path, out: str | Path | None = None, *, model=None, d
     if out is not None:
         try:
             path = save_array(Path(out), symbols)
+            record_outputs([path])
         except OSError as exc:
             raise UsageError(f"--out {out}: cannot write there ({exc.strerror or exc}); choose a writable path") \
                 from None

@@ -305,7 +305,9 @@ def _check_data_memory(spec: DataSpec, n: int) -> None:
                         "data.size or data.count")
 
 
-PREPARE_VERSION = 2  # bump when resizing or channel matching changes, to invalidate the cache
+# bump when reading, resizing or channel matching changes, to invalidate the cache (3: integer arrays of
+# only 0 and 1 are binary images)
+PREPARE_VERSION = 3
 
 
 def _prepared_levels(spec: DataSpec, base_dir: Path):
@@ -358,3 +360,22 @@ def uniform_bits_per_dim(transform: str) -> float:
     for `discrete` and for `continuous` (a uniform density on (0, 1) pays the D ln 256 of DESIGN
     section 5 and nothing else)."""
     return {"binary": 1.0, "discrete": 8.0, "continuous": 8.0}[transform]
+
+
+def baseline_distance(bits_per_dim: float, baseline: float) -> tuple[float, str, float]:
+    """How far bits/dim sits from the uniform model's: (distance, 'below' or 'above', the
+    distance as a fraction of the baseline)."""
+    below = baseline - bits_per_dim
+    return abs(below), "below" if below >= 0 else "above", abs(below) / baseline
+
+
+def above_baseline_warning(bits_per_dim: float | None, baseline: float | None, what: str = "held-out") -> str:
+    """The warning for bits/dim above the uniform model's ('' when below it or unknown)."""
+    if bits_per_dim is None or not baseline:
+        return ""
+    distance, where, fraction = baseline_distance(bits_per_dim, baseline)
+    if where == "below":
+        return ""
+    return (f"{what} bits/dim {bits_per_dim:.4f} is {distance:.4f} above ({fraction:.1%}) the uniform model's "
+            f"{baseline:g}: the model predicts these images worse than giving every value the same probability; "
+            "fit longer, or check the spec's likelihood and data transform")

@@ -18,7 +18,8 @@ from html import escape
 from pathlib import Path
 
 from probkit.errors import UsageError
-from probkit.runs import Run, atomic_write, read_history, resolve_run
+from probkit.data import baseline_distance
+from probkit.runs import Run, atomic_write, check_output, read_history, record_outputs, resolve_run
 
 REPORT_NAME = "report.html"
 SAMPLES = 36
@@ -31,10 +32,11 @@ OnStage = Callable[[str], None]
 
 
 def report(target: str | Path | Run, *, out: str | Path | None = None, device: str = "auto", seed: int = 0,
-           on_stage: OnStage | None = None) -> Path:
+           on_stage: OnStage | None = None, overwrite: bool = False) -> Path:
     """Write the report of a fitted run (a spec file, whose run is runs/<name>/, or a run folder).
 
-    out: the HTML file (default RUN/report.html; a folder gets report.html inside it).
+    out: the HTML file (default RUN/report.html; a folder gets report.html inside it); an existing
+    file that probkit did not write is replaced only with `overwrite`.
     seed: for the fresh samples, the completions and the memorisation check.
     on_stage(text) is called before each slow part (the CLI shows it as a status line)."""
     from probkit import api
@@ -42,6 +44,7 @@ def report(target: str | Path | Run, *, out: str | Path | None = None, device: s
     stage = on_stage or (lambda text: None)
     run = target if isinstance(target, Run) else resolve_run(target)
     path = report_path(run, out)
+    check_output(path, overwrite=overwrite)
     info = run.info
     stage("drawing samples")
     images, _ = api.sample(run, SAMPLES, seed=seed, device=device)
@@ -67,6 +70,7 @@ def report(target: str | Path | Run, *, out: str | Path | None = None, device: s
     stage("writing the page")
     try:
         atomic_write(path, page)
+        record_outputs([path])
     except OSError as exc:
         raise UsageError(f"--out {path}: cannot write the report there ({exc.strerror or exc}); "
                          "choose another path") from None
@@ -213,12 +217,11 @@ def _metrics(info: dict, baseline: float) -> str:
         bpd, nll = _finite(row.get("bits_per_dim")), _finite(row.get("nll"))
         if bpd is None or nll is None:
             continue
-        below = baseline - bpd
-        where = "below" if below >= 0 else "above"
+        distance, where, fraction = baseline_distance(bpd, baseline)
         rows.append(
             f"<tr><th scope='row'>{label}</th><td class='num'>{nll:.3f}</td>"
             f"<td class='num'>{bpd:.4f}</td><td class='num'>{baseline:.4f}</td>"
-            f"<td class='num {where}'>{abs(below):.4f} {where} ({abs(below) / baseline:.1%})</td></tr>"
+            f"<td class='num {where}'>{distance:.4f} {where} ({fraction:.1%})</td></tr>"
         )
     body = "\n".join(rows) or "<tr><td colspan='5'>run.json records no metrics.</td></tr>"
     return (

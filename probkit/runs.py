@@ -98,19 +98,144 @@ def default_run_dir(name: str) -> Path:
     return Path(RUNS_DIR) / name
 
 
-# ----- claiming a folder for a fit -----------------------------------------------------------
+# ----- the files probkit wrote (DESIGN section 6) ----------------------------------------------
 
 LOCK = ".probkit.lock"
-# what a fit writes (the run itself), and what commands make from its params (stale once they change)
+# run.json's `files` lists every file probkit wrote into the folder, relative to it; a folder that
+# holds no run.json yet (show's train.npz, an unfinished fit) keeps the same list here
+MANIFEST_KEY = "files"
+PENDING = ".probkit-files.json"
+# what a fit writes (the run itself): no other command's output ever replaces one of these
 RUN_FILES = ("run.json", "params.safetensors", CHECKPOINT, "history.csv", "spec.yaml")
-DERIVED_PATTERNS = ("samples*.png", "samples*.npy", "sample*.png", "sample*.npy", "complete-*.png",
-                    "complete-*.npy", "report.html", "train.npz", "train.npy", "denoise-*.png", "denoise-*.npy",
-                    "upscale-*.png", "upscale-*.npy", "clusters/clusters*.npy", "clusters/clusters*.csv",
-                    "clusters/clusters.png", "clusters/clusters.json")
+OWN_FILES = (*RUN_FILES, LOCK, PENDING)
+# what a fit keeps of its folder when it resumes (the rest was made from params about to change)
+RESUMED_FILES = ("params.safetensors", CHECKPOINT, "history.csv", "spec.yaml")
+# a run written before run.json listed its files: only these names are certainly probkit's
+LEGACY_FILES = (*RUN_FILES, "samples.png")
 
 
-def _derived(path: Path) -> list[Path]:
-    return sorted({f for pattern in DERIVED_PATTERNS for f in path.glob(pattern) if f.is_file()})
+def _json_file(path: Path):
+    """A JSON file's value, or None when it is missing or cannot be read."""
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def _plain_relative(name) -> bool:
+    """A manifest entry probkit may act on: a relative path inside the folder (a hand-edited
+    run.json naming ../x or /etc/x is never followed)."""
+    if not isinstance(name, str) or not name or "\\" in name:
+        return False
+    parts = Path(name).parts
+    return not Path(name).is_absolute() and ".." not in parts and "." not in parts
+
+
+def holds_run(folder: Path) -> bool:
+    """Whether a fit finished (run.json) or began (its checkpoint) in `folder`."""
+    return (folder / "run.json").exists() or (folder / CHECKPOINT).exists()
+
+
+def written_files(folder: str | Path) -> set[str]:
+    """The files (paths relative to `folder`) probkit wrote there: run.json's list and the pending
+    one; a run from before the list (or an unfinished fit) is credited with its fixed names only."""
+    folder = Path(folder)
+    names: set = set()
+    info = _json_file(folder / "run.json")
+    if isinstance(info, dict) and isinstance(info.get(MANIFEST_KEY), list):
+        names |= set(info[MANIFEST_KEY])
+    elif holds_run(folder):
+        names |= set(LEGACY_FILES)
+    if (folder / CHECKPOINT).exists():
+        names |= set(RUN_FILES)
+    pending = _json_file(folder / PENDING)
+    if isinstance(pending, list):
+        names |= set(pending)
+    return {n for n in names if _plain_relative(n)}
+
+
+def _manifest_folder(path: Path) -> tuple[Path, str] | None:
+    """(the run folder, the path inside it) for a file in a run folder or one of its sub-folders
+    (clusters/), or None for a file elsewhere."""
+    for folder in (path.parent, path.parent.parent):
+        if holds_run(folder) or (folder / PENDING).exists():
+            try:
+                return folder, path.absolute().relative_to(folder.absolute()).as_posix()
+            except ValueError:
+                return None
+    return None
+
+
+def check_output(path: str | Path, *, overwrite: bool = False, option: str = "--out") -> None:
+    """Before a command writes `path`: a file probkit did not write is replaced only with
+    --overwrite, and a run's own files (run.json, params.safetensors, ...) never."""
+    path = Path(path)
+    if not os.path.lexists(path):
+        return
+    where = _manifest_folder(path)
+    if where is not None:
+        folder, name = where
+        if name in OWN_FILES:
+            raise UsageError(f"{option} {path}: is the run's own {name} (the folder {folder} holds a fitted run); "
+                             "no command but `probkit fit` writes it. Choose another path with --out")
+        if name in written_files(folder):
+            return  # an earlier output of probkit's: replaced by the new one
+    if overwrite:
+        return
+    raise UsageError(f"{option} {path}: already exists and probkit did not write it, so it is left as it is; "
+                     "choose another path with --out, or pass --overwrite to replace it")
+
+
+def record_outputs(paths, folder: str | Path | None = None) -> None:
+    """Add files probkit just wrote to the list of the run folder holding them (run.json's
+    `files`, or the pending list of a folder that holds no run.json yet); `folder` names it where
+    no run is there yet. Files outside any run folder are nobody's to list."""
+    by_folder: dict[Path, set[str]] = {}
+    for path in paths:
+        path = Path(path)
+        if folder is not None:
+            try:
+                where = (Path(folder), path.absolute().relative_to(Path(folder).absolute()).as_posix())
+            except ValueError:
+                continue
+        else:
+            where = _manifest_folder(path)
+        if where is not None and where[1] not in OWN_FILES:
+            by_folder.setdefault(where[0], set()).add(where[1])
+    for run_dir, names in by_folder.items():
+        info = _json_file(run_dir / "run.json")
+        if isinstance(info, dict):
+            listed = info.get(MANIFEST_KEY)
+            if not isinstance(listed, list):  # a run from before the list: what it certainly holds
+                listed = [n for n in LEGACY_FILES if (run_dir / n).exists()]
+            if not names <= set(listed):
+                info[MANIFEST_KEY] = sorted(set(listed) | names)
+                atomic_write(run_dir / "run.json", json.dumps(info, indent=2) + "\n")
+        else:
+            pending = _json_file(run_dir / PENDING)
+            listed = set(pending) if isinstance(pending, list) else set()
+            if not names <= listed:
+                atomic_write(run_dir / PENDING, json.dumps(sorted(listed | names)) + "\n")
+
+
+def fit_manifest(run_dir: Path, written: list[str]) -> list[str]:
+    """run.json's list for a fit that wrote `written`: those, and what the folder's pending list
+    names that is still there (show's train.npz)."""
+    pending = _json_file(run_dir / PENDING)
+    kept = [n for n in pending if _plain_relative(n) and (run_dir / n).exists()] if isinstance(pending, list) else []
+    return sorted(set(written) | set(kept))
+
+
+def _ours(entry: Path, folder: Path, names: set[str]) -> bool:
+    """A file probkit listed, or a folder (clusters/) that holds nothing else and something listed."""
+    name = entry.relative_to(folder).as_posix()
+    if entry.is_symlink() or entry.is_file():
+        return name in names
+    if not entry.is_dir():
+        return False
+    inside = [f for f in entry.rglob("*") if not f.is_dir()]
+    return any(n.startswith(name + "/") for n in names) and all(
+        f.relative_to(folder).as_posix() in names for f in inside)
 
 
 def _run_summary(path: Path) -> str:
@@ -143,10 +268,12 @@ class RunFolder:
     A fit never silently replaces a run: a folder holding one is refused (exit 2) unless the fit
     resumes it (`--resume`) or replaces it (`--overwrite`); `--out` picks another folder."""
 
-    def __init__(self, path: str | Path, *, resume: bool = False, overwrite: bool = False):
+    def __init__(self, path: str | Path, *, resume: bool = False, overwrite: bool = False,
+                 data: Path | None = None):
         self.path = Path(path)
         self.resume = resume
         self.overwrite = overwrite
+        self.data = data  # the spec's data file or folder: never inside the folder a fit empties
         self._handle = None
         self._stale: list[Path] = []
 
@@ -187,39 +314,62 @@ class RunFolder:
                 kind = "a folder" if (path / name).is_dir() else "a pipe, a device or a socket"
                 raise UsageError(f"{path / name}: is {kind} where the run keeps a file; move it away, or fit "
                                  "into another folder with --out")
-        entries = [e for e in path.iterdir() if e.name != LOCK and e not in temporary]
-        ours = {path / n for n in RUN_FILES} | set(_derived(path))
-        held = [e for e in entries if e in ours]
-        strangers = sorted(e.name for e in entries if e not in ours)
-        if strangers and not (path / "run.json").exists() and not (path / CHECKPOINT).exists():
+        fresh = path.parent / (path.name + "-2")
+        if self.data is not None and _inside(Path(self.data), path):
+            raise UsageError(f"--out {path}: the folder holds the spec's data ({self.data}); a run folder is "
+                             f"probkit's to fill and empty, so fit into a fresh folder, e.g. --out {fresh}")
+        names = written_files(path)
+        entries = [e for e in path.iterdir() if e.name not in (LOCK, PENDING) and e not in temporary]
+        strangers = sorted(e.name + ("/" if e.is_dir() else "") for e in entries if not _ours(e, path, names))
+        if strangers:
             shown = ", ".join(strangers[:5]) + (" ..." if len(strangers) > 5 else "")
-            raise UsageError(f"the run folder {path} is not empty and holds no probkit run ({shown}); "
-                             "fit into a new or empty folder with --out")
+            raise UsageError(f"--out {path}: the folder holds files probkit did not write ({shown}); a fit never "
+                             "removes or replaces them. Fit into a fresh folder, e.g. --out "
+                             f"{fresh}, or move them away")
+        listed = sorted((path / n for n in names if os.path.lexists(path / n)), key=lambda f: f.name == "run.json")
         if self.resume:
             if not (path / CHECKPOINT).exists():
                 raise UsageError(f"--resume: no checkpoint at {path / CHECKPOINT}; start without --resume")
             # the run is about to move on: what was made from its old params would be stale, and
             # run.json (which says "finished") comes back when the resumed fit finishes
-            self._stale = [path / "run.json", *_derived(path)]
+            self._stale = [f for f in listed if f.relative_to(path).as_posix() not in RESUMED_FILES]
+            self._stale.append(path / PENDING)
             return
-        if held and not self.overwrite:
-            raise UsageError(
-                f"{path} already holds {_run_summary(path)}; a fit never replaces one silently. Continue it "
-                f"with --resume (and --steps N for more steps), replace it with --overwrite, or fit into another "
-                f"folder with --out {path.parent / (path.name + '-2')}"
-            )
-        self._stale = [*held, *temporary]
+        if holds_run(path) or (path / "params.safetensors").exists():
+            if not self.overwrite:
+                raise UsageError(
+                    f"{path} already holds {_run_summary(path)}; a fit never replaces one silently. Continue it "
+                    f"with --resume (and --steps N for more steps), replace it with --overwrite, or fit into "
+                    f"another folder with --out {fresh}"
+                )
+            self._stale = [*listed, *temporary, path / PENDING]
+        else:  # what commands wrote before any fit (show's train.npz) stays, and joins the run's list
+            self._stale = temporary
 
     def begin(self) -> None:
-        """The fit is ready to write: remove what the earlier run left (once its checks passed)."""
+        """The fit is ready to write: remove what the earlier run left (once its checks passed),
+        run.json last, and the folders (clusters/) they leave empty."""
         for old in self._stale:
             old.unlink(missing_ok=True)
+            parent = old.parent
+            while parent != self.path and _inside(parent, self.path) and not any(parent.iterdir()):
+                parent.rmdir()
+                parent = parent.parent
         self._stale = []
 
     def __exit__(self, *exc) -> None:
         if self._handle is not None:
             self._handle.close()  # closing releases the lock (so does the process dying)
             self._handle = None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies inside it (links resolved)."""
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except (ValueError, OSError):
+        return False
 
 
 @dataclass
@@ -298,4 +448,47 @@ def resolve_run(target: str | Path, out: str | Path | None = None) -> Run:
         raise RunError(
             f"spec '{loaded.name}' has no fitted run at {run_dir}/; fit it first: probkit fit {target}"
         )
-    return load_run(run_dir)
+    run = load_run(run_dir)
+    change = spec_change(loaded, run.loaded)
+    if change:
+        raise UsageError(
+            f"{target} is not the spec the run at {run_dir}/ was fitted with ({change}; the fitted one is "
+            f"{run_dir / 'spec.yaml'}), so the run is not this spec's. Fit it again (probkit fit {target} "
+            f"--overwrite), or into another folder (probkit fit {target} --out {run_dir}-2, then pass that "
+            f"folder), or use the fitted run as it is by passing its folder ({run_dir}) instead of the spec"
+        )
+    return run
+
+
+def spec_change(spec: LoadedSpec, fitted: LoadedSpec) -> str:
+    """The first difference between a spec and the one a run was fitted with ('' if none), read
+    from their parsed contents (comments, spacing and key order do not count). A fit whose --steps
+    or --seed overrode the spec's fit block wrote those values into its spec.yaml, so they are
+    not compared then."""
+    mine, theirs = (s.spec.model_dump(mode="json", exclude_none=True) for s in (spec, fitted))
+    if fitted.text.startswith(OVERRIDDEN_SPEC):
+        for block in (mine, theirs):
+            for key in ("steps", "seed"):
+                block.get("fit", {}).pop(key, None)
+    flat_mine, flat_theirs = _flatten(mine), _flatten(theirs)
+    for key in sorted(set(flat_mine) | set(flat_theirs)):
+        if flat_mine.get(key, _ABSENT) != flat_theirs.get(key, _ABSENT):
+            def shown(value):
+                return "absent" if value is _ABSENT else json.dumps(value)[:40]
+            mine_value, their_value = flat_mine.get(key, _ABSENT), flat_theirs.get(key, _ABSENT)
+            return f"{key}: {shown(mine_value)} here, {shown(their_value)} in the run"
+    return ""
+
+
+OVERRIDDEN_SPEC = "# written by probkit fit (options overrode the spec's fit block)\n"
+_ABSENT = object()
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    """{'constants.K': 6, ...}: a nested mapping as dotted keys."""
+    if isinstance(value, dict) and value:
+        out = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}

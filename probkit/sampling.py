@@ -198,9 +198,12 @@ def check_sample_count(n: int) -> None:
                          "with different --seed values")
 
 
-def samples_file_name(given: dict[str, int] | None = None) -> str:
-    """samples.png, or samples-y3.png with given {'y': 3}: the name fit's samples.png shares."""
-    return "samples" + "".join(f"-{name}{value}" for name, value in (given or {}).items()) + ".png"
+def samples_file_name(given: dict[str, int] | None = None, *, n: int = 64, seed: int = 0, mean: bool = False) -> str:
+    """The grid's name in a folder, from the options that make its images (samples-64-seed0.png,
+    samples-64-seed0-y3.png given y=3, ...-mean.png): never the fit's own samples.png, and the same
+    command writes the same file again."""
+    fixed = "".join(f"-{name}{value}" for name, value in (given or {}).items())
+    return f"samples-{n}-seed{seed}{fixed}{'-mean' if mean else ''}.png"
 
 
 @dataclass

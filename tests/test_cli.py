@@ -1,6 +1,7 @@
 """The CLI: exit codes, line-naming messages without tracebacks, and every command end to end."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -268,3 +269,56 @@ def test_folder_labels_keep_their_names_in_given_and_captions(tmp_path, monkeypa
     result = _invoke("sample", spec, "-n", 4, "--given", "y=triangle")
     assert result.exit_code == 2, result.output
     assert "the labels are circle (0), square (1)" in " ".join(result.output.split())
+
+
+def test_sample_writes_beside_the_fits_samples_and_never_over_a_users_file(tmp_path):
+    run = tmp_path / "run"
+    assert _invoke("fit", TINY, "--steps", 3, "--out", run, "--device", "cpu", "--no-progress").exit_code == 0
+    fitted = (run / "samples.png").read_bytes()
+    result = _invoke("sample", run, "-n", 4, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert (run / "samples-4-seed0.png").exists() and (run / "samples-4-seed0.npy").exists()
+    assert (run / "samples.png").read_bytes() == fitted  # the fit's 64 samples stay
+    assert _invoke("sample", run, "-n", 4, "--device", "cpu").exit_code == 0  # its own output: replaced
+    assert _invoke("sample", run, "-n", 4, "--out", run / "samples.png", "--device", "cpu").exit_code == 0  # asked
+    assert (run / "samples.png").read_bytes() != fitted
+    mine = tmp_path / "mine.png"
+    mine.write_bytes(b"mine")
+    result = _invoke("sample", run, "-n", 4, "--out", mine, "--device", "cpu")
+    assert result.exit_code == 2 and "--overwrite" in result.output and mine.read_bytes() == b"mine"
+    result = _invoke("sample", run, "-n", 4, "--out", run / "spec.yaml", "--device", "cpu")
+    assert result.exit_code == 2  # not a .png, and the run's own file in any case
+    assert _invoke("sample", run, "-n", 4, "--out", mine, "--overwrite", "--device", "cpu").exit_code == 0
+    assert mine.read_bytes() != b"mine"
+
+
+def test_held_out_bits_above_the_uniform_models_are_warned_by_fit_evaluate_and_runs(write_spec, tmp_path):
+    """A model worse than the uniform one (every pixel's probability of white pinned near 0.02, on
+    digits where about 40% of pixels are white) is said plainly, not only in the HTML report."""
+    spec = write_spec(GOOD.replace("""  weights:
+    shape: [K]
+    prior: Dirichlet(2.0)
+  probs:
+    shape: [K, D]
+    prior: Beta(2.0, 2.0)
+latent:
+  z: Categorical(probs=weights)
+likelihood:
+  x: Bernoulli(probs=probs[z])""", """  probs:
+    shape: [D]
+    support: unit_interval
+    init: 0.02
+likelihood:
+  x: Bernoulli(probs=probs)""").replace("lr: 0.05", "lr: 0.000001"))
+    run = tmp_path / "runs" / "bad"
+    result = _invoke("fit", spec, "--steps", 1, "--out", run, "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    warning = r"warning: held-out bits/dim \d\.\d{4} is \d\.\d{4} above \(\d+\.\d%\) the uniform model's 1:"
+    assert re.search(warning, " ".join(result.output.split())), result.output
+    result = _invoke("evaluate", run, "--device", "cpu")
+    assert result.exit_code == 0 and re.search(warning, " ".join(result.output.split())), result.output
+    result = _invoke("runs", "--dir", tmp_path / "runs")
+    assert result.exit_code == 0 and "warning: run bad: held-out bits/dim" in " ".join(result.output.split())
+    good = tmp_path / "runs" / "good"
+    result = _invoke("fit", TINY, "--steps", 10, "--out", good, "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0 and "warning: held-out" not in result.output

@@ -100,7 +100,9 @@ def test_cli_cluster_json_and_files(tiny_run, tmp_path):
         lines = (tmp_path / f"clusters-{split}.csv").read_text().splitlines()
         assert len(lines) == 1 + len(probs) and lines[0].startswith("index,label,cluster,name,probability")
     assert (tmp_path / "clusters.png").exists() and json.loads((tmp_path / "clusters.json").read_text())["clusters"] == 3
-    table = CliRunner().invoke(app, ["cluster", str(tiny_run), "--out", str(tmp_path)])
+    again = CliRunner().invoke(app, ["cluster", str(tiny_run), "--out", str(tmp_path)])
+    assert again.exit_code == 2 and "--overwrite" in again.output  # outside a run folder: nobody's files
+    table = CliRunner().invoke(app, ["cluster", str(tiny_run), "--out", str(tmp_path), "--overwrite"])
     assert table.exit_code == 0, table.output
     assert "kmeans" in table.output and "NMI" in table.output
 

@@ -514,7 +514,7 @@ likelihood:
     for words in ("mcmc", "warmup_steps", "num_samples", "not estimated", "NUTS", "min_ess"):
         assert words in result.stdout, words
     assert "warmup_steps=20" in " ".join(result.stdout.split()) and "num_samples=15" in result.stdout
-    result = CliRunner().invoke(app, args + ["--json"])
+    result = CliRunner().invoke(app, args + ["--json", "--overwrite"])  # outside a run folder: asked for
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["method"] == "mcmc" and data["cond_nll_bits_per_pixel"] is None
@@ -522,7 +522,7 @@ likelihood:
     assert data["settings"]["seed"] == 3 and data["settings"]["num_chains"] == 1
     assert np.load(tmp_path / "complete-half.npy").shape == (2, 2, 1, 2, 2)
     # auto picks the exact method for the same run
-    data = json.loads(CliRunner().invoke(app, args[:2] + ["--json", "--out", str(tmp_path)]).stdout)
+    data = json.loads(CliRunner().invoke(app, args[:2] + ["--json", "--out", str(tmp_path), "--overwrite"]).stdout)
     assert data["method"] == "exact-discrete-latents" and "settings" not in data
 
 

@@ -489,3 +489,47 @@ def test_any_decoder_failure_is_a_damaged_file(runs, monkeypatch):
     result = runner.invoke(app, ["decompress", "x.pkz", "--out", "x.npy"])
     assert result.exit_code == 2 and "damaged compressed file" in result.output, result.output
     assert "internally" not in result.output
+
+
+def test_compress_and_decompress_never_replace_a_file_probkit_did_not_write(runs):
+    """A run's own files are never an --out (not even with --overwrite); a user's file is replaced
+    only with --overwrite; probkit's own earlier output is replaced without asking."""
+    first, _ = runs
+    params = (first / "params.safetensors").read_bytes()
+    for extra in ([], ["--overwrite"]):
+        result = runner.invoke(app, ["compress", str(first), "--out", str(first / "params.safetensors"), *extra])
+        assert result.exit_code == 2 and "the run's own params.safetensors" in " ".join(result.output.split())
+    assert (first / "params.safetensors").read_bytes() == params
+    Path("notes.txt").write_text("mine")
+    np.save("mine.npy", np.arange(3))
+    result = runner.invoke(app, ["compress", str(first), "--out", "notes.txt", "--images", "2"])
+    assert result.exit_code == 2 and "--overwrite" in result.output and Path("notes.txt").read_text() == "mine"
+    assert runner.invoke(app, ["compress", str(first), "--out", "x.pkz", "--images", "2"]).exit_code == 0
+    result = runner.invoke(app, ["decompress", "x.pkz", "--out", "mine.npy"])
+    assert result.exit_code == 2 and np.array_equal(np.load("mine.npy"), np.arange(3))
+    assert runner.invoke(app, ["decompress", "x.pkz", "--out", "mine.npy", "--overwrite"]).exit_code == 0
+    assert np.load("mine.npy").shape == (2, 1, 8, 8)
+    assert runner.invoke(app, ["compress", str(first), "--out", "notes.txt", "--overwrite", "--images",
+                               "2"]).exit_code == 0
+    inside = first / "held-out.pkz"  # written into the run folder: listed there, so replaced freely
+    for _ in range(2):
+        result = runner.invoke(app, ["compress", str(first), "--out", str(inside), "--images", "2"])
+        assert result.exit_code == 0, result.output
+    assert "held-out.pkz" in json.loads((first / "run.json").read_text())["files"]
+
+
+def test_decompressed_binary_images_compress_to_the_same_bytes(runs):
+    """decompress writes binary images as uint8 0/1; compress --input of that file reads them as
+    binary (by their values), not as levels 0 and 1 of 255 (all black), so compress -> decompress
+    -> compress gives the same file bit for bit."""
+    first, _ = runs
+    assert runner.invoke(app, ["compress", str(first), "--out", "a.pkz", "--images", "20"]).exit_code == 0
+    result = runner.invoke(app, ["decompress", "a.pkz", "--out", "a.npy"])
+    assert result.exit_code == 0, result.output
+    decoded = np.load("a.npy")
+    assert decoded.dtype == np.uint8 and set(np.unique(decoded)) == {0, 1}
+    result = runner.invoke(app, ["compress", str(first), "--input", "a.npy", "--out", "b.pkz"])
+    assert result.exit_code == 0, result.output
+    assert "read as binary images" in " ".join(result.output.split())
+    assert Path("b.pkz").read_bytes() == Path("a.pkz").read_bytes()
+    assert np.array_equal(probkit.decompress("b.pkz").images, decoded)

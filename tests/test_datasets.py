@@ -198,8 +198,8 @@ def test_nan_and_out_of_range_name_the_image(tmp_path):
     with pytest.raises(DataError, match=r"image 2 \(counting from 0\) contains NaN"):
         load_source("nan.npy", base_dir=tmp_path)
 
-    np.save(tmp_path / "wide.npy", np.arange(4 * 9).reshape(4, 3, 3))
-    with pytest.raises(DataError, match=r"image 0 .* values from 0 to 8.*int64 must lie in \[0, 1\].*uint8"):
+    np.save(tmp_path / "wide.npy", np.arange(4 * 9).reshape(4, 3, 3).astype(np.float64))
+    with pytest.raises(DataError, match=r"image 0 .* values from 0 to 8.*float64 must lie in \[0, 1\].*uint8"):
         load_source("wide.npy", base_dir=tmp_path)
 
 
@@ -704,3 +704,27 @@ def test_arrays_of_complex_or_huge_values_are_refused_with_what_they_hold(tmp_pa
         warnings.simplefilter("error")  # no numpy warning reaches the user before the message
         with pytest.raises(DataError, match=message):
             load_source("images.npy", base_dir=tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.int64, np.uint16])
+def test_integer_arrays_of_only_0_and_1_are_binary_images_with_a_note(tmp_path, dtype):
+    """Arrays are read by their values, not only their dtype: 0/1 integers (what `probkit
+    decompress` writes for binary data) are black and white, not levels 0 and 1 of 255."""
+    bits = (np.arange(4 * 16).reshape(4, 4, 4) % 3 == 0).astype(dtype)
+    np.save(tmp_path / "bits.npy", bits)
+    write_idx(tmp_path / "bits-images-idx3-ubyte", bits.astype(np.uint8))
+    for name in ("bits.npy", "bits-images-idx3-ubyte"):
+        raw = load_source(name, base_dir=tmp_path)
+        np.testing.assert_array_equal(raw.images[:, 0], bits.astype(np.float32))
+        assert any("is 0 or 1, so it is read as binary images" in note for note in raw.notes), raw.notes
+
+
+def test_integer_levels_of_any_dtype_are_levels_and_out_of_range_integers_are_refused(tmp_path):
+    levels = (np.arange(2 * 9).reshape(2, 3, 3) * 15).astype(np.int32)  # 0..255
+    np.save(tmp_path / "levels.npy", levels)
+    raw = load_source("levels.npy", base_dir=tmp_path)
+    np.testing.assert_allclose(raw.images[:, 0], levels / 255.0, atol=1e-7)
+    assert raw.notes == []
+    np.save(tmp_path / "wide.npy", levels * 2)
+    with pytest.raises(DataError, match=r"int32 values run from 0 to 510; integer images hold levels 0\.\.255"):
+        load_source("wide.npy", base_dir=tmp_path)

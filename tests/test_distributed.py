@@ -152,3 +152,32 @@ def test_a_folder_rank_0_refuses_stops_every_rank_with_one_message(tmp_path):
                           timeout=300)
     said = done.stdout + done.stderr
     assert done.returncode != 0 and said.count("already holds a fitted run") == 1, said
+
+
+def test_every_rank_leaves_the_process_group_through_a_barrier_even_when_it_fails(monkeypatch):
+    """A rank that tore its connections down while rank 0 still wrote the run was aborted at exit
+    by gloo (SIGABRT), so a fit that succeeded failed under torchrun: `leave` waits for every rank,
+    then destroys the group; a barrier that fails (a peer gone) still destroys it."""
+    import torch.distributed as dist
+
+    from probkit.infer.distributed import leave
+
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    leave()
+    assert calls == ["barrier", "destroy"]
+
+    def gone():
+        calls.append("barrier")
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(dist, "barrier", gone)
+    calls.clear()
+    leave()
+    assert calls == ["barrier", "destroy"]
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    calls.clear()
+    leave()
+    assert calls == []

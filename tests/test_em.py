@@ -327,23 +327,53 @@ def test_the_log_joint_never_decreases(write_spec, case):
     assert losses[-1] < losses[0]
 
 
-def test_em_and_lbfgs_reach_the_same_optimum(write_spec, tmp_path):
+def _textbook_fixed_point(case, start, x, labels=None, *, limit=5000):
+    """The textbook EM update (numpy, float64) iterated from `start` until a step moves no value
+    by more than 1e-13: a converged reference that owes nothing to probkit's optimisers."""
+    values = start
+    for _ in range(limit):
+        new = _reference_step(case, values, x, labels)
+        moved = max(float(np.abs(new[k] - values[k]).max()) for k in values)
+        values = new
+        if moved < 1e-13:
+            return values
+    raise AssertionError(f"the textbook EM did not settle in {limit} steps (last move {moved:.2e})")
+
+
+def test_em_and_lbfgs_each_reach_the_converged_optimum(write_spec, tmp_path):
+    """Each optimiser is compared with one converged reference, never with the other (whose last
+    digits depend on the package set): the textbook EM fixed point in float64, reached from
+    probkit's EM result (so it is the same one of the mixture's optima).
+
+    Tolerances: EM stores float32 params, so it sits on the fixed point to 2e-5 of each param's
+    scale (as one EM step does, above). L-BFGS works on a float32 loss and gradient and stops when
+    its line searches find nothing more at that precision (about 1e-6 of the loss above the
+    optimum on torch 2.13); it must be within 1e-5 of the loss and 0.5% of each param's scale,
+    ten times tighter than the 5-10% the style guide allows fitted values."""
     body = CASES["normal-map"][1].replace("K]", "2]").replace("[K, D]", "[2, D]")
     em = write_spec(HEAD.format(transform="continuous") + body + "fit: {optimizer: em, steps: 400, tolerance: 1e-12}\n",
                     name="em")
-    lbfgs = write_spec(HEAD.format(transform="continuous") + body + "fit: {optimizer: lbfgs, steps: 60, tolerance: 0}\n",
-                       name="lbfgs")
+    lbfgs = write_spec(HEAD.format(transform="continuous") + body +
+                       "fit: {optimizer: lbfgs, steps: 200, tolerance: 1e-12}\n", name="lbfgs")
     by_em = probkit.fit(em, out=tmp_path / "em", device="cpu", samples=0)
     by_lbfgs = probkit.fit(lbfgs, out=tmp_path / "lbfgs", device="cpu", samples=0)
-    assert by_em.history[-1]["step"] < 400  # converged before the step budget
-    for name, value in by_em.values.items():
-        assert torch.allclose(value, by_lbfgs.values[name], rtol=1e-3, atol=1e-4), name
+    assert by_em.history[-1]["step"] < 400 and by_lbfgs.history[-1]["step"] < 200  # both stopped themselves
     prepared = prepare(em)
-    x = prepared.dataset.fixed("train")
-    with torch.no_grad():
-        em_loss = float(prepared.compiled.loss(by_em.values, x))
-        lbfgs_loss = float(prepared.compiled.loss(by_lbfgs.values, x))
-    assert em_loss <= lbfgs_loss + 1e-6 * abs(lbfgs_loss)
+    x = prepared.dataset.fixed("train").double()
+    reference = _textbook_fixed_point("normal-map", _np(by_em.values), x.numpy())
+
+    def loss(values):
+        with torch.no_grad():
+            return float(prepared.compiled.loss({k: torch.as_tensor(v).double() for k, v in values.items()}, x))
+
+    best = loss(reference)
+    for fitted, rtol, loss_rtol in ((by_em, 2e-5, 1e-9), (by_lbfgs, 5e-3, 1e-5)):
+        values = _np(fitted.values)
+        assert set(values) == set(reference)
+        for name, value in reference.items():
+            error = float(np.abs(values[name] - value).max())
+            assert error <= rtol * float(np.abs(value).max()), (fitted.optimizer, name, error)
+        assert best <= loss(values) <= best + loss_rtol * abs(best), (fitted.optimizer, loss(values) - best)
 
 
 def test_auto_picks_em_where_every_param_has_a_closed_form_and_says_why_not_elsewhere(write_spec):

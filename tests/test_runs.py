@@ -51,17 +51,94 @@ def test_a_second_fit_into_a_run_is_refused_and_the_run_is_untouched(tmp_path):
     assert after == before
 
 
-def test_overwrite_replaces_the_run_and_leaves_no_stale_file(tmp_path):
+def _outputs(run: Path) -> None:
+    """What commands write into a run folder: samples, completions, clusters (a sub-folder)."""
+    for command in (("sample", run, "-n", 4), ("complete", run, "--images", 2, "-k", 1),
+                    ("cluster", run)):
+        result = _invoke(*command, "--device", "cpu")
+        assert result.exit_code == 0, result.output
+
+
+def test_overwrite_removes_exactly_the_files_probkit_wrote_clusters_included(tmp_path):
     run = tmp_path / "run"
     assert _fit(run).exit_code == 0
-    for stale in ("samples-y3.png", "complete-half.png", "complete-half.npy", "report.html"):
-        (run / stale).write_bytes(b"old")
-    (run / "notes.txt").write_text("mine")  # not probkit's: left alone
+    _outputs(run)
+    listed = set(json.loads((run / "run.json").read_text())["files"])
+    assert {"samples-4-seed0.png", "complete-half.npy", "clusters/clusters.json", "clusters/clusters-train.csv",
+            "samples.png", "params.safetensors"} <= listed
     result = _fit(run, "--overwrite", "--seed", 5)
     assert result.exit_code == 0, result.output
-    names = {p.name for p in run.iterdir()}
-    assert not names & {"samples-y3.png", "complete-half.png", "complete-half.npy", "report.html"}
-    assert "notes.txt" in names and json.loads((run / "run.json").read_text())["seed"] == 5
+    names = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.name != LOCK}
+    assert names == {"run.json", "params.safetensors", "checkpoint.safetensors", "history.csv", "spec.yaml",
+                     "samples.png"}, names  # clusters/ went with its files
+    info = json.loads((run / "run.json").read_text())
+    assert info["seed"] == 5 and set(info["files"]) == names
+
+
+def test_a_run_folder_holding_a_file_probkit_did_not_write_is_refused_and_untouched(tmp_path):
+    run = tmp_path / "run"
+    assert _fit(run).exit_code == 0
+    (run / "complete-half.png").write_bytes(b"mine")  # named like an output, but written by the user
+    (run / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.name != LOCK}
+    for option in ("--overwrite", "--resume"):
+        result = _fit(run, option, "--steps", 6)
+        assert result.exit_code == 2, result.output
+        said = _flat(result)
+        assert "files probkit did not write (complete-half.png, notes.txt)" in said and "--out" in said
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.name != LOCK} == before
+
+
+def test_fit_out_a_folder_holding_the_spec_and_its_data_is_refused_and_deletes_nothing(tmp_path):
+    project = tmp_path / "proj"
+    project.mkdir()
+    np.save(project / "train.npy", (np.arange(40 * 64).reshape(40, 8, 8) % 2).astype(np.uint8))
+    spec = project / "spec.yaml"
+    spec.write_text(TINY.read_text().replace("source: digits", "source: train.npy"))
+    before = {p.name: p.read_bytes() for p in project.iterdir()}
+    for extra in ((), ("--overwrite",), ("--resume",)):
+        result = _fit(project, *extra, spec=spec)
+        assert result.exit_code == 2, result.output
+        said = _flat(result)
+        if not extra or extra == ("--overwrite",):
+            assert "holds the spec's data" in said and f"--out {project}-2" in said, said
+        assert {p.name: p.read_bytes() for p in project.iterdir() if p.name != LOCK} == before
+
+
+def test_a_run_from_before_the_file_list_is_credited_with_its_fixed_names_only(tmp_path):
+    run = tmp_path / "run"
+    assert _fit(run).exit_code == 0
+    info = json.loads((run / "run.json").read_text())
+    del info["files"]  # as an older probkit wrote it
+    (run / "run.json").write_text(json.dumps(info))
+    (run / "report.html").write_text("<html>")  # an older report, or the user's: nobody can tell
+    result = _fit(run, "--overwrite")
+    assert result.exit_code == 2 and "did not write (report.html)" in _flat(result)
+    (run / "report.html").unlink()
+    assert _fit(run, "--overwrite").exit_code == 0
+
+
+def test_a_hand_edited_file_list_never_reaches_outside_the_run_folder(tmp_path):
+    run = tmp_path / "run"
+    assert _fit(run).exit_code == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    info = json.loads((run / "run.json").read_text())
+    info["files"] += ["../victim.txt", str(victim)]
+    (run / "run.json").write_text(json.dumps(info))
+    assert _fit(run, "--overwrite").exit_code == 0
+    assert victim.read_text() == "keep me"
+
+
+def test_show_then_fit_keeps_the_programs_arrays_and_lists_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert _invoke("show", TINY).exit_code == 0
+    run = tmp_path / "runs" / "tiny-mixture"
+    assert (run / "train.npz").exists()
+    result = _invoke("fit", TINY, "--steps", 3, "--device", "cpu", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "train.npz" in json.loads((run / "run.json").read_text())["files"]
+    assert not (run / ".probkit-files.json").exists()
 
 
 def test_an_interrupted_refit_never_mixes_the_old_run_with_the_new_checkpoint(tmp_path):
@@ -87,17 +164,18 @@ def test_an_interrupted_refit_never_mixes_the_old_run_with_the_new_checkpoint(tm
 def test_resume_drops_what_was_made_from_the_old_params_but_keeps_the_run_if_it_cannot_start(tmp_path):
     run = tmp_path / "run"
     assert _fit(run).exit_code == 0
-    (run / "complete-half.png").write_bytes(b"old")
+    _outputs(run)
     refused = _fit(run, "--resume", "--steps", 2)  # the checkpoint is at step 3 already
     assert refused.exit_code == 2 and (run / "run.json").exists() and (run / "complete-half.png").exists()
     assert _fit(run, "--resume", "--steps", 6).exit_code == 0
-    assert not (run / "complete-half.png").exists()
+    assert not (run / "complete-half.png").exists() and not (run / "clusters").exists()
+    assert not (run / "samples-4-seed0.png").exists()
     assert json.loads((run / "run.json").read_text())["steps_done"] == 6
 
 
 @pytest.mark.parametrize("setup, options, message", [
     (lambda run: (run.mkdir(), (run / "holiday.jpg").write_bytes(b"x")), (),
-     "is not empty and holds no probkit run (holiday.jpg)"),
+     "holds files probkit did not write (holiday.jpg)"),
     (lambda run: run.write_text("a file"), (), "is a file, not a folder"),
     (lambda run: None, ("--resume",), "no checkpoint at"),
     (lambda run: None, ("--resume", "--overwrite"), "pick one"),
@@ -482,3 +560,30 @@ def test_datasets_is_one_line_a_set_at_80_columns(monkeypatch):
     assert len(lines) <= 12 and max(len(line) for line in lines) <= 80, result.output
     result = _invoke("datasets", "digits")
     assert result.exit_code == 0 and "UCI optical digits, CC BY 4.0" in result.output, result.output
+
+
+def test_a_spec_edited_since_its_fit_is_refused_by_every_command_that_reads_the_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "mixture.yaml"
+    spec.write_text(TINY.read_text())
+    assert _invoke("fit", spec, "--steps", 3, "--device", "cpu", "--no-progress").exit_code == 0
+    spec.write_text("# a comment, and the keys in their places\n" + TINY.read_text().replace("K: 3", "K:  3"))
+    assert _invoke("sample", spec, "-n", 2, "--device", "cpu").exit_code == 0  # the same spec, said differently
+    spec.write_text(TINY.read_text().replace("K: 3", "K: 4"))
+    for command in (("sample", spec, "-n", 2), ("evaluate", spec), ("complete", spec, "--images", 1),
+                    ("cluster", spec), ("compress", spec, "--out", "x.pkz"), ("report", spec),
+                    ("denoise", spec, "--noise", "flip:0.1"), ("upscale", spec)):
+        result = _invoke(*command, "--device", "cpu")
+        said = _flat(result)
+        assert result.exit_code == 2, (command, result.output)
+        assert "constants.K: 4 here, 3 in the run" in said, said
+        for way in ("--overwrite", "--out runs/tiny-mixture-2", "passing its folder"):
+            assert way in said, said
+    assert not (tmp_path / "x.pkz").exists()
+    assert _invoke("sample", tmp_path / "runs" / "tiny-mixture", "-n", 2, "--device", "cpu").exit_code == 0
+
+
+def test_options_that_overrode_the_fit_block_do_not_make_the_spec_another(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert _invoke("fit", TINY, "--steps", 2, "--seed", 4, "--device", "cpu", "--no-progress").exit_code == 0
+    assert _invoke("evaluate", TINY, "--device", "cpu").exit_code == 0

@@ -80,18 +80,21 @@ def load_array_file(path: Path) -> RawImages:
             f"{path}: cannot read the array file ({exc}); expected an array saved with "
             "np.save (.npy) or np.savez (.npz) holding numbers, not Python objects"
         ) from exc
-    images = as_nchw_float(images, str(path))
+    notes: list[str] = []
+    images = as_nchw_float(images, str(path), notes)
     labels = check_labels(labels, len(images), str(path))
     if label_names is not None and labels is not None and labels.max() >= len(label_names):
         raise DataError(
             f"{path}: 'label_names' has {len(label_names)} names but the largest label is "
             f"{int(labels.max())}; label k is named by label_names[k]"
         )
-    return RawImages(images, labels, label_names if labels is not None else None)
+    return RawImages(images, labels, label_names if labels is not None else None, notes)
 
 
-def as_nchw_float(images: np.ndarray, where: str) -> np.ndarray:
-    """Accept N x H x W, N x H x W x C or N x C x H x W; uint8 0-255 or float 0-1.
+def as_nchw_float(images: np.ndarray, where: str, notes: list[str] | None = None) -> np.ndarray:
+    """Accept N x H x W, N x H x W x C or N x C x H x W; integers 0-255 (levels), integers that are
+    all 0 or 1 (binary images, as `probkit decompress` writes them: read by their values, not their
+    dtype, with a line in `notes` saying so), or floats 0-1.
 
     When both axis 1 and axis 3 could hold channels, axis 1 wins (N x C x H x W).
     """
@@ -120,7 +123,17 @@ def as_nchw_float(images: np.ndarray, where: str) -> np.ndarray:
         raise DataError(f"{where}: the array holds no images (shape {images.shape})")
     if images.shape[1] == 4:
         images = images[:, :3]
-    if images.dtype == np.uint8:
+    if np.issubdtype(images.dtype, np.integer):
+        low, high = int(images.min()), int(images.max())
+        if low >= 0 and high <= 1:
+            if notes is not None:
+                notes.append(f"{Path(where).name}: every value of the {images.dtype} array is 0 or 1, so it is read "
+                             "as binary images (1 = white), not as levels 0..255; store levels 0..255 to mean "
+                             "dark grey")
+            return np.ascontiguousarray(images, dtype=np.float32)
+        if low < 0 or high > 255:
+            raise DataError(f"{where}: {images.dtype} values run from {low} to {high}; integer images hold levels "
+                            "0..255 (or only 0 and 1, for binary images); store them as uint8 0-255 or float 0-1")
         return np.ascontiguousarray(images, dtype=np.float32) / np.float32(255.0)
     stored_dtype = images.dtype
     # checked in the stored type: a float64 1e300 is out of range, not the inf float32 would make it

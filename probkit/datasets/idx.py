@@ -97,14 +97,15 @@ def load_idx(path: Path) -> RawImages:
             "which looks like labels; point the data source at the images file "
             "(e.g. train-images-idx3-ubyte.gz) and its labels file is found beside it"
         )
-    images = as_nchw_float(images, str(path))
+    notes: list[str] = []
+    images = as_nchw_float(images, str(path), notes)
     labels_path = find_labels_file(path)
     if labels_path is None:
-        return RawImages(images)
+        return RawImages(images, notes=notes)
     labels = read_idx(labels_path)
     if labels.ndim != 1:
         raise DataError(
             f"{labels_path}: expected a 1-D labels IDX file, found shape {labels.shape}"
         )
     labels = check_labels(labels, len(images), str(labels_path))
-    return RawImages(images, labels, notes=[f"labels read from {labels_path.name}"])
+    return RawImages(images, labels, notes=[*notes, f"labels read from {labels_path.name}"])

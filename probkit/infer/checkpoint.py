@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from probkit import __version__
 from probkit.autoregressive import block_revisions
 from probkit.errors import RunError, UsageError
-from probkit.runs import CHECKPOINT, atomic_write, history_csv, tensors_bytes
+from probkit.runs import CHECKPOINT, OVERRIDDEN_SPEC, atomic_write, history_csv, tensors_bytes
 
 
 @dataclass
@@ -112,5 +112,5 @@ def fitted_spec_text(loaded, settings) -> str:
     data = loaded.spec.model_dump(mode="json", exclude_none=True)
     data["fit"]["steps"] = settings.steps
     data["fit"]["seed"] = settings.seed
-    return "# written by probkit fit (options overrode the spec's fit block)\n" + yaml.safe_dump(
+    return OVERRIDDEN_SPEC + yaml.safe_dump(
         data, sort_keys=False)

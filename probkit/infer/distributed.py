@@ -163,6 +163,25 @@ def collective_from_env(device: torch.device) -> Local:
     return Ranks(rank, world)
 
 
+def leave() -> None:
+    """Leave the process group together, at the end of a command on every rank (its error paths
+    too): a barrier first, so no rank tears down its connections while a peer still writes the run
+    or waits in a collective (gloo then aborts the early rank at exit: "terminate called without an
+    active exception", SIGABRT), then `destroy_process_group`, which joins gloo's threads. Nothing
+    to do outside torchrun. A failing barrier (a peer already gone) does not hide the command's own
+    outcome."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.barrier()
+    except Exception:  # noqa: BLE001 - a peer that died is torchrun's to report; leave all the same
+        pass
+    finally:
+        dist.destroy_process_group()
+
+
 def _store(rank: int, world: int):
     """The rendezvous store of this launch, its keys under a prefix of its own attempt: after a
     restart (`--max-restarts`), torchrun's agent store still holds the failed attempt's addresses,

@@ -53,6 +53,7 @@ class FitResult:
     optimizer: str = ""  # as resolved (auto -> em or adam)
     choice: str = ""  # why that optimizer
     stopped: str = ""  # why the fit ended (its steps ran out, or it converged)
+    notes: list[str] = field(default_factory=list)  # what loading the data said, for the user
 
 
 # relative change of the loss at which a fit stops (Adam, whose minibatch losses are noisy: never)
