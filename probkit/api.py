@@ -306,7 +306,7 @@ def sample(target: SpecLike | Run, n: int = 64, *, given: dict[str, int] | None 
 
     Returns a `probkit.sampling.Samples`, which unpacks as (images, files): the images
     (N x C x H x W in [0, 1]) and the files written (png, npy) when `out` is a folder (where
-    the grid is samples.png, or samples-y3.png given y=3) or a .png path; it also holds each
+    the grid is samples-64-seed0.png, samples-64-seed0-y3.png given y=3) or a .png path; it also holds each
     draw's latent values and notes for the user. `mean`: each image's expected pixels given
     its latents (smooth probabilities for Bernoulli models) instead of a draw. The grid
     captions each image with its latent values."""

@@ -301,7 +301,7 @@ def _print_metrics(metrics: dict) -> None:
 def _warn(message: str) -> None:
     """A plain warning line on stderr ('' prints nothing)."""
     if message:
-        err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False)  # wrapped at the terminal width
 
 
 @app.command()

@@ -262,7 +262,7 @@ def test_folder_labels_keep_their_names_in_given_and_captions(tmp_path, monkeypa
     assert result.exit_code == 0, result.output
     result = _invoke("sample", spec, "-n", 4, "--given", "y=circle")
     assert result.exit_code == 0, result.output
-    assert Path("runs/tiny-class/samples-ycircle.png").exists()
+    assert Path("runs/tiny-class/samples-4-seed0-ycircle.png").exists()
     samples = probkit.sample(spec, 4, given={"y": "square"}, out=None)
     assert all(caption.startswith("y=square ") for caption in samples.captions), samples.captions
     assert probkit.sample(spec, 4, given={"y": 1}, out=None).captions == samples.captions
