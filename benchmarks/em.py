@@ -585,7 +585,7 @@ def bernoulli_table(folder: Path, args) -> tuple[list[BRow], list[str]]:
     rows: list[BRow] = []
 
     # probkit's objective and held-out NLL, for every row alike
-    scorer = EMStepper(plan, Params(compiled, compiled.make_guide(0, start)))
+    scorer = EMStepper(plan, Params(compiled, compiled.program.make_guide(0, start)))
 
     def score(row: BRow, values: dict[str, torch.Tensor]) -> None:
         values = {k: v.detach().float() for k, v in values.items()}
@@ -597,7 +597,7 @@ def bernoulli_table(folder: Path, args) -> tuple[list[BRow], list[str]]:
 
     # ----- probkit
     row = BRow("probkit EMStepper", N, start_s=start_s)
-    params = Params(compiled, compiled.make_guide(0, start))
+    params = Params(compiled, compiled.program.make_guide(0, start))
     stepper = EMStepper(plan, params, tolerance=EM_TOLERANCE)
     progress(f"bernoulli: probkit EM (cap {args.bernoulli_cap})")
     times, losses = [], []  # losses[i]: the loss at the params after i M-steps

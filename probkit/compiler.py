@@ -28,11 +28,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import pyro
 import pyro.distributions as dist
 import torch
-from pyro import poutine
-from pyro.infer.autoguide import AutoDelta, init_to_value
 from torch.distributions import transform_to
 
 from probkit import expressions
@@ -48,7 +45,6 @@ from probkit.priors import fast_log_prior
 from probkit.spec import LoadedSpec, suggest
 
 RESERVED = ("x", "D", "C", "H", "W", "N")
-_GUIDES = 0  # guides made in this process
 
 # what torch raises for arguments of the wrong shape (or value) while a spec is checked
 _SHAPE_ERRORS = (RuntimeError, IndexError, ValueError, TypeError, ArithmeticError)
@@ -138,6 +134,7 @@ class CompiledModel:
         self._prior_terms: dict[str, Any] = {}
         self._grid_cache: dict = {}
         self._start_cache: dict[str, torch.Tensor] | None = None
+        self._program = None
         self._check_names()
         self.params: list[ParamSite] = []
         self.latents: list[LatentSite] = []
@@ -623,64 +620,16 @@ class CompiledModel:
         transform = transform_to(self.constraint(site))
         return transform(0.1 * torch.randn(transform.inverse_shape(site.shape)))
 
-    # ----- the Pyro program ------------------------------------------------------------
+    # ----- the Pyro program (probkit.program) -----------------------------------------
 
-    def model(self, x: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
-              total: int | None = None, n: int | None = None):
-        """The Pyro model. x: a batch of flat images (None to sample n new ones); total: the
-        full training size when x is a minibatch (the plate scales by total / len(x))."""
-        ctx = self.context
-        values = {}
-        for site in self.params:
-            values[site.name] = pyro.sample(site.name, self.site_distribution(site, values))
-        size = n if x is None else len(x)
-        subsample = None if total is None else torch.arange(size, device=self.device)
-        with pyro.plate("data", total or size, subsample=subsample, device=self.device):
-            env = {**self.base_env(), **values}
-            for latent in self.latents:
-                family_name, kwargs = expressions.evaluate(latent.expr, env, ctx)
-                d = self.build(family_name, kwargs, latent.expr, ctx, validate=None)
-                obs = None if labels is None or not latent.observed else labels.to(latent.values.dtype)
-                infer = {} if obs is not None else {"enumerate": "parallel"}
-                env[latent.name] = pyro.sample(latent.name, d, obs=obs, infer=infer)
-            d = self.structure.pyro_distribution(env, x, ctx)
-            if not self.family.joint:
-                d = d.expand(d.batch_shape[:-1] + (self.dims.D,)).to_event(1) if d.batch_shape else \
-                    d.expand((self.dims.D,)).to_event(1)
-            return pyro.sample("x", d, obs=x)
+    @property
+    def program(self):
+        """The spec as an ordinary Pyro program: `program.model`, `program.make_guide`."""
+        from probkit.program import PyroProgram
 
-    def make_guide(self, seed: int = 0, values: dict[str, torch.Tensor] | None = None) -> AutoDelta:
-        """An AutoDelta guide over the params, started at `values` or the seeded spec start."""
-        start = values if values is not None else self.initial_values(seed)
-        exposed = [p.name for p in self.params]
-        guide = AutoDelta(
-            poutine.block(self.model, expose=exposed),
-            init_loc_fn=init_to_value(values={k: v.detach().clone().to(self.device) for k, v in start.items()}),
-        )
-        # a name of its own, so Pyro's global param store never hands it another guide's values
-        global _GUIDES
-        _GUIDES += 1
-        guide._pyro_name = f"probkit.{self.spec.name}.{_GUIDES}"
-        probe = torch.zeros(1, self.dims.D, device=self.device)
-        labels = torch.zeros(1, dtype=torch.long, device=self.device) if self.observed_latents else None
-        # the start was checked against every support already; the trace only reads shapes (its
-        # draws from the priors come from a private generator, not the caller's)
-        with torch.no_grad(), poutine.block(), pyro.validation_enabled(False), seeded(seed, self.device):
-            guide._setup_prototype(probe, labels, total=self.dims.N)
-        return guide.to(self.device)
-
-    def constrained(self, guide: AutoDelta) -> dict[str, torch.Tensor]:
-        """The guide's point estimates on the params' own scale."""
-        return {p.name: self.transform_of(guide, p.name)(self.unconstrained_of(guide, p.name))
-                for p in self.params}
-
-    @staticmethod
-    def unconstrained_of(guide: AutoDelta, name: str) -> torch.nn.Parameter:
-        return getattr(guide, f"{name}_unconstrained")
-
-    @staticmethod
-    def transform_of(guide: AutoDelta, name: str):
-        return transform_to(guide._pyro_params[name][0])
+        if self._program is None:
+            self._program = PyroProgram(self)
+        return self._program
 
     # ----- the fused log-joint ---------------------------------------------------------
 

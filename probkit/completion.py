@@ -315,7 +315,7 @@ def mcmc_conditional_samples(compiled: CompiledModel, values: dict[str, torch.Te
     M = len(miss)
     support = _missing_support(compiled, values)
     fixed = {key: v.detach() for key, v in values.items()}
-    conditioned = poutine.condition(compiled.model, data=fixed)
+    conditioned = poutine.condition(compiled.program.model, data=fixed)
     out = torch.empty((len(x), settings.num_samples, M), dtype=x.dtype, device=x.device)
     min_ess, max_rhat = float("inf"), float("-inf")
     prior = pdist.ImproperUniform(support, (), (M,))

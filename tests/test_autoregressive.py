@@ -147,11 +147,11 @@ def test_the_table_does_not_depend_on_how_images_are_chunked(spec, monkeypatch):
 def test_fused_loss_equals_pyros_trace_enum_elbo(spec):
     prepared = prepare(spec)
     compiled, dataset = prepared.compiled, prepared.dataset
-    guide = compiled.make_guide(seed=1)
-    values = compiled.constrained(guide)
+    guide = compiled.program.make_guide(seed=1)
+    values = compiled.program.constrained(guide)
     labels = dataset.train_labels[:40] if compiled.observed_latents else None
     x = dataset.fixed("train")[:40]
-    expected = pyro_elbo(compiled).differentiable_loss(compiled.model, guide, x, labels)
+    expected = pyro_elbo(compiled).differentiable_loss(compiled.program.model, guide, x, labels)
     fused = compiled.loss(values, x, labels)
     assert torch.allclose(fused, expected, rtol=1e-5), (float(fused), float(expected))
 

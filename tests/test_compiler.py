@@ -19,17 +19,17 @@ TEST_SPECS = Path(__file__).resolve().parent / "specs"
 def test_fused_loss_equals_trace_enum_elbo(spec):
     prepared = prepare(spec)
     compiled, dataset = prepared.compiled, prepared.dataset
-    guide = compiled.make_guide(seed=1)
-    values = compiled.constrained(guide)
+    guide = compiled.program.make_guide(seed=1)
+    values = compiled.program.constrained(guide)
     labels = dataset.train_labels[:64] if compiled.observed_latents else None
     x = dataset.fixed("train")[:64]  # Pyro's enumeration builds N x K x D (x levels) tensors
     elbo = pyro_elbo(compiled)
-    expected = elbo.differentiable_loss(compiled.model, guide, x, labels)
+    expected = elbo.differentiable_loss(compiled.program.model, guide, x, labels)
     fused = compiled.loss(values, x, labels)
     assert torch.allclose(fused, expected, rtol=1e-5), (float(fused), float(expected))
     # a minibatch: both scale the likelihood by N / B
     batch, batch_labels = x[:20], None if labels is None else labels[:20]
-    expected = elbo.differentiable_loss(compiled.model, guide, batch, batch_labels, total=len(x))
+    expected = elbo.differentiable_loss(compiled.program.model, guide, batch, batch_labels, total=len(x))
     fused = compiled.loss(values, batch, batch_labels, scale=len(x) / 20)
     assert torch.allclose(fused, expected, rtol=1e-5), (float(fused), float(expected))
 
@@ -109,7 +109,7 @@ def test_log_prior_equals_the_prior_sites_of_the_pyro_model(spec):
     prepared = prepare(spec)
     compiled = prepared.compiled
     values = initial_values(compiled, 2, data=(prepared.dataset.fixed("train"), prepared.dataset.train_labels))
-    trace = poutine.trace(poutine.condition(compiled.model, data=values)).get_trace(None, n=1)
+    trace = poutine.trace(poutine.condition(compiled.program.model, data=values)).get_trace(None, n=1)
     # float64 values on both sides, so float32 summation error (~1e-5 relative) does not blur the check
     # (matrix families such as Wishart only take float32 values; their term is the same on both sides)
     matrix_valued = {p.name for p in compiled.params if p.prior and FAMILIES[p.prior.call_name].event_dim == 2}

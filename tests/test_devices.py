@@ -36,7 +36,7 @@ def test_a_fit_step_on_the_meta_device_builds_nothing_elsewhere(spec):
     start = initial_values(prepared.compiled, 0, data=(dataset.fixed("train"), dataset.train_labels))
     # the AutoDelta guide only holds θ; it is set up by a trace of the Pyro model (which
     # validates values, so it cannot run on meta) and then moved, as a user moves a module
-    params = Params(model, prepared.compiled.make_guide(values=start).to(META))
+    params = Params(model, prepared.compiled.program.make_guide(values=start).to(META))
     assert all(u.device == META for u in params.unconstrained)
     x = dataset.fixed("train")[:7].to(META)
     labels = dataset.train_labels[:7].to(META) if model.observed_latents else None
@@ -65,7 +65,7 @@ def test_an_em_step_on_the_meta_device_builds_nothing_elsewhere(spec):
     if not plan.applies:
         pytest.skip(plan.reason)
     start = initial_values(prepared.compiled, 0, data=(dataset.fixed("train"), dataset.train_labels))
-    params = Params(model, prepared.compiled.make_guide(values=start).to(META))
+    params = Params(model, prepared.compiled.program.make_guide(values=start).to(META))
     stepper = EMStepper(plan, params, chunk=5)
     x = dataset.fixed("train")[:7].to(META)
     labels = dataset.train_labels[:7].to(META) if model.observed_latents else None

@@ -147,7 +147,7 @@ def _stepper(spec):
     plan = em_plan(compiled)
     assert plan.applies, plan.reason
     start = initial_values(compiled, 0, data=(x, labels), optimizer="em")
-    params = Params(compiled, compiled.make_guide(0, start))
+    params = Params(compiled, compiled.program.make_guide(0, start))
     stepper = EMStepper(plan, params)
     return stepper, params, Batch(x, labels), prepared
 
@@ -472,7 +472,7 @@ def test_an_em_step_on_cuda_equals_the_cpu_one(write_spec, case):
     x = prepared.dataset.fixed("train")
     labels = prepared.dataset.train_labels if compiled.observed_latents else None
     start = initial_values(compiled, 0, data=(x, labels), optimizer="em")
-    params = Params(compiled, compiled.make_guide(0, start))
+    params = Params(compiled, compiled.program.make_guide(0, start))
     EMStepper(em_plan(compiled), params).step(None, Batch(x, labels))
     for name, value in cpu_params.values().items():
         assert torch.allclose(params.values()[name].cpu(), value, rtol=1e-4, atol=1e-6), name

@@ -37,8 +37,8 @@ class Params:
     def __init__(self, compiled: CompiledModel, guide: AutoDelta):
         self.guide = guide
         self.names = [p.name for p in compiled.params]
-        self.unconstrained = [compiled.unconstrained_of(guide, n) for n in self.names]
-        self.transforms = [compiled.transform_of(guide, n) for n in self.names]
+        self.unconstrained = [compiled.program.unconstrained_of(guide, n) for n in self.names]
+        self.transforms = [compiled.program.transform_of(guide, n) for n in self.names]
 
     def values(self) -> dict[str, torch.Tensor]:
         """The params on their own (constrained) scale."""
@@ -85,7 +85,7 @@ class PyroObjective(FusedObjective):
     def loss(self, params: Params, batch: Batch) -> torch.Tensor:
         total = None if batch.scale == 1.0 else self.total
         try:
-            return self.elbo.differentiable_loss(self.compiled.model, params.guide, batch.x, batch.labels,
+            return self.elbo.differentiable_loss(self.compiled.program.model, params.guide, batch.x, batch.labels,
                                                  total=total)
         except (ValueError, torch.linalg.LinAlgError) as exc:  # Pyro's validation of a value outside a support
             raise DomainError(f"the model cannot be evaluated at the current params ({exc})") from None

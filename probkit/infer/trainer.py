@@ -131,7 +131,7 @@ class Trainer:
         # data-parallel ranks take rank 0's start (its k-means runs once)
         data = None if resume or not collective.is_main else (dataset.fixed("train"), dataset.train_labels)
         start = initial_values(compiled, settings.seed, data=data, optimizer=settings.optimizer)
-        self.guide = compiled.make_guide(settings.seed, start)
+        self.guide = compiled.program.make_guide(settings.seed, start)
         self.params = Params(compiled, self.guide)
         if not resume:
             collective.broadcast_(self.params.unconstrained)

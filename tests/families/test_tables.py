@@ -305,7 +305,7 @@ def _slow_latent_log_probs(compiled, values) -> torch.Tensor:
 
 def _slow_prior(compiled, values) -> torch.Tensor:
     """The params' log prior from Pyro's own trace of the model."""
-    trace = poutine.trace(poutine.condition(compiled.model, data=values)).get_trace(None, n=1)
+    trace = poutine.trace(poutine.condition(compiled.program.model, data=values)).get_trace(None, n=1)
     return sum(trace.nodes[p.name]["fn"].log_prob(values[p.name]).sum() for p in compiled.params)
 
 
