@@ -17,6 +17,9 @@ A pixel family (`joint = False`) is independent across the D pixels: each argume
 value per pixel, (K, D) or (K, D, L) for a Categorical over L levels. A joint family is one
 event over the whole image (a multivariate Gaussian): its arguments are (K, D), (K, D, R)
 or (K, D, D).
+
+`LikelihoodFamily` says which of these a new family must write (its contract: `name` and
+`log_likelihood`) and which are optional capabilities it declares, with a worked example.
 """
 
 from __future__ import annotations
