@@ -94,7 +94,9 @@ class LikelihoodFamily(abc.ABC):
     `sample`, `pixel_log_prob`, `marginal` of a pixel family, `support_problem`), which a
     family overrides where it can do better (matrix products, float64, no N x K x D tensor).
     The optional capabilities, each declared by a class attribute whose default here says
-    "not provided" (the methods behind them raise `NotProvided` by default):
+    "not provided"; the methods behind them answer `not_provided` (raise `NotProvided`) by
+    default, except the starts, where an argument the family does not start keeps the spec's
+    start (`spread_start` returns None; the histogram starts are probkit.initialise's):
 
     ====================  ====================================  ==================================
     capability            declared by                           provided by
