@@ -275,7 +275,7 @@ def sequential_model(compiled: CompiledModel, values: dict[str, torch.Tensor]) -
         return AutoregressiveLevels(compiled, values, prior, transform)
     args = {arg: value.to(torch.float64) for arg, value in compiled.config_arguments(values).items()}
     family = compiled.family
-    if family.name in ("MultivariateNormal", "LowRankMultivariateNormal"):
+    if family.completion == "exact-gaussian":
         return GaussianChain(compiled, args, prior)
     if family.joint:
         raise UsageError(f"compress has no sequential conditionals for the joint family {family.name}; "

@@ -52,6 +52,7 @@ from probkit.compiler import CompiledModel
 from probkit.context import seeded
 from probkit.errors import RunError, UsageError
 from probkit.families.base import chunk_size
+from probkit.families.normal import normal_table
 from probkit.spec import suggest
 
 NOISES = {"flip": "binary", "saltpepper": "binary, discrete or continuous", "gaussian": "continuous or discrete"}
@@ -369,17 +370,19 @@ class DiscreteSum(Denoiser):
 
 
 class NormalConvolution(Denoiser):
-    """Normal pixels under Gaussian noise: the convolution of two Gaussians is one."""
+    """Gaussian pixels (a family with `gaussian_pixels`) under Gaussian noise: the convolution
+    of two Gaussians is one."""
 
     method = "exact-normal-convolution"
 
     def run(self, y, k):
-        args = self.compiled.config_arguments(self.values)
-        loc, scale = torch.broadcast_tensors(args["loc"].to(DTYPE), args["scale"].to(DTYPE))
-        var, noise_var = scale.pow(2), self.noise.std**2
+        args = {arg: value.to(DTYPE) for arg, value in self.compiled.config_arguments(self.values).items()}
+        pixels = self.compiled.family.distribution(args)
+        loc, var = pixels.mean, pixels.variance
+        noise_var = self.noise.std**2
         total = var + noise_var
         y64 = y.to(DTYPE)
-        loglik = self.compiled.family.table({"loc": loc, "scale": total.sqrt()}, y64).expand(len(y), len(self.prior))
+        loglik = normal_table(loc, total.sqrt(), y64).expand(len(y), len(self.prior))
         log_post = posterior_weights(self.prior, loglik)
         post = log_post.exp()
         shrink = (var / total).expand(len(self.prior), -1)  # x | y, k = shrink y + (1 - shrink) mu
@@ -500,7 +503,7 @@ def denoiser_for(compiled: CompiledModel, values, noise: Noise) -> Denoiser:
         return DiscreteSum(compiled, values, noise, torch.arange(256, dtype=DTYPE, device=device), quadrature=False)
     if noise.kind == "saltpepper":
         return MaskedPixels(compiled, values, noise)
-    if family.name == "Normal":
+    if family.gaussian_pixels:
         return NormalConvolution(compiled, values, noise)
     points = (torch.arange(QUADRATURE_POINTS, dtype=DTYPE, device=device) + 0.5) / QUADRATURE_POINTS
     return DiscreteSum(compiled, values, noise, points, quadrature=True)

@@ -35,7 +35,6 @@ seconds); the rest works on the CPU.
 
 from __future__ import annotations
 
-import ast
 import itertools
 import math
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from probkit.context import CPU, Context
 from probkit.distributions import FAMILIES
 from probkit.families import Moments, SpreadStart
 from probkit.latents import LatentSite
+from probkit.param_uses import ParamUse, param_use
 
 _CPU = Context(CPU)
 
@@ -288,12 +288,10 @@ def _param_uses(model: CompiledModel) -> list[_Use]:
     latents = {l.name: l for l in model.latents}
     uses = []
     for arg, node in model.likelihood.argument_nodes().items():
-        if isinstance(node, ast.Name) and node.id in params:
-            uses.append(_Use(arg, node.id, []))
-        elif isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id in params:
-            parts = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
-            if parts and all(isinstance(p, ast.Name) and p.id in latents for p in parts):
-                uses.append(_Use(arg, node.value.id, [latents[p.id] for p in parts]))
+        use = param_use(node, params, latents)
+        # the starts take `p` and `p[a, b]`: a broadcast or an empty index is left to the spec's start
+        if isinstance(use, ParamUse) and not use.broadcast and not use.empty_index:
+            uses.append(_Use(arg, use.param, [latents[name] for name in use.index]))
     return uses
 
 

@@ -333,7 +333,7 @@ def upscaler_for(compiled: CompiledModel, values, blocks: Blocks) -> Upscaler:
         return PoissonBinomialBlocks(compiled, values, blocks)
     if transform == "discrete":
         return GaussianBlocks(compiled, values, blocks, exact=False, low=0.0, high=255.0, levels=True)
-    exact = family.name == "Normal"
+    exact = family.gaussian_pixels  # block sums of Gaussian pixels are Gaussian
     low, high = (-math.inf, math.inf) if exact else (0.0, 1.0)
     return GaussianBlocks(compiled, values, blocks, exact=exact, low=low, high=high, levels=False)
 

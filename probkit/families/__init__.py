@@ -2,7 +2,8 @@
 
 `likelihood_family(name)` gives the family object for a Pyro family name: its own module's
 class where probkit has one, else the generic one (its Pyro log_prob). Adding a family is
-one module here with a `FAMILY` class, its entry in `MODULES`, and its tests.
+one module here with a `FAMILY` class (a LikelihoodFamily: its docstring has the contract
+and a worked example), its entry in `MODULES`, and its cases in tests/families/test_contract.py.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from functools import cache
 
 from probkit.distributions import FAMILIES
 from probkit.families import bernoulli, beta, binomial, categorical, lowrank, mvn, normal
-from probkit.families.base import Args, LikelihoodFamily, Moments, SpreadStart
+from probkit.families.base import Args, LikelihoodFamily, Moments, NotProvided, SpreadStart
 from probkit.families.gaussian import GaussianConditional
 from probkit.families.generic import Generic
 
@@ -25,5 +26,5 @@ def likelihood_family(name: str) -> LikelihoodFamily:
     return module.FAMILY(FAMILIES[name]) if module is not None else Generic(FAMILIES[name])
 
 
-__all__ = ["Args", "GaussianConditional", "LikelihoodFamily", "Moments", "SpreadStart", "likelihood_family",
-           "MODULES"]
+__all__ = ["Args", "GaussianConditional", "LikelihoodFamily", "Moments", "NotProvided", "SpreadStart",
+           "likelihood_family", "MODULES"]

@@ -17,13 +17,17 @@ A pixel family (`joint = False`) is independent across the D pixels: each argume
 value per pixel, (K, D) or (K, D, L) for a Categorical over L levels. A joint family is one
 event over the whole image (a multivariate Gaussian): its arguments are (K, D), (K, D, R)
 or (K, D, D).
+
+`LikelihoodFamily` says which of these a new family must write (its contract: `name` and
+`log_likelihood`) and which are optional capabilities it declares, with a worked example.
 """
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, NoReturn
 
 import torch
 from torch.distributions import constraints
@@ -72,12 +76,77 @@ class Moments:
         return scatter / self.n + self.floor**2 * torch.eye(self.D, dtype=self.rows.dtype)
 
 
-class LikelihoodFamily:
-    """Everything probkit knows about one likelihood family (see the module docstring)."""
+class NotProvided(NotImplementedError):
+    """A family was asked for an optional capability it does not declare (see LikelihoodFamily)."""
+
+
+class LikelihoodFamily(abc.ABC):
+    """Everything probkit knows about one likelihood family (see the module docstring).
+
+    The contract, what every family provides:
+
+    - `name` (class attribute): the Pyro family's name, as a spec writes it;
+    - `log_likelihood(args, x)`: log p(x_n | configuration k), N x K (N x 1 when no argument
+      varies with k), from the arguments flattened to configurations (`configs`). The only
+      abstract method: nothing else is needed to fit, evaluate, sample and complete.
+
+    Everything else has a default, the Pyro distribution's own (`distribution`, `mean`,
+    `sample`, `pixel_log_prob`, `marginal` of a pixel family, `support_problem`), which a
+    family overrides where it can do better (matrix products, float64, no N x K x D tensor).
+    The optional capabilities, each declared by a class attribute whose default here says
+    "not provided"; the methods behind them answer `not_provided` (raise `NotProvided`) by
+    default, except the starts, where an argument the family does not start keeps the spec's
+    start (`spread_start` returns None; the histogram starts are probkit.initialise's):
+
+    ====================  ====================================  ==================================
+    capability            declared by                           provided by
+    ====================  ====================================  ==================================
+    exact completion      `completion = "exact-gaussian"`       `conditional`
+    Gaussian pixels       `gaussian_pixels = True`              `distribution(args).mean/variance`
+    EM of the likelihood  `em_steps`, `em_priors`               `em_statistics`, `em_update`
+    EM of a latent        `em_latent_priors`                    `em_latent_update`
+    data-driven starts    `location_args`, `spread_args`,       `location_start`, `spread_start`
+                          `histogram_args`
+    ====================  ====================================  ==================================
+
+    A task asks the family (never its name) what it can do: denoise's closed-form posterior
+    under Gaussian noise and upscale's exact block sums need `gaussian_pixels`; EM needs
+    `em_steps` of the likelihood and `em_latent_priors` of every latent it updates.
+
+    A worked example, a family of Poisson pixels whose table is one matrix product (probkit
+    itself evaluates Poisson through the generic family, its Pyro log_prob; a module of its
+    own would read like this; tests/families/test_contract.py runs this very text)::
+
+        import torch
+
+        from probkit.families.base import LikelihoodFamily
+
+
+        class Poisson(LikelihoodFamily):
+            # log p(x | k) = x . log(rate_k) - sum_d rate_kd - sum_d log(x_d!): one matrix product
+            name = "Poisson"
+
+            def log_likelihood(self, args, x):
+                rate = args["rate"]  # (K or 1, D)
+                return x @ rate.log().T - rate.sum(-1) - torch.lgamma(x + 1).sum(-1, keepdim=True)
+
+            def mean(self, args):  # optional: the default asks distribution(args).mean
+                return args["rate"]
+
+    It is made from the Pyro family it evaluates, `Poisson(probkit.distributions.FAMILIES
+    ["Poisson"])`. To make it probkit's: put it in `probkit/families/poisson.py` with
+    `FAMILY = Poisson`, add the module to `MODULES` in `probkit/families/__init__.py`, and
+    give it a case in tests/families/test_contract.py (the contract test fails until it has one).
+    """
 
     name: ClassVar[str]
     joint: ClassVar[bool] = False
+    # how completion treats it: "exact-discrete-latents" (pixels independent given the
+    # latents), "exact-gaussian" (`conditional` gives the missing pixels' Gaussian), None
     completion: ClassVar[str | None] = "exact-discrete-latents"
+    # the pixels given a configuration are independent Gaussians, with distribution(args)'s
+    # mean and variance: Gaussian noise on them and block sums of them are Gaussian again
+    gaussian_pixels: ClassVar[bool] = False
     # how to fix a spec whose data transform lies outside the support, by transform name
     hints: ClassVar[dict[str, str]] = {}
     # likelihood arguments that are per-image locations, and how one training image becomes one
@@ -104,6 +173,10 @@ class LikelihoodFamily:
 
     def __repr__(self) -> str:
         return f"<family {self.name}>"
+
+    def not_provided(self, capability: str) -> NoReturn:
+        """The one answer of an optional capability this family does not declare."""
+        raise NotProvided(f"{self.name} has no {capability}")
 
     # ----- arguments per configuration ------------------------------------------------
 
@@ -167,8 +240,10 @@ class LikelihoodFamily:
             args, x = self.marginal(args, pixels), x[:, pixels]
         return self.log_likelihood(args, x)
 
+    @abc.abstractmethod
     def log_likelihood(self, args: Args, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """log p(x_n | configuration k): N x K (N x 1 when no argument varies with k), from the
+        arguments per configuration (`configs`: leading dimension K or 1) and images x (N x D)."""
 
     def pixel_log_prob(self, args: Args, x: torch.Tensor) -> torch.Tensor:
         """log p(x_nd | arguments of image n) for every pixel of an autoregressive likelihood:
@@ -195,7 +270,7 @@ class LikelihoodFamily:
     def conditional(self, args: Args, x: torch.Tensor, mask: torch.Tensor, log_prior: torch.Tensor):
         """The exact conditional of the missing pixels (families with `completion ==
         "exact-gaussian"`)."""
-        raise NotImplementedError(f"{self.name} has no closed-form conditional")
+        self.not_provided("closed-form conditional")
 
     # ----- EM (probkit.infer.em; the shared maths is in probkit.families.conjugate) ------
 
@@ -225,14 +300,25 @@ class LikelihoodFamily:
         """Sufficient statistics of a chunk of images (`em_data`) given their responsibilities
         (n x K, one column per configuration), in float64: sums over images, so chunks (and
         ranks) add up."""
-        raise NotImplementedError(f"{self.name} has no closed-form EM update")
+        self.not_provided("closed-form EM update")
 
     def em_update(self, step: tuple[str, ...], args: Args, stats: dict[str, torch.Tensor], blocks: dict
                   ) -> dict[str, torch.Tensor]:
         """New values (float64, param-shaped) of the params behind the arguments of `step` that
         are params (`blocks`: argument -> probkit.families.conjugate.Block), given the
         statistics and the current arguments per configuration."""
-        raise NotImplementedError(f"{self.name} has no closed-form EM update")
+        self.not_provided("closed-form EM update")
+
+    # the arguments of a latent of this family whose probabilities EM updates from the expected
+    # counts of the latent grid's configurations, and the priors each accepts (none: EM updates
+    # no latent of this family)
+    em_latent_priors: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def em_latent_update(self, block, counts: torch.Tensor) -> torch.Tensor:
+        """The new value (float64, param-shaped) of `block` (probkit.families.conjugate.Block), a
+        param that is a latent's `block.arg` (one in `em_latent_priors`), given the expected
+        counts of the grid's configurations (K,)."""
+        self.not_provided("closed-form EM update of a latent")
 
     # ----- data-driven starts ----------------------------------------------------------
 

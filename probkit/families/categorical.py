@@ -85,6 +85,15 @@ class Categorical(LikelihoodFamily):
                 new[arg] = normalise_counts(counts, block.current.softmax(-1)).log()
         return new
 
+    # as a latent (the mixture weights), its probabilities are the expected counts of its values
+    em_latent_priors = {"probs": ("Dirichlet",), "logits": ()}
+
+    def em_latent_update(self, block, counts):
+        total = block.group(counts, ()) + dirichlet_pseudo_counts(block)
+        if block.arg == "probs":
+            return normalise_counts(total, block.current)
+        return normalise_counts(total, block.current.softmax(-1)).log()
+
     def mean(self, args):
         logp = log_probs_of(args)
         return logp.exp() @ torch.arange(logp.shape[-1], dtype=logp.dtype, device=logp.device)

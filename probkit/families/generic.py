@@ -50,7 +50,7 @@ class Generic(LikelihoodFamily):
 
     def marginal(self, args, pixels):
         if self.joint:
-            raise NotImplementedError(f"{self.name}: no closed-form marginal of a subset of pixels")
+            self.not_provided("closed-form marginal of a subset of pixels")
         return super().marginal(args, pixels)
 
     def spread_start(self, arg, moments, start):

@@ -21,19 +21,25 @@ def scale_start(moments) -> torch.Tensor:
     return moments.variance.clamp_min(moments.variance_floor).sqrt()
 
 
+def normal_table(loc: torch.Tensor, scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum_d log N(x_nd; loc_kd, scale_kd): N x K, computed in float64, returned in x's dtype."""
+    loc, scale = loc.double(), scale.double()
+    precision = scale.pow(-2)
+    xd = x.double()
+    quadratic = (xd * xd) @ precision.T - 2.0 * xd @ (loc * precision).T + (loc * loc * precision).sum(-1)
+    D = x.shape[1]
+    table = -0.5 * quadratic - scale.log().sum(-1) - 0.5 * D * math.log(2 * math.pi)
+    return table.to(x.dtype)
+
+
 class Normal(LikelihoodFamily):
     name = "Normal"
     location_args = {"loc": lambda x: x}
     spread_args = frozenset({"scale"})
+    gaussian_pixels = True
 
     def log_likelihood(self, args, x):
-        loc, scale = args["loc"].double(), args["scale"].double()
-        precision = scale.pow(-2)
-        xd = x.double()
-        quadratic = (xd * xd) @ precision.T - 2.0 * xd @ (loc * precision).T + (loc * loc * precision).sum(-1)
-        D = x.shape[1]
-        table = -0.5 * quadratic - scale.log().sum(-1) - 0.5 * D * math.log(2 * math.pi)
-        return table.to(x.dtype)
+        return normal_table(args["loc"], args["scale"], x)
 
     def mean(self, args):
         return torch.broadcast_to(args["loc"], torch.broadcast_shapes(args["loc"].shape, args["scale"].shape))

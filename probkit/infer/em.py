@@ -32,13 +32,13 @@ import torch
 
 from probkit.compiler import CompiledModel
 from probkit.errors import SpecError
+from probkit.families import likelihood_family
 from probkit.families.base import CHUNK_ELEMENTS
-from probkit.families.conjugate import DTYPE, Block, dirichlet_pseudo_counts, normalise_counts
+from probkit.families.conjugate import DTYPE, Block
 from probkit.infer.objective import Batch, Params
 from probkit.infer.steppers import NonFiniteLoss, Stepper
+from probkit.param_uses import NotPlain, ParamUse, param_use
 
-LATENT_ARGS = ("probs", "logits")  # a Categorical latent's argument (its first positional one is probs)
-LATENT_PRIORS = {"probs": ("Dirichlet",), "logits": ()}
 
 
 class EMFailure(Exception):
@@ -71,24 +71,15 @@ class EMPlan:
 
 
 def _use_of(node: ast.AST, params: set[str], latents: dict[str, int]) -> tuple[str, list[int]] | None | str:
-    """(param, index) for `p`, `p[a, b]` (latents only) or either times `ones(...)`; None for an
-    expression without params; a string saying why the param's use has no closed form."""
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
-        for this, other in ((node.left, node.right), (node.right, node.left)):
-            if isinstance(other, ast.Call) and isinstance(other.func, ast.Name) and other.func.id == "ones":
-                return _use_of(this, params, latents)
-    if isinstance(node, ast.Name) and node.id in params:
-        return node.id, []
-    if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id in params:
-        parts = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
-        names = [p.id for p in parts if isinstance(p, ast.Name)]
-        if len(names) == len(parts) and all(n in latents for n in names) and len(set(names)) == len(names):
-            return node.value.id, [latents[n] for n in names]
-    used = sorted(params & {n.id for n in ast.walk(node) if isinstance(n, ast.Name)})
-    if used:
-        return (f"`{ast.unparse(node)}` uses {', '.join(used)} through an expression; EM updates params used "
-                "by name or indexed by latents (e.g. probs[z])")
-    return None
+    """(param, grid positions of its index) for `p`, `p[a, b]` (latents only, each once) or either
+    times `ones(...)` (probkit.param_uses); None for an expression without params; a string
+    saying why the param's use has no closed form."""
+    use = param_use(node, params, latents)
+    if isinstance(use, ParamUse) and use.repeated:
+        use = NotPlain((use.param,), use.text)
+    if isinstance(use, NotPlain):
+        return f"{use}; EM updates params used by name or indexed by latents (e.g. probs[z])"
+    return None if use is None else (use.param, [latents[name] for name in use.index])
 
 
 def em_plan(compiled: CompiledModel) -> EMPlan:
@@ -112,7 +103,7 @@ def em_plan(compiled: CompiledModel) -> EMPlan:
             return fail(f"the prior of {site.name} depends on other params (a hierarchical prior)")
     for i, latent in enumerate(compiled.latents):
         tree = latent.expr.tree
-        nodes = dict(zip(("probs",), tree.args))
+        nodes = dict(zip(("probs",), tree.args))  # only a first positional argument is named (probs)
         nodes.update({k.arg: k.value for k in tree.keywords})
         for arg, node in nodes.items():
             use = _use_of(node, params, {n: p for n, p in positions.items() if p < i})
@@ -120,7 +111,7 @@ def em_plan(compiled: CompiledModel) -> EMPlan:
                 return fail(f"latent {latent.name}: {use}")
             if use is None:
                 continue
-            if latent.family.name != "Categorical" or arg not in LATENT_ARGS:
+            if arg not in likelihood_family(latent.family.name).em_latent_priors:
                 return fail(f"latent {latent.name}: EM updates a Categorical's probs or logits, not "
                             f"{latent.family.name}'s {arg}")
             found.append(Use(use[0], latent.name, arg, use[1]))
@@ -158,7 +149,10 @@ def em_plan(compiled: CompiledModel) -> EMPlan:
     args = compiled.config_arguments(start)
     for use in found:
         site = compiled.param(use.name)
-        allowed = LATENT_PRIORS[use.arg] if use.site != "x" else family.em_priors.get(use.arg, ())
+        if use.site == "x":
+            allowed = family.em_priors.get(use.arg, ())
+        else:
+            allowed = likelihood_family(compiled.latents[positions[use.site]].family.name).em_latent_priors[use.arg]
         prior = plan.priors[use.name] = compiled.map_prior(use.name, {})  # not hierarchical: no values needed
         if prior is not None and type(prior).__name__ not in allowed:
             accepted = " or ".join(allowed) if allowed else "none (fit it by MLE)"
@@ -324,13 +318,8 @@ class EMStepper(Stepper):
         for use in self.plan.uses.values():
             if use.site == "x":
                 continue
-            block = self._block(use, values)
-            pseudo = dirichlet_pseudo_counts(block)
-            total = block.group(counts, ()) + pseudo
-            if use.arg == "probs":
-                new[use.name] = normalise_counts(total, block.current)
-            else:
-                new[use.name] = normalise_counts(total, block.current.softmax(-1)).log()
+            latent = next(latent for latent in compiled.latents if latent.name == use.site)
+            new[use.name] = likelihood_family(latent.family.name).em_latent_update(self._block(use, values), counts)
             values[use.name] = new[use.name].to(values[use.name].dtype)
         by_arg = {u.arg: u for u in self.plan.uses.values() if u.site == "x"}
         for step in family.em_steps:
