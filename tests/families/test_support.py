@@ -51,7 +51,7 @@ REFUSED = [
     ("continuous", "params:\n  low: {shape: [D], support: real, init: -0.5}\nlikelihood:\n  x: Uniform(low, 1.5)\n",
      ["Uniform's low decides which values it gives probability to", "must not depend on params (it reads low)"]),
     ("discrete", "params:\n  n: {shape: [], support: positive, init: 300.0}\n  p: {shape: [D], prior: \"Beta(2.0, 2.0)\"}\n"
-                 "likelihood:\n  x: Binomial(total_count=n, probs=p)\n",
+                 "likelihood:\n  x: Binomial(total_count=1.0 * n, probs=p)\n",
      ["Binomial's total_count decides which values", "(it reads n)"]),
     ("discrete", "params:\n  p: {shape: [D], prior: \"Beta(2.0, 2.0)\"}\nlikelihood:\n"
                  "  x: Binomial(total_count=255.5, probs=p)\n",
