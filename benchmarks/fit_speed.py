@@ -1,6 +1,6 @@
 """Time per fit step of the K=10 Bernoulli mixture on binarised 32x32 digits.
 
-One run, one table (issue 2, "Speed"; DESIGN section 8):
+One run, one table (issue 2, "Speed"; docs/benchmarks.md):
 
   (a)  probkit's fit loop (`Trainer.run`, fused log-joint, AutoDelta params, torch Adam)
   (a') the same Trainer with `engine="pyro"`: probkit's model under Pyro's TraceEnum_ELBO

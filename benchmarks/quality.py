@@ -3,7 +3,7 @@
 For each data set (digits, mnist, faces at 32x32, continuous transform) every model sees
 exactly the same dequantised arrays: probkit's `prepared.dataset.fixed("train")` and
 `.fixed("test")` (fixed noise). scikit-learn's log densities (nats per image on the (0, 1)
-scale) are converted with DESIGN section 5: bits/dim = (NLL + D ln 256) / (D ln 2).
+scale) are converted with docs/commands.md, bits/dim: bits/dim = (NLL + D ln 256) / (D ln 2).
 
 scikit-learn rows choose their hyper-parameters (K, reg_covar, bandwidth, PCA rank) on a
 validation split carved from the training set (or by 3-fold CV on the training set, for
@@ -70,7 +70,7 @@ def parse_args(argv=None):
 
 
 def to_bpd(logdens: np.ndarray, D: int) -> float:
-    """Mean log density (nats per image, (0,1) scale) -> bits/dim (DESIGN section 5)."""
+    """Mean log density (nats per image, (0,1) scale) -> bits/dim (docs/commands.md, bits/dim)."""
     return (-float(np.mean(logdens)) + D * math.log(256.0)) / (D * math.log(2.0))
 
 

@@ -114,6 +114,8 @@ def describe_pixel(d: int, C: int, H: int, W: int) -> str:
     return f"pixel {d} ({where})"
 
 
+BUILDING_BLOCKS = ("nade", "made")  # spec functions defined here: `probkit show` prints their source, runs record their revisions
+
 # What a building block's params mean, numbered: a run records the revision of each block its
 # likelihood calls, and a run fitted under another revision is refused rather than read wrongly.
 REVISIONS = {"nade": 1, "made": 2}
@@ -126,8 +128,6 @@ REVISION_CHANGES = {
 def blocks_called(tree) -> list[str]:
     """The building blocks (nade, made) an expression's syntax tree calls, in BUILDING_BLOCKS' order."""
     import ast
-
-    from probkit.expressions import BUILDING_BLOCKS
 
     called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
     return [name for name in BUILDING_BLOCKS if name in called]

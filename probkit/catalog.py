@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from probkit.errors import UsageError
-from probkit.runs import CHECKPOINT, RUNS_DIR
+from probkit.layout import CHECKPOINT, RUNS_DIR
 
 MAX_DEPTH = 3  # run folders are found this deep below the runs folder (runs/NAME, runs/GROUP/NAME)
 SORT_KEYS = {

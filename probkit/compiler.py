@@ -37,7 +37,8 @@ from probkit.context import CPU, Context, human_bytes, memory_bytes, seeded
 from probkit.data import pixel_transform
 from probkit.distributions import FAMILIES, SUPPORT_EVENT_DIM, SUPPORTS, VECTOR_ARGS
 from probkit.errors import DomainError, NotAutoregressive, SpecError
-from probkit.structures.base import structure_for
+from probkit.structures.autoregressive import Autoregressive
+from probkit.structures.independent import Independent
 from probkit.expressions import Expr
 from probkit.families import LikelihoodFamily, likelihood_family
 from probkit.latents import ENUMERATED, OBSERVED_LABEL, LatentSite, marginalise
@@ -503,7 +504,8 @@ class CompiledModel:
         expr = self._parse(self.spec.likelihood.x, ("likelihood", "x"), names, dist=True)
         site = LikelihoodSite(expr, likelihood_family(expr.call_name))
         self.likelihood = site  # the checks below evaluate it
-        self.structure = structure_for(self)
+        # the likelihood's structure: autoregressive when it reads x itself, else independent pixels
+        self.structure = (Autoregressive if "x" in expr.names() else Independent)(self)
         self.structure.check_family()
         start = self.start_for_checks()
         family_name, kwargs = self._checked(expr, {**self.base_env(), **start, **self.grid(self.checks),

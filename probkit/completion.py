@@ -1,6 +1,6 @@
 """Completion: condition a fitted model on the observed pixels of an image, sample the rest.
 
-Masks name the *missing* pixels (DESIGN section 3). The likelihood's family says which exact
+Masks name the *missing* pixels (docs/commands.md). The likelihood's family says which exact
 method applies (`LikelihoodFamily.completion`); `CompletionResult.method` says which one ran:
 
 - ``exact-discrete-latents``: pixel families (independent across pixels given the discrete
@@ -34,7 +34,7 @@ sample size, max split R-hat) are in ``CompletionResult.settings`` and the notes
 
 Metrics: the conditional NLL of the true missing pixels, ``-log p(x_miss | x_obs)``, in bits
 per missing pixel; for the ``continuous`` transform ``ln 256`` is added per missing pixel
-(DESIGN section 5) so the number bounds the discrete bits and compares across transforms.
+(docs/commands.md, bits/dim) so the number bounds the discrete bits and compares across transforms.
 PSNR is of the completion mean on the missing pixels only, on the [0, 1] display scale
 (discrete levels are divided by 255).
 """
@@ -55,6 +55,7 @@ from probkit.context import seeded
 from probkit.errors import UsageError
 from probkit.families import GaussianConditional
 from probkit.spec import suggest
+from probkit.structures.autoregressive import missing_after_observed
 
 MAX_PNG_PIXELS = 4096 * 4096  # a mask or --input PNG larger than this is refused before it is decoded
 MASKS = ("half", "bottom", "top", "left", "right", "center", "border", "random:P", "checkerboard")
@@ -503,13 +504,6 @@ def exact_method(compiled: CompiledModel, mask: torch.Tensor | None = None) -> s
     applies. An autoregressive likelihood is exact when every missing pixel comes after every
     observed one in its order (the bottom half of a one-channel image)."""
     return compiled.structure.exact_completion(mask)
-
-
-def missing_after_observed(mask: torch.Tensor) -> bool:
-    """Whether the missing pixels (mask, D bool) all come after the observed ones (a suffix)."""
-    mask = mask.reshape(-1).to(torch.bool)
-    observed = (~mask).nonzero()
-    return len(observed) == 0 or bool(mask[int(observed.max()):].sum() == mask.sum())
 
 
 def completion_method(compiled: CompiledModel, method: str = "auto", mask: torch.Tensor | None = None) -> str:

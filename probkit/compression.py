@@ -4,7 +4,7 @@ A model P(x; θ) is a code: an entropy coder spends about −log₂ p(x) bits on
 coder (constriction's range coder, a maintained ANS/range-coding library) needs, for every
 pixel in order, the probability of each of its levels given the pixels before it,
 p(x_d | x_<d). A `SequentialModel` gives those, per latent configuration k (the strategy
-differs by likelihood family), and `level_log_probs` mixes them with the posterior over the
+differs by likelihood family), and `level_probs` mixes them with the posterior over the
 configurations given the pixels so far, updated pixel by pixel: exactly
 p(x_d | x_<d) = Σ_k p(k | x_<d) p(x_d | x_<d, k).
 
@@ -293,11 +293,6 @@ def level_probs(model: SequentialModel, state: CodingState, d: int) -> torch.Ten
     state.memory["config_probs"] = per_config
     mixed = (weights * per_config).sum(1)
     return mixed / mixed.sum(-1, keepdim=True)
-
-
-def level_log_probs(model: SequentialModel, state: CodingState, d: int) -> torch.Tensor:
-    """log p(x_d = level | x_<d): N x L (the model-specific maths is in `model.config_probs`)."""
-    return level_probs(model, state, d).log()
 
 
 def observe(model: SequentialModel, state: CodingState, d: int, symbols: torch.Tensor) -> None:
@@ -626,7 +621,7 @@ def compress(target, out: str | Path, *, input: str | Path | None = None, images
     of images or IDX file, or one image file), or by default the run's held-out images; `images` keeps the
     first so many. Coding runs on the CPU in float64 whatever `device` says (a file must
     decode bit-exactly elsewhere)."""
-    from probkit.api import check_run_data, input_levels, open_run, resolve_device
+    from probkit.session import check_run_data, input_levels, open_run, resolve_device
     from probkit.runs import Run, atomic_write, check_output, record_outputs, resolve_run
 
     resolve_device(device)  # a bad --device is still the user's error
@@ -701,7 +696,7 @@ def decompress(file: str | Path, out: str | Path | None = None, *, model=None, d
     """The images a compressed file holds, exactly as they were coded (uint8 N x C x H x W:
     0/1 for binary, levels 0..255 otherwise), written to `out` (.npy) when given. `model`
     (a spec, run folder or Run) overrides the run folder the file names in its header."""
-    from probkit.api import open_run, resolve_device
+    from probkit.session import open_run, resolve_device
     from probkit.runs import Run, check_output, record_outputs, resolve_run, save_array
 
     resolve_device(device)

@@ -1,7 +1,7 @@
 """From a spec's `data:` block to training and held-out tensors the model sees.
 
 Loading (built-in sets, user files) lives in `probkit.datasets`; this module resizes,
-matches channels, splits deterministically, and applies the transforms of DESIGN section 5,
+matches channels, splits deterministically, and applies the transforms of docs/commands.md, bits/dim,
 including the per-epoch randomness of `continuous` and `binarize: dynamic`.
 """
 
@@ -50,7 +50,7 @@ def match_channels(images: np.ndarray, channels: int) -> np.ndarray:
 
 
 class PixelTransform:
-    """What the model sees of a pixel level 0..255 (DESIGN section 5): one object per transform.
+    """What the model sees of a pixel level 0..255 (docs/commands.md, bits/dim): one object per transform.
 
     `apply` draws any noise from a CPU generator, so the same seed gives the same numbers on
     every device; `source` prints the same operation for `probkit show`. `values` are the
@@ -192,7 +192,7 @@ class Dataset:
         return self.pixels.stochastic
 
     def apply(self, levels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """The transform of DESIGN section 5; `generator` (a CPU one) draws the noise."""
+        """The transform of docs/commands.md, bits/dim; `generator` (a CPU one) draws the noise."""
         return self.pixels.apply(levels, generator)
 
     def fixed(self, part: str) -> torch.Tensor:
@@ -357,8 +357,8 @@ def summarize(dataset: Dataset) -> dict:
 
 def uniform_bits_per_dim(transform: str) -> float:
     """Bits/dim of the uniform model of a transform's values: log2 2 = 1 for `binary`, log2 256 = 8
-    for `discrete` and for `continuous` (a uniform density on (0, 1) pays the D ln 256 of DESIGN
-    section 5 and nothing else)."""
+    for `discrete` and for `continuous` (a uniform density on (0, 1) pays the D ln 256 that puts
+    densities beside discrete models, docs/commands.md, and nothing else)."""
     return {"binary": 1.0, "discrete": 8.0, "continuous": 8.0}[transform]
 
 

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from probkit.autoregressive import BUILDING_BLOCKS
 from probkit.context import Context
 from probkit.distributions import FAMILIES
 from probkit.errors import SpecError
@@ -151,7 +152,6 @@ FUNCTIONS: dict[str, Function] = {
 }
 _DEFAULT_DIM = {"softmax": "-1", "log_softmax": "-1", "sum": "None", "mean": "None"}
 _DEFAULT_ARGS = {"tril": ("0.0",), "triu": ("0.0",)}  # printed where the spec leaves them out
-BUILDING_BLOCKS = ("nade", "made")  # probkit.autoregressive's functions: `probkit show` prints their source, runs record their revisions
 
 _BINOPS = {
     ast.Add: ("+", lambda a, b: a + b),

@@ -1,4 +1,4 @@
-"""The run folder (DESIGN section 6): written atomically, read without unpickling anything.
+"""The run folder (docs/commands.md, run folders): written atomically, read without unpickling anything.
 
 Every file is written to a temporary name in the same folder and moved into place with
 `os.replace`, so a killed process leaves either the old file or the new one, never half.
@@ -22,10 +22,11 @@ from safetensors.torch import load_file, save
 from probkit.errors import RunError, UsageError
 from probkit.spec import LoadedSpec, read_spec, spec_from_text
 
-RUNS_DIR = "runs"
+from probkit.layout import (CHECKPOINT, LEGACY_FILES, LOCK, MANIFEST_KEY, OWN_FILES, PENDING, RESUMED_FILES,
+                            RUN_FILES, RUNS_DIR)
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-CHECKPOINT = "checkpoint.safetensors"
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
@@ -98,20 +99,8 @@ def default_run_dir(name: str) -> Path:
     return Path(RUNS_DIR) / name
 
 
-# ----- the files probkit wrote (DESIGN section 6) ----------------------------------------------
+# ----- the files probkit wrote (docs/commands.md, run folders) ----------------------------------------------
 
-LOCK = ".probkit.lock"
-# run.json's `files` lists every file probkit wrote into the folder, relative to it; a folder that
-# holds no run.json yet (show's train.npz, an unfinished fit) keeps the same list here
-MANIFEST_KEY = "files"
-PENDING = ".probkit-files.json"
-# what a fit writes (the run itself): no other command's output ever replaces one of these
-RUN_FILES = ("run.json", "params.safetensors", CHECKPOINT, "history.csv", "spec.yaml")
-OWN_FILES = (*RUN_FILES, LOCK, PENDING)
-# what a fit keeps of its folder when it resumes (the rest was made from params about to change)
-RESUMED_FILES = ("params.safetensors", CHECKPOINT, "history.csv", "spec.yaml")
-# a run written before run.json listed its files: only these names are certainly probkit's
-LEGACY_FILES = (*RUN_FILES, "samples.png")
 
 
 def _json_file(path: Path):
@@ -241,7 +230,7 @@ def _ours(entry: Path, folder: Path, names: set[str]) -> bool:
 def _run_summary(path: Path) -> str:
     """A few words on the run a folder holds, for the message that refuses to replace it (read
     as `probkit runs` reads it)."""
-    from probkit.catalog import read_row
+    from probkit.catalog import read_row  # catalog reads the layout, never this module
 
     row = read_row(path, path.name)
     if row.status == "finished":

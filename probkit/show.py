@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.distributions import constraints
 
-from probkit.api import Prepared
+from probkit.session import Prepared
 from probkit.autoregressive import blocks_called, source_of
 from probkit.data import fixed_noise_generator
 from probkit.distributions import FAMILIES, SUPPORTS, VECTOR_ARGS

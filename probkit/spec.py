@@ -42,7 +42,7 @@ class _Strict(BaseModel):
 
 
 class DataSpec(_Strict):
-    """Where the images come from and how they are prepared (DESIGN section 4 and 5)."""
+    """Where the images come from and how they are prepared (docs/data.md)."""
 
     source: str = Field(description="a built-in data set name, or a path relative to the spec")
     size: Union[Int, tuple[Int, Int]] = Field(32, description="resize to size x size or [H, W]")
@@ -118,7 +118,7 @@ class FitSpec(_Strict):
 
 
 class Spec(_Strict):
-    """A whole probkit spec (DESIGN section 2)."""
+    """A whole probkit spec (docs/spec.md)."""
 
     probkit: Annotated[Literal[1], BeforeValidator(_not_yes_or_no)] = Field(description="spec format version")
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)]  # a folder name

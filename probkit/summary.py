@@ -11,7 +11,7 @@ import math
 from rich.markup import escape
 from rich.table import Table
 
-from probkit.api import Prepared
+from probkit.session import Prepared
 from probkit.data import summarize
 from probkit.initialise import start_rules
 

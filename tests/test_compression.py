@@ -64,7 +64,7 @@ def _round_trip(prepared, values, symbols, hint="r"):
 
 
 def _write_run(folder: Path, spec: Path, values: dict[str, torch.Tensor]) -> Path:
-    """A run folder (DESIGN section 6) holding `values` for `spec`, without fitting."""
+    """A run folder (docs/commands.md, run folders) holding `values` for `spec`, without fitting."""
     atomic_write(folder / "spec.yaml", spec.read_text())
     atomic_write(folder / "params.safetensors", tensors_bytes({k: v.float() for k, v in values.items()}))
     atomic_write(folder / "run.json", json.dumps({"spec_dir": str(spec.parent)}))

@@ -164,19 +164,19 @@ def test_draw_samples_returns_each_draws_latents(class_run):
 
 def test_sample_writes_samples_png_in_the_run_folder_like_fit(class_run):
     assert (class_run / "samples.png").exists()  # written by fit
-    for args, name in ((["-n", 4], "samples"), (["-n", 4, "--given", "y=3"], "samples-y3")):
+    for args, name in ((["-n", 4], "samples-4-seed0"), (["-n", 4, "--given", "y=3"], "samples-4-seed0-y3")):
         (class_run / f"{name}.png").unlink(missing_ok=True)
         result = _invoke("sample", class_run, *args)
         assert result.exit_code == 0, result.output
         assert (class_run / f"{name}.png").exists() and np.load(class_run / f"{name}.npy").shape == (4, 1, 8, 8)
         assert f"{name}.png" in result.output and "note:" not in result.output
-    assert not (class_run / "sample.png").exists()
+    assert not (class_run / "sample.png").exists() and (class_run / "samples.png").exists()  # the fit's stays
 
 
 def test_sample_grid_is_captioned_by_latents(class_run, tmp_path):
     result = probkit.sample(class_run, 4, given={"y": 3}, seed=0, device="cpu", out=tmp_path)
     images, files = result
-    assert files["png"] == tmp_path / "samples-y3.png" and images.shape == (4, 1, 8, 8)
+    assert files["png"] == tmp_path / "samples-4-seed0-y3.png" and images.shape == (4, 1, 8, 8)
     assert all(c.startswith("y=3 z=") for c in result.captions) and result.notes == []
     g = layout(4, 8, 8, title="t", captions=result.captions)
     with Image.open(files["png"]) as picture:

@@ -1,4 +1,4 @@
-"""Checkpoint I/O and the final run folder (DESIGN section 6), written atomically.
+"""Checkpoint I/O and the final run folder (docs/commands.md, run folders), written atomically.
 
 A checkpoint holds the unconstrained params, the optimiser's state and where the batch
 stream stood, with the step, seed and data fingerprint in its metadata; `--resume` reads it

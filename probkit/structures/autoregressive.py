@@ -190,8 +190,6 @@ class Autoregressive(Structure):
 
     def exact_completion(self, mask=None):
         """Exact when every missing pixel comes after every observed one in the order."""
-        from probkit.completion import missing_after_observed
-
         return "exact-autoregressive" if mask is None or missing_after_observed(mask) else None
 
     def support_arguments(self, values):
@@ -299,6 +297,13 @@ class Autoregressive(Structure):
             pixel = self.pyro_distribution(env, x, ctx)
             x[:, d] = pixel.sample()[..., d].reshape(-1)[:n] if pixel.batch_shape else pixel.sample()[d]
         return _Drawn(self.pyro_distribution(env, x, ctx), x)
+
+
+def missing_after_observed(mask: torch.Tensor) -> bool:
+    """Whether the missing pixels (mask, D bool) all come after the observed ones (a suffix)."""
+    mask = mask.reshape(-1).to(torch.bool)
+    observed = (~mask).nonzero()
+    return len(observed) == 0 or bool(mask[int(observed.max()):].sum() == mask.sum())
 
 
 class _Drawn(dist.TorchDistribution):

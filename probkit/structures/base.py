@@ -95,10 +95,3 @@ class Structure(abc.ABC):
         """The exact completion method for missing pixels `mask` (D bool), or None."""
         return self.model.family.completion
 
-
-def structure_for(model) -> Structure:
-    """The structure of a compiled likelihood: autoregressive when it reads x, else independent."""
-    from probkit.structures.autoregressive import Autoregressive
-    from probkit.structures.independent import Independent
-
-    return Autoregressive(model) if "x" in model.likelihood.expr.names() else Independent(model)

@@ -25,12 +25,10 @@ random expressions: the numerical support must lie inside the static mask.
 from __future__ import annotations
 
 import ast
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from probkit import expressions
 from probkit.context import Context

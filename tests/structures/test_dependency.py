@@ -64,12 +64,12 @@ def test_a_dependence_hidden_from_sampled_probes_is_refused_at_validate_with_exi
 
 
 def test_the_proof_runs_before_any_data_is_read(tmp_path, monkeypatch):
-    import probkit.api as api
+    import probkit.session as session
 
     def no_data(*args, **kwargs):
         raise AssertionError("data was read before the order proof")
 
-    monkeypatch.setattr(api, "load_dataset", no_data)
+    monkeypatch.setattr(session, "load_dataset", no_data)
     for likelihood, params, transform in ADVERSARIES:
         with pytest.raises(NotAutoregressive):
             prepare(_write(tmp_path, likelihood, params, transform))
