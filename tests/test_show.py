@@ -81,3 +81,19 @@ def test_a_spec_path_full_of_quotes_is_only_ever_a_string_in_the_program(tmp_pat
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert not list(tmp_path.rglob("PWNED"))
+
+
+def test_a_tiny_printed_program_runs(tmp_path):
+    """The quick subset's smoke test of `show`: the printed program of a tiny mixture runs two
+    steps on its own and writes every param (the slow tests check it reaches fit's params)."""
+    spec = HERE / "specs" / "tiny-mixture.yaml"
+    result = CliRunner().invoke(app, ["show", str(spec), "--npz", str(tmp_path / "train.npz")])
+    assert result.exit_code == 0, result.output
+    program = tmp_path / "program.py"
+    program.write_text(result.stdout)
+    done = subprocess.run([sys.executable, str(program), "2", str(tmp_path / "fitted.npz")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    with np.load(tmp_path / "fitted.npz") as fitted:
+        assert set(fitted.files) == {"weights", "probs"}
+        assert np.isfinite(fitted["probs"]).all()
