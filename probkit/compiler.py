@@ -33,7 +33,7 @@ import torch
 from torch.distributions import transform_to
 
 from probkit import expressions
-from probkit.context import CPU, Context, human_bytes, memory_bytes, seeded
+from probkit.context import CPU, Context, seeded
 from probkit.data import pixel_transform
 from probkit.distributions import FAMILIES, SUPPORT_EVENT_DIM, SUPPORTS, VECTOR_ARGS
 from probkit.errors import DomainError, NotAutoregressive, SpecError
@@ -43,6 +43,7 @@ from probkit.expressions import Expr
 from probkit.families import LikelihoodFamily, likelihood_family
 from probkit.latents import ENUMERATED, OBSERVED_LABEL, LatentSite, marginalise
 from probkit.priors import fast_log_prior
+from probkit.resources import check_memory
 from probkit.spec import LoadedSpec, suggest
 
 RESERVED = ("x", "D", "C", "H", "W", "N")
@@ -143,7 +144,7 @@ class CompiledModel:
             self.params.append(self._compile_param(name))
         for name, latent in loaded.latents().items():
             self.latents.append(self._compile_latent(name, latent.dist, latent.observed == "label"))
-            self._check_memory(name, latent=True)
+            check_memory(self, name, latent=True)
         self.likelihood = self._compile_likelihood()
 
     @property
@@ -196,47 +197,6 @@ class CompiledModel:
                                     f"'{name}' is already defined in {seen[name]}")
                 seen[name] = section
 
-    def _check_memory(self, name: str, *, latent: bool = False, more: int = 0) -> None:
-        """Refuse, before anything is allocated, a spec whose fit cannot fit in the device's memory:
-        its params (a fit holds about 4 float32 copies: values, gradients, Adam's two moments; `more`:
-        the numbers of the param being compiled) and
-        the per-configuration arguments of its latent grid (every configuration of the latents
-        times the D pixels, a few copies)."""
-        available = memory_bytes(self.device)
-        if available is None:
-            return
-        numbers = sum(math.prod(site.shape) for site in self.params) + more
-        configurations = math.prod(l.cardinality for l in self.latents)
-        need = sum(self.memory_estimate(more).values())
-        if need <= available:
-            return
-        section = "latent" if latent else "params"
-        what = (f"the latents so far take {configurations:,} configurations, each with arguments for the "
-                f"{self.dims.D:,} pixels" if latent else f"the params so far hold {numbers:,} numbers")
-        raise SpecError(
-            f"{self.loaded.smap.where((section, name))}: {section}.{name}: {what}; a fit would need about "
-            f"{human_bytes(need)}, more than the {human_bytes(available)} of memory of {self.device}. "
-            "Use fewer components or latents, or a smaller data.size"
-        )
-
-    def memory_estimate(self, more: int = 0) -> dict[str, int]:
-        """Bytes a fit needs for the params (about 4 float32 copies: values, gradients, Adam's
-        moments; 6 more while a checkpoint is written) and for the per-configuration arguments of the latent grid (configurations x D)."""
-        numbers = sum(math.prod(site.shape) for site in self.params) + more
-        configurations = math.prod(l.cardinality for l in self.latents)
-        # a checkpoint copies the unconstrained values and Adam's two moments, then serialises the copies
-        estimate = {"params": 16 * numbers, "checkpoints": 24 * numbers,
-                    "latent grid": 16 * configurations * self.dims.D}
-        structure = getattr(self, "structure", None)
-        if structure is not None:
-            estimate.update(structure.memory_estimate())
-        return estimate
-
-    def batch_images(self) -> int:
-        """Images one step of a gradient fit evaluates at once (its minibatch, or all)."""
-        batch = self.spec.fit.batch_size
-        return self.dims.N if batch == "full" else min(int(batch), self.dims.N)
-
     def base_env(self) -> dict[str, Any]:
         return {**self.constants, **self.dims.env()}
 
@@ -263,7 +223,7 @@ class CompiledModel:
                 raise SpecError(f"{self.loaded.smap.where(path)}: params.{name}.shape: "
                                 f"dimensions must be positive integers, found {dim}")
             shape.append(int(dim))
-        self._check_memory(name, more=math.prod(shape))  # before its prior draws anything
+        check_memory(self, name, more=math.prod(shape))  # before its prior draws anything
         earlier = [*env, *(p.name for p in self.params)]
         prior = None
         if spec.prior is not None:

@@ -18,6 +18,7 @@ from probkit.cli import app
 from probkit.completion import complete_images, make_mask
 from probkit.errors import SpecError, UsageError
 from probkit.infer import pyro_elbo, settings_from
+from probkit.resources import memory_estimate
 from probkit.sampling import draw_samples
 
 HERE = Path(__file__).parent
@@ -339,15 +340,15 @@ def test_a_run_fitted_under_another_revision_of_its_building_block_is_refused(tm
 
 
 def test_a_step_whose_per_image_work_would_not_fit_in_memory_is_refused(monkeypatch):
-    import probkit.compiler
+    import probkit.resources
     import probkit.structures.autoregressive
 
-    for module in (probkit.compiler, probkit.structures.autoregressive):
+    for module in (probkit.resources, probkit.structures.autoregressive):
         monkeypatch.setattr(module, "memory_bytes", lambda device: 1_000_000)
     with pytest.raises(SpecError, match="numbers per image.*set a smaller fit.batch_size"):
         prepare(TINY[1].parent / "tiny-nade.yaml").compiled  # noqa: B018
     monkeypatch.undo()
-    estimate = prepare(TINY[1]).compiled.memory_estimate()
+    estimate = memory_estimate(prepare(TINY[1]).compiled)
     assert estimate["per-image work"] > 0
 
 
