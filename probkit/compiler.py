@@ -41,8 +41,8 @@ from probkit.structures.autoregressive import Autoregressive
 from probkit.structures.independent import Independent
 from probkit.expressions import Expr
 from probkit.families import LikelihoodFamily, likelihood_family
-from probkit.latents import ENUMERATED, OBSERVED_LABEL, LatentSite, marginalise
-from probkit.priors import fast_log_prior
+from probkit.joint import Joint
+from probkit.latents import ENUMERATED, OBSERVED_LABEL, LatentSite
 from probkit.resources import check_memory
 from probkit.spec import LoadedSpec, suggest
 
@@ -133,7 +133,6 @@ class CompiledModel:
         self.method = method or self.spec.fit.method
         self.constants = dict(self.spec.constants)
         self.checks = Context(CPU)  # where compile-time checks evaluate
-        self._prior_terms: dict[str, Any] = {}
         self._grid_cache: dict = {}
         self._start_cache: dict[str, torch.Tensor] | None = None
         self._program = None
@@ -146,6 +145,7 @@ class CompiledModel:
             self.latents.append(self._compile_latent(name, latent.dist, latent.observed == "label"))
             check_memory(self, name, latent=True)
         self.likelihood = self._compile_likelihood()
+        self.joint = Joint(self)  # the fused tables of its density
 
     @property
     def device(self) -> torch.device:
@@ -156,8 +156,8 @@ class CompiledModel:
         NLL is computed in float64): a shallow copy sharing every compiled site."""
         twin = copy.copy(self)
         twin.context = Context(self.context.device, dtype)
-        twin.structure = copy.copy(self.structure)
-        twin.structure.model = twin
+        twin.structure, twin.joint = copy.copy(self.structure), copy.copy(self.joint)
+        twin.structure.model = twin.joint.model = twin
         return twin
 
     @property
@@ -402,9 +402,10 @@ class CompiledModel:
             ) from None
         return prior.to_event(len(batch)) if batch else prior
 
-    def prior(self, site: ParamSite, values: dict[str, torch.Tensor]):
-        """A param's prior at the values of the params before it, shaped like the param."""
-        return self._shaped_prior(site, values, self.context)
+    def prior(self, site: ParamSite, values: dict[str, torch.Tensor], ctx: Context | None = None):
+        """A param's prior at the values of the params before it, shaped like the param; built in
+        the model's context unless `ctx` says otherwise."""
+        return self._shaped_prior(site, values, ctx or self.context)
 
     def map_prior(self, name: str, values: dict[str, torch.Tensor]):
         """The prior one element of param `name` gets in a MAP fit (its base distribution, on
@@ -593,48 +594,7 @@ class CompiledModel:
             self._program = PyroProgram(self)
         return self._program
 
-    # ----- the fused log-joint ---------------------------------------------------------
-
-    def log_prior(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum of the params' log prior densities (0 for MLE), as Pyro's prior sites give."""
-        total = torch.zeros((), device=self.device)
-        if self.method != "map":
-            return total
-        for site in self.params:
-            if site.prior is not None:
-                total = total + self._prior_term(site, values)
-        return total
-
-    def _prior_term(self, site: ParamSite, values: dict[str, torch.Tensor]) -> torch.Tensor:
-        if not site.prior.names().isdisjoint(values):  # hierarchical: rebuilt each time
-            return self.prior(site, values).log_prob(values[site.name]).sum()
-        term = self._prior_terms.get(site.name)
-        if term is None:  # constant arguments: worked out once, on the CPU
-            term = fast_log_prior(self._shaped_prior(site, {}, self.checks), self.device)
-            if term is None:
-                prior = self.prior(site, values)
-                term = lambda v, prior=prior: prior.log_prob(v).sum()  # noqa: E731
-            self._prior_terms[site.name] = term
-        return term(values[site.name])
-
-    def prior_terms(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Each param's log prior on its own, to name the term that went non-finite."""
-        if self.method != "map":
-            return {}
-        return {s.name: self.prior(s, values).log_prob(values[s.name]).sum() for s in self.params
-                if s.prior is not None}
-
-    def latent_table(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
-        """log p(latents) for every configuration, shape grid_shape (a scalar without latents)."""
-        ctx = self.context
-        grid = self.grid(ctx)
-        env = {**self.base_env(), **values, **grid}
-        table = torch.zeros(self.grid_shape, device=self.device)
-        for latent in self.latents:
-            family_name, kwargs = expressions.evaluate(latent.expr, env, ctx)
-            d = self.build(family_name, kwargs, latent.expr, ctx)
-            table = table + d.log_prob(grid[latent.name])
-        return table
+    # ----- what the structures and the fused tables (probkit.joint) evaluate ------------
 
     def config_arguments(self, values: dict[str, torch.Tensor], ctx: Context | None = None
                          ) -> dict[str, torch.Tensor]:
@@ -658,31 +618,6 @@ class CompiledModel:
             flat = torch.div(flat, latent.cardinality, rounding_mode="floor")
             values[latent.name] = latent.values.to(chosen.device)[index]
         return values
-
-    def likelihood_table(self, values: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """log p(x_n | latents) for every image and configuration: shape (N,) + grid_shape."""
-        table = self.structure.table(values, x)  # N x K, or N x 1 if no argument varies
-        grid = self.grid_shape
-        return table.expand(len(x), math.prod(grid)).reshape((len(x),) + grid)
-
-    def log_joint_table(self, values, x) -> torch.Tensor:
-        """log p(x_n, latents) for every image and configuration: (N,) + grid_shape."""
-        return self.likelihood_table(values, x) + self.latent_table(values)
-
-    def log_marginal(self, values, x, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """log p(x_n) per image: every latent reduced by its strategy (observed ones fixed to
-        `labels` when given, summed out otherwise)."""
-        return marginalise(self.latents, self.log_joint_table(values, x), labels)
-
-    def select_observed(self, table: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Fix every observed latent's dimension of a (N,) + grid table at the labels."""
-        for i in reversed([i for i, l in enumerate(self.latents) if l.observed]):
-            table = self.latents[i].strategy.reduce(table, 1 + i, labels)
-        return table
-
-    def loss(self, values, x, labels=None, *, scale: float = 1.0) -> torch.Tensor:
-        """Negative log joint of params and data: the ELBO of the AutoDelta guide, negated."""
-        return -(self.log_prior(values) + scale * self.log_marginal(values, x, labels).sum())
 
 
 def _broadcasts(shape, grid) -> bool:

@@ -60,7 +60,7 @@ def test_fvsbn_mixture_log_likelihood_equals_a_numpy_loop_over_pixels():
     compiled = prepare(TINY[0]).compiled
     values = _random_values(compiled, 3)
     x = prepare(TINY[0]).dataset.fixed("test")[:25].double()
-    got = compiled.log_marginal(values, x).numpy()
+    got = compiled.joint.log_marginal(values, x).numpy()
     w, A, b = (values[k].numpy() for k in ("weights", "A", "b"))
     xs = x.numpy()
     expected = []
@@ -153,7 +153,7 @@ def test_fused_loss_equals_pyros_trace_enum_elbo(spec):
     labels = dataset.train_labels[:40] if compiled.observed_latents else None
     x = dataset.fixed("train")[:40]
     expected = pyro_elbo(compiled).differentiable_loss(compiled.program.model, guide, x, labels)
-    fused = compiled.loss(values, x, labels)
+    fused = compiled.joint.loss(values, x, labels)
     assert torch.allclose(fused, expected, rtol=1e-5), (float(fused), float(expected))
 
 
@@ -200,7 +200,7 @@ def test_draws_follow_the_exact_joint(write_spec):
     compiled = prepare(_fvsbn(write_spec, size=2)).compiled
     values = compiled.initial_values(5)
     images = _all_images(4)
-    exact = compiled.log_marginal(values, images).double().exp()
+    exact = compiled.joint.log_marginal(values, images).double().exp()
     assert abs(float(exact.sum()) - 1) < 1e-6  # the 16 probabilities of a normalised model
     n = 20_000
     draws = draw_samples(compiled, values, n, seed=1)
@@ -224,7 +224,7 @@ def _brute_conditional(compiled, values, x, mask):
     settings = _all_images(len(missing))
     rows = x.repeat(len(settings), 1)
     rows[:, missing] = settings
-    log_joint = compiled.log_marginal(values, rows).double()
+    log_joint = compiled.joint.log_marginal(values, rows).double()
     return settings, (log_joint - log_joint.logsumexp(0))
 
 
