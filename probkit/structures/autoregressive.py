@@ -18,6 +18,7 @@ import torch
 from probkit import expressions
 from probkit.context import human_bytes, memory_bytes
 from probkit.errors import NotAutoregressive
+from probkit.latents import configuration_values
 from probkit.resources import batch_images, memory_estimate
 from probkit.structures import dependency
 from probkit.structures.base import Structure
@@ -154,7 +155,7 @@ class Autoregressive(Structure):
             env.update(model.grid(ctx))
             grid, per_image = model.grid_shape, {}
         else:
-            grid, per_image = (), model.configuration_values(chosen)
+            grid, per_image = (), configuration_values(model.latents, chosen)
         names = list(per_image)
 
         def one(image, *latent_values):
