@@ -319,7 +319,7 @@ def main(argv=None) -> int:
             row.notes.append("its own sum of the bottom half's conditionals")
             # cross-checks of probkit against the hand-written formulas, at the same params
             values0 = {k: v.to(device) for k, v in start.items()}
-            prior_gap = abs(float(hand.log_prior(values0)) - float(prepared.compiled.log_prior(values0)))
+            prior_gap = abs(float(hand.log_prior(values0)) - float(prepared.compiled.joint.log_prior(values0)))
             checks.append(f"NADE log prior at the start: |hand - probkit| = {prior_gap:.3g} nats")
             if nade_values is not None:
                 hand_at_probkit = -float(hand.pixel_log_probs(prepared.dataset.fixed("test"), nade_values)

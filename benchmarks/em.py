@@ -591,7 +591,7 @@ def bernoulli_table(folder: Path, args) -> tuple[list[BRow], list[str]]:
         values = {k: v.detach().float() for k, v in values.items()}
         with torch.no_grad():
             _, _, log_lik = scorer.e_step(values, X, None)
-            row.train_loss = -(float(compiled.log_prior(values)) + float(log_lik)) / N
+            row.train_loss = -(float(compiled.joint.log_prior(values)) + float(log_lik)) / N
             row.test_nll = evaluator.nll(values, "test")
         row.test_bpd = dataset.bits_per_dim(row.test_nll)
 

@@ -349,7 +349,7 @@ def discrete_on_continuous(prepared, values, test: np.ndarray) -> tuple[float, f
     levels = np.clip(np.floor(test * 256.0), 0, 255)
     agree = float((levels == prepared.dataset.test_levels.cpu().numpy()).mean())
     with torch.no_grad():
-        log_p = prepared.compiled.log_marginal(values, torch.from_numpy(levels).float())
+        log_p = prepared.compiled.joint.log_marginal(values, torch.from_numpy(levels).float())
     D = test.shape[1]
     return -float(log_p.double().mean()) / (D * math.log(2.0)), agree
 

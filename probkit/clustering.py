@@ -58,7 +58,7 @@ def _value(latent, index: int) -> str:
 def cluster_posterior(compiled: CompiledModel, values: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """log p(cluster | x_n) for every image: N x clusters (float64), observed latents summed out."""
     cluster_latents(compiled)
-    table = compiled.log_joint_table(values, x).to(torch.float64)  # (N,) + grid
+    table = compiled.joint.log_joint_table(values, x).to(torch.float64)  # (N,) + grid
     observed = [1 + i for i, latent in enumerate(compiled.latents) if latent.observed]
     if observed:
         table = table.logsumexp(dim=observed)

@@ -1,16 +1,11 @@
-"""Spec -> a Pyro program (model + AutoDelta guide) and its fused log-joint.
+"""Spec -> a compiled model: its named and shaped params, latents, priors and likelihood, checked.
 
-The model is an ordinary Pyro program: params are global sample sites (their priors, or
-ImproperUniform over their support for MLE), discrete latents are enumerated inside the
-data plate, observed latents take the labels, and x is one sample site per image.
-
-For fitting, the same joint density is also computed in fused form: every discrete
-latent configuration is put on its own tensor dimension (a grid), the likelihood's
-arguments are evaluated once per configuration, and the likelihood's family
-(probkit.families) turns them into log p(x | latents) for all images and configurations
-(matrix products of sufficient statistics where the family allows; no N x K x D tensor).
-`tests/test_compiler.py` checks the fused loss equals Pyro's TraceEnum_ELBO on the same
-model and guide.
+The compiled model keeps the sites and evaluates expressions at param values. The rooms beside
+it read it through its public interface (its sites, `base_env`, `grid`, `build`, `prior`,
+`config_arguments`): the Pyro program (probkit.program), the fused tables of its density
+(probkit.joint), the likelihood's structure (probkit.structures), the spec's start
+(probkit.starts), the checks while compiling (probkit.checks) and the memory a fit needs
+(probkit.resources).
 
 The compiler is pure: it reads the spec, checks it (names, shapes, the data's support) on
 the CPU, and gives the model's densities as functions of param values. Everything it
@@ -21,7 +16,6 @@ random numbers outside a private seeded scope and knows nothing of data-driven s
 
 from __future__ import annotations
 
-import ast
 import copy
 import math
 import re
@@ -33,23 +27,20 @@ import torch
 from torch.distributions import transform_to
 
 from probkit import expressions
-from probkit.context import CPU, Context, human_bytes, memory_bytes, seeded
-from probkit.data import pixel_transform
+from probkit.checks import (SHAPE_ERRORS, check_argument_supports, check_likelihood, check_names, checked,
+                            is_internal)
+from probkit.context import CPU, Context
 from probkit.distributions import FAMILIES, SUPPORT_EVENT_DIM, SUPPORTS, VECTOR_ARGS
 from probkit.errors import DomainError, NotAutoregressive, SpecError
 from probkit.structures.autoregressive import Autoregressive
 from probkit.structures.independent import Independent
 from probkit.expressions import Expr
 from probkit.families import LikelihoodFamily, likelihood_family
-from probkit.latents import ENUMERATED, OBSERVED_LABEL, LatentSite, marginalise
-from probkit.priors import fast_log_prior
+from probkit.joint import Joint
+from probkit.latents import ENUMERATED, OBSERVED_LABEL, LatentSite
+from probkit.resources import check_memory
 from probkit.spec import LoadedSpec, suggest
-
-RESERVED = ("x", "D", "C", "H", "W", "N")
-
-# what torch raises for arguments of the wrong shape (or value) while a spec is checked
-_SHAPE_ERRORS = (RuntimeError, IndexError, ValueError, TypeError, ArithmeticError)
-
+from probkit.starts import spec_start
 
 @dataclass(frozen=True)
 class Dims:
@@ -97,28 +88,9 @@ class LikelihoodSite:
         return nodes
 
 
-def _is_internal(exc: BaseException) -> bool:
-    """Errors that come from probkit or the machine, not from the spec."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    message = str(exc)
-    return isinstance(exc, RuntimeError) and any(
-        words in message for words in ("same device", "expected device", "meta tensor"))
-
-
-def _describe_shapes(expr: Expr, env: dict[str, Any]) -> str:
-    parts = []
-    for name in sorted(expr.names()):
-        value = env.get(name)
-        if isinstance(value, torch.Tensor):
-            parts.append(f"{name}: {list(value.shape)}")
-        elif value is not None:
-            parts.append(f"{name} = {value}")
-    return "; ".join(parts)
-
-
 class CompiledModel:
-    """A spec compiled against data dimensions: the Pyro model, guide and fused log-joint.
+    """A spec compiled against data dimensions: its sites, their priors and the likelihood
+    (the Pyro program is `program`, the fused tables of the density `joint`).
 
     device: where the params live and every run-time evaluation happens (the checks while
     compiling run on the CPU, so compiling for CUDA or `meta` touches no device)."""
@@ -132,19 +104,19 @@ class CompiledModel:
         self.method = method or self.spec.fit.method
         self.constants = dict(self.spec.constants)
         self.checks = Context(CPU)  # where compile-time checks evaluate
-        self._prior_terms: dict[str, Any] = {}
         self._grid_cache: dict = {}
         self._start_cache: dict[str, torch.Tensor] | None = None
         self._program = None
-        self._check_names()
+        check_names(loaded)
         self.params: list[ParamSite] = []
         self.latents: list[LatentSite] = []
         for name in self.spec.params:
             self.params.append(self._compile_param(name))
         for name, latent in loaded.latents().items():
             self.latents.append(self._compile_latent(name, latent.dist, latent.observed == "label"))
-            self._check_memory(name, latent=True)
+            check_memory(self, name, latent=True)
         self.likelihood = self._compile_likelihood()
+        self.joint = Joint(self)  # the fused tables of its density
 
     @property
     def device(self) -> torch.device:
@@ -155,8 +127,8 @@ class CompiledModel:
         NLL is computed in float64): a shallow copy sharing every compiled site."""
         twin = copy.copy(self)
         twin.context = Context(self.context.device, dtype)
-        twin.structure = copy.copy(self.structure)
-        twin.structure.model = twin
+        twin.structure, twin.joint = copy.copy(self.structure), copy.copy(self.joint)
+        twin.structure.model = twin.joint.model = twin
         return twin
 
     @property
@@ -172,70 +144,6 @@ class CompiledModel:
         return [l for l in self.latents if l.observed]
 
     # ----- names and sites -------------------------------------------------------------
-
-    def _check_names(self) -> None:
-        seen: dict[str, str] = {}
-        for section, names in (
-            ("constants", self.spec.constants), ("params", self.spec.params), ("latent", self.spec.latent),
-        ):
-            for name in names:
-                path = (section, name)
-                if not name.isidentifier():
-                    raise SpecError(f"{self.loaded.smap.where(path, key=True)}: {section}.{name}: "
-                                    "names must be identifiers (letters, digits, _)")
-                if name in RESERVED:
-                    raise SpecError(
-                        f"{self.loaded.smap.where(path, key=True)}: {section}.{name}: '{name}' is reserved "
-                        f"(x is the image; D, C, H, W, N are sizes); choose another name"
-                    )
-                if name in expressions.FUNCTIONS or name in FAMILIES:
-                    raise SpecError(f"{self.loaded.smap.where(path, key=True)}: {section}.{name}: "
-                                    f"'{name}' is a function name; choose another name")
-                if name in seen:
-                    raise SpecError(f"{self.loaded.smap.where(path, key=True)}: {section}.{name}: "
-                                    f"'{name}' is already defined in {seen[name]}")
-                seen[name] = section
-
-    def _check_memory(self, name: str, *, latent: bool = False, more: int = 0) -> None:
-        """Refuse, before anything is allocated, a spec whose fit cannot fit in the device's memory:
-        its params (a fit holds about 4 float32 copies: values, gradients, Adam's two moments; `more`:
-        the numbers of the param being compiled) and
-        the per-configuration arguments of its latent grid (every configuration of the latents
-        times the D pixels, a few copies)."""
-        available = memory_bytes(self.device)
-        if available is None:
-            return
-        numbers = sum(math.prod(site.shape) for site in self.params) + more
-        configurations = math.prod(l.cardinality for l in self.latents)
-        need = sum(self.memory_estimate(more).values())
-        if need <= available:
-            return
-        section = "latent" if latent else "params"
-        what = (f"the latents so far take {configurations:,} configurations, each with arguments for the "
-                f"{self.dims.D:,} pixels" if latent else f"the params so far hold {numbers:,} numbers")
-        raise SpecError(
-            f"{self.loaded.smap.where((section, name))}: {section}.{name}: {what}; a fit would need about "
-            f"{human_bytes(need)}, more than the {human_bytes(available)} of memory of {self.device}. "
-            "Use fewer components or latents, or a smaller data.size"
-        )
-
-    def memory_estimate(self, more: int = 0) -> dict[str, int]:
-        """Bytes a fit needs for the params (about 4 float32 copies: values, gradients, Adam's
-        moments; 6 more while a checkpoint is written) and for the per-configuration arguments of the latent grid (configurations x D)."""
-        numbers = sum(math.prod(site.shape) for site in self.params) + more
-        configurations = math.prod(l.cardinality for l in self.latents)
-        # a checkpoint copies the unconstrained values and Adam's two moments, then serialises the copies
-        estimate = {"params": 16 * numbers, "checkpoints": 24 * numbers,
-                    "latent grid": 16 * configurations * self.dims.D}
-        structure = getattr(self, "structure", None)
-        if structure is not None:
-            estimate.update(structure.memory_estimate())
-        return estimate
-
-    def batch_images(self) -> int:
-        """Images one step of a gradient fit evaluates at once (its minibatch, or all)."""
-        batch = self.spec.fit.batch_size
-        return self.dims.N if batch == "full" else min(int(batch), self.dims.N)
 
     def base_env(self) -> dict[str, Any]:
         return {**self.constants, **self.dims.env()}
@@ -263,7 +171,7 @@ class CompiledModel:
                 raise SpecError(f"{self.loaded.smap.where(path)}: params.{name}.shape: "
                                 f"dimensions must be positive integers, found {dim}")
             shape.append(int(dim))
-        self._check_memory(name, more=math.prod(shape))  # before its prior draws anything
+        check_memory(self, name, more=math.prod(shape))  # before its prior draws anything
         earlier = [*env, *(p.name for p in self.params)]
         prior = None
         if spec.prior is not None:
@@ -322,21 +230,6 @@ class CompiledModel:
             env.update(self.grid(ctx))
         return expressions.evaluate(expr, env, ctx)
 
-    def _checked(self, expr: Expr, env: dict[str, Any]) -> Any:
-        """Evaluate while compiling (on the CPU): an error of shapes or values is the spec's."""
-        try:
-            return expressions.evaluate(expr, env, self.checks)
-        except SpecError:
-            raise
-        except _SHAPE_ERRORS as exc:
-            if _is_internal(exc):
-                raise
-            if isinstance(exc, OverflowError):
-                raise expr.error("cannot evaluate: a number overflows (too large for a float); use smaller "
-                                 "numbers") from None
-            kind = "cannot evaluate" if isinstance(exc, (TypeError, ArithmeticError)) else "shape mismatch"
-            raise expr.error(f"{kind}: {exc} ({_describe_shapes(expr, env)})") from None
-
     def as_arguments(self, kwargs: dict[str, Any], ctx: Context) -> dict[str, Any]:
         return {k: ctx.tensor(v) if isinstance(v, (int, float)) else v for k, v in kwargs.items()}
 
@@ -346,7 +239,7 @@ class CompiledModel:
         the spec's; at run time an invalid argument is a point outside the model's domain."""
         family = FAMILIES[family_name]
         if check:
-            self._check_argument_supports(family, expr)
+            check_argument_supports(self, family, expr)
         args = self.as_arguments(kwargs, ctx)
         # an overflowed constant (1e308 * 10.0) is not a number the spec can mean; arguments that
         # read params are checked at run time instead (their values here are only stand-ins)
@@ -358,8 +251,8 @@ class CompiledModel:
                                      "finite value")
         try:
             return family.cls(**args, validate_args=validate)
-        except _SHAPE_ERRORS as exc:
-            if _is_internal(exc):
+        except SHAPE_ERRORS as exc:
+            if is_internal(exc):
                 raise
             if check:
                 raise expr.error(f"cannot build {family_name}: {str(exc).splitlines()[0]}") from None
@@ -372,39 +265,6 @@ class CompiledModel:
                 f"({str(exc).splitlines()[0]}); a stronger prior or a smaller fit.lr usually helps"
             ) from None
 
-    def _check_argument_supports(self, family, expr: Expr) -> None:
-        """Refuse, at the param's line, a param passed as an argument (`rate`, `probs[z]`) whose
-        support reaches outside the argument's constraint: a Normal prior for a Poisson rate."""
-        from probkit.spec import dotted
-        from probkit.supports import constraint_name, support_escapes
-
-        tree = expr.tree
-        if not isinstance(tree, ast.Call):
-            return
-        nodes = {**dict(zip(family.args, tree.args)), **{k.arg: k.value for k in tree.keywords}}
-        sites = {p.name: p for p in self.params}
-        declared = getattr(family.cls, "arg_constraints", None)  # a property on some classes: nothing to ask
-        declared = declared if isinstance(declared, dict) else {}
-        for arg, node in nodes.items():
-            name = node.value if isinstance(node, ast.Subscript) else node
-            site = sites.get(name.id) if isinstance(name, ast.Name) else None
-            constraint = declared.get(arg)
-            if site is None or not support_escapes(site.support, constraint):
-                continue
-            wanted, found = constraint_name(constraint), constraint_name(site.support)
-            key = "prior" if site.prior is not None else "support"
-            source = f"its prior {site.prior.text}" if site.prior is not None else f"support: {site.support_name}"
-            positive = ("a prior on positive values (Gamma, LogNormal, HalfNormal), or `support: positive` without "
-                        f"a prior, or pass exp({site.name}) or softplus({site.name})")
-            fix = {"positive": positive, "nonnegative": positive,
-                   "unit_interval": f"a prior on [0, 1] (Beta), or `support: unit_interval` without a prior, or pass "
-                                    f"sigmoid({site.name})"}.get(wanted, f"a prior or support whose values lie in "
-                                                                         f"{wanted}")
-            raise SpecError(
-                f"{self.loaded.smap.where(('params', site.name, key))}: params.{site.name}.{key}: {site.name} is "
-                f"passed as {family.name}'s {arg} ({dotted(expr.path)}), which must be {wanted}, but {source} "
-                f"gives it values in {found}, which does not lie in {wanted}; give {site.name} {fix}")
-
     # ----- priors --------------------------------------------------------------------------
 
     def _shaped_prior(self, site: ParamSite, values: dict[str, torch.Tensor], ctx: Context, *,
@@ -412,7 +272,7 @@ class CompiledModel:
         """The prior of a param, expanded and reinterpreted so one draw has the param's shape."""
         expr = site.prior
         env = {**self.base_env(), **values}
-        family_name, kwargs = self._checked(expr, env) if check else expressions.evaluate(expr, env, ctx)
+        family_name, kwargs = checked(expr, env, self.checks) if check else expressions.evaluate(expr, env, ctx)
         family = FAMILIES[family_name]
         shape = site.shape
         for key, extra in VECTOR_ARGS.get(family_name, {}).items():
@@ -435,16 +295,17 @@ class CompiledModel:
             )
         try:
             prior = prior.expand(batch)
-        except _SHAPE_ERRORS:
+        except SHAPE_ERRORS:
             raise expr.error(
                 f"the prior's batch shape {list(prior.batch_shape)} does not broadcast to "
                 f"params.{site.name}'s shape {list(shape)}"
             ) from None
         return prior.to_event(len(batch)) if batch else prior
 
-    def prior(self, site: ParamSite, values: dict[str, torch.Tensor]):
-        """A param's prior at the values of the params before it, shaped like the param."""
-        return self._shaped_prior(site, values, self.context)
+    def prior(self, site: ParamSite, values: dict[str, torch.Tensor], ctx: Context | None = None):
+        """A param's prior at the values of the params before it, shaped like the param; built in
+        the model's context unless `ctx` says otherwise."""
+        return self._shaped_prior(site, values, ctx or self.context)
 
     def map_prior(self, name: str, values: dict[str, torch.Tensor]):
         """The prior one element of param `name` gets in a MAP fit (its base distribution, on
@@ -484,7 +345,7 @@ class CompiledModel:
                 "label per image, so at most one latent can be `observed: label`"
             )
         env = {**self.base_env(), **self.start_for_checks(), **self.grid(self.checks)}
-        family_name, kwargs = self._checked(expr, env)
+        family_name, kwargs = checked(expr, env, self.checks)
         d = self.build(family_name, kwargs, expr, self.checks, check=True, validate=None)
         values = d.enumerate_support(expand=False).reshape(-1)
         grid_shape = self.grid_shape
@@ -507,62 +368,9 @@ class CompiledModel:
         # the likelihood's structure: autoregressive when it reads x itself, else independent pixels
         self.structure = (Autoregressive if "x" in expr.names() else Independent)(self)
         self.structure.check_family()
-        start = self.start_for_checks()
-        family_name, kwargs = self._checked(expr, {**self.base_env(), **start, **self.grid(self.checks),
-                                                   **self._probe_image()})
-        d = self.build(family_name, kwargs, expr, self.checks, check=True, validate=None)
-        self._check_likelihood_shape(site, d, expr, self.grid_shape)
-        # as in the Pyro model: one value of each latent per image of a batch
-        batch = self._probe_batch_size()
-        env = {**self.base_env(), **start, **self._probe_image(),
-               **{l.name: torch.zeros(batch, dtype=l.values.dtype) for l in self.latents}}
-        family_name, kwargs = self._checked(expr, env)
-        probe = self.build(family_name, kwargs, expr, self.checks, check=True, validate=None)
-        self._check_likelihood_shape(site, probe, expr, (batch,) if self.latents else ())
-        # the data's values must lie in the likelihood's support, which the fit cannot move
-        params = {p.name for p in self.params}
-        nodes = site.argument_nodes()
-        for arg in site.family.support_args:
-            fitted = sorted(params & {n.id for n in ast.walk(nodes[arg]) if isinstance(n, ast.Name)}) \
-                if arg in nodes else []
-            if fitted:
-                raise expr.error(
-                    f"{site.family.name}'s {arg} decides which values it gives probability to, so it must not "
-                    f"depend on params (it reads {', '.join(fitted)}); make it a number or a constant", nodes[arg])
-        args = self.config_arguments({**start, **self._probe_image()}, self.checks)
-        problem = site.family.support_problem(args, pixel_transform(self.spec.data))
-        if problem is not None:
-            raise expr.error(problem)
+        check_likelihood(self, site)
         self.structure.check()
         return site
-
-    def _probe_image(self) -> dict[str, torch.Tensor]:
-        """x for the checks while compiling: one flat image (expressions are per image)."""
-        return {"x": torch.zeros(self.dims.D)}
-
-    def _probe_batch_size(self) -> int:
-        """A batch size that no param dimension equals, so a missing index cannot hide."""
-        used = {d for p in self.params for d in p.shape} | set(self.grid_shape) | {self.dims.D}
-        return next(b for b in (7, 11, 13, 17, 19, 23, 29, 31, 37) if b not in used)
-
-    def _check_likelihood_shape(self, site: LikelihoodSite, d, expr: Expr, grid: tuple[int, ...]) -> None:
-        D = self.dims.D
-        if site.family.joint:
-            ok = tuple(d.event_shape) == (D,) and _broadcasts(d.batch_shape, grid)
-            found = f"batch {list(d.batch_shape)}, event {list(d.event_shape)}"
-        else:
-            ok = len(d.batch_shape) >= 1 and d.batch_shape[-1] in (1, D) and _broadcasts(d.batch_shape[:-1], grid)
-            ok = ok or len(d.batch_shape) == 0
-            found = str(list(d.batch_shape))
-        if not ok:
-            grid = self.grid_shape
-            hint = ""
-            if self.latents:
-                hint = f"; index the per-component parameters by the latents, e.g. probs[{self.latents[0].name}]"
-            raise expr.error(
-                f"the likelihood has shape {found} per image, but x has D = C*H*W = {D} values"
-                f" (latent sizes: {list(grid) or 'none'}){hint}"
-            )
 
     def grid(self, ctx: Context) -> dict[str, Any]:
         """Each latent's values on its own dimension: the first latent varies along dim 0.
@@ -580,12 +388,12 @@ class CompiledModel:
             self._grid_cache[key] = cached
         return cached
 
-    # ----- values ------------------------------------------------------------------------
+    # ----- the spec's start (probkit.starts) -------------------------------------------
 
     def start_for_checks(self) -> dict[str, torch.Tensor]:
         """The seed-0 spec start on the CPU, for the checks while compiling."""
         if self._start_cache is None:
-            self._start_cache = self._spec_start(0)
+            self._start_cache = spec_start(self, 0)
         return self._start_cache
 
     def initial_values(self, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -593,34 +401,7 @@ class CompiledModel:
         (the prior mean for matrices), else near zero. Drawn on the CPU in spec order from a
         private generator seeded with `seed`, so it is the same on every device and leaves
         torch's global RNG as it was. (probkit.initialise starts from the data instead.)"""
-        return {k: v.to(self.device) for k, v in self._spec_start(seed).items()}
-
-    def _spec_start(self, seed: int) -> dict[str, torch.Tensor]:
-        values: dict[str, torch.Tensor] = {}
-        with seeded(seed):
-            for site in self.params:
-                values[site.name] = self._initial_value(site, values)
-        return values
-
-    def _initial_value(self, site: ParamSite, values: dict[str, torch.Tensor]) -> torch.Tensor:
-        if site.init is not None:
-            value = self._checked(site.init, {**self.base_env(), **values})
-            value = torch.as_tensor(value, dtype=torch.float32)
-            try:
-                value = torch.broadcast_to(value, site.shape).clone()
-            except RuntimeError:
-                raise site.init.error(f"the init has shape {list(value.shape)}, "
-                                      f"but params.{site.name} has shape {list(site.shape)}") from None
-            if not bool(self.constraint(site).check(value).all()):
-                raise site.init.error(f"the init lies outside params.{site.name}'s support ({site.support_name})")
-            return value
-        if site.prior is not None:
-            prior = self._shaped_prior(site, values, self.checks)
-            if FAMILIES[site.prior.call_name].event_dim == 2:
-                return prior.mean.clone()  # a draw of a random matrix can be near singular
-            return prior.sample()
-        transform = transform_to(self.constraint(site))
-        return transform(0.1 * torch.randn(transform.inverse_shape(site.shape)))
+        return {k: v.to(self.device) for k, v in spec_start(self, seed).items()}
 
     # ----- the Pyro program (probkit.program) -----------------------------------------
 
@@ -633,48 +414,7 @@ class CompiledModel:
             self._program = PyroProgram(self)
         return self._program
 
-    # ----- the fused log-joint ---------------------------------------------------------
-
-    def log_prior(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum of the params' log prior densities (0 for MLE), as Pyro's prior sites give."""
-        total = torch.zeros((), device=self.device)
-        if self.method != "map":
-            return total
-        for site in self.params:
-            if site.prior is not None:
-                total = total + self._prior_term(site, values)
-        return total
-
-    def _prior_term(self, site: ParamSite, values: dict[str, torch.Tensor]) -> torch.Tensor:
-        if not site.prior.names().isdisjoint(values):  # hierarchical: rebuilt each time
-            return self.prior(site, values).log_prob(values[site.name]).sum()
-        term = self._prior_terms.get(site.name)
-        if term is None:  # constant arguments: worked out once, on the CPU
-            term = fast_log_prior(self._shaped_prior(site, {}, self.checks), self.device)
-            if term is None:
-                prior = self.prior(site, values)
-                term = lambda v, prior=prior: prior.log_prob(v).sum()  # noqa: E731
-            self._prior_terms[site.name] = term
-        return term(values[site.name])
-
-    def prior_terms(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Each param's log prior on its own, to name the term that went non-finite."""
-        if self.method != "map":
-            return {}
-        return {s.name: self.prior(s, values).log_prob(values[s.name]).sum() for s in self.params
-                if s.prior is not None}
-
-    def latent_table(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
-        """log p(latents) for every configuration, shape grid_shape (a scalar without latents)."""
-        ctx = self.context
-        grid = self.grid(ctx)
-        env = {**self.base_env(), **values, **grid}
-        table = torch.zeros(self.grid_shape, device=self.device)
-        for latent in self.latents:
-            family_name, kwargs = expressions.evaluate(latent.expr, env, ctx)
-            d = self.build(family_name, kwargs, latent.expr, ctx)
-            table = table + d.log_prob(grid[latent.name])
-        return table
+    # ----- what the structures and the fused tables (probkit.joint) evaluate ------------
 
     def config_arguments(self, values: dict[str, torch.Tensor], ctx: Context | None = None
                          ) -> dict[str, torch.Tensor]:
@@ -687,49 +427,6 @@ class CompiledModel:
                                  "structure.image_arguments")
         _, kwargs = expressions.evaluate(site.expr, {**self.base_env(), **values, **self.grid(ctx)}, ctx)
         return site.family.configs(self.as_arguments(kwargs, ctx), self.grid_shape, self.dims.D)
-
-    # ----- latent configurations ----------------------------------------------------
-
-    def configuration_values(self, chosen: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each latent's value at flat configuration indices `chosen` (last latent fastest)."""
-        values, flat = {}, chosen
-        for latent in reversed(self.latents):
-            index = flat % latent.cardinality
-            flat = torch.div(flat, latent.cardinality, rounding_mode="floor")
-            values[latent.name] = latent.values.to(chosen.device)[index]
-        return values
-
-    def likelihood_table(self, values: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """log p(x_n | latents) for every image and configuration: shape (N,) + grid_shape."""
-        table = self.structure.table(values, x)  # N x K, or N x 1 if no argument varies
-        grid = self.grid_shape
-        return table.expand(len(x), math.prod(grid)).reshape((len(x),) + grid)
-
-    def log_joint_table(self, values, x) -> torch.Tensor:
-        """log p(x_n, latents) for every image and configuration: (N,) + grid_shape."""
-        return self.likelihood_table(values, x) + self.latent_table(values)
-
-    def log_marginal(self, values, x, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """log p(x_n) per image: every latent reduced by its strategy (observed ones fixed to
-        `labels` when given, summed out otherwise)."""
-        return marginalise(self.latents, self.log_joint_table(values, x), labels)
-
-    def select_observed(self, table: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Fix every observed latent's dimension of a (N,) + grid table at the labels."""
-        for i in reversed([i for i, l in enumerate(self.latents) if l.observed]):
-            table = self.latents[i].strategy.reduce(table, 1 + i, labels)
-        return table
-
-    def loss(self, values, x, labels=None, *, scale: float = 1.0) -> torch.Tensor:
-        """Negative log joint of params and data: the ELBO of the AutoDelta guide, negated."""
-        return -(self.log_prior(values) + scale * self.log_marginal(values, x, labels).sum())
-
-
-def _broadcasts(shape, grid) -> bool:
-    shape = tuple(shape)
-    if len(shape) > len(grid):
-        return False
-    return all(s in (1, g) for s, g in zip(reversed(shape), reversed(grid)))
 
 
 def prove_order_before_data(loaded: LoadedSpec) -> None:

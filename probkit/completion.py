@@ -175,7 +175,7 @@ class CompletionResult:
 # ----- the exact methods -----------------------------------------------------------------
 
 def _latent_prior(compiled: CompiledModel, values) -> torch.Tensor:
-    return compiled.latent_table(values).reshape(-1)
+    return compiled.joint.latent_table(values).reshape(-1)
 
 
 def discrete_posterior(compiled: CompiledModel, values, x: torch.Tensor, mask: torch.Tensor,

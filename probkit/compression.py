@@ -270,7 +270,7 @@ def sequential_model(compiled: CompiledModel, values: dict[str, torch.Tensor]) -
         raise UsageError("compress needs the model compiled on the CPU (coding runs in float64 on the CPU)")
     transform = compiled.spec.data.transform
     values = {name: value.detach().to("cpu", torch.float64) for name, value in values.items()}
-    prior = compiled.latent_table(values).to(torch.float64)
+    prior = compiled.joint.latent_table(values).to(torch.float64)
     if compiled.structure.reads_image:
         return AutoregressiveLevels(compiled, values, prior, transform)
     args = {arg: value.to(torch.float64) for arg, value in compiled.config_arguments(values).items()}
@@ -678,7 +678,7 @@ def own_bits(compiled: CompiledModel, values: dict[str, torch.Tensor], symbols: 
     values = {name: value.detach().to("cpu", torch.float64) for name, value in values.items()}
     x = torch.from_numpy(np.asarray(symbols, dtype=np.float64))
     with torch.no_grad():
-        return -float(compiled.in_dtype(torch.float64).log_marginal(values, x).sum()) / math.log(2.0)
+        return -float(compiled.in_dtype(torch.float64).joint.log_marginal(values, x).sum()) / math.log(2.0)
 
 
 @dataclass

@@ -194,7 +194,7 @@ def median_filter(x: torch.Tensor, C: int, H: int, W: int) -> torch.Tensor:
 
 def log_prior(compiled: CompiledModel, values) -> torch.Tensor:
     """log p(k) over the flattened latent configurations: (K,), float64."""
-    return compiled.latent_table(values).reshape(-1).to(DTYPE)
+    return compiled.joint.latent_table(values).reshape(-1).to(DTYPE)
 
 
 def choose(log_post: torch.Tensor, k: int) -> torch.Tensor:

@@ -86,3 +86,13 @@ def marginalise(latents: list[LatentSite], table: torch.Tensor, labels: torch.Te
     for i in reversed(range(len(latents))):
         table = latents[i].strategy.reduce(table, 1 + i, labels)
     return table
+
+
+def configuration_values(latents: list[LatentSite], chosen: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each latent's value at flat configuration indices `chosen` (last latent fastest)."""
+    values, flat = {}, chosen
+    for latent in reversed(latents):
+        index = flat % latent.cardinality
+        flat = torch.div(flat, latent.cardinality, rounding_mode="floor")
+        values[latent.name] = latent.values.to(chosen.device)[index]
+    return values

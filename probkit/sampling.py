@@ -85,7 +85,7 @@ def latent_log_weights(compiled: CompiledModel, values: dict[str, torch.Tensor],
     """log p(configuration) over the flattened latent grid, with `given` latents fixed (the
     other entries -inf); checks each given name and value."""
     latents = {l.name: (i, l) for i, l in enumerate(compiled.latents)}
-    table = compiled.latent_table(values)
+    table = compiled.joint.latent_table(values)
     for name, value in (given or {}).items():
         if name not in latents:
             raise UsageError(

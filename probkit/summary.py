@@ -70,10 +70,11 @@ def memory_table(prepared: Prepared) -> Table:
 
     from probkit.context import human_bytes, memory_bytes
     from probkit.data import data_memory
+    from probkit.resources import memory_estimate
     from probkit.runs import default_run_dir
 
     compiled, dataset = prepared.compiled, prepared.dataset
-    estimate = compiled.memory_estimate()
+    estimate = memory_estimate(compiled)
     estimate["images"] = data_memory(dataset.n_train + dataset.n_test, dataset.channels, dataset.height,
                                      dataset.width)
     available = memory_bytes(prepared.device)

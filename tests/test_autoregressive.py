@@ -18,6 +18,7 @@ from probkit.cli import app
 from probkit.completion import complete_images, make_mask
 from probkit.errors import SpecError, UsageError
 from probkit.infer import pyro_elbo, settings_from
+from probkit.resources import memory_estimate
 from probkit.sampling import draw_samples
 
 HERE = Path(__file__).parent
@@ -59,7 +60,7 @@ def test_fvsbn_mixture_log_likelihood_equals_a_numpy_loop_over_pixels():
     compiled = prepare(TINY[0]).compiled
     values = _random_values(compiled, 3)
     x = prepare(TINY[0]).dataset.fixed("test")[:25].double()
-    got = compiled.log_marginal(values, x).numpy()
+    got = compiled.joint.log_marginal(values, x).numpy()
     w, A, b = (values[k].numpy() for k in ("weights", "A", "b"))
     xs = x.numpy()
     expected = []
@@ -152,7 +153,7 @@ def test_fused_loss_equals_pyros_trace_enum_elbo(spec):
     labels = dataset.train_labels[:40] if compiled.observed_latents else None
     x = dataset.fixed("train")[:40]
     expected = pyro_elbo(compiled).differentiable_loss(compiled.program.model, guide, x, labels)
-    fused = compiled.loss(values, x, labels)
+    fused = compiled.joint.loss(values, x, labels)
     assert torch.allclose(fused, expected, rtol=1e-5), (float(fused), float(expected))
 
 
@@ -199,7 +200,7 @@ def test_draws_follow_the_exact_joint(write_spec):
     compiled = prepare(_fvsbn(write_spec, size=2)).compiled
     values = compiled.initial_values(5)
     images = _all_images(4)
-    exact = compiled.log_marginal(values, images).double().exp()
+    exact = compiled.joint.log_marginal(values, images).double().exp()
     assert abs(float(exact.sum()) - 1) < 1e-6  # the 16 probabilities of a normalised model
     n = 20_000
     draws = draw_samples(compiled, values, n, seed=1)
@@ -223,7 +224,7 @@ def _brute_conditional(compiled, values, x, mask):
     settings = _all_images(len(missing))
     rows = x.repeat(len(settings), 1)
     rows[:, missing] = settings
-    log_joint = compiled.log_marginal(values, rows).double()
+    log_joint = compiled.joint.log_marginal(values, rows).double()
     return settings, (log_joint - log_joint.logsumexp(0))
 
 
@@ -339,15 +340,15 @@ def test_a_run_fitted_under_another_revision_of_its_building_block_is_refused(tm
 
 
 def test_a_step_whose_per_image_work_would_not_fit_in_memory_is_refused(monkeypatch):
-    import probkit.compiler
+    import probkit.resources
     import probkit.structures.autoregressive
 
-    for module in (probkit.compiler, probkit.structures.autoregressive):
+    for module in (probkit.resources, probkit.structures.autoregressive):
         monkeypatch.setattr(module, "memory_bytes", lambda device: 1_000_000)
     with pytest.raises(SpecError, match="numbers per image.*set a smaller fit.batch_size"):
         prepare(TINY[1].parent / "tiny-nade.yaml").compiled  # noqa: B018
     monkeypatch.undo()
-    estimate = prepare(TINY[1]).compiled.memory_estimate()
+    estimate = memory_estimate(prepare(TINY[1]).compiled)
     assert estimate["per-image work"] > 0
 
 

@@ -25,12 +25,12 @@ def test_fused_loss_equals_trace_enum_elbo(spec):
     x = dataset.fixed("train")[:64]  # Pyro's enumeration builds N x K x D (x levels) tensors
     elbo = pyro_elbo(compiled)
     expected = elbo.differentiable_loss(compiled.program.model, guide, x, labels)
-    fused = compiled.loss(values, x, labels)
+    fused = compiled.joint.loss(values, x, labels)
     assert torch.allclose(fused, expected, rtol=1e-5), (float(fused), float(expected))
     # a minibatch: both scale the likelihood by N / B
     batch, batch_labels = x[:20], None if labels is None else labels[:20]
     expected = elbo.differentiable_loss(compiled.program.model, guide, batch, batch_labels, total=len(x))
-    fused = compiled.loss(values, batch, batch_labels, scale=len(x) / 20)
+    fused = compiled.joint.loss(values, batch, batch_labels, scale=len(x) / 20)
     assert torch.allclose(fused, expected, rtol=1e-5), (float(fused), float(expected))
 
 
@@ -42,7 +42,7 @@ def test_marginal_is_a_brute_force_sum_over_components():
     w, p = values["weights"].double(), values["probs"].double()
     per_component = (x[:, None, :] * p.log() + (1 - x[:, None, :]) * (1 - p).log()).sum(-1) + w.log()
     expected = per_component.logsumexp(-1)
-    got = compiled.log_marginal(values, x.float())
+    got = compiled.joint.log_marginal(values, x.float())
     assert torch.allclose(got.double(), expected, rtol=1e-5)
 
 
@@ -115,7 +115,7 @@ def test_log_prior_equals_the_prior_sites_of_the_pyro_model(spec):
     matrix_valued = {p.name for p in compiled.params if p.prior and FAMILIES[p.prior.call_name].event_dim == 2}
     doubled = {k: v if k in matrix_valued else v.double() for k, v in values.items()}
     expected = sum(trace.nodes[p.name]["fn"].log_prob(doubled[p.name]).sum().double() for p in compiled.params)
-    got = compiled.log_prior(doubled)
+    got = compiled.joint.log_prior(doubled)
     assert torch.allclose(got.double(), torch.as_tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-3)
 
 
@@ -165,12 +165,12 @@ def test_at_run_time_only_invalid_values_are_outside_the_domain(monkeypatch):
 
     monkeypatch.setattr(dist.Categorical, "__init__", failing(ValueError("Expected parameter probs ...")))
     with pytest.raises(DomainError, match="Categorical cannot be built from the current parameter values"):
-        compiled.latent_table(values)
+        compiled.joint.latent_table(values)
     monkeypatch.setattr(dist.Categorical, "__init__", failing(IndexError("index 7 is out of bounds")))
     with pytest.raises(IndexError, match="index 7"):
-        compiled.latent_table(values)
+        compiled.joint.latent_table(values)
     monkeypatch.setattr(dist.Categorical, "__init__", original)
-    assert torch.isfinite(compiled.latent_table(values)).all()
+    assert torch.isfinite(compiled.joint.latent_table(values)).all()
 
 
 GRID = """probkit: 1

@@ -81,7 +81,7 @@ def test_sequential_conditionals_equal_ratio_of_marginals(spec):
     compiled = prepared.compiled
     values = _float64(compiled.initial_values())
     args = compiled.config_arguments(values)
-    prior = compiled.latent_table(values).reshape(-1).double()
+    prior = compiled.joint.latent_table(values).reshape(-1).double()
     x = torch.from_numpy(_held_out_symbols(prepared, 5)).double()
     model = sequential_model(compiled, values)
     model.floor = 0.0  # the model's own conditionals, unfloored
@@ -113,7 +113,7 @@ def test_model_bits_equal_log_marginal_of_discrete_mixtures():
     assert bool((values["probs"] > 1e-3).all() & (values["probs"] < 1 - 1e-3).all())  # FLOOR cannot bite
     symbols = _held_out_symbols(prepared)
     _, _, bits, _, decoded = _round_trip(prepared, values, symbols)
-    reference = -float(compiled.log_marginal(values, torch.from_numpy(symbols).double()).sum()) / math.log(2)
+    reference = -float(compiled.joint.log_marginal(values, torch.from_numpy(symbols).double()).sum()) / math.log(2)
     assert bits == pytest.approx(reference, rel=1e-9)
     assert np.array_equal(decoded.reshape(len(symbols), -1), symbols)
 
@@ -242,7 +242,7 @@ def test_autoregressive_model_bits_equal_the_models_log_likelihood(spec):
         column = torch.from_numpy(symbols[:, d].astype(np.int64))
         bits -= np.log2(probs.gather(1, column[:, None])[:, 0].numpy())
         observe(model, state, d, column)
-    expected = -compiled.log_marginal(values, torch.from_numpy(symbols).double()).numpy() / math.log(2)
+    expected = -compiled.joint.log_marginal(values, torch.from_numpy(symbols).double()).numpy() / math.log(2)
     np.testing.assert_allclose(bits, expected, rtol=1e-9)
     _, _, _, method, decoded = _round_trip(prepared, compiled.initial_values(2), symbols)
     assert np.array_equal(decoded.reshape(len(symbols), -1), symbols) and "autoregressive" in method
@@ -404,7 +404,7 @@ def test_images_coded_in_batches_round_trip(monkeypatch):
     assert len(compression.image_chunks(sequential_model(prepared.compiled, values), 10)) == 3
     _, _, bits, _, decoded = _round_trip(prepared, values, symbols)
     assert np.array_equal(decoded.reshape(10, -1), symbols)
-    reference = -float(prepared.compiled.log_marginal(values, torch.from_numpy(symbols).double()).sum()) / math.log(2)
+    reference = -float(prepared.compiled.joint.log_marginal(values, torch.from_numpy(symbols).double()).sum()) / math.log(2)
     assert bits == pytest.approx(reference, rel=1e-9)
 
 

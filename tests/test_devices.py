@@ -46,7 +46,7 @@ def test_a_fit_step_on_the_meta_device_builds_nothing_elsewhere(spec):
     assert all(u.grad is not None and u.grad.device == META for u in params.unconstrained)
     with torch.no_grad():
         values = params.values()
-        assert model.log_marginal(values, x).device == META  # held-out NLL: latents summed out
+        assert model.joint.log_marginal(values, x).device == META  # held-out NLL: latents summed out
         try:
             assert draw_samples(model, values, 3).device == META
         except NotImplementedError as exc:  # torch has no meta kernel for this sampler (Beta, Binomial)

@@ -320,7 +320,7 @@ def test_the_log_joint_never_decreases(write_spec, case):
     stepper, params, batch, prepared = _stepper(_spec(write_spec, case))
     losses = [stepper.step(None, batch) for _ in range(12)]
     with torch.no_grad():
-        final = float(prepared.compiled.loss(params.values(), batch.x, batch.labels))
+        final = float(prepared.compiled.joint.loss(params.values(), batch.x, batch.labels))
     losses.append(final)
     for before, after in zip(losses, losses[1:]):
         assert after <= before + 1e-6 * abs(before), (before, after)
@@ -364,7 +364,7 @@ def test_em_and_lbfgs_each_reach_the_converged_optimum(write_spec, tmp_path):
 
     def loss(values):
         with torch.no_grad():
-            return float(prepared.compiled.loss({k: torch.as_tensor(v).double() for k, v in values.items()}, x))
+            return float(prepared.compiled.joint.loss({k: torch.as_tensor(v).double() for k, v in values.items()}, x))
 
     best = loss(reference)
     for fitted, rtol, loss_rtol in ((by_em, 2e-5, 1e-9), (by_lbfgs, 5e-3, 1e-5)):

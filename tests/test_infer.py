@@ -104,7 +104,7 @@ def test_mle_ppca_matches_tipping_bishop(write_spec, tmp_path):
     _, logdet = np.linalg.slogdet(c)
     closed_form = -0.5 * n * (d * math.log(2 * math.pi) + logdet + np.trace(np.linalg.solve(c, cov)))
     prepared = prepare(spec)
-    fitted = float(prepared.compiled.log_marginal(result.values, prepared.dataset.fixed("train")).double().sum())
+    fitted = float(prepared.compiled.joint.log_marginal(result.values, prepared.dataset.fixed("train")).double().sum())
     assert abs(fitted - closed_form) <= 1e-3 * abs(closed_form), (fitted, closed_form)
 
 

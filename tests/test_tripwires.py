@@ -9,8 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from probkit.cli import app
-from probkit.compiler import CompiledModel
 from probkit.errors import NotADensity
+from probkit.joint import Joint
 
 SPECS = Path(__file__).resolve().parent / "specs"
 runner = CliRunner()
@@ -31,8 +31,8 @@ def test_evaluate_of_a_model_that_is_not_a_density_exits_1_without_a_number(tmp_
     result = runner.invoke(app, ["fit", str(SPECS / "tiny-mixture.yaml"), "--steps", "2", "--out", str(run),
                                  "--no-progress"])
     assert result.exit_code == 0, result.output
-    honest = CompiledModel.log_marginal
-    monkeypatch.setattr(CompiledModel, "log_marginal", lambda self, *a, **k: honest(self, *a, **k).abs() + 1.0)
+    honest = Joint.log_marginal
+    monkeypatch.setattr(Joint, "log_marginal", lambda self, *a, **k: honest(self, *a, **k).abs() + 1.0)
     result = runner.invoke(app, ["evaluate", str(run), "--json"])
     assert result.exit_code == 1, result.output
     assert "not a normalised density" in result.output and "tiny-mixture" in result.output

@@ -258,7 +258,7 @@ class EMStepper(Stepper):
         stats: dict[str, torch.Tensor] = {}
         counts = torch.zeros(K, dtype=DTYPE, device=x.device)
         log_likelihood = torch.zeros((), dtype=DTYPE, device=x.device)
-        latent_table = compiled.latent_table(values).to(DTYPE)
+        latent_table = compiled.joint.latent_table(values).to(DTYPE)
         for start, data in self._chunks(args, x):
             n = len(data["x"])
             ys = None if labels is None else labels[start : start + n]
@@ -343,7 +343,7 @@ class EMStepper(Stepper):
             stats, counts, log_likelihood = self.e_step(values, batch.x, batch.labels)
             if self.collective.world_size > 1:  # data-parallel EM: the statistics are sums over images
                 stats, counts, log_likelihood = self._sum_over_ranks(stats, counts, log_likelihood)
-            value = -(float(self.compiled.log_prior(values)) + float(log_likelihood))
+            value = -(float(self.compiled.joint.log_prior(values)) + float(log_likelihood))
             if not math.isfinite(value):
                 raise NonFiniteLoss
             new = self.m_step(values, stats, counts)

@@ -30,9 +30,9 @@ class Evaluator:
         values = {name: value.double() for name, value in values.items()}
         ranks = self.collective
         if ranks.world_size == 1:
-            return 0.0 - float(self.exact.log_marginal(values, x).mean())  # 0.0 - : never "-0.0"
+            return 0.0 - float(self.exact.joint.log_marginal(values, x).mean())  # 0.0 - : never "-0.0"
         share = torch.tensor_split(x, ranks.world_size)[ranks.rank]
-        total = self.exact.log_marginal(values, share).sum() if len(share) else x.new_zeros(())
+        total = self.exact.joint.log_marginal(values, share).sum() if len(share) else x.new_zeros(())
         return 0.0 - float(ranks.sum_(total.double().reshape(()).clone())) / len(x)
 
     @torch.no_grad()
@@ -45,9 +45,9 @@ class Evaluator:
             return {}
         x = self.dataset.fixed("train")
         labels = self.dataset.train_labels if compiled.observed_latents else None
-        table = compiled.log_joint_table(values, x)
+        table = compiled.joint.log_joint_table(values, x)
         if labels is not None:
-            table = compiled.select_observed(table, labels)
+            table = compiled.joint.select_observed(table, labels)
         posterior = (table.reshape(len(x), -1) - table.reshape(len(x), -1).logsumexp(-1, keepdim=True)).exp()
         posterior = posterior.reshape(table.shape)
         usage = {}

@@ -52,11 +52,11 @@ class FusedObjective:
         self.compiled = compiled
 
     def log_prior(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.compiled.log_prior(values)
+        return self.compiled.joint.log_prior(values)
 
     def log_likelihood(self, values: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
         """Σ_n log p(x_n | θ) over the batch (observed latents at their labels)."""
-        return self.compiled.log_marginal(values, batch.x, batch.labels).sum()
+        return self.compiled.joint.log_marginal(values, batch.x, batch.labels).sum()
 
     def loss(self, params: Params, batch: Batch) -> torch.Tensor:
         values = params.values()
@@ -69,7 +69,7 @@ class FusedObjective:
     def terms(self, params: Params, batch: Batch) -> dict[str, torch.Tensor]:
         """Each term of the log joint on its own, to name the one that went non-finite."""
         values = params.values()
-        terms = {f"prior of {k}": v for k, v in self.compiled.prior_terms(values).items()}
+        terms = {f"prior of {k}": v for k, v in self.compiled.joint.prior_terms(values).items()}
         terms["likelihood x"] = batch.scale * self.log_likelihood(values, batch)
         return terms
 

@@ -18,6 +18,8 @@ import torch
 from probkit import expressions
 from probkit.context import human_bytes, memory_bytes
 from probkit.errors import NotAutoregressive
+from probkit.latents import configuration_values
+from probkit.resources import batch_images, memory_estimate
 from probkit.structures import dependency
 from probkit.structures.base import Structure
 
@@ -53,12 +55,12 @@ class Autoregressive(Structure):
         for a step's images would not fit in the device's memory."""
         model = self.model
         available = memory_bytes(model.device)
-        need = sum(model.memory_estimate().values())
+        need = sum(memory_estimate(model).values())
         if available is None or need <= available:
             return
         raise model.likelihood.expr.error(
             f"evaluating it creates about {self.per_image_elements():,} numbers per image, so a step over "
-            f"{model.batch_images():,} images would need about {human_bytes(need)}, more than the "
+            f"{batch_images(model):,} images would need about {human_bytes(need)}, more than the "
             f"{human_bytes(available)} of memory of {model.device}; set a smaller fit.batch_size")
 
     def prove_order(self) -> None:
@@ -97,7 +99,7 @@ class Autoregressive(Structure):
             raise NotAutoregressive(message)
 
     def memory_estimate(self) -> dict[str, int]:
-        return {"per-image work": 8 * self.per_image_elements() * self.model.batch_images()}
+        return {"per-image work": 8 * self.per_image_elements() * batch_images(self.model)}
 
     def per_image_elements(self) -> int:
         """How many numbers evaluating the arguments (and their log densities) creates for one
@@ -153,7 +155,7 @@ class Autoregressive(Structure):
             env.update(model.grid(ctx))
             grid, per_image = model.grid_shape, {}
         else:
-            grid, per_image = (), model.configuration_values(chosen)
+            grid, per_image = (), configuration_values(model.latents, chosen)
         names = list(per_image)
 
         def one(image, *latent_values):

@@ -335,7 +335,7 @@ def test_table_marginal_and_prior_equal_pyro_the_slow_way(write_spec, monkeypatc
     weights = torch.rand(len(x64), K, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
 
     # the table, float64: values and gradients to 1e-9
-    fused = compiled.likelihood_table(values, x64).reshape(len(x64), K)
+    fused = compiled.joint.likelihood_table(values, x64).reshape(len(x64), K)
     slow = _slow_table(compiled, values, x64)
     assert fused.shape == slow.shape
     assert torch.isfinite(slow).all()
@@ -360,7 +360,7 @@ def test_table_marginal_and_prior_equal_pyro_the_slow_way(write_spec, monkeypatc
         slow_marginal = joint.reshape(len(x64), -1, inner)[torch.arange(len(x64)), labels].logsumexp(-1)
     else:
         slow_marginal = joint.logsumexp(-1)
-    fused_marginal = compiled.log_marginal(values, x64, labels)
+    fused_marginal = compiled.joint.log_marginal(values, x64, labels)
     assert _close(fused_marginal, slow_marginal, 1e-6, 1e-6), (fused_marginal - slow_marginal).abs().max()
     for got, expected in zip(_grads(fused_marginal.sum(), values), _grads(slow_marginal.sum(), values)):
         if expected is not None:
@@ -368,14 +368,14 @@ def test_table_marginal_and_prior_equal_pyro_the_slow_way(write_spec, monkeypatc
 
     # the prior (hierarchical ones too), as fitted in float32
     values32 = {k: v.detach().float().requires_grad_() for k, v in values.items()}
-    fused_prior, slow_prior = compiled.log_prior(values32), _slow_prior(compiled, values32)
+    fused_prior, slow_prior = compiled.joint.log_prior(values32), _slow_prior(compiled, values32)
     assert _close(fused_prior, slow_prior, 1e-5, 1e-4), (float(fused_prior.detach()), float(slow_prior.detach()))
     for got, expected in zip(_grads(fused_prior, values32), _grads(slow_prior, values32)):
         if expected is not None:
             assert _close(got, expected, 1e-4, 1e-5 * _largest(expected)), (got - expected).abs().max()
 
     # the table as fitted, in float32: to 2e-5 of its scale
-    fused32 = compiled.likelihood_table(values32, x64.float()).reshape(len(x64), K).double()
+    fused32 = compiled.joint.likelihood_table(values32, x64.float()).reshape(len(x64), K).double()
     assert _close(fused32, slow.detach(), 0.0, 2e-5 * _largest(slow))
 
 
