@@ -32,8 +32,6 @@ from probkit.checks import (SHAPE_ERRORS, check_argument_supports, check_likelih
 from probkit.context import CPU, Context
 from probkit.distributions import FAMILIES, SUPPORT_EVENT_DIM, SUPPORTS, VECTOR_ARGS
 from probkit.errors import DomainError, NotAutoregressive, SpecError
-from probkit.structures.autoregressive import Autoregressive
-from probkit.structures.independent import Independent
 from probkit.expressions import Expr
 from probkit.families import LikelihoodFamily, likelihood_family
 from probkit.joint import Joint
@@ -41,6 +39,9 @@ from probkit.latents import ENUMERATED, OBSERVED_LABEL, LatentSite
 from probkit.resources import check_memory
 from probkit.spec import LoadedSpec, suggest
 from probkit.starts import spec_start
+from probkit.structures.autoregressive import Autoregressive
+from probkit.structures.independent import Independent
+
 
 @dataclass(frozen=True)
 class Dims:
@@ -129,6 +130,7 @@ class CompiledModel:
         twin.context = Context(self.context.device, dtype)
         twin.structure, twin.joint = copy.copy(self.structure), copy.copy(self.joint)
         twin.structure.model = twin.joint.model = twin
+        twin._program = None  # built again, on the twin, if asked for
         return twin
 
     @property
