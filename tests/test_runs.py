@@ -388,7 +388,7 @@ def test_a_damaged_history_is_refused_on_resume_with_the_file_named(tmp_path, da
 def test_a_full_disk_is_said_plainly():
     import errno
 
-    from probkit.cli import internal_failure
+    from probkit.terminal import internal_failure
 
     message = internal_failure(OSError(errno.ENOSPC, "No space left on device"))
     assert message.startswith("the disk is full") and "last good checkpoint" in message
