@@ -152,7 +152,7 @@ def _fit_into(prepared: Prepared, settings, trainer: Trainer, run_dir: Path, sam
     (run_dir / PENDING).unlink(missing_ok=True)  # run.json lists its files now
     png = None
     if samples:
-        from probkit.sampling import draw_samples, latent_captions
+        from probkit.tasks.sampling import draw_samples, latent_captions
         from probkit.images import save_grid
 
         drawn, latents = draw_samples(compiled, values, samples, seed=settings.seed, return_latents=True)
@@ -166,8 +166,8 @@ def evaluate(target: SpecLike | Run, *, device: str = "auto", out: str | Path | 
              memorisation_samples: int = 500, seed: int = 0) -> dict:
     """Train and held-out NLL (nats/image) and bits/dim of a fitted run, and the
     memorisation check: how close samples come to training vs held-out images."""
-    from probkit.memorisation import memorisation_report
-    from probkit.sampling import draw_samples
+    from probkit.tasks.memorisation import memorisation_report
+    from probkit.tasks.sampling import draw_samples
 
     run, prepared = open_run(target, device=device, out=out)
     check_run_data(run, prepared.dataset)
@@ -191,7 +191,7 @@ def sample(target: SpecLike | Run, n: int = 64, *, given: dict[str, int] | None 
            mean: bool = False, overwrite: bool = False):
     """Draw n images from a fitted run; `given` fixes latents (e.g. {"y": 3}).
 
-    Returns a `probkit.sampling.Samples`, which unpacks as (images, files): the images
+    Returns a `probkit.tasks.sampling.Samples`, which unpacks as (images, files): the images
     (N x C x H x W in [0, 1]) and the files written (png, npy) when `out` is a folder (where
     the grid is samples-64-seed0.png, samples-64-seed0-y3.png given y=3) or a .png path; it also holds each
     draw's latent values and notes for the user. `mean`: each image's expected pixels given
@@ -199,7 +199,7 @@ def sample(target: SpecLike | Run, n: int = 64, *, given: dict[str, int] | None 
     captions each image with its latent values."""
     from probkit.images import save_grid
     from probkit.runs import save_array
-    from probkit.sampling import (Samples, check_sample_count, draw_samples, label_captions, latent_captions,
+    from probkit.tasks.sampling import (Samples, check_sample_count, draw_samples, label_captions, latent_captions,
                                   name_labels, possible_configurations, samples_file_name)
 
     check_sample_count(n)
@@ -339,10 +339,10 @@ def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, in
     preprocessed like the spec's data: resized, channels matched, quantised to 256 levels;
     binary and discrete then apply the spec's transform; continuous takes each level's
     midpoint, (level + 0.5) / 256, instead of random dequantisation noise). `mask` names the
-    missing pixels (see `probkit.completion.make_mask`). `method`: 'auto' (exact where the
+    missing pixels (see `probkit.tasks.completion.make_mask`). `method`: 'auto' (exact where the
     likelihood allows, else the general NUTS method) or 'mcmc' (always NUTS over the missing
     pixels, `mcmc_warmup` / `mcmc_samples` steps per image; defaults in
-    `probkit.completion.MCMC_DEFAULTS`); `result.method` says which ran, `result.settings`
+    `probkit.tasks.completion.MCMC_DEFAULTS`); `result.method` says which ran, `result.settings`
     holds the mcmc settings and diagnostics.
 
     Returns (CompletionResult, files). When `out` is given (a .png path or a folder, where the
@@ -350,9 +350,9 @@ def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, in
     the original, what was observed (the missing region grey, tinted red and hatched), then the k
     completions; and a .npy of the completions, N x k x C x H x W on the display scale [0, 1].
     """
-    from probkit.completion import complete_images, load_mask, mask_label
+    from probkit.tasks.completion import complete_images, load_mask, mask_label
 
-    from probkit.completion import MAX_SAMPLER_STEPS
+    from probkit.tasks.completion import MAX_SAMPLER_STEPS
 
     if not (mcmc_warmup is None or 0 <= mcmc_warmup <= MAX_SAMPLER_STEPS) or \
             not (mcmc_samples is None or 1 <= mcmc_samples <= MAX_SAMPLER_STEPS):
@@ -418,8 +418,8 @@ def compress(target: SpecLike | Run, out: str | Path, *, input: str | Path | Non
     """Losslessly compress images with a fitted run into the file `out`: the run's held-out
     images, or those of `input` (any source the data loader reads), coded pixel by pixel
     with the model's exact sequential conditionals through a range coder. Returns a
-    `probkit.compression.CompressionResult` (bytes, model bits, bits/dim, PNG and WebP sizes)."""
-    from probkit.compression import compress as compress_images
+    `probkit.tasks.compression.CompressionResult` (bytes, model bits, bits/dim, PNG and WebP sizes)."""
+    from probkit.tasks.compression import compress as compress_images
 
     return compress_images(target, out, input=input, images=images, device=device, run_out=run_out,
                            overwrite=overwrite)
@@ -429,8 +429,8 @@ def decompress(file: str | Path, out: str | Path | None = None, *, model: SpecLi
                device: str = "auto", overwrite: bool = False):
     """The images a `compress` file holds, bit-exactly (uint8 N x C x H x W; 0/1 for binary),
     written to `out` (.npy) when given; `model` overrides the run the file's header names.
-    Returns a `probkit.compression.DecompressionResult`."""
-    from probkit.compression import decompress as decompress_file
+    Returns a `probkit.tasks.compression.DecompressionResult`."""
+    from probkit.tasks.compression import decompress as decompress_file
 
     return decompress_file(file, out, model=model, device=device, overwrite=overwrite)
 
@@ -463,7 +463,7 @@ def _held_out_images(run: Run, dataset: Dataset, images: int) -> torch.Tensor:
 def denoise(target: SpecLike | Run, *, noise: str, images: int = 16, input: str | Path | None = None, k: int = 4,
             seed: int = 0, device: str = "auto", out: str | Path | None = None,
             run_out: str | Path | None = None, overwrite: bool = False):
-    """Restore noisy images with a fitted run as the prior (see `probkit.denoising`).
+    """Restore noisy images with a fitted run as the prior (see `probkit.tasks.denoising`).
 
     Without `input`, the first `images` held-out images are corrupted with `noise` (seeded by
     `seed`) and restored, and the PSNRs compare against them; with `input` (any source the data
@@ -472,7 +472,7 @@ def denoise(target: SpecLike | Run, *, noise: str, images: int = 16, input: str 
     one row per image (the first GRID_ROWS): clean, noisy, 3x3 median, posterior mean, then the k draws; a .npy of the
     means (N x C x H x W) and one of the draws (<name>-samples.npy, N x k x C x H x W), on the
     [0, 1] display scale. Returns (DenoiseResult, files)."""
-    from probkit.denoising import denoise_images, parse_noise
+    from probkit.tasks.denoising import denoise_images, parse_noise
 
     _check_draw_counts(images, k)
     run, prepared = open_run(target, device=device, out=run_out)
@@ -527,7 +527,7 @@ def denoise(target: SpecLike | Run, *, noise: str, images: int = 16, input: str 
 def upscale(target: SpecLike | Run, *, factor: int = 2, images: int = 16, input: str | Path | None = None,
             k: int = 4, seed: int = 0, device: str = "auto", out: str | Path | None = None,
             run_out: str | Path | None = None, overwrite: bool = False):
-    """Super-resolve low-resolution images by `factor` with a fitted run (see `probkit.upscaling`).
+    """Super-resolve low-resolution images by `factor` with a fitted run (see `probkit.tasks.upscaling`).
 
     Without `input`, the low-resolution images are the f x f block averages of the first
     `images` held-out images, and the PSNRs compare the model's posterior mean and Pillow's
@@ -537,7 +537,7 @@ def upscale(target: SpecLike | Run, *, factor: int = 2, images: int = 16, input:
     writes a grid, one row per image (the first GRID_ROWS): low-res, bicubic, posterior mean, truth, then the k draws;
     a .npy of the means and one of the draws (<name>-samples.npy), on the [0, 1] display scale.
     Returns (UpscaleResult, files)."""
-    from probkit.upscaling import blocks_for, upscale_images
+    from probkit.tasks.upscaling import blocks_for, upscale_images
 
     _check_draw_counts(images, k)
     if out is not None:  # before any work
@@ -592,7 +592,7 @@ def upscale(target: SpecLike | Run, *, factor: int = 2, images: int = 16, input:
 def cluster(target: SpecLike | Run, *, seed: int = 0, device: str = "auto", out: str | Path | None = None,
             run_out: str | Path | None = None, per_cluster: int = 8, overwrite: bool = False):
     """Cluster the training and held-out images by a fitted run's posterior over its discrete
-    latents (see `probkit.clustering`); where the data has labels, NMI, ARI and purity of the
+    latents (see `probkit.tasks.clustering`); where the data has labels, NMI, ARI and purity of the
     model's MAP clusters and of scikit-learn's KMeans and diagonal GaussianMixture (seeded by
     `seed`).
 
@@ -600,7 +600,7 @@ def cluster(target: SpecLike | Run, *, seed: int = 0, device: str = "auto", out:
     probabilities, N x clusters), clusters-<split>-assignments.npy (the MAP clusters) and
     clusters-<split>.csv; clusters.png (the `per_cluster` most probable training images of
     every cluster, one row each) and clusters.json (the summary). Returns (ClusterResult, files)."""
-    from probkit.clustering import cluster_images, csv_text, examples
+    from probkit.tasks.clustering import cluster_images, csv_text, examples
 
     if per_cluster < 1:
         raise UsageError(f"--per-cluster must be at least 1, found {per_cluster}")

@@ -243,7 +243,7 @@ def sample(
 ):
     """Draw new images from a fitted run: a PNG grid and a .npy."""
     from probkit.runs import resolve_run
-    from probkit.sampling import check_sample_count, parse_given, samples_file_name
+    from probkit.tasks.sampling import check_sample_count, parse_given, samples_file_name
 
     check_sample_count(n)
     fixed = parse_given(given)
@@ -507,7 +507,7 @@ def complete(
     model allows, else NUTS over the missing pixels; the method and its settings are printed)."""
     import math
 
-    from probkit.completion import mask_label
+    from probkit.tasks.completion import mask_label
     from probkit.runs import resolve_run
 
     run = resolve_run(target)

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 import probkit
 from probkit.cli import app
-from probkit.clustering import cluster_images, cluster_names, cluster_posterior, purity
+from probkit.tasks.clustering import cluster_images, cluster_names, cluster_posterior, purity
 from probkit.errors import UsageError
 
 from conftest import SPECS, TEST_SPECS

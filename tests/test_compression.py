@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 import probkit
 from probkit.cli import app
-from probkit.compression import (FLOOR, GaussianChain, Header, compress_symbols, decompress_bytes, level_probs,
+from probkit.tasks.compression import (FLOOR, GaussianChain, Header, compress_symbols, decompress_bytes, level_probs,
                                  model_fingerprint, observe, pack_file, sequential_model)
 from probkit.errors import RunError, UsageError
 from probkit.runs import atomic_write, tensors_bytes
@@ -355,7 +355,7 @@ def test_truncated_and_corrupted_files_are_refused(runs):
 def test_images_decoded_differently_are_caught(runs, monkeypatch):
     """If the decoder's probabilities differed from the encoder's (another machine), the
     images' checksum refuses the result (exit 1) instead of returning garbage."""
-    import probkit.compression as compression
+    import probkit.tasks.compression as compression
 
     first, _ = runs
     probkit.compress(first, "x.pkz", images=20)
@@ -395,7 +395,7 @@ def test_file_layout_round_trip():
 
 def test_images_coded_in_batches_round_trip(monkeypatch):
     """More images than one batch holds: coded batch after batch, decoded the same way."""
-    import probkit.compression as compression
+    import probkit.tasks.compression as compression
 
     monkeypatch.setattr(compression, "CODING_ELEMENTS", 3 * 3 * 4)  # 3 configurations x (2 + 1): 4 images a batch
     prepared = _prepared(TEST_SPECS / "tiny-mixture.yaml")
@@ -416,7 +416,7 @@ def _forged(data: bytes, **fields) -> bytes:
     import struct
     import zlib
 
-    from probkit.compression import HEADER, TRAILER
+    from probkit.tasks.compression import HEADER, TRAILER
 
     magic, version, code, n, c, h, w, fingerprint, images_crc, hint_len = HEADER.unpack_from(data)
     values = dict(n=n, c=c, h=h, w=w) | fields
@@ -465,7 +465,7 @@ def test_forged_headers_are_refused_before_decoding(runs, fields, words):
 
 
 def test_image_count_beyond_memory_is_refused_before_allocating(runs, monkeypatch):
-    import probkit.compression as compression
+    import probkit.tasks.compression as compression
 
     first, _ = runs
     probkit.compress(first, "x.pkz", images=20)
@@ -477,7 +477,7 @@ def test_image_count_beyond_memory_is_refused_before_allocating(runs, monkeypatc
 
 def test_any_decoder_failure_is_a_damaged_file(runs, monkeypatch):
     """constriction's AssertionError (or any exception of the decoder) is exit 2, said plainly."""
-    import probkit.compression as compression
+    import probkit.tasks.compression as compression
 
     first, _ = runs
     probkit.compress(first, "x.pkz", images=4)

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 import probkit
 from probkit.cli import app
-from probkit.denoising import denoise_images, median_filter, parse_noise, psnr_db
+from probkit.tasks.denoising import denoise_images, median_filter, parse_noise, psnr_db
 from probkit.errors import UsageError
 
 from conftest import TEST_SPECS

@@ -269,7 +269,7 @@ def discrete_draws(noise_loglik, table, points, y, choice) -> torch.Tensor:
     return torch.cat([part(rows[i : i + step]) for i in range(0, len(rows), step)])
 
 
-# ----- linear-Gaussian observations (shared with probkit.upscaling) -----------------------
+# ----- linear-Gaussian observations (shared with probkit.tasks.upscaling) -----------------------
 
 @dataclass
 class LinearGaussianPosterior:

@@ -7,7 +7,7 @@ configurations; `UpscaleResult.method` says how it was computed:
 
 - ``exact-linear-gaussian`` (MultivariateNormal, LowRankMultivariateNormal): y = A x with A
   the block-average matrix, a noiseless linear observation: per configuration y ~ N(A mu,
-  A Sigma A^T) and x | y the Gaussian conditional (`probkit.denoising.linear_gaussian_posterior`).
+  A Sigma A^T) and x | y the Gaussian conditional (`probkit.tasks.denoising.linear_gaussian_posterior`).
   A Sigma A^T is positive definite for a positive definite Sigma; a jitter is added only where
   it fails to factorise, and a note says how large. Draws by Matheron's rule, so each one has
   exactly the observed block averages.
@@ -40,7 +40,7 @@ import torch
 
 from probkit.compiler import CompiledModel
 from probkit.context import seeded
-from probkit.denoising import (DTYPE, choose, joint_moments, linear_gaussian_posterior, log_prior, posterior_weights,
+from probkit.tasks.denoising import (DTYPE, choose, joint_moments, linear_gaussian_posterior, log_prior, posterior_weights,
                                psnr_db, require_independent_pixels)
 from probkit.errors import UsageError
 from probkit.families.base import chunk_size

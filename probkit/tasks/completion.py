@@ -54,10 +54,10 @@ from probkit.compiler import CompiledModel
 from probkit.context import seeded
 from probkit.errors import UsageError
 from probkit.families import GaussianConditional
+from probkit.session import MAX_PNG_PIXELS
 from probkit.spec import suggest
 from probkit.structures.autoregressive import missing_after_observed
 
-MAX_PNG_PIXELS = 4096 * 4096  # a mask or --input PNG larger than this is refused before it is decoded
 MASKS = ("half", "bottom", "top", "left", "right", "center", "border", "random:P", "checkerboard")
 
 
@@ -395,7 +395,7 @@ def _complete_autoregressive(compiled, values, x, mask, k):
     """Exact: the posterior over configurations from the observed prefix, then the missing
     pixels drawn in order given everything before them; the conditional NLL is the sum of
     their exact conditionals under the posterior."""
-    from probkit.sampling import draw_pixel_by_pixel
+    from probkit.tasks.sampling import draw_pixel_by_pixel
 
     log_post = _autoregressive_posterior(compiled, values, x, ~mask)
     cond_ll = (log_post + compiled.structure.table(values, x, pixels=mask)).logsumexp(-1)
@@ -433,7 +433,7 @@ def _complete_gibbs(compiled, values, x, mask, k, settings: GibbsSettings, on_im
     the average over kept sweeps of each pixel's conditional mean."""
     from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 
-    from probkit.sampling import draw_pixel_by_pixel
+    from probkit.tasks.sampling import draw_pixel_by_pixel
 
     levels = _pixel_levels(compiled, values).to(x.device, x.dtype)
     missing = mask.nonzero().flatten().tolist()
