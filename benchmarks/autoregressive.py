@@ -162,7 +162,8 @@ def median_ms(seconds: list[float]) -> float:
 
 def conditional_bits(prepared, values, images: int) -> tuple[float, str]:
     """Bits per missing pixel of the bottom half given the top half, by probkit's completion."""
-    from probkit.tasks.completion import complete_images, make_mask
+    from probkit.tasks.completion import complete_images
+    from probkit.tasks.masks import make_mask
 
     dataset = prepared.dataset
     mask = make_mask("half", dataset.channels, dataset.height, dataset.width).reshape(-1)
@@ -253,7 +254,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     per_model = model_steps(args)
     from probkit.api import prepare
-    from probkit.tasks.completion import make_mask
+    from probkit.tasks.masks import make_mask
     from probkit.errors import ProbkitError
     from probkit.infer import Evaluator
 

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from probkit.api import prepare
 from probkit.autoregressive import made, made_masks, nade
 from probkit.cli import app
-from probkit.tasks.completion import complete_images, make_mask
+from probkit.tasks.completion import complete_images
+from probkit.tasks.masks import make_mask
 from probkit.errors import SpecError, UsageError
 from probkit.infer import pyro_elbo, settings_from
 from probkit.resources import memory_estimate

@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 import probkit
 from probkit.cli import app
 from probkit.tasks.completion import (MCMCSettings, complete_images, completion_method, discrete_posterior,
-                                gaussian_conditional, load_mask, make_mask, mcmc_conditional_samples)
+                                      gaussian_conditional, mcmc_conditional_samples)
+from probkit.tasks.masks import load_mask, make_mask
 from probkit.errors import UsageError
 from probkit.images import LIGHT, layout
 
