@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 from probkit.api import prepare
 from probkit.autoregressive import made, made_masks, nade
 from probkit.cli import app
-from probkit.tasks.completion import complete_images
-from probkit.tasks.masks import make_mask
 from probkit.errors import SpecError, UsageError
 from probkit.infer import pyro_elbo, settings_from
 from probkit.resources import memory_estimate
+from probkit.tasks.completion import complete_images
+from probkit.tasks.masks import make_mask
 from probkit.tasks.sampling import draw_samples
 
 HERE = Path(__file__).parent

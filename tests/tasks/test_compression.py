@@ -23,12 +23,12 @@ from typer.testing import CliRunner
 
 import probkit
 from probkit.cli import app
-from probkit.tasks.compression import compress_symbols, decompress_bytes
-from probkit.tasks.pkz import Header, model_fingerprint, pack_file
-from probkit.tasks.sequential import FLOOR, GaussianChain, level_probs, observe, sequential_model
 from probkit.errors import RunError, UsageError
 from probkit.runs import atomic_write, tensors_bytes
 from probkit.spec import spec_from_text
+from probkit.tasks.compression import compress_symbols, decompress_bytes
+from probkit.tasks.pkz import Header, model_fingerprint, pack_file
+from probkit.tasks.sequential import FLOOR, GaussianChain, level_probs, observe, sequential_model
 
 from conftest import SPECS, TEST_SPECS
 
