@@ -16,7 +16,7 @@ batch stream, so the dynamic binarisation draws agree) and the same Adam (fused,
 with its own forward pass: probkit's `nade()` is never called.
 
 A second table gives the conditional NLL of the bottom half of each held-out image given its
-top half, in bits per missing pixel: `probkit.completion.complete_images(..., mask "half")`,
+top half, in bits per missing pixel: `probkit.tasks.completion.complete_images(..., mask "half")`,
 exact for all these models, and for the hand-written NADE its own sum of the bottom half's
 conditionals.
 
@@ -162,7 +162,8 @@ def median_ms(seconds: list[float]) -> float:
 
 def conditional_bits(prepared, values, images: int) -> tuple[float, str]:
     """Bits per missing pixel of the bottom half given the top half, by probkit's completion."""
-    from probkit.completion import complete_images, make_mask
+    from probkit.tasks.completion import complete_images
+    from probkit.tasks.masks import make_mask
 
     dataset = prepared.dataset
     mask = make_mask("half", dataset.channels, dataset.height, dataset.width).reshape(-1)
@@ -253,7 +254,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     per_model = model_steps(args)
     from probkit.api import prepare
-    from probkit.completion import make_mask
+    from probkit.tasks.masks import make_mask
     from probkit.errors import ProbkitError
     from probkit.infer import Evaluator
 

@@ -35,7 +35,8 @@ from rich.console import Console
 from rich.table import Table
 
 import probkit
-from probkit.completion import complete_images, make_mask
+from probkit.tasks.completion import complete_images
+from probkit.tasks.masks import make_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 N_IMAGES, K_DRAWS = 1000, 4

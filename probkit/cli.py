@@ -138,7 +138,7 @@ def sample(
 ):
     """Draw new images from a fitted run: a PNG grid and a .npy."""
     from probkit.runs import resolve_run
-    from probkit.sampling import check_sample_count, parse_given, samples_file_name
+    from probkit.tasks.sampling import check_sample_count, parse_given, samples_file_name
 
     check_sample_count(n)
     fixed = parse_given(given)

@@ -19,6 +19,8 @@ from probkit.errors import DataError, RunError, UsageError
 from probkit.runs import Run, resolve_run
 from probkit.spec import LoadedSpec, read_spec
 
+MAX_PNG_PIXELS = 4096 * 4096  # a mask or --input PNG larger than this is refused before it is decoded
+
 SpecLike = str | Path | LoadedSpec
 
 
@@ -141,8 +143,6 @@ def read_image_file(path: Path, W: int, H: int) -> np.ndarray:
     from its header when it holds more than MAX_PNG_PIXELS pixels (it is resized to W x H)."""
     from PIL import Image, UnidentifiedImageError
 
-    from probkit.completion import MAX_PNG_PIXELS
-
     try:
         with Image.open(path) as image:  # reads the header only: the size is known before decoding
             if image.size[0] * image.size[1] > MAX_PNG_PIXELS:
@@ -162,8 +162,6 @@ def read_input_images(path: Path, dataset: Dataset) -> tuple[np.ndarray, list[st
     .npy holds (H, W), (C, H, W) or (N, C, H, W) (or N x H x W) values in [0, 1], or levels
     0..255 when its maximum exceeds 1, at exactly the spec's H x W."""
     from probkit.data import match_channels, resize_images
-
-    from probkit.completion import MAX_PNG_PIXELS
 
     H, W, C = dataset.height, dataset.width, dataset.channels
     notes: list[str] = []
@@ -240,3 +238,12 @@ def input_levels(path: str | Path, dataset: Dataset, *, hw: tuple[int, int] | No
                      f"{W}x{H} pixels")
     levels = prepare_levels(raw, spec)
     return torch.from_numpy(levels.reshape(len(levels), -1)), notes
+
+
+def held_out_images(run: Run, dataset: Dataset, images: int) -> torch.Tensor:
+    """The first `images` held-out images (float64, model scale) of a run whose data is unchanged."""
+    check_run_data(run, dataset)
+    held_out = dataset.fixed("test")[:images].double()
+    if len(held_out) == 0:
+        raise UsageError("the spec's data has no held-out images (test_fraction: 0); pass --input IMAGES")
+    return held_out

@@ -42,7 +42,7 @@ def complete(
     model allows, else NUTS over the missing pixels; the method and its settings are printed)."""
     import math
 
-    from probkit.completion import mask_label
+    from probkit.tasks.masks import mask_label
     from probkit.runs import resolve_run
 
     run = resolve_run(target)

@@ -15,11 +15,12 @@ from typer.testing import CliRunner
 from probkit.api import prepare
 from probkit.autoregressive import made, made_masks, nade
 from probkit.cli import app
-from probkit.completion import complete_images, make_mask
 from probkit.errors import SpecError, UsageError
 from probkit.infer import pyro_elbo, settings_from
 from probkit.resources import memory_estimate
-from probkit.sampling import draw_samples
+from probkit.tasks.completion import complete_images
+from probkit.tasks.masks import make_mask
+from probkit.tasks.sampling import draw_samples
 
 HERE = Path(__file__).parent
 TINY = [HERE / "specs" / f"tiny-{name}.yaml" for name in ("fvsbn-mixture", "nade", "made")]
@@ -366,7 +367,7 @@ def test_hostile_expressions_are_refused_at_their_line(write_spec, likelihood, w
 
 
 def test_sampler_steps_are_bounded_and_a_latent_is_given_once(write_spec):
-    from probkit.sampling import parse_given
+    from probkit.tasks.sampling import parse_given
 
     compiled = prepare(_fvsbn(write_spec)).compiled
     values, mask = compiled.initial_values(0), make_mask("top", 1, 2, 2)

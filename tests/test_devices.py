@@ -21,7 +21,7 @@ from probkit.api import prepare
 from probkit.compiler import compile_spec
 from probkit.infer import Batch, FusedObjective, Params
 from probkit.initialise import initial_values
-from probkit.sampling import draw_samples
+from probkit.tasks.sampling import draw_samples
 
 HERE = Path(__file__).resolve().parent
 SPECS = sorted((HERE.parent / "specs").glob("*.yaml")) + sorted((HERE / "specs").glob("*.yaml"))

@@ -13,7 +13,7 @@ import probkit
 from probkit import images as pictures
 from probkit.cli import app
 from probkit.images import DARK, LIGHT, cell_scale, grid, layout, save_grid
-from probkit.sampling import draw_samples, latent_captions
+from probkit.tasks.sampling import draw_samples, latent_captions
 
 TEST_SPECS = Path(__file__).parent / "specs"
 

@@ -23,7 +23,7 @@ class Evaluator:
     def nll(self, values: dict[str, torch.Tensor], part: str) -> float:
         """Mean -log p(x) per image of the `part` images, computed in float64 (a float32 sum of D
         log-probabilities, or a Binomial's log-gamma terms, drifts by ~1e-5 relative), so the
-        figure printed is the one compress codes at (probkit.compression.own_bits)."""
+        figure printed is the one compress codes at (probkit.tasks.compression.own_bits)."""
         x = self.dataset.fixed(part).double()
         if len(x) == 0:
             return float("nan")

@@ -129,7 +129,7 @@ def test_collapsed_components_are_reported():
 
 
 def test_memorisation_check_flags_a_copying_model():
-    from probkit.memorisation import memorisation_report
+    from probkit.tasks.memorisation import memorisation_report
 
     prepared = prepare(TEST_SPECS / "tiny-mixture.yaml")
     train, test = prepared.dataset.fixed("train"), prepared.dataset.fixed("test")

@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from probkit.compiler import CompiledModel
 from probkit.errors import UsageError
+from probkit.runs import Run
+from probkit.session import SpecLike, check_run_data, open_run
+from probkit.tasks.outputs import output_files
 
 BASELINES = ("kmeans", "gaussian_mixture")
 
@@ -192,3 +196,51 @@ def examples(result: ClusterResult, images: np.ndarray, split: str = "train", pe
         cells[c, : len(best)] = images[best]
     rows = [f"{name} ({size})" for name, size in zip(result.names, result.sizes(split))]
     return cells.reshape((-1,) + images.shape[1:]), rows
+
+
+def cluster(target: SpecLike | Run, *, seed: int = 0, device: str = "auto", out: str | Path | None = None,
+            run_out: str | Path | None = None, per_cluster: int = 8, overwrite: bool = False):
+    """Cluster the training and held-out images by a fitted run's posterior over its discrete
+    latents (see `probkit.tasks.clustering`); where the data has labels, NMI, ARI and purity of the
+    model's MAP clusters and of scikit-learn's KMeans and diagonal GaussianMixture (seeded by
+    `seed`).
+
+    When `out` is given (a folder) it writes, per split, clusters-<split>.npy (the posterior
+    probabilities, N x clusters), clusters-<split>-assignments.npy (the MAP clusters) and
+    clusters-<split>.csv; clusters.png (the `per_cluster` most probable training images of
+    every cluster, one row each) and clusters.json (the summary). Returns (ClusterResult, files)."""
+    if per_cluster < 1:
+        raise UsageError(f"--per-cluster must be at least 1, found {per_cluster}")
+    run, prepared = open_run(target, device=device, out=run_out)
+    dataset, compiled = prepared.dataset, prepared.compiled
+    check_run_data(run, dataset)
+    splits = ["train"] + (["test"] if dataset.n_test else [])
+    images = {split: dataset.fixed(split) for split in splits}
+    labels = {"train": dataset.train_labels, "test": dataset.test_labels}
+    display = {split: dataset.images(x).reshape(len(x), -1) for split, x in images.items()}
+    result = cluster_images(compiled, run.values, images, {s: labels[s] for s in splits}, display=display, seed=seed)
+    files: dict[str, Path] = {}
+    if out is not None:
+        import json
+
+        from probkit.images import save_grid
+        from probkit.runs import atomic_write, save_array
+
+        folder = Path(out)
+        names = [f"clusters-{split}{end}" for split in splits for end in (".npy", "-assignments.npy", ".csv")]
+        with output_files(*(folder / name for name in [*names, "clusters.png", "clusters.json"]),
+                          overwrite=overwrite):
+            folder.mkdir(parents=True, exist_ok=True)
+            for split in splits:
+                files[f"{split}_npy"] = save_array(folder / f"clusters-{split}.npy",
+                                                   result.probabilities[split].astype(np.float32))
+                files[f"{split}_assignments"] = save_array(folder / f"clusters-{split}-assignments.npy",
+                                                           result.assignments[split].astype(np.int64))
+                files[f"{split}_csv"] = folder / f"clusters-{split}.csv"
+                atomic_write(files[f"{split}_csv"], csv_text(result, split))
+            cells, rows = examples(result, dataset.images(images["train"]), "train", per_cluster)
+            files["png"] = save_grid(folder / "clusters.png", cells, columns=per_cluster, row_labels=rows,
+                                     title=f"{len(result.names)} clusters: the most probable training images of each")
+            files["json"] = folder / "clusters.json"
+            atomic_write(files["json"], json.dumps(result.summary(), indent=1))
+    return result, files

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 import probkit
 from probkit.cli import app
-from probkit.clustering import cluster_images, cluster_names, cluster_posterior, purity
 from probkit.errors import UsageError
+from probkit.tasks.clustering import cluster_images, cluster_names, cluster_posterior, purity
 
 from conftest import SPECS, TEST_SPECS
 

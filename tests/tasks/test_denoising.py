@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 
 import probkit
 from probkit.cli import app
-from probkit.denoising import denoise_images, median_filter, parse_noise, psnr_db
 from probkit.errors import UsageError
+from probkit.tasks.denoising import denoise_images, median_filter, parse_noise
+from probkit.tasks.restoration import psnr_db
 
 from conftest import TEST_SPECS
 

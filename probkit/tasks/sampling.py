@@ -18,7 +18,10 @@ from probkit.compiler import CompiledModel
 from probkit.context import seeded
 from probkit.errors import UsageError
 from probkit.families.base import pick
+from probkit.runs import Run
+from probkit.session import SpecLike, open_run
 from probkit.spec import suggest
+from probkit.tasks.outputs import check_outputs, output_files
 
 MAX_SAMPLES = 10_000  # one grid of 64 px cells stays a few hundred MB at most
 
@@ -218,3 +221,53 @@ class Samples:
 
     def __iter__(self):
         return iter((self.images, self.files))
+
+
+def sample(target: SpecLike | Run, n: int = 64, *, given: dict[str, int] | None = None, seed: int = 0,
+           device: str = "auto", out: str | Path | None = None, run_out: str | Path | None = None,
+           mean: bool = False, overwrite: bool = False):
+    """Draw n images from a fitted run; `given` fixes latents (e.g. {"y": 3}).
+
+    Returns a `probkit.tasks.sampling.Samples`, which unpacks as (images, files): the images
+    (N x C x H x W in [0, 1]) and the files written (png, npy) when `out` is a folder (where
+    the grid is samples-64-seed0.png, samples-64-seed0-y3.png given y=3) or a .png path; it also holds each
+    draw's latent values and notes for the user. `mean`: each image's expected pixels given
+    its latents (smooth probabilities for Bernoulli models) instead of a draw. The grid
+    captions each image with its latent values."""
+    from probkit.images import save_grid
+    from probkit.runs import save_array
+    check_sample_count(n)
+    if out is not None:  # before any work
+        png = Path(out) if Path(out).suffix == ".png" else Path(out) / samples_file_name(given, n=n, seed=seed,
+                                                                                          mean=mean)
+        check_outputs(png, png.with_suffix(".npy"), overwrite=overwrite)
+    run, prepared = open_run(target, device=device, out=run_out)
+    compiled = prepared.compiled
+    label_names = prepared.dataset.label_names
+    numbered = name_labels(compiled, given, label_names)
+    drawn, latents = draw_samples(compiled, run.values, n, given=numbered, seed=seed, mean=mean, return_latents=True)
+    images = prepared.dataset.images(drawn)
+    captions = label_captions(latent_captions(compiled, latents), compiled, label_names)
+    notes = []
+    fitted = (run.info.get("data") or {}).get("fingerprint") if isinstance(run.info, dict) else None
+    if fitted and fitted != prepared.dataset.fingerprint():
+        # samples need no images, so they are drawn; the data's size and channels are read from it
+        notes.append(f"the data source '{prepared.dataset.spec.source}' gives other images than the run was fitted "
+                     "on (its fingerprint changed); the samples come from the fitted params as they are")
+    if mean and possible_configurations(compiled, run.values, numbered) == 1:
+        why = ("the model has no discrete latents" if not compiled.latents else
+               "--given fixes every latent" if given else "only one latent configuration has any probability")
+        notes.append(f"{why}, so all {n} mean images are the same image (the likelihood's mean); "
+                     "sample without --mean to see variation")
+    files: dict[str, Path] = {}
+    if out is not None:
+        out = Path(out)
+        png = out if out.suffix == ".png" else out / samples_file_name(given, n=n, seed=seed, mean=mean)
+        fixed = " ".join(f"{k}={v}" for k, v in (given or {}).items())
+        title = f"{n} mean images (expected pixels)" if mean else f"{n} samples"
+        title += f" given {fixed}" if fixed else ""
+        with output_files(png, png.with_suffix(".npy"), overwrite=overwrite):
+            save_grid(png, images, title=title, captions=captions if compiled.latents else None)
+            npy = save_array(png.with_suffix(".npy"), drawn.cpu().numpy().reshape(images.shape))
+        files = {"png": png, "npy": npy}
+    return Samples(images, files, latents, captions, notes)

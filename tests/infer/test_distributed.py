@@ -18,7 +18,7 @@ import probkit
 from probkit.infer.distributed import Local, Ranks
 from probkit.infer.objective import Batch
 
-SPECS = Path(__file__).parent / "specs"
+SPECS = Path(__file__).resolve().parent.parent / "specs"
 pytestmark = pytest.mark.slow  # each launch starts two Python processes
 
 

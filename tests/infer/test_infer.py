@@ -2,7 +2,6 @@
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +10,8 @@ import torch
 import probkit
 from probkit.api import prepare
 from probkit.errors import DomainError, FitError
+
+from conftest import SPECS, TEST_SPECS
 
 BERNOULLI = """\
 probkit: 1
@@ -109,7 +110,7 @@ def test_mle_ppca_matches_tipping_bishop(write_spec, tmp_path):
 
 
 def test_mixture_beats_independent_pixels_on_held_out_digits(tmp_path):
-    specs = Path(__file__).resolve().parent.parent / "specs"
+    specs = SPECS
     mixture = probkit.fit(specs / "digits-mixture.yaml", steps=150, out=tmp_path / "mix", device="cpu", samples=0)
     independent = probkit.fit(specs / "digits-bernoulli.yaml", steps=150, out=tmp_path / "ind", device="cpu",
                               samples=0)
@@ -117,7 +118,7 @@ def test_mixture_beats_independent_pixels_on_held_out_digits(tmp_path):
 
 
 def test_class_conditional_samples_look_like_the_given_digit(tmp_path):
-    spec = Path(__file__).resolve().parent.parent / "specs" / "digits-class-mixture.yaml"
+    spec = SPECS / "digits-class-mixture.yaml"
     probkit.fit(spec, steps=150, out=tmp_path / "run", device="cpu", samples=0)
     prepared = prepare(spec)
     x = prepared.dataset.fixed("train")
@@ -133,7 +134,7 @@ def test_class_conditional_samples_look_like_the_given_digit(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path):
-    spec = Path(__file__).parent / "specs" / "tiny-mixture.yaml"
+    spec = TEST_SPECS / "tiny-mixture.yaml"
     straight = probkit.fit(spec, steps=20, out=tmp_path / "a", device="cpu", samples=0)
     first = probkit.fit(spec, steps=10, out=tmp_path / "b", device="cpu", samples=0)
     resumed = probkit.fit(spec, steps=20, out=tmp_path / "b", device="cpu", samples=0, resume=True)
@@ -151,7 +152,7 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_interrupted_fit_keeps_the_last_checkpoint(tmp_path):
-    spec = Path(__file__).parent / "specs" / "tiny-mixture.yaml"
+    spec = TEST_SPECS / "tiny-mixture.yaml"
 
     def stop(step, loss, bpd):
         if step == 7:
@@ -200,7 +201,7 @@ def test_lbfgs_stops_when_the_start_itself_is_non_finite(write_spec, tmp_path, m
 
 
 def test_pyro_engine_reaches_the_fused_engine_params(tmp_path):
-    spec = Path(__file__).parent / "specs" / "tiny-mixture.yaml"
+    spec = TEST_SPECS / "tiny-mixture.yaml"
     fused = probkit.fit(spec, steps=10, out=tmp_path / "a", device="cpu", samples=0)
     slow = probkit.fit(spec, steps=10, out=tmp_path / "b", device="cpu", samples=0, engine="pyro")
     for name, value in fused.values.items():
@@ -209,7 +210,7 @@ def test_pyro_engine_reaches_the_fused_engine_params(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_fit_matches_cpu(tmp_path):
-    spec = Path(__file__).parent / "specs" / "tiny-mixture.yaml"
+    spec = TEST_SPECS / "tiny-mixture.yaml"
     cpu = probkit.fit(spec, steps=20, out=tmp_path / "cpu", device="cpu", samples=0)
     gpu = probkit.fit(spec, steps=20, out=tmp_path / "gpu", device="cuda", samples=8)
     for name, value in cpu.values.items():
@@ -218,7 +219,7 @@ def test_cuda_fit_matches_cpu(tmp_path):
 
 
 def test_a_resumed_run_records_the_seed_it_continued(tmp_path):
-    spec = Path(__file__).parent / "specs" / "tiny-mixture.yaml"
+    spec = TEST_SPECS / "tiny-mixture.yaml"
     probkit.fit(spec, steps=4, seed=3, out=tmp_path / "run", device="cpu", samples=0)
     probkit.fit(spec, steps=8, seed=5, out=tmp_path / "run", device="cpu", samples=0, resume=True)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["seed"] == 3
@@ -227,7 +228,7 @@ def test_a_resumed_run_records_the_seed_it_continued(tmp_path):
 @pytest.mark.parametrize("stop_at", [3, 5, 7])
 def test_resume_mid_epoch_replays_the_same_batches(tmp_path, stop_at):
     # tiny-class: minibatches of 256 (5 per epoch) and dynamic binarisation redrawn each epoch
-    spec = Path(__file__).parent / "specs" / "tiny-class.yaml"
+    spec = TEST_SPECS / "tiny-class.yaml"
     straight = probkit.fit(spec, steps=10, out=tmp_path / "a", device="cpu", samples=0)
 
     def stop(step, loss, bpd):
@@ -244,7 +245,7 @@ def test_resume_mid_epoch_replays_the_same_batches(tmp_path, stop_at):
 def test_resume_to_fewer_steps_than_the_checkpoint_is_refused(tmp_path):
     from probkit.errors import UsageError
 
-    spec = Path(__file__).parent / "specs" / "tiny-mixture.yaml"
+    spec = TEST_SPECS / "tiny-mixture.yaml"
     probkit.fit(spec, steps=6, out=tmp_path / "run", device="cpu", samples=0)
     with pytest.raises(UsageError, match="already at step 6; pass --steps 6 or more"):
         probkit.fit(spec, steps=3, out=tmp_path / "run", device="cpu", samples=0, resume=True)
@@ -253,7 +254,7 @@ def test_resume_to_fewer_steps_than_the_checkpoint_is_refused(tmp_path):
 def test_resume_on_other_data_is_refused(tmp_path, write_spec):
     from probkit.errors import UsageError
 
-    spec = Path(__file__).parent / "specs" / "tiny-mixture.yaml"
+    spec = TEST_SPECS / "tiny-mixture.yaml"
     probkit.fit(spec, steps=3, out=tmp_path / "run", device="cpu", samples=0)
     other = write_spec(spec.read_text().replace("  size: 8", "  size: 8\n  seed: 1"), "other")
     with pytest.raises(UsageError, match="fitted on other data"):

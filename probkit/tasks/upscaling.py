@@ -7,7 +7,7 @@ configurations; `UpscaleResult.method` says how it was computed:
 
 - ``exact-linear-gaussian`` (MultivariateNormal, LowRankMultivariateNormal): y = A x with A
   the block-average matrix, a noiseless linear observation: per configuration y ~ N(A mu,
-  A Sigma A^T) and x | y the Gaussian conditional (`probkit.denoising.linear_gaussian_posterior`).
+  A Sigma A^T) and x | y the Gaussian conditional (`probkit.tasks.restoration.linear_gaussian_posterior`).
   A Sigma A^T is positive definite for a positive definite Sigma; a jitter is added only where
   it fails to factorise, and a note says how large. Draws by Matheron's rule, so each one has
   exactly the observed block averages.
@@ -34,16 +34,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from probkit.compiler import CompiledModel
 from probkit.context import seeded
-from probkit.denoising import (DTYPE, choose, joint_moments, linear_gaussian_posterior, log_prior, posterior_weights,
-                               psnr_db, require_independent_pixels)
 from probkit.errors import UsageError
 from probkit.families.base import chunk_size
+from probkit.runs import Run
+from probkit.session import SpecLike, held_out_images, input_levels, open_run
+from probkit.tasks.limits import check_completion_memory, check_draw_counts
+from probkit.tasks.outputs import GRID_ROWS, check_outputs, grid_file, output_files
+from probkit.tasks.restoration import (DTYPE, choose, joint_moments, linear_gaussian_posterior, log_prior,
+                                       posterior_weights, psnr_db, require_independent_pixels)
 
 # ----- blocks ------------------------------------------------------------------------------
 
@@ -360,3 +365,66 @@ def upscale_images(compiled: CompiledModel, values: dict[str, torch.Tensor], low
         notes.append(f"latent '{latent.name}' (a label in training) is not given and is summed out")
     return UpscaleResult(low, mean.to(low.dtype), draws.to(low.dtype), bicubic(low, blocks, top), upscaler.method,
                          factor, top, truth, notes)
+
+
+def upscale(target: SpecLike | Run, *, factor: int = 2, images: int = 16, input: str | Path | None = None,
+            k: int = 4, seed: int = 0, device: str = "auto", out: str | Path | None = None,
+            run_out: str | Path | None = None, overwrite: bool = False):
+    """Super-resolve low-resolution images by `factor` with a fitted run (see `probkit.tasks.upscaling`).
+
+    Without `input`, the low-resolution images are the f x f block averages of the first
+    `images` held-out images, and the PSNRs compare the model's posterior mean and Pillow's
+    bicubic upscaling against them; with `input` (any source the data loader reads, or an
+    image file; resized to the spec's size / factor) its images are the low-resolution ones.
+    When `out` is given (a .png path or a folder, where the file is upscale-x<factor>.png) it
+    writes a grid, one row per image (the first GRID_ROWS): low-res, bicubic, posterior mean, truth, then the k draws;
+    a .npy of the means and one of the draws (<name>-samples.npy), on the [0, 1] display scale.
+    Returns (UpscaleResult, files)."""
+    check_draw_counts(images, k)
+    if out is not None:  # before any work
+        png = grid_file(Path(out), f"upscale-x{factor}.png")
+        check_outputs(png, png.with_suffix(".npy"), png.with_name(png.stem + "-samples.npy"),
+                          overwrite=overwrite)
+    run, prepared = open_run(target, device=device, out=run_out)
+    dataset, compiled = prepared.dataset, prepared.compiled
+    C, H, W = dataset.channels, dataset.height, dataset.width
+    blocks = blocks_for(C, H, W, factor)
+    check_completion_memory(images, k, prepared)
+    notes: list[str] = []
+    truth = None
+    if input is None:
+        truth = held_out_images(run, dataset, images)
+        low = blocks.average(truth)
+    else:
+        levels, notes = input_levels(input, dataset, hw=blocks.low_hw)
+        levels = levels.to(prepared.device).double()
+        if dataset.transform == "binary":  # a block's share of ones: a multiple of 1/f^2
+            low = (levels / 255.0 * blocks.size).round() / blocks.size
+        elif dataset.transform == "continuous":
+            low = (levels + 0.5) / 256.0
+        else:
+            low = levels
+    result = upscale_images(compiled, run.values, low, factor, k=k, seed=seed, truth=truth)
+    result.notes[:0] = notes
+    files: dict[str, Path] = {}
+    if out is not None:
+        from probkit.images import save_grid
+        from probkit.runs import save_array
+
+        png = grid_file(Path(out), f"upscale-x{factor}.png")
+        n = len(low)
+        shown_low = blocks.join(low.unsqueeze(-1).expand(-1, -1, blocks.size))  # each block as its mean
+        columns = [dataset.images(shown_low), dataset.images(result.bicubic), dataset.images(result.mean)]
+        columns += [dataset.images(truth)] if truth is not None else []
+        draws = dataset.images(result.samples.reshape(n * k, -1)).reshape(n, k, C, H, W)
+        rows = np.concatenate([c[:, None] for c in columns] + [draws], axis=1)[:GRID_ROWS]
+        headers = ["low-res", "bicubic", "posterior mean"] + (["truth"] if truth is not None else []) + [
+            f"draw {i + 1}" for i in range(k)]
+        with output_files(png, png.with_suffix(".npy"), png.with_name(png.stem + "-samples.npy"),
+                          overwrite=overwrite):
+            save_grid(png, rows.reshape(-1, C, H, W), columns=len(headers), headers=headers,
+                      title=f"upscale x{factor} ({result.method})")
+            npy = save_array(png.with_suffix(".npy"), columns[2].astype(np.float32))
+            samples = save_array(png.with_name(png.stem + "-samples.npy"), draws.astype(np.float32))
+        files = {"png": png, "npy": npy, "samples": samples}
+    return result, files

@@ -19,10 +19,11 @@ from typer.testing import CliRunner
 
 import probkit
 from probkit.cli import app
-from probkit.completion import (MCMCSettings, complete_images, completion_method, discrete_posterior,
-                                gaussian_conditional, load_mask, make_mask, mcmc_conditional_samples)
 from probkit.errors import UsageError
 from probkit.images import LIGHT, layout
+from probkit.tasks.completion import (MCMCSettings, complete_images, completion_method, discrete_posterior,
+                                      gaussian_conditional, mcmc_conditional_samples)
+from probkit.tasks.masks import load_mask, make_mask
 
 from conftest import SPECS, TEST_SPECS
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 import probkit
 from probkit.cli import app
 from probkit.errors import UsageError
-from probkit.upscaling import blocks_for, poisson_binomial, upscale_images
+from probkit.tasks.upscaling import blocks_for, poisson_binomial, upscale_images
 
 from conftest import TEST_SPECS
 

@@ -27,7 +27,7 @@ over the latent configurations k; `DenoiseResult.method` says how it was compute
   nothing about x_d, which the model fills in) and every other pixel is the clean value.
 - ``exact-linear-gaussian`` (MultivariateNormal / LowRankMultivariateNormal, Gaussian noise):
   per configuration y ~ N(mu, Sigma + s^2 I) and x | y the linear-Gaussian conditional
-  (`linear_gaussian_posterior`, shared with super-resolution); draws by Matheron's rule.
+  (`probkit.tasks.restoration`, shared with super-resolution); draws by Matheron's rule.
 - ``exact-gaussian-masked`` (the Gaussian families, salt and pepper): per image the family's
   exact conditional of the replaced pixels given the others (one factorisation per image,
   since the replaced pixels differ between images).
@@ -44,23 +44,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from probkit.compiler import CompiledModel
 from probkit.context import seeded
-from probkit.errors import RunError, UsageError
+from probkit.errors import UsageError
 from probkit.families.base import chunk_size
 from probkit.families.normal import normal_table
+from probkit.runs import Run
+from probkit.session import SpecLike, held_out_images, input_levels, open_run
 from probkit.spec import suggest
+from probkit.tasks.limits import check_completion_memory, check_draw_counts
+from probkit.tasks.outputs import GRID_ROWS, grid_file, output_files
+from probkit.tasks.restoration import (DTYPE, LOG_2PI, choose, joint_moments, linear_gaussian_posterior, log_prior,
+                                       posterior_weights, psnr_db, require_independent_pixels)
 
 NOISES = {"flip": "binary", "saltpepper": "binary, discrete or continuous", "gaussian": "continuous or discrete"}
 NOISE_TRANSFORMS = {"flip": ("binary",), "saltpepper": ("binary", "discrete", "continuous"),
                     "gaussian": ("continuous", "discrete")}
-DTYPE = torch.float64
 QUADRATURE_POINTS = 256
-LOG_2PI = math.log(2 * math.pi)
 
 
 # ----- the noise -------------------------------------------------------------------------
@@ -176,12 +182,6 @@ class DenoiseResult:
         }
 
 
-def psnr_db(estimate: torch.Tensor, truth: torch.Tensor, top: float) -> float:
-    """10 log10(1 / MSE) with both on the [0, 1] display scale (model scale / `top`)."""
-    mse = float((((estimate.double() - truth.double()) / top) ** 2).mean())
-    return 10 * math.log10(1.0 / mse) if mse > 0 else float("inf")
-
-
 def median_filter(x: torch.Tensor, C: int, H: int, W: int) -> torch.Tensor:
     """The 3 x 3 median of every pixel, per channel, edges replicated: N x D -> N x D."""
     images = x.reshape(-1, C, H, W).double()
@@ -191,30 +191,6 @@ def median_filter(x: torch.Tensor, C: int, H: int, W: int) -> torch.Tensor:
 
 
 # ----- shared by the strategies -----------------------------------------------------------
-
-def log_prior(compiled: CompiledModel, values) -> torch.Tensor:
-    """log p(k) over the flattened latent configurations: (K,), float64."""
-    return compiled.joint.latent_table(values).reshape(-1).to(DTYPE)
-
-
-def choose(log_post: torch.Tensor, k: int) -> torch.Tensor:
-    """k configurations per image drawn from its posterior: N x k."""
-    if log_post.shape[-1] == 1:
-        return torch.zeros((len(log_post), k), dtype=torch.long, device=log_post.device)
-    return torch.multinomial(log_post.exp(), k, replacement=True)
-
-
-def posterior_weights(prior: torch.Tensor, loglik: torch.Tensor) -> torch.Tensor:
-    """log p(k | y) from log p(k) and log p(y | k) (N x K); RunError where no configuration can
-    have produced an image (every one gives it probability zero)."""
-    joint = prior + loglik
-    impossible = torch.isneginf(joint).all(-1)
-    if bool(impossible.any()):
-        n = int(impossible.nonzero()[0, 0])
-        raise RunError(f"image {n} has probability zero under every latent configuration of the model and "
-                       "the noise: it cannot have come from them (is the noise model the right one?)")
-    return joint.log_softmax(-1)
-
 
 def value_table(compiled: CompiledModel, values, points: torch.Tensor, *, normalise: bool) -> torch.Tensor:
     """log p(x_d = v | k) for every configuration, pixel and value v in `points`: K x D x V
@@ -267,69 +243,6 @@ def discrete_draws(noise_loglik, table, points, y, choice) -> torch.Tensor:
     rows = torch.cat([y.to(DTYPE), choice.to(DTYPE)], 1)
     step = chunk_size(2 * k * D * V)
     return torch.cat([part(rows[i : i + step]) for i in range(0, len(rows), step)])
-
-
-# ----- linear-Gaussian observations (shared with probkit.upscaling) -----------------------
-
-@dataclass
-class LinearGaussianPosterior:
-    """x ~ N(mu_k, Sigma_k) with prior p(k), observed as y = A x + N(0, noise I): per image the
-    posterior over configurations and, per configuration, the conditional mean of x; `gain`
-    and `A` give Matheron draws x = z + gain_k (y - A z - e) from prior draws z."""
-
-    log_post: torch.Tensor  # N x K
-    mean: torch.Tensor  # N x K x D
-    gain: torch.Tensor  # K x D x B: Sigma A^T S^-1
-    A: torch.Tensor  # B x D
-    noise: float
-    jitter: float  # added to S's diagonal for a stable factorisation (0 when none was needed)
-
-    def draws(self, prior_draws: torch.Tensor, y: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
-        """Matheron's rule: prior draws z (N x k x D) at `choice` -> posterior draws."""
-        residual = y.to(DTYPE).unsqueeze(1) - prior_draws.to(DTYPE) @ self.A.T  # N x k x B
-        if self.noise > 0:
-            residual = residual - math.sqrt(self.noise) * torch.randn_like(residual)
-        gain = self.gain[choice]  # N x k x D x B
-        return prior_draws.to(DTYPE) + (gain @ residual.unsqueeze(-1)).squeeze(-1)
-
-
-def joint_moments(compiled: CompiledModel, values) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Gaussian families' mean (K x D) and covariance (K x D x D) per configuration, float64."""
-    args = {name: value.to(DTYPE) for name, value in compiled.config_arguments(values).items()}
-    d = compiled.family.distribution(args)
-    K = log_prior(compiled, values).numel()
-    D = compiled.dims.D
-    return d.mean.expand(K, D), d.covariance_matrix.expand(K, D, D)
-
-
-def linear_gaussian_posterior(loc: torch.Tensor, cov: torch.Tensor, A: torch.Tensor, noise: float,
-                              y: torch.Tensor, prior: torch.Tensor) -> LinearGaussianPosterior:
-    """The exact posterior of x given y = A x + N(0, noise I) under the mixture sum_k p(k)
-    N(mu_k, Sigma_k), in float64. With noise = 0 (a noiseless linear observation), S = A Sigma
-    A^T must be positive definite; where it does not factorise a jitter, starting at 1e-10 of
-    its mean diagonal, is added and reported."""
-    loc, cov, A, y = loc.to(DTYPE), cov.to(DTYPE), A.to(DTYPE), y.to(DTYPE)
-    B = A.shape[0]
-    SA = cov @ A.T  # K x D x B
-    S = A @ SA + noise * torch.eye(B, dtype=DTYPE, device=A.device)
-    S = 0.5 * (S + S.mT)
-    jitter, scale = 0.0, float(S.diagonal(dim1=-2, dim2=-1).mean())
-    chol, info = torch.linalg.cholesky_ex(S)
-    while bool((info != 0).any()):
-        jitter = scale * 1e-10 if jitter == 0 else jitter * 100
-        if jitter > scale:
-            raise RunError("the observation's covariance A Sigma A^T is not positive definite even with a "
-                           "jitter of its own size: the model's covariance is degenerate")
-        chol, info = torch.linalg.cholesky_ex(S + jitter * torch.eye(B, dtype=DTYPE, device=A.device))
-    residual = (y.unsqueeze(0) - loc @ A.T[None]).transpose(-1, -2)  # K x B x N
-    white = torch.linalg.solve_triangular(chol, residual, upper=False)  # K x B x N
-    half_log_det = chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-    loglik = (-0.5 * (white.pow(2).sum(1) + B * LOG_2PI) - half_log_det.unsqueeze(-1)).T  # N x K
-    # gain = Sigma A^T S^-1 = (L^-1 A Sigma)^T L^-1
-    half_gain = torch.linalg.solve_triangular(chol, SA.mT, upper=False)  # K x B x D
-    mean = loc.unsqueeze(0) + torch.einsum("kbd,kbn->nkd", half_gain, white)
-    gain = torch.linalg.solve_triangular(chol.mT, half_gain, upper=True).mT  # K x D x B
-    return LinearGaussianPosterior(posterior_weights(prior, loglik), mean, gain, A, noise, jitter)
 
 
 # ----- the strategies ------------------------------------------------------------------------
@@ -472,20 +385,6 @@ class MaskedGaussian(Denoiser):
         return mean, draws
 
 
-def require_independent_pixels(compiled: CompiledModel, task: str) -> None:
-    """UsageError unless the pixels are independent given the discrete latents (what denoise's
-    and upscale's non-Gaussian strategies need): not for autoregressive or joint families."""
-    family = compiled.family
-    why = compiled.structure.independent_pixels
-    if why is not None:
-        raise UsageError(f"{task} needs pixels that are independent given the discrete latents, or a Gaussian "
-                         f"family; {why} and no exact method applies")
-    if family.joint or family.completion != "exact-discrete-latents":
-        raise UsageError(f"{task} needs pixels that are independent given the discrete latents, or a Gaussian "
-                         f"family; {family.name} is neither (its pixels depend on each other), so the posterior "
-                         "does not factorise over pixels")
-
-
 def denoiser_for(compiled: CompiledModel, values, noise: Noise) -> Denoiser:
     """The strategy that computes p(x | y) for this model and noise (UsageError when none does)."""
     family = compiled.family
@@ -530,3 +429,64 @@ def denoise_images(compiled: CompiledModel, values: dict[str, torch.Tensor], noi
     return DenoiseResult(noisy, mean.to(noisy.dtype), draws.to(noisy.dtype),
                          median_filter(display, dims.C, dims.H, dims.W), denoiser.method, noise, clean, notes)
 
+
+def denoise(target: SpecLike | Run, *, noise: str, images: int = 16, input: str | Path | None = None, k: int = 4,
+            seed: int = 0, device: str = "auto", out: str | Path | None = None,
+            run_out: str | Path | None = None, overwrite: bool = False):
+    """Restore noisy images with a fitted run as the prior (see `probkit.tasks.denoising`).
+
+    Without `input`, the first `images` held-out images are corrupted with `noise` (seeded by
+    `seed`) and restored, and the PSNRs compare against them; with `input` (any source the data
+    loader reads, or an image file) its images are taken as noisy ones under `noise`. When `out`
+    is given (a .png path or a folder, where the file is denoise-<noise>.png) it writes a grid,
+    one row per image (the first GRID_ROWS): clean, noisy, 3x3 median, posterior mean, then the k draws; a .npy of the
+    means (N x C x H x W) and one of the draws (<name>-samples.npy, N x k x C x H x W), on the
+    [0, 1] display scale. Returns (DenoiseResult, files)."""
+    check_draw_counts(images, k)
+    run, prepared = open_run(target, device=device, out=run_out)
+    dataset, compiled = prepared.dataset, prepared.compiled
+    noise_model = parse_noise(noise, dataset.transform)
+    check_completion_memory(images, k, prepared)
+    notes: list[str] = []
+    clean = None
+    if input is None:
+        clean = held_out_images(run, dataset, images)
+        noisy = noise_model.corrupt(clean, torch.Generator().manual_seed(seed))
+    else:
+        levels, notes = input_levels(input, dataset)
+        levels = levels.to(prepared.device).double()
+        if dataset.transform == "continuous":
+            noisy = (levels + 0.5) / 256.0
+            if noise_model.kind == "saltpepper":  # the noise's atoms: levels 0 and 255 read as replaced
+                noisy = torch.where(levels == 0, 0.0, torch.where(levels == 255, 1.0, noisy))
+                notes.append("continuous data under salt and pepper: pixels at level 0 or 255 are taken as "
+                             "replaced by the noise, the others as their level's midpoint (l + 1/2)/256")
+        else:
+            noisy = dataset.apply(levels, torch.Generator().manual_seed(seed))
+        if noise_model.kind == "gaussian":
+            notes.append("the input's pixels are quantised to 256 levels; they are taken as the noisy values as "
+                         "they are (quantisation and clipping are not part of the noise model)")
+    result = denoise_images(compiled, run.values, noisy, noise_model, k=k, seed=seed, clean=clean)
+    result.notes[:0] = notes
+    files: dict[str, Path] = {}
+    if out is not None:
+        from probkit.images import save_grid
+        from probkit.runs import save_array
+
+        png = grid_file(Path(out), f"denoise-{noise_model.label().replace(':', '')}.png")
+        n, C, H, W = len(noisy), dataset.channels, dataset.height, dataset.width
+        columns = ([dataset.images(result.clean)] if clean is not None else []) + [
+            dataset.images(result.noisy.clamp(0, noise_model.top)), dataset.images(result.median),
+            dataset.images(result.mean)]
+        draws = dataset.images(result.samples.reshape(n * k, -1)).reshape(n, k, C, H, W)
+        rows = np.concatenate([c[:, None] for c in columns] + [draws], axis=1)[:GRID_ROWS]
+        headers = (["clean"] if clean is not None else []) + ["noisy", "3x3 median", "posterior mean"] + [
+            f"draw {i + 1}" for i in range(k)]
+        with output_files(png, png.with_suffix(".npy"), png.with_name(png.stem + "-samples.npy"),
+                          overwrite=overwrite):
+            save_grid(png, rows.reshape(-1, C, H, W), columns=len(headers), headers=headers,
+                      title=f"denoise {noise_model.label()} ({result.method})")
+            npy = save_array(png.with_suffix(".npy"), columns[-1].astype(np.float32))
+            samples = save_array(png.with_name(png.stem + "-samples.npy"), draws.astype(np.float32))
+        files = {"png": png, "npy": npy, "samples": samples}
+    return result, files

@@ -1,6 +1,6 @@
 """Completion: condition a fitted model on the observed pixels of an image, sample the rest.
 
-Masks name the *missing* pixels (docs/commands.md). The likelihood's family says which exact
+Masks name the *missing* pixels (`probkit.tasks.masks`). The likelihood's family says which exact
 method applies (`LikelihoodFamily.completion`); `CompletionResult.method` says which one ran:
 
 - ``exact-discrete-latents``: pixel families (independent across pixels given the discrete
@@ -42,7 +42,6 @@ PSNR is of the completion mean on the missing pixels only, on the [0, 1] display
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -54,96 +53,12 @@ from probkit.compiler import CompiledModel
 from probkit.context import seeded
 from probkit.errors import UsageError
 from probkit.families import GaussianConditional
+from probkit.runs import Run
+from probkit.session import SpecLike, check_run_data, open_run, read_input_images
 from probkit.spec import suggest
-from probkit.structures.autoregressive import missing_after_observed
-
-MAX_PNG_PIXELS = 4096 * 4096  # a mask or --input PNG larger than this is refused before it is decoded
-MASKS = ("half", "bottom", "top", "left", "right", "center", "border", "random:P", "checkerboard")
-
-
-# ----- masks -----------------------------------------------------------------------------
-
-def _mask_hw(spec: str, H: int, W: int, seed: int, notes: list[str]) -> torch.Tensor:
-    rows = torch.arange(H).reshape(H, 1).expand(H, W)
-    cols = torch.arange(W).reshape(1, W).expand(H, W)
-    name = spec.strip()
-    if name in ("half", "bottom"):
-        return rows >= H // 2
-    if name == "top":
-        return rows < H // 2
-    if name == "left":
-        return cols < W // 2
-    if name == "right":
-        return cols >= W // 2
-    if name in ("center", "border"):
-        sh, sw = max(1, H // 2), max(1, W // 2)
-        top, left = (H - sh) // 2, (W - sw) // 2
-        inside = (rows >= top) & (rows < top + sh) & (cols >= left) & (cols < left + sw)
-        return inside if name == "center" else ~inside
-    if name == "checkerboard":
-        return (rows + cols) % 2 == 1
-    if name.startswith("random"):
-        _, sep, value = name.partition(":")
-        try:
-            p = float(value) if sep else float("nan")
-        except ValueError:
-            p = float("nan")
-        if not 0.0 <= p <= 1.0:
-            raise UsageError(f"mask '{spec}': expected random:P with P a probability in [0, 1], e.g. random:0.5")
-        generator = torch.Generator().manual_seed(seed)
-        return torch.rand((H, W), generator=generator) < p
-    path = Path(name)
-    if path.suffix.lower() == ".png" or path.exists():
-        if not path.is_file():
-            raise UsageError(f"mask '{spec}': no such PNG file")
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(path) as image:  # reads the header only: the size is known before decoding
-                if image.size[0] * image.size[1] > MAX_PNG_PIXELS:
-                    raise UsageError(f"mask '{spec}': the PNG is {image.size[0]}x{image.size[1]} pixels; a mask is "
-                                     f"resized to the spec's {W}x{H} anyway, so give one of at most "
-                                     f"{MAX_PNG_PIXELS:,} pixels")
-                gray = image.convert("L")
-                size = gray.size
-                if size != (W, H):
-                    notes.append(f"the mask {path.name} ({size[0]}x{size[1]}) was resized to {W}x{H} (nearest)")
-                    gray = gray.resize((W, H), Image.NEAREST)
-                array = np.asarray(gray)
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-            raise UsageError(f"mask '{spec}': cannot read it as a PNG image ({exc})") from None
-        return torch.from_numpy(array >= 128)
-    raise UsageError(
-        f"unknown mask '{spec}'{suggest(name, [m for m in MASKS if m != 'random:P'] + ['random:0.5'])} "
-        f"(expected one of: {', '.join(MASKS)}, or a PNG file where white = missing)"
-    )
-
-
-def load_mask(spec: str, C: int, H: int, W: int, *, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
-    """`make_mask` plus notes (e.g. a PNG mask that was resized)."""
-    notes: list[str] = []
-    hw = _mask_hw(str(spec), H, W, seed, notes).to(torch.bool)
-    mask = hw.reshape(1, H * W).expand(C, H * W).reshape(-1).clone()
-    if not bool(mask.any()):
-        raise UsageError(f"mask '{spec}' leaves no pixel missing; there is nothing to complete")
-    return mask, notes
-
-
-def make_mask(spec: str, C: int, H: int, W: int, *, seed: int = 0) -> torch.Tensor:
-    """A (D,) bool mask, True = missing, flat channel-first (c*H*W + h*W + w), same in every channel.
-
-    spec: half (= bottom), top, left, right, center (a centred square of half the side),
-    border (only that square is observed), random:P (each pixel missing with probability P,
-    drawn with `seed`), checkerboard, or a PNG path (white = missing; resized to H x W, nearest).
-    """
-    return load_mask(spec, C, H, W, seed=seed)[0]
-
-
-def mask_label(spec: str) -> str:
-    """A file-name-safe label of a mask spec: 'random:0.5' -> 'random0.5', a PNG -> its stem."""
-    path = Path(spec)
-    text = path.stem if path.suffix.lower() == ".png" else spec
-    return re.sub(r"[^A-Za-z0-9._-]+", "", text) or "mask"
+from probkit.tasks.limits import MAX_COMPLETIONS, check_completion_memory
+from probkit.tasks.masks import load_mask, mask_label
+from probkit.tasks.outputs import check_outputs, output_files
 
 
 # ----- results ---------------------------------------------------------------------------
@@ -395,7 +310,7 @@ def _complete_autoregressive(compiled, values, x, mask, k):
     """Exact: the posterior over configurations from the observed prefix, then the missing
     pixels drawn in order given everything before them; the conditional NLL is the sum of
     their exact conditionals under the posterior."""
-    from probkit.sampling import draw_pixel_by_pixel
+    from probkit.tasks.sampling import draw_pixel_by_pixel
 
     log_post = _autoregressive_posterior(compiled, values, x, ~mask)
     cond_ll = (log_post + compiled.structure.table(values, x, pixels=mask)).logsumexp(-1)
@@ -433,14 +348,14 @@ def _complete_gibbs(compiled, values, x, mask, k, settings: GibbsSettings, on_im
     the average over kept sweeps of each pixel's conditional mean."""
     from pyro.ops.stats import effective_sample_size, split_gelman_rubin
 
-    from probkit.sampling import draw_pixel_by_pixel
+    from probkit.tasks.sampling import draw_pixel_by_pixel
 
     levels = _pixel_levels(compiled, values).to(x.device, x.dtype)
     missing = mask.nonzero().flatten().tolist()
     prior = _latent_prior(compiled, values)
     N = len(x)
-    log_post = _autoregressive_posterior(compiled, values, x, ~mask) if missing_after_observed(mask) else \
-        prior.expand(N, -1).log_softmax(-1)
+    prefix = compiled.structure.exact_completion(mask) is not None  # the observed pixels come first in the order
+    log_post = _autoregressive_posterior(compiled, values, x, ~mask) if prefix else prior.expand(N, -1).log_softmax(-1)
     state = draw_pixel_by_pixel(compiled, values, _choose(log_post, k).reshape(-1), x=x.repeat_interleave(k, 0),
                                 missing=mask)
     total = settings.warmup_steps + settings.num_samples
@@ -595,3 +510,84 @@ def complete_images(compiled: CompiledModel, values: dict[str, torch.Tensor], x:
     mse = float(err.mean()) if err.numel() else float("nan")
     psnr = 10 * math.log10(1.0 / mse) if mse > 0 else float("inf")
     return CompletionResult(draws, mean, bits, psnr, method, len(x), missing, notes, settings)
+
+
+def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, input: str | Path | None = None,
+             k: int = 4, seed: int = 0, device: str = "auto", out: str | Path | None = None,
+             run_out: str | Path | None = None, method: str = "auto", mcmc_warmup: int | None = None,
+             mcmc_samples: int | None = None, on_image: Callable[[int, int], None] | None = None,
+             overwrite: bool = False):
+    """Condition a fitted run on the observed pixels of images and sample the missing ones.
+
+    The images are the first `images` held-out images, or those of `input` (a PNG or .npy,
+    preprocessed like the spec's data: resized, channels matched, quantised to 256 levels;
+    binary and discrete then apply the spec's transform; continuous takes each level's
+    midpoint, (level + 0.5) / 256, instead of random dequantisation noise). `mask` names the
+    missing pixels (see `probkit.tasks.masks.make_mask`). `method`: 'auto' (exact where the
+    likelihood allows, else the general NUTS method) or 'mcmc' (always NUTS over the missing
+    pixels, `mcmc_warmup` / `mcmc_samples` steps per image; defaults in
+    `probkit.tasks.completion.MCMC_DEFAULTS`); `result.method` says which ran, `result.settings`
+    holds the mcmc settings and diagnostics.
+
+    Returns (CompletionResult, files). When `out` is given (a .png path or a folder, where the
+    file is complete-<mask>.png) it writes a PNG grid, one row per image under column headers:
+    the original, what was observed (the missing region grey, tinted red and hatched), then the k
+    completions; and a .npy of the completions, N x k x C x H x W on the display scale [0, 1].
+    """
+    if not (mcmc_warmup is None or 0 <= mcmc_warmup <= MAX_SAMPLER_STEPS) or \
+            not (mcmc_samples is None or 1 <= mcmc_samples <= MAX_SAMPLER_STEPS):
+        raise UsageError(f"--mcmc-warmup must be 0 to {MAX_SAMPLER_STEPS:,} and --mcmc-samples 1 to "
+                         f"{MAX_SAMPLER_STEPS:,}, found {mcmc_warmup} and {mcmc_samples}")
+    if images < 1:
+        raise UsageError(f"--images must be at least 1, found {images}")
+    if not 1 <= k <= MAX_COMPLETIONS:
+        raise UsageError(f"-k must be between 1 and {MAX_COMPLETIONS:,} completions per image, found {k}")
+    if out is not None:  # before any work
+        png = Path(out) if Path(out).suffix == ".png" else Path(out) / f"complete-{mask_label(mask)}.png"
+        check_outputs(png, png.with_suffix(".npy"), overwrite=overwrite)
+    run, prepared = open_run(target, device=device, out=run_out)
+    check_completion_memory(images, k, prepared)
+    dataset, compiled = prepared.dataset, prepared.compiled
+    C, H, W = dataset.channels, dataset.height, dataset.width
+    mask_tensor, notes = load_mask(mask, C, H, W, seed=seed)
+    if input is None:
+        check_run_data(run, dataset)
+        x = dataset.fixed("test")[:images]
+        if len(x) == 0:
+            raise UsageError("the spec's data has no held-out images; pass --input FILE")
+    else:
+        pixels, read_notes = read_input_images(Path(input), dataset)
+        notes = notes + read_notes
+        levels = torch.from_numpy(np.round(pixels * 255.0).reshape(len(pixels), -1)).to(prepared.device)
+        if dataset.transform == "continuous":
+            x = (levels + 0.5) / 256.0
+        else:
+            x = dataset.apply(levels, torch.Generator().manual_seed(seed))
+        x = x.to(torch.get_default_dtype())
+    result = complete_images(compiled, run.values, x, mask_tensor.to(prepared.device), k=k, seed=seed,
+                             method=method, mcmc_warmup=mcmc_warmup, mcmc_samples=mcmc_samples,
+                             on_image=on_image)
+    result.notes[:0] = notes
+    files: dict[str, Path] = {}
+    if out is not None:
+        from probkit.images import save_grid
+        from probkit.runs import save_array
+
+        out = Path(out)
+        png = out if out.suffix == ".png" else out / f"complete-{mask_label(mask)}.png"
+        n = len(x)
+        original = dataset.images(x)
+        drawn = dataset.images(result.completions.reshape(n * k, -1)).reshape(n, k, C, H, W)
+        hole = mask_tensor.cpu().numpy().reshape(C, H, W).any(0)
+        observed = original.copy()
+        observed[:, :, hole] = 0.5  # what the model saw: the missing pixels are not shown
+        rows = np.concatenate([original[:, None], observed[:, None], drawn], axis=1)
+        marked = np.zeros((n, k + 2, H, W), dtype=bool)
+        marked[:, 1] = hole  # the observed column: the missing region grey, tinted and hatched
+        headers = ["original", "observed"] + [f"completion {i + 1}" for i in range(k)]
+        with output_files(png, png.with_suffix(".npy"), overwrite=overwrite):
+            save_grid(png, rows.reshape(n * (k + 2), C, H, W), columns=k + 2, headers=headers,
+                      highlights=marked.reshape(n * (k + 2), H, W))
+            npy = save_array(png.with_suffix(".npy"), drawn.astype(np.float32))
+        files = {"png": png, "npy": npy}
+    return result, files

@@ -23,11 +23,12 @@ from typer.testing import CliRunner
 
 import probkit
 from probkit.cli import app
-from probkit.compression import (FLOOR, GaussianChain, Header, compress_symbols, decompress_bytes, level_probs,
-                                 model_fingerprint, observe, pack_file, sequential_model)
 from probkit.errors import RunError, UsageError
 from probkit.runs import atomic_write, tensors_bytes
 from probkit.spec import spec_from_text
+from probkit.tasks.compression import compress_symbols, decompress_bytes
+from probkit.tasks.pkz import Header, model_fingerprint, pack_file
+from probkit.tasks.sequential import FLOOR, GaussianChain, level_probs, observe, sequential_model
 
 from conftest import SPECS, TEST_SPECS
 
@@ -355,17 +356,17 @@ def test_truncated_and_corrupted_files_are_refused(runs):
 def test_images_decoded_differently_are_caught(runs, monkeypatch):
     """If the decoder's probabilities differed from the encoder's (another machine), the
     images' checksum refuses the result (exit 1) instead of returning garbage."""
-    import probkit.compression as compression
+    import probkit.tasks.sequential as sequential
 
     first, _ = runs
     probkit.compress(first, "x.pkz", images=20)
-    original = compression.PixelLevels.config_probs
+    original = sequential.PixelLevels.config_probs
 
     def shifted(self, state, d):
         probs = original(self, state, d)
         return (probs + 0.2 * torch.rand(probs.shape, generator=torch.Generator().manual_seed(d))).clamp_min(0)
 
-    monkeypatch.setattr(compression.PixelLevels, "config_probs", shifted)
+    monkeypatch.setattr(sequential.PixelLevels, "config_probs", shifted)
     with pytest.raises(RunError, match="checksum although the model matches"):
         probkit.decompress("x.pkz")
 
@@ -395,7 +396,7 @@ def test_file_layout_round_trip():
 
 def test_images_coded_in_batches_round_trip(monkeypatch):
     """More images than one batch holds: coded batch after batch, decoded the same way."""
-    import probkit.compression as compression
+    import probkit.tasks.compression as compression
 
     monkeypatch.setattr(compression, "CODING_ELEMENTS", 3 * 3 * 4)  # 3 configurations x (2 + 1): 4 images a batch
     prepared = _prepared(TEST_SPECS / "tiny-mixture.yaml")
@@ -416,7 +417,7 @@ def _forged(data: bytes, **fields) -> bytes:
     import struct
     import zlib
 
-    from probkit.compression import HEADER, TRAILER
+    from probkit.tasks.pkz import HEADER, TRAILER
 
     magic, version, code, n, c, h, w, fingerprint, images_crc, hint_len = HEADER.unpack_from(data)
     values = dict(n=n, c=c, h=h, w=w) | fields
@@ -465,19 +466,19 @@ def test_forged_headers_are_refused_before_decoding(runs, fields, words):
 
 
 def test_image_count_beyond_memory_is_refused_before_allocating(runs, monkeypatch):
-    import probkit.compression as compression
+    import probkit.tasks.pkz as pkz
 
     first, _ = runs
     probkit.compress(first, "x.pkz", images=20)
     Path("f.pkz").write_bytes(_forged(Path("x.pkz").read_bytes(), n=2000))
-    monkeypatch.setattr(compression, "memory_bytes", lambda device="cpu": 100_000)
+    monkeypatch.setattr(pkz, "memory_bytes", lambda device="cpu": 100_000)
     with pytest.raises(UsageError, match=r"2,000 images of 64 pixels, which would need about 750.0 KiB"):
         probkit.decompress("f.pkz")
 
 
 def test_any_decoder_failure_is_a_damaged_file(runs, monkeypatch):
     """constriction's AssertionError (or any exception of the decoder) is exit 2, said plainly."""
-    import probkit.compression as compression
+    import probkit.tasks.compression as compression
 
     first, _ = runs
     probkit.compress(first, "x.pkz", images=4)
