@@ -60,10 +60,11 @@ def flag(*names: str, help: str):
 def reports_errors(command):
     """Turn ProbkitError into a one-paragraph message and its exit code; never a traceback.
     Anything else is probkit's own failure (a bug, the device, memory): exit 1, said so plainly
-    (PROBKIT_TRACEBACK=1 shows the traceback)."""
+    (PROBKIT_TRACEBACK=1 shows the traceback). Under torchrun a rank ends right there with its
+    code (`end_rank`)."""
 
     @functools.wraps(command)
-    def wrapper(*args, **kwargs):
+    def guarded(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except ProbkitError as exc:
@@ -81,7 +82,31 @@ def reports_errors(command):
             _error(("" if rank() is None else f"rank {rank()}: ") + internal_failure(exc))
             raise typer.Exit(1) from None
 
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        if rank() is None:
+            return guarded(*args, **kwargs)
+        try:
+            guarded(*args, **kwargs)
+            code = 0
+        except typer.Exit as exc:
+            code = exc.exit_code
+        except typer.Abort:
+            code = 1
+        end_rank(code)
+
     return wrapper
+
+
+def end_rank(code: int) -> None:
+    """End a torchrun rank now, with `code`, once its output is flushed. Its files are written
+    and closed and the process group was left (probkit.infer.distributed.leave); what remains,
+    the interpreter's finalisation, can meet a gloo thread still holding work and abort the
+    process (SIGABRT, "terminate called without an active exception"), so a fit that succeeded
+    would be reported failed at random. Skipping finalisation makes the exit code the command's."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def rank() -> int | None:

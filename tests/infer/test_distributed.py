@@ -181,3 +181,35 @@ def test_every_rank_leaves_the_process_group_through_a_barrier_even_when_it_fail
     calls.clear()
     leave()
     assert calls == []
+
+
+@pytest.mark.parametrize("outcome, code", [("ok", 0), ("refused", 2), ("broken", 1)])
+def test_a_rank_ends_with_its_commands_exit_code_without_finalising(monkeypatch, outcome, code):
+    """Under torchrun a command's rank leaves through os._exit with the command's own code, so
+    gloo threads met during the interpreter's finalisation cannot turn a success into SIGABRT."""
+    import probkit.terminal as terminal
+    from probkit.errors import UsageError
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ended = []
+
+    class Ended(Exception):
+        pass
+
+    def fake_exit(value):
+        ended.append(value)
+        raise Ended
+
+    monkeypatch.setattr(terminal.os, "_exit", fake_exit)
+
+    @terminal.reports_errors
+    def command():
+        if outcome == "refused":
+            raise UsageError("no")
+        if outcome == "broken":
+            raise RuntimeError("bug")
+
+    with pytest.raises(Ended):
+        command()
+    assert ended == [code]
