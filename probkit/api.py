@@ -162,12 +162,13 @@ def _fit_into(prepared: Prepared, settings, trainer: Trainer, run_dir: Path, sam
     (run_dir / PENDING).unlink(missing_ok=True)  # run.json lists its files now
     png = None
     if samples:
-        from probkit.tasks.sampling import draw_samples, latent_captions
         from probkit.images import save_grid
+        from probkit.tasks.sampling import draw_samples, label_captions, latent_captions
 
         drawn, latents = draw_samples(compiled, values, samples, seed=settings.seed, return_latents=True)
+        captions = label_captions(latent_captions(compiled, latents), compiled, dataset.label_names)
         png = save_grid(run_dir / "samples.png", dataset.images(drawn), title=f"{samples} samples",
-                        captions=latent_captions(compiled, latents) if compiled.latents else None)
+                        captions=captions if compiled.latents else None)
     return FitResult(run_dir, metrics, values, trainer.history, png, settings.optimizer, settings.choice, stopped,
                      list(dataset.notes))
 

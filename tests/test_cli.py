@@ -270,6 +270,12 @@ def test_folder_labels_keep_their_names_in_given_and_captions(tmp_path, monkeypa
     result = _invoke("sample", spec, "-n", 4, "--given", "y=triangle")
     assert result.exit_code == 2, result.output
     assert "the labels are circle (0), square (1)" in " ".join(result.output.split())
+    result = _invoke("cluster", spec, "--device", "cpu")  # z is clustered; y, the label, is summed out
+    assert result.exit_code == 0, result.output
+    rows = Path("runs/tiny-class/clusters/clusters-train.csv").read_text().splitlines()[1:]
+    assert rows and {row.split(",")[1] for row in rows} == {"circle", "square"}
+    summary = json.loads(Path("runs/tiny-class/clusters/clusters.json").read_text())
+    assert set(summary["most_common_label"]["train"]) <= {"circle", "square", None}
 
 
 def test_sample_writes_beside_the_fits_samples_and_never_over_a_users_file(tmp_path):

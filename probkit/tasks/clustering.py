@@ -121,6 +121,13 @@ class ClusterResult:
     labels: dict[str, np.ndarray | None]
     metrics: dict[str, dict[str, dict[str, float]]] | None
     notes: list[str] = field(default_factory=list)
+    label_names: list[str] | None = None  # the data's names of the labels (folder names), where it has them
+
+    def label(self, value) -> str:
+        """A label as the data names it (its number where the data gives no names)."""
+        index = int(value)
+        names = self.label_names or []
+        return names[index] if 0 <= index < len(names) else str(index)
 
     @property
     def assignments(self) -> dict[str, np.ndarray]:
@@ -129,11 +136,27 @@ class ClusterResult:
     def sizes(self, split: str) -> list[int]:
         return np.bincount(self.assignments[split], minlength=len(self.names)).tolist()
 
+    def most_common_labels(self, split: str) -> list[str | None] | None:
+        """Each cluster's most common label among its images (None for an empty cluster), by name."""
+        labels = self.labels.get(split)
+        if labels is None:
+            return None
+        assigned = self.assignments[split]
+        common = []
+        for k in range(len(self.names)):
+            members = np.asarray(labels)[assigned == k].astype(int)
+            common.append(self.label(np.bincount(members).argmax()) if len(members) else None)
+        return common
+
     def summary(self) -> dict:
-        return {"clusters": len(self.names), "names": self.names,
-                "images": {split: len(p) for split, p in self.probabilities.items()},
-                "sizes": {split: self.sizes(split) for split in self.probabilities},
-                "metrics": self.metrics, "notes": list(self.notes)}
+        summary = {"clusters": len(self.names), "names": self.names,
+                   "images": {split: len(p) for split, p in self.probabilities.items()},
+                   "sizes": {split: self.sizes(split) for split in self.probabilities},
+                   "metrics": self.metrics, "notes": list(self.notes)}
+        common = {split: self.most_common_labels(split) for split in self.probabilities}
+        if any(value is not None for value in common.values()):
+            summary["most_common_label"] = {split: value for split, value in common.items() if value is not None}
+        return summary
 
 
 def cluster_images(compiled: CompiledModel, values: dict[str, torch.Tensor], images: dict[str, torch.Tensor],
@@ -178,7 +201,7 @@ def csv_text(result: ClusterResult, split: str) -> str:
     header = ["index", "label", "cluster", "name", "probability"] + [f"p[{name}]" for name in result.names]
     lines = [",".join(header)]
     for n in range(len(probs)):  # text output: one line per image is the format itself
-        label = "" if labels is None else str(int(labels[n]))
+        label = "" if labels is None else result.label(labels[n])
         cells = [str(n), label, str(int(assigned[n])), result.names[assigned[n]], f"{probs[n, assigned[n]]:.6g}"]
         lines.append(",".join(cells + [f"{p:.6g}" for p in probs[n]]))
     return "\n".join(lines) + "\n"
@@ -219,6 +242,7 @@ def cluster(target: SpecLike | Run, *, seed: int = 0, device: str = "auto", out:
     labels = {"train": dataset.train_labels, "test": dataset.test_labels}
     display = {split: dataset.images(x).reshape(len(x), -1) for split, x in images.items()}
     result = cluster_images(compiled, run.values, images, {s: labels[s] for s in splits}, display=display, seed=seed)
+    result.label_names = dataset.label_names
     files: dict[str, Path] = {}
     if out is not None:
         import json
