@@ -31,6 +31,7 @@ from typing import Any, Callable
 import torch
 
 from probkit import expressions
+from probkit.autoregressive import ELEMENTWISE
 from probkit.context import Context
 from probkit.distributions import FAMILIES
 
@@ -449,8 +450,7 @@ def _unknown(name, args, kwargs, D):
 
 
 RULES: dict[str, Callable[..., Abstract]] = {
-    **{name: _elementwise for name in ("exp", "log", "log1p", "expm1", "sqrt", "abs", "square", "sigmoid",
-                                       "logit", "tanh", "softplus", "relu")},
+    **{name: _elementwise for name in ELEMENTWISE},
     "tril": _triangle, "triu": _triangle,
     "transpose": _transpose, "diag": _diag,
     "eye": _built, "zeros": _built, "ones": _built, "grid_rbf": _built,
