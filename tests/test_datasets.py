@@ -728,3 +728,35 @@ def test_integer_levels_of_any_dtype_are_levels_and_out_of_range_integers_are_re
     np.save(tmp_path / "wide.npy", levels * 2)
     with pytest.raises(DataError, match=r"int32 values run from 0 to 510; integer images hold levels 0\.\.255"):
         load_source("wide.npy", base_dir=tmp_path)
+
+
+def test_a_large_sources_digest_is_remembered_until_a_file_changes(tmp_path, monkeypatch):
+    """A large source is read once: the next load finds its digest by the files' identity
+    (inode, size, times) without reading a byte; a rewrite, even to the same size, is read again;
+    a damaged entry of the digest cache is ignored."""
+    import probkit.datasets as datasets
+    from probkit.datasets.cache import cache_dir
+
+    monkeypatch.setattr(datasets, "DIGEST_MIN_BYTES", 0)  # every source counts as large here
+    path = tmp_path / "images.npy"
+    np.save(path, np.zeros((4, 8, 8), dtype=np.uint8))
+    first = datasets.source_digest(str(path), base_dir=tmp_path)
+    honest = datasets._hash_file
+
+    def no_reading(*args):
+        raise AssertionError("the source was read again")
+
+    monkeypatch.setattr(datasets, "_hash_file", no_reading)
+    assert datasets.source_digest(str(path), base_dir=tmp_path) == first
+    np.save(path, np.ones((4, 8, 8), dtype=np.uint8))  # the same size, other bytes
+    with pytest.raises(AssertionError, match="read again"):
+        datasets.source_digest(str(path), base_dir=tmp_path)
+    monkeypatch.setattr(datasets, "_hash_file", honest)
+    second = datasets.source_digest(str(path), base_dir=tmp_path)
+    assert second != first
+    for entry in (cache_dir() / "digests").glob("*.json"):
+        entry.write_text('{"identity": "x", "digest": "not hex"}')
+    monkeypatch.setattr(datasets, "DIGEST_MIN_BYTES", 2**62)  # the reference: hashed, nothing remembered
+    assert datasets.source_digest(str(path), base_dir=tmp_path) == second
+    monkeypatch.setattr(datasets, "DIGEST_MIN_BYTES", 0)
+    assert datasets.source_digest(str(path), base_dir=tmp_path) == second  # the damaged entry ignored

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from probkit.datasets.arrays import load_array_file
 from probkit.datasets.builtin import BUILTIN, Loader, data_files, missing_requirement
-from probkit.datasets.cache import cache_dir, cached_arrays, clear_cache
+from probkit.datasets.cache import (DIGEST_MIN_BYTES, cache_dir, cached_arrays, clear_cache, remember_digest,
+                                    remembered_digest)
 from probkit.datasets.folder import image_suffixes, load_image_folder, walk_files
 from probkit.datasets.idx import IDX_TYPES, find_labels_file, is_idx_name, load_idx
 from probkit.datasets.raw import DatasetInfo, RawImages, take_subset
@@ -146,10 +147,30 @@ def source_digest(source: str, *, base_dir: Path) -> str:
     if sum(sizes) > MAX_SOURCE_BYTES:  # checked before reading: every load reads all of it
         raise DataError(f"data source '{source}': holds {sum(sizes):,} bytes, more than the {MAX_SOURCE_BYTES:,} "
                         "probkit reads as one data source; keep fewer or smaller images there")
+    identity = _identity(digest.hexdigest(), files) if sum(sizes) >= DIGEST_MIN_BYTES else None
+    remembered = remembered_digest(identity) if identity else None
+    if remembered:  # a large source whose files are exactly as when it was hashed: not read again
+        return remembered
     for (name, file), size in zip(files, sizes):
         digest.update(f"{name}\0{size}\n".encode())
         _hash_file(digest, file, size)
+    if identity:
+        remember_digest(identity, digest.hexdigest())
     return digest.hexdigest()
+
+
+def _identity(head: str, files: list[tuple[str, Path]]) -> str | None:
+    """What identifies a source's bytes without reading them: for every file its name in the
+    source, absolute path, device, inode, size, and modification and change times in ns."""
+    parts = [head]
+    for name, file in files:
+        try:
+            info = os.stat(file)
+        except OSError:
+            return None
+        parts.append(f"{name}\0{Path(file).resolve()}\0{info.st_dev}:{info.st_ino}:{info.st_size}:"
+                     f"{info.st_mtime_ns}:{info.st_ctime_ns}")
+    return "\n".join(parts)
 
 
 def source_fingerprint(source: str, *, base_dir: Path) -> str:

@@ -141,3 +141,44 @@ def _write(path: Path, arrays: dict[str, np.ndarray], key_text: str) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+# ----- digests of large sources, remembered by their files' identity ------------------------
+
+DIGEST_MIN_BYTES = 64 * 2**20  # smaller sources are hashed again each time (about 50 ms)
+_DIGEST_ENTRY_BYTES = 4096
+
+
+def _digests_dir() -> Path:
+    return cache_dir() / "digests"
+
+
+def remembered_digest(identity: str) -> str | None:
+    """The digest stored for a source whose files had exactly this identity (path, device,
+    inode, size, modification and change times of each: a rewrite changes the change time, which
+    no program can set back), or None. The entry is probkit's own small JSON file, checked before
+    it is trusted: a damaged one is ignored."""
+    path = _digests_dir() / (hashlib.sha256(identity.encode()).hexdigest()[:32] + ".json")
+    try:
+        if not path.is_file() or path.stat().st_size > _DIGEST_ENTRY_BYTES + len(identity):
+            return None
+        entry = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    digest = entry.get("digest") if isinstance(entry, dict) and entry.get("identity") == identity else None
+    return digest if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest) else None
+
+
+def remember_digest(identity: str, digest: str) -> None:
+    """Store a source's digest under its files' identity; a cache that cannot be written is
+    skipped (the next command hashes again)."""
+    folder = _digests_dir()
+    path = folder / (hashlib.sha256(identity.encode()).hexdigest()[:32] + ".json")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        with os.fdopen(handle, "w") as stream:
+            json.dump({"identity": identity, "digest": digest}, stream)
+        os.replace(temporary, path)
+    except OSError:
+        return
