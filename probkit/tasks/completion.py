@@ -59,6 +59,7 @@ from probkit.spec import suggest
 from probkit.tasks.limits import MAX_COMPLETIONS, check_completion_memory
 from probkit.tasks.masks import load_mask, mask_label
 from probkit.tasks.outputs import check_outputs, output_files
+from probkit.tasks.restoration import choose
 
 
 # ----- results ---------------------------------------------------------------------------
@@ -102,20 +103,13 @@ def discrete_posterior(compiled: CompiledModel, values, x: torch.Tensor, mask: t
     return (_latent_prior(compiled, values) + observed).log_softmax(-1)
 
 
-def _choose(log_post: torch.Tensor, k: int) -> torch.Tensor:
-    """k configurations per image from its posterior: N x k."""
-    if log_post.shape[-1] == 1:
-        return torch.zeros((len(log_post), k), dtype=torch.long, device=log_post.device)
-    return torch.multinomial(log_post.exp(), k, replacement=True)
-
-
 def _complete_pixels(compiled, values, x, mask, k):
     family = compiled.family
     args = compiled.config_arguments(values)
     log_post = discrete_posterior(compiled, values, x, mask, args)
     # log p(x_miss | x_obs) = logsumexp_k log p(k | x_obs) + log p(x_miss | k)
     cond_ll = (log_post + family.table(args, x, pixels=mask)).logsumexp(-1)
-    draws = family.sample(args, _choose(log_post, k)).to(x.dtype)
+    draws = family.sample(args, choose(log_post, k)).to(x.dtype)
     mean_k = family.mean(args)
     notes = []
     if not bool(torch.isfinite(mean_k).all()):
@@ -148,7 +142,7 @@ def _complete_gaussian(compiled, values, x, mask, k):
     x_miss = x[:, cond.missing]
     cond_ll = (cond.log_post + cond.log_prob(x_miss)).logsumexp(-1)
     draws = x.unsqueeze(1).repeat(1, k, 1)
-    draws[:, :, cond.missing] = cond.sample(_choose(cond.log_post, k), dtype=x.dtype)
+    draws[:, :, cond.missing] = cond.sample(choose(cond.log_post, k), dtype=x.dtype)
     mean = x.clone()
     mean[:, cond.missing] = torch.einsum("nk,nkm->nm", cond.log_post.exp(), cond.mean).to(x.dtype)
     return draws, mean, cond_ll.to(x.dtype), []
@@ -314,7 +308,7 @@ def _complete_autoregressive(compiled, values, x, mask, k):
 
     log_post = _autoregressive_posterior(compiled, values, x, ~mask)
     cond_ll = (log_post + compiled.structure.table(values, x, pixels=mask)).logsumexp(-1)
-    chosen = _choose(log_post, k).reshape(-1)  # N*k, image-major
+    chosen = choose(log_post, k).reshape(-1)  # N*k, image-major
     start = x.repeat_interleave(k, 0)
     draws, expected = draw_pixel_by_pixel(compiled, values, chosen, x=start, missing=mask, means=True)
     draws = draws.reshape(len(x), k, -1)
@@ -356,7 +350,7 @@ def _complete_gibbs(compiled, values, x, mask, k, settings: GibbsSettings, on_im
     N = len(x)
     prefix = compiled.structure.exact_completion(mask) is not None  # the observed pixels come first in the order
     log_post = _autoregressive_posterior(compiled, values, x, ~mask) if prefix else prior.expand(N, -1).log_softmax(-1)
-    state = draw_pixel_by_pixel(compiled, values, _choose(log_post, k).reshape(-1), x=x.repeat_interleave(k, 0),
+    state = draw_pixel_by_pixel(compiled, values, choose(log_post, k).reshape(-1), x=x.repeat_interleave(k, 0),
                                 missing=mask)
     total = settings.warmup_steps + settings.num_samples
     mean = torch.zeros(len(state), len(missing), dtype=torch.float64, device=x.device)
