@@ -114,11 +114,9 @@ def fit(
     _print_metrics(result.metrics)
     for latent, usage in (result.metrics.get("components") or {}).items():
         if usage["collapsed"]:
-            err_console.print(
-                f"[yellow]warning:[/] {len(usage['collapsed'])} of {len(usage['expected_images'])} values of "
-                f"latent '{latent}' explain less than one training image (collapsed: {usage['collapsed']}); "
-                "fewer components, a stronger prior on the weights, or another seed may serve better"
-            )
+            warn(f"{len(usage['collapsed'])} of {len(usage['expected_images'])} values of latent '{latent}' "
+                 f"explain less than one training image (collapsed: {usage['collapsed']}); fewer components, a "
+                 "stronger prior on the weights, or another seed may serve better")
     console.print(f"run folder: {result.run_dir}")
     if result.samples_png:
         console.print(f"samples: {result.samples_png}")
