@@ -247,7 +247,7 @@ class LikelihoodFamily(abc.ABC):
 
     def pixel_log_prob(self, args: Args, x: torch.Tensor) -> torch.Tensor:
         """log p(x_nd | arguments of image n) for every pixel of an autoregressive likelihood:
-        arguments with leading dims (N, K or 1) (probkit.compiler's image_arguments), x (N, D)
+        arguments with leading dims (N, K or 1) (the autoregressive structure's image_arguments), x (N, D)
         -> (N, K or 1, D). Pyro's log_prob by default."""
         return self.distribution(args).log_prob(x.unsqueeze(1))
 
