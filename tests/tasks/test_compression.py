@@ -282,6 +282,58 @@ def test_file_size_within_one_percent_of_model_bits(spec, tmp_path, monkeypatch)
     assert np.array_equal(back.images.reshape(result.images, -1), _held_out_symbols(prepared))
 
 
+def _png(data: bytes):
+    """A PNG decoded by Pillow, and the bit depth its header (IHDR) declares."""
+    import io
+
+    from PIL import Image
+
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    picture = Image.open(io.BytesIO(data))
+    picture.load()
+    return picture, data[24]
+
+
+def test_binary_images_are_compared_with_a_1_bit_png(tmp_path, monkeypatch):
+    """compress's PNG of binary images is the 1-bit one (mode '1', bit depth 1) and decodes to
+    the images; on the 360 held-out 32x32 digits it is smaller than the 8-bit grayscale PNG."""
+    from probkit.tasks.compression import image_grid, png_of
+
+    prepared = _prepared(SPECS / "digits-mixture.yaml")
+    symbols = _held_out_symbols(prepared)
+    grid = image_grid(symbols, 1, 32, 32, "binary")
+    one_bit, eight_bit = png_of(grid, binary=True), png_of(grid, binary=False)
+    picture, depth = _png(one_bit)
+    assert (picture.mode, depth) == ("1", 1)
+    assert np.array_equal(np.array(picture), grid[:, :, 0] == 255)
+    tile = np.array(picture)[:32, :32]  # the first image, back from the PNG
+    assert np.array_equal(tile.reshape(-1).astype(np.int32), symbols[0])
+    picture, depth = _png(eight_bit)
+    assert (picture.mode, depth) == ("L", 8)
+    assert len(one_bit) < len(eight_bit)
+    monkeypatch.chdir(tmp_path)  # what compress prints is the 1-bit PNG's size
+    run = _write_run(Path("m"), SPECS / "digits-mixture.yaml", prepared.compiled.initial_values())
+    assert probkit.compress(run, "x.pkz").png_bytes == len(one_bit)
+
+
+@pytest.mark.parametrize("channels, transform, mode, depth", [(3, "binary", "P", 4), (1, "discrete", "L", 8),
+                                                              (3, "discrete", "RGB", 8)])
+def test_the_png_of_other_images_takes_the_fewest_bits_its_format_allows(channels, transform, mode, depth):
+    """Binary RGB as a palette of its 8 colours (4 bits a pixel); levels as 8-bit L or RGB:
+    each decodes to the images."""
+    from probkit.tasks.compression import image_grid, png_of
+
+    top = 2 if transform == "binary" else 256
+    symbols = np.random.default_rng(0).integers(0, top, (10, channels * 6 * 5))
+    grid = image_grid(symbols, channels, 6, 5, transform)
+    picture, found = _png(png_of(grid, binary=transform == "binary"))
+    assert (picture.mode, found) == (mode, depth)
+    back = np.array(picture.convert("RGB" if channels == 3 else "L")).reshape(grid.shape)
+    assert np.array_equal(back, grid)
+    scale = 255 if transform == "binary" else 1
+    assert np.array_equal(back[:6, :5].transpose(2, 0, 1).reshape(-1), symbols[0] * scale)
+
+
 def test_cli_round_trip_and_json(runs):
     first, _ = runs
     result = runner.invoke(app, ["compress", str(first), "--out", "x.pkz", "--json"])
