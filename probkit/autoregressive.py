@@ -17,6 +17,7 @@ into its standalone program as they are here (it reads this file's source of the
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable
 
@@ -38,11 +39,34 @@ def nade(x, W, c, V, b):
     return torch.linalg.vecdot(hidden, V) + b
 
 
-def nade_pixel(x, W, c, V, b, d: int):
-    """NADE's output for pixel d alone (what drawing pixel d needs): O(H d), not O(H D).
-    Returns (..., 1), which broadcasts against per-pixel terms whose entry d is then pixel d's."""
-    hidden = torch.sigmoid(c + W[..., :, :d] @ x[:d])
-    return ((V[..., d, :] * hidden).sum(-1) + b[..., d]).unsqueeze(-1)
+@dataclass
+class NadePass:
+    """Where a pass that draws or codes the pixels in order stands, for the nade(...) calls of
+    one image's likelihood: pixel d is wanted, and `sums[i]` holds W[:, :start] @ x[:start]
+    for the i-th nade call evaluated (in the expression's evaluation order), left by the step
+    at pixel `start` <= d. Each call adds the pixels start..d-1 to its running sum, so a whole
+    pass costs O(H D) instead of O(H D^2) (the pre-activations of the hidden units are c plus
+    the running sum), and leaves its sum at d in `reached` for the next step.
+
+    Exact only when x's pixels before `start` are those the sums were built from: a pass writes
+    each pixel once, after its step, in increasing d. Without sums (start 0) it computes pixel d
+    from scratch, O(H d)."""
+
+    d: int
+    start: int = 0
+    sums: tuple = ()
+    reached: list = field(default_factory=list)
+
+    def nade(self, x, W, c, V, b):
+        i, d = len(self.reached), self.d
+        running = W[..., :, self.start: d] @ x[self.start: d]  # (..., H): the pixels since the last step
+        if i < len(self.sums):
+            running = self.sums[i] + running
+        elif self.start:
+            raise AssertionError("a step past pixel 0 without the running sums of the step before it")
+        self.reached.append(running)
+        hidden = torch.sigmoid(c + running)
+        return ((V[..., d, :] * hidden).sum(-1) + b[..., d]).unsqueeze(-1)
 
 
 @lru_cache(maxsize=64)
@@ -201,7 +225,7 @@ def is_affine(node, constant: Callable[[object], bool]) -> bool:
 def pixelwise_nade(node, constant: Callable[[object], bool]) -> bool:
     """Whether every use of x in the node is inside a nade(...) call whose result reaches the
     node through elementwise operations only (so pixel d of the node is pixel d of nade's
-    output, and `nade_pixel` can stand in for it)."""
+    output, and `NadePass.nade` can stand in for it)."""
     import ast
 
     if constant(node):

@@ -364,17 +364,15 @@ def _eval(expr: Expr, node: ast.AST, env: dict[str, Any], ctx: Context) -> Any:
             family = FAMILIES[name]
             kwargs.update(zip(family.args, args))
             return name, kwargs
-        if name == "nade" and PIXEL_KEY in env:  # drawing one pixel: its output alone
-            from probkit.autoregressive import nade_pixel
-
-            return nade_pixel(*(ctx.tensor(a) for a in args), env[PIXEL_KEY])
+        if name == "nade" and PIXEL_KEY in env:  # drawing one pixel: its output alone, from the running sums
+            return env[PIXEL_KEY].nade(*(ctx.tensor(a) for a in args))
         if "dim" in kwargs:
             kwargs["dim"] = int(kwargs["dim"])
         return FUNCTIONS[name].run(ctx, *args, **kwargs)
     raise AssertionError(f"unchecked node {node!r}")
 
 
-PIXEL_KEY = "__pixel__"  # env entry while drawing pixel d of an autoregressive likelihood; not a spec name
+PIXEL_KEY = "__pixel__"  # env entry while drawing pixel d of an autoregressive likelihood: a NadePass; not a spec name
 GRID_KEY = "__grid__"  # env entry: {id(grid tensor): (dim, number of grid dims)}; not a spec name
 
 

@@ -89,6 +89,106 @@ def test_nade_equals_a_loop_over_pixels():
     np.testing.assert_allclose(nade(x, U, c, V, b).numpy(), expected, rtol=1e-10)
 
 
+NADE_SPEC = """\
+probkit: 1
+name: micro-nade
+data: {{source: digits, size: 3, transform: binary, test_fraction: 0.2, seed: 0}}
+constants: {{K: 3, M: 5}}
+params:
+  weights: {{shape: [K], prior: Dirichlet(2.0)}}
+  U: {{shape: [M, D], prior: "Normal(0.0, 1.0)"}}
+  c: {{shape: [K, M], prior: "Normal(0.0, 1.0)"}}
+  V: {{shape: [D, M], prior: "Normal(0.0, 1.0)"}}
+  b: {{shape: [K, D], prior: "Normal(0.0, 1.0)"}}
+{latent}
+likelihood:
+  x: {likelihood}
+fit: {{optimizer: adam, steps: 5, batch_size: full}}
+"""
+NADE_CASES = {  # plain; a mixture whose hidden and output biases are the component's; one under elementwise functions
+    "plain": ("", "Bernoulli(logits=nade(x, U, c[0], V, b[0]))"),
+    "mixture": ("latent:\n  z: Categorical(probs=weights)", "Bernoulli(logits=nade(x, U, c[z], V, b[z]))"),
+    "elementwise": ("latent:\n  z: Categorical(probs=weights)",
+                    "Bernoulli(logits=2.0 * tanh(nade(x, U, c[z], V, b[z])) + b[0])"),
+}
+
+
+def _nade_model(write_spec, case):
+    latent, likelihood = NADE_CASES[case]
+    compiled = prepare(write_spec(NADE_SPEC.format(latent=latent, likelihood=likelihood))).compiled
+    torch.manual_seed(3)
+    values = {k: (v + torch.randn(v.shape) if k != "weights" else v).double()
+              for k, v in compiled.initial_values(0).items()}
+    return compiled, values
+
+
+def _teacher_forced_logits(case, values, x, chosen):
+    """Every pixel's logit from the full nade() of each image at its component (teacher forcing)."""
+    U, c, V, b = values["U"], values["c"], values["V"], values["b"]
+    rows = []
+    for image, k in zip(x, chosen.tolist()):
+        k = 0 if case == "plain" else k
+        out = nade(image, U, c[k], V, b[k])
+        rows.append(2.0 * torch.tanh(out) + b[0] if case == "elementwise" else out)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("case", list(NADE_CASES))
+@pytest.mark.parametrize("per_image", [True, False])
+def test_the_running_nade_stepper_gives_the_teacher_forced_probabilities(write_spec, monkeypatch, case, per_image):
+    """The stepper keeps W[:, :d] @ x[:d] per image and configuration; pixel by pixel, as a
+    pass writes them, its logits equal the full nade() evaluation's at every pixel; and over
+    a subset of the pixels (a completion steps only the missing ones, the others already set).
+    per_image: b[z] and c[z] read once per image, or (over the memory limit) at every step."""
+    from probkit.structures import autoregressive
+    from probkit.structures.autoregressive import RunningNade
+
+    if not per_image:
+        monkeypatch.setattr(autoregressive, "ROW_CONSTANTS_ELEMENTS", 0)
+    compiled, values = _nade_model(write_spec, case)
+    D, N = compiled.dims.D, 6
+    x = torch.randint(0, 2, (N, D), generator=torch.Generator().manual_seed(1)).double()
+    chosen = torch.tensor([0, 1, 2, 2, 1, 0])
+    expected = _teacher_forced_logits(case, values, x, chosen)
+    step = compiled.structure.pixel_stepper(values, chosen)
+    assert isinstance(step, RunningNade)
+    assert bool(step.rows) == (per_image and case != "plain")  # the plain NADE reads no latent
+    drawn = torch.zeros_like(x)
+    for d in range(D):
+        got = step(drawn, d)["logits"][:, 0]
+        np.testing.assert_allclose(got.numpy(), expected[:, d].numpy(), rtol=1e-12, atol=1e-12)
+        drawn[:, d] = x[:, d]  # the pass writes pixel d after its step
+    some = [1, 2, 5, 8]  # skipping pixels: the sums catch up over the ones set in between
+    observed = x.clone()
+    for d in some:
+        got = step(observed, d)["logits"][:, 0]
+        np.testing.assert_allclose(got.numpy(), expected[:, d].numpy(), rtol=1e-12, atol=1e-12)
+    got = step(observed, 4)["logits"][:, 0]  # an earlier pixel starts the pass over
+    np.testing.assert_allclose(got.numpy(), expected[:, 4].numpy(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["plain", "mixture"])
+def test_sampling_with_the_running_nade_draws_what_the_full_evaluation_draws(write_spec, case):
+    """The same seed, the same draw order: the running sums draw the same images as the stepper
+    that evaluates every pixel's arguments from scratch (nade() over the whole image) at each pixel."""
+    from probkit.tasks.sampling import draw_pixel_by_pixel
+
+    compiled, values = _nade_model(write_spec, case)
+    values = {k: v.float() for k, v in values.items()}
+    chosen = torch.arange(200) % 3
+    structure = compiled.structure
+
+    def full_step(x, d):
+        return {arg: value[:, 0, d: d + 1] for arg, value in structure.image_arguments(values, x, chosen).items()}
+
+    draws = {}
+    for name, step in (("running", structure.pixel_stepper(values, chosen)), ("full", full_step)):
+        torch.manual_seed(7)
+        draws[name] = draw_pixel_by_pixel(compiled, values, chosen, step=step)
+    assert 0.1 < float(draws["full"].mean()) < 0.9  # the draws are not all one value
+    assert torch.equal(draws["running"], draws["full"])
+
+
 def test_made_output_d_changes_with_earlier_pixels_only():
     torch.manual_seed(0)
     D, M = 6, 9

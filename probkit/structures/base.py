@@ -23,7 +23,8 @@ Capabilities, with defaults:
   of any pixel subset factorises: denoise, upscale, EM, mean images), else why not;
 - `memory_estimate()`: bytes of work beyond the params and the latent grid;
 - `pixel_stepper(values, chosen)`: step(x, d) -> pixel d's arguments given the pixels before it
-  (sampling and coding pixel by pixel), None where pixels need no order;
+  (sampling and coding pixel by pixel), None where pixels need no order; a stepper serves one
+  pass over one tensor x, at increasing d, pixel d written after its step (it may carry sums);
 - `support_arguments(values)`: the arguments at which to read the family's support.
 
 A worked example, a structure in which every pixel reads nothing (the `Independent` one)::

@@ -185,7 +185,7 @@ class GaussianChain(SequentialModel):
 
 class AutoregressiveLevels(PixelLevels):
     """Autoregressive likelihoods: p(x_d | x_<d, k) from the likelihood's arguments at the pixels
-    coded so far (the structure's `pixel_stepper`: O(d) a pixel for FVSBNs, nade for one pixel),
+    coded so far (the structure's `pixel_stepper`: O(d) a pixel for FVSBNs, O(H) for a NADE),
     for every image and configuration at once; continuous pixels read the earlier pixels at
     their bin centres (l + 0.5)/256, so the code is exact for the model given those values."""
 
