@@ -135,7 +135,7 @@ def compress(
     table.add_row("file − coded bits", f"{excess:+,.1f} bytes ({100 * excess / max(result.coded_bits / 8, 1):+.2f}%)")
     table.add_row("bits/dim (file)", f"{result.bits_per_dim:.4f}")
     table.add_row("bits/dim (model)", f"{result.model_bits_per_dim:.4f}")
-    table.add_row("PNG, one grid of the images", f"{result.png_bytes:,} bytes")
+    table.add_row("PNG (1 bit a pixel if binary), one grid of the images", f"{result.png_bytes:,} bytes")
     table.add_row("WebP lossless, the same grid", f"{result.webp_bytes:,} bytes")
     console.print(table)
     console.print(f"method: {escape(result.method)}", highlight=False, soft_wrap=True)
