@@ -56,7 +56,7 @@ def prepare(spec: SpecLike, *, device: str | torch.device = "cpu") -> Prepared:
     loaded = load_spec(spec)
     device = resolve_device(device)
     prove_order_before_data(loaded)
-    dataset = load_dataset(loaded.spec.data, loaded.base_dir)
+    dataset = load_dataset(loaded.spec.data, loaded.base_dir, where=loaded.where(("data", "test")))
     dims = Dims(dataset.channels, dataset.height, dataset.width, dataset.n_train)
     compiled = compile_spec(loaded, dims, device=device)
     _check_labels(compiled, dataset, loaded)

@@ -58,7 +58,7 @@ def summary_tables(prepared: Prepared) -> list[Table]:
         data.add_column(column)
     info = summarize(dataset)
     data.add_row(
-        info["source"], str(info["train"]), str(info["test"]), "×".join(map(str, info["shape"])),
+        info["source"], str(info["train"]), f"{info['test']} ({info['held_out']})", "×".join(map(str, info["shape"])),
         info["transform"], "yes" if info["labels"] else "no",
     )
     return [params, model, data, fit_table(prepared, settings), memory_table(prepared)]

@@ -21,6 +21,7 @@ class RawImages:
     labels: np.ndarray | None = None  # int64, N
     label_names: list[str] | None = None  # label_names[k] names label k
     notes: list[str] = field(default_factory=list)  # one line each, shown to the user
+    own_test: np.ndarray | None = None  # bool, N: the image is in the source's own test split (mnist-full)
 
 
 @dataclass(frozen=True)
@@ -50,4 +51,5 @@ def take_subset(raw: RawImages, count: int | None, *, seed: int, where: str) -> 
         return raw
     keep = np.sort(np.random.default_rng(seed).choice(available, size=count, replace=False))
     labels = None if raw.labels is None else raw.labels[keep]
-    return RawImages(raw.images[keep], labels, raw.label_names, list(raw.notes))
+    own_test = None if raw.own_test is None else raw.own_test[keep]
+    return RawImages(raw.images[keep], labels, raw.label_names, list(raw.notes), own_test)
