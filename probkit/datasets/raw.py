@@ -35,6 +35,7 @@ class DatasetInfo:
     channels: int
     package: str
     licence: str
+    test_split: bool = False  # the set knows its own test images (data.test: split)
 
 
 def take_subset(raw: RawImages, count: int | None, *, seed: int, where: str) -> RawImages:
