@@ -1,14 +1,18 @@
 """Numpy arrays stored in a pickle (the classic `mnist.pkl.gz`), read without unpickling objects.
 
-A pickle is a program: `pickle.load` runs whatever callables the file names. This reader lets
-the file name only the globals a pickled numpy array uses (`_reconstruct`, `ndarray`, `dtype`,
-and `_codecs.encode` for bytes under protocol 2), and none of them reaches numpy or codecs: each returns a small recipe object whose
-`__setstate__` checks the state it is given (a plain numeric type code, a byte order, a shape
-and raw bytes that fill it exactly) and only then builds the array with `np.frombuffer`. Any
-other global (`os.system`, `builtins.eval`, a class of the file's choosing) is refused with a
-`DataError` before it is looked up, so nothing the file names runs. The decompressed stream is
-read through a budget, so a file whose strings announce more bytes than it may hold is refused
-before they are allocated. What comes back holds only tuples, lists, numbers, strings and arrays.
+A pickle is a program: `pickle.load` runs whatever callables the file names. This reader runs
+only the opcodes that numpy arrays in tuples and lists are written with, and lets the file name
+only the globals a pickled array uses (`_reconstruct`, `ndarray`, `dtype`, and `_codecs.encode`
+and `bytes` for bytes under protocol 2); none of them reaches numpy or codecs. Each returns a
+small recipe whose `__setstate__` checks the state it is given (a plain numeric type code, a
+byte order, a shape and raw bytes that fill it exactly) and only then builds the array with
+`np.frombuffer`. Any other global (`os.system`, `builtins.eval`, a class of the file's choosing)
+is refused with a `DataError` before it is looked up, so nothing the file names runs. Memory is
+bounded twice: the decompressed stream is read through a budget (a string announcing more bytes
+than are left is refused before it is allocated), and the bytes the recipes make (arrays
+swapped to native byte order, encoded text) count against the same limit, so a file cannot
+multiply one large string by naming it many times. What comes back holds only tuples, lists,
+numbers, strings and arrays.
 """
 
 from __future__ import annotations
@@ -181,18 +185,33 @@ class _ArraysOnly(pickle._Unpickler):
         return {"reconstruct": _ArrayRecipe, "ndarray": _NdarrayName, "dtype": _DtypeRecipe,
                 "encode": _latin1_bytes, "bytes": _no_bytes}[role]
 
+    def __init__(self, file, *, limit: int):
+        super().__init__(file, encoding="bytes")
+        self.limit, self.made = limit, 0
+
+    def _count(self, nbytes: int) -> None:
+        self.made += nbytes
+        if self.made > self.limit:
+            raise _Refused(f"arrays and bytes of more than {self.limit:,} bytes in all (its values are named "
+                           "more than once)")
+
     def load_reduce(self):
         args = self.stack.pop()
         func = self.stack[-1]
         if func not in (_ArrayRecipe, _DtypeRecipe, _latin1_bytes, _no_bytes) or not isinstance(args, tuple):
             raise _Refused(f"a call of {_short(func)}; only numpy's array and dtype constructors are called")
         self.stack[-1] = func(*args)
+        if isinstance(self.stack[-1], bytes):
+            self._count(len(self.stack[-1]))
 
     def load_build(self):
         state = self.stack.pop()
-        if not isinstance(self.stack[-1], (_ArrayRecipe, _DtypeRecipe)):
-            raise _Refused(f"a state for {_short(self.stack[-1])}; only numpy arrays and dtypes take one")
-        self.stack[-1].__setstate__(state)
+        recipe = self.stack[-1]
+        if not isinstance(recipe, (_ArrayRecipe, _DtypeRecipe)):
+            raise _Refused(f"a state for {_short(recipe)}; only numpy arrays and dtypes take one")
+        recipe.__setstate__(state)
+        if isinstance(recipe, _ArrayRecipe):
+            self._count(recipe.array.nbytes)
 
     def load(self):
         try:
@@ -231,7 +250,7 @@ def load_array_pickle(path: Path, *, max_bytes: int) -> Any:
             gzipped = raw.read(2) == b"\x1f\x8b"
             raw.seek(0)
             stream = gzip.GzipFile(fileobj=raw) if gzipped else raw
-            value = _ArraysOnly(_Budget(stream, max_bytes), encoding="bytes").load()
+            value = _ArraysOnly(_Budget(stream, max_bytes), limit=max_bytes).load()
             if stream.read(1):  # reads a gzip stream to its end, which checks its CRC and length
                 raise _Refused("bytes after the pickle's end")
             return _resolve(value)

@@ -148,3 +148,22 @@ def test_a_file_that_is_not_a_pickle_is_a_data_error(tmp_path):
     path.write_bytes(b"\x89PNG\r\n\x1a\n not a pickle")
     with pytest.raises(DataError, match=r"a\.pkl: (not a readable pickle|refused: the pickle holds the pickle opcode)"):
         load_array_pickle(path, max_bytes=LIMIT)
+
+
+class BigEndianFromOneString:
+    """Many arrays over the one memoised string, each in big-endian order (so each would be a copy)."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __reduce__(self):
+        return ArrayWithState((1, (len(self.data) // 4,), np.dtype(">f4"), False, self.data)).__reduce__()
+
+
+def test_one_string_named_many_times_cannot_multiply_the_memory(tmp_path):
+    data = b"\0" * 100_000
+    path = write(tmp_path / "bomb.pkl", [BigEndianFromOneString(data) for _ in range(200)], protocol=2)
+    assert path.stat().st_size < 200_000  # the string is written once and referenced from the memo
+    with pytest.raises(DataError, match=r"arrays and bytes of more than 1,000,000 bytes in all"):
+        load_array_pickle(path, max_bytes=1_000_000)
+    assert len(load_array_pickle(path, max_bytes=100_000_000)) == 200  # within the limit it reads
