@@ -337,20 +337,21 @@ def own_split(spec: DataSpec, own_test: np.ndarray | None, where: str | None) ->
 
 def held_out_source(spec: DataSpec, base_dir: Path, labels, label_names, where: str | None):
     """`data.test: {source: ...}`: the second source's levels, labels and label names, prepared with the
-    spec's size, channels and threshold, and notes on what was dropped. Its labels are kept only when
-    both sources have them under the same names (a folder's are its sub-folders, sorted)."""
+    spec's size and channels (the transform then applies to both alike), and notes on what was dropped.
+    Its labels are kept only when both sources have them under the same names (a folder's are its
+    sub-folders, sorted)."""
     at = f"{where}: data.test" if where else "data.test"
     held = spec.test
     from probkit.datasets import BUILTIN
 
-    generated = held.source in BUILTIN and BUILTIN[held.source][0].images.startswith("configurable")
-    if held.source == spec.source and not generated:
+    drawn = held.source in BUILTIN and BUILTIN[held.source][0].drawn
+    if held.source == spec.source and not drawn:
         raise DataError(f"{at}: the held-out source '{held.source}' is the training source itself, so the "
                         "held-out images would be training images; name another source, or use test: split "
                         "or test_fraction")
-    # a generated set drawn with the training seed would repeat the training images
+    # a set drawn with the training seed would repeat the training images
     second = spec.model_copy(update={"source": held.source, "count": held.count, "test": None,
-                                     "seed": (spec.seed + 1) % (2**32) if generated else spec.seed})
+                                     "seed": (spec.seed + 1) % (2**32) if drawn else spec.seed})
     levels, test_labels, test_names, notes, _ = _prepared_levels(second, base_dir)
     if labels is not None and test_labels is not None and label_names != test_names:
         raise DataError(f"{at}: the held-out source '{held.source}' names its labels {test_names}, the training "

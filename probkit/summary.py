@@ -58,8 +58,8 @@ def summary_tables(prepared: Prepared) -> list[Table]:
         data.add_column(column)
     info = summarize(dataset)
     data.add_row(
-        info["source"], str(info["train"]), f"{info['test']} ({info['held_out']})", "×".join(map(str, info["shape"])),
-        info["transform"], "yes" if info["labels"] else "no",
+        info["source"], str(info["train"]), f"{info['test']} ({info['held_out']})",
+        "×".join(map(str, info["shape"])), info["transform"], "yes" if info["labels"] else "no",
     )
     return [params, model, data, fit_table(prepared, settings), memory_table(prepared)]
 

@@ -36,6 +36,7 @@ class DatasetInfo:
     package: str
     licence: str
     test_split: bool = False  # the set knows its own test images (data.test: split)
+    drawn: bool = False  # its images are drawn by data.seed (patches, patterns): another seed gives others
 
 
 def take_subset(raw: RawImages, count: int | None, *, seed: int, where: str) -> RawImages:

@@ -13,7 +13,7 @@ import pickle
 import numpy as np
 import pytest
 
-from probkit.data import load_dataset
+from probkit.data import load_dataset, summarize
 from probkit.datasets import BUILTIN, builtin, describe, missing_requirement
 from probkit.errors import DataError, SpecError
 from probkit.session import prepare
@@ -69,6 +69,7 @@ def test_test_split_holds_out_exactly_the_files_test_images(reference):
     spec = DataSpec(source="mnist-full", size=28, transform="discrete", test="split")
     dataset = load_dataset(spec, base_dir=".")
     assert (dataset.n_train, dataset.n_test) == (60_000, 10_000)
+    assert summarize(dataset)["held_out"] == "the source's test split"
     np.testing.assert_array_equal(dataset.test_levels.numpy().astype(np.uint8), levels[60_000:])
     np.testing.assert_array_equal(dataset.train_levels.numpy().astype(np.uint8), levels[:60_000])
     np.testing.assert_array_equal(dataset.test_labels.numpy(), labels[60_000:])
@@ -213,6 +214,7 @@ def test_a_second_source_is_the_held_out_set_in_its_order(tmp_path):
     np.testing.assert_array_equal(dataset.test_levels.numpy(), test)
     np.testing.assert_array_equal(dataset.test_labels.numpy(), np.arange(7) % 3)
     assert dataset.label_names == ["a", "b", "c"]
+    assert summarize(dataset)["held_out"] == "from test.npz"
     kept = load_dataset(DataSpec(source="train.npz", size=28, transform="discrete",
                                  test={"source": "test.npz", "count": 4}), tmp_path)
     assert kept.n_test == 4 and {r.tobytes() for r in kept.test_levels.numpy()} <= {r.tobytes() for r in
