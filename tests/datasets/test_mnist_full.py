@@ -271,3 +271,24 @@ def test_evaluate_reports_on_the_named_held_out_images(tmp_path):
     for part, images in (("train", train), ("test", test)):
         expected = -binom.logpmf(images, 255, 0.3).sum(1).mean()
         assert metrics[part]["nll"] == pytest.approx(expected, rel=1e-6)
+
+
+def write_idx(path, array):
+    code = {np.uint8: 0x08}[array.dtype.type]
+    header = bytes([0, 0, code, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.tobytes()))
+
+
+def test_an_idx_pair_on_its_official_split_reads_each_file_with_its_labels(tmp_path):
+    rng = np.random.default_rng(2)
+    for prefix, n in (("train", 9), ("t10k", 4)):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", rng.integers(0, 10, n, dtype=np.uint8))
+    spec = DataSpec(source="train-images-idx3-ubyte.gz", size=28, transform="discrete",
+                    test={"source": "t10k-images-idx3-ubyte.gz"})
+    dataset = load_dataset(spec, tmp_path)
+    assert (dataset.n_train, dataset.n_test) == (9, 4)
+    test_images = gzip.decompress((tmp_path / "t10k-images-idx3-ubyte.gz").read_bytes())[16:]
+    np.testing.assert_array_equal(dataset.test_levels.numpy(), np.frombuffer(test_images, np.uint8).reshape(4, -1))
+    test_labels = gzip.decompress((tmp_path / "t10k-labels-idx1-ubyte.gz").read_bytes())[8:]
+    np.testing.assert_array_equal(dataset.test_labels.numpy(), np.frombuffer(test_labels, np.uint8))
