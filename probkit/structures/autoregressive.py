@@ -78,8 +78,9 @@ class Autoregressive(Structure):
         for latent in model.latents:
             env[latent.name] = dependency.leaf(grid[latent.name], D, concrete=True)
         env["x"] = dependency.leaf(torch.empty(D, device="meta"), D, reads=dependency.pixels(D))
+        named: dict[str, dependency.Abstract] = {}
         try:
-            arguments = dependency.analyse(site.expr, env, D)
+            arguments = dependency.analyse(site.expr, env, D, named)
         except dependency.Unanalysable as exc:
             raise site.expr.error(f"cannot prove that each pixel depends only on earlier pixels: {exc}") from None
         found = []
@@ -92,10 +93,24 @@ class Autoregressive(Structure):
             d, j = min(found)
             dims = (model.dims.C, model.dims.H, model.dims.W)
             what = "itself" if d == j else f"the later {describe_pixel(j, *dims)}"
-            message = str(site.expr.error(
-                f"not autoregressive: the distribution of {describe_pixel(d, *dims)} may depend on {what}; each "
-                "pixel may depend only on earlier pixels (channel-first raster order), so mask the weights "
-                "strictly below the diagonal, e.g. tril(A, -1) @ x, or use nade(...)/made(...)"))
+            where, fix = site.expr, ("mask the weights strictly below the diagonal, e.g. tril(A, -1) @ x, or use "
+                                     "nade(...)/made(...)/masked_conv(...)")
+            for name, binding in site.expr.bindings:  # a deep likelihood: the first layer that breaks the order
+                broken = dependency.map_violation(named[name], dims)
+                if broken is not None:
+                    d, j = broken
+                    what = "itself" if d == j else f"the later {describe_pixel(j, *dims)}"
+                    where = binding
+                    if any(isinstance(n, ast.Call) and getattr(n.func, "id", "") == "masked_conv"
+                           for n in ast.walk(binding.tree)):
+                        fix = ("the first convolution on the image takes mask='A' (a pixel must not see itself), "
+                               "later ones mask='B'")
+                    break
+            subject = (f"the distribution of {describe_pixel(d, *dims)}" if where is site.expr else
+                       f"'{where.path[-1]}' at {describe_pixel(d, *dims)}")
+            message = str(where.error(
+                f"not autoregressive: {subject} may depend on {what}; each pixel may depend only on earlier pixels "
+                f"(channel-first raster order), so {fix}"))
             raise NotAutoregressive(message)
 
     def memory_estimate(self) -> dict[str, int]:

@@ -1,0 +1,119 @@
+"""Image-shaped building blocks: feature maps of one image and masked convolutions (PixelCNN).
+
+A likelihood is written per image, over the flat x of D = C·H·W values. `image(x)` views it as a
+C×H×W map; a *feature map* is any F×H×W tensor built from it. Its F channels are split into C
+contiguous groups, one per image channel: channel f belongs to group f·C // F (all of them to
+group 0 for a grayscale image). `flat(h)` goes back to D values (`flat(h, L)`: D×L, L numbers per
+pixel, e.g. a Categorical's logits over L levels, channel c·L + l giving level l of image
+channel c).
+
+`masked_conv(h, W, b, mask='A'|'B')` is a 2-D convolution (zero padding, odd kernel, the map keeps
+its size) whose weights are masked so that the network stays causal in probkit's pixel order,
+channel-first raster order (docs/autoregressive.md): all of image channel 0, row by row, then
+channel 1 ... So output group g at position p reads
+
+- groups before g anywhere in the kernel's window (every pixel of an earlier image channel
+  comes before every pixel of channel g);
+- its own group g at positions strictly before p in raster order ('A'), or up to and including
+  p ('B');
+- groups after g nowhere.
+
+The first layer on the image takes mask 'A' (pixel p must not read itself); later layers 'B'.
+`conv1x1(h, W, b)` is a 1×1 'B' convolution, `gated(h)` the gated activation tanh(a)·sigmoid(b)
+of each group's two halves. The static order proof (probkit.structures.dependency) carries the
+same masks, so a PixelCNN is accepted because of how it is built and a first layer with mask 'B'
+is refused at its line.
+
+All of these are plain torch functions of one image, so `probkit show` prints their source into
+its standalone program as it is here.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+
+def image(x, C, H, W):
+    """The flat image x (..., D) as a C×H×W map (..., C, H, W)."""
+    return x.reshape(*x.shape[:-1], C, H, W)
+
+
+def flat(h, levels=None):
+    """A map (..., F, H, W) as flat values: (..., F·H·W), the channel-first order of x; with
+    `levels` L, a map of C·L channels as (..., C·H·W, L): channel c·L + l is level l of pixel
+    (c, row, column)."""
+    if levels is None:
+        return h.reshape(*h.shape[:-3], -1)
+    F, H, W = h.shape[-3:]
+    C = F // int(levels)
+    per_level = h.reshape(*h.shape[:-3], C, int(levels), H, W).movedim(-3, -1)  # (..., C, H, W, L)
+    return per_level.reshape(*h.shape[:-3], C * H * W, int(levels))
+
+
+def channel_groups(channels, groups, device="cpu"):
+    """The group of each of `channels` channels: contiguous blocks, channel f in group f·groups // channels."""
+    return torch.arange(channels, device=device) * groups // channels
+
+
+@lru_cache(maxsize=64)
+def conv_mask(out_channels, in_channels, kh, kw, groups, kind, device="cpu"):
+    """The 0/1 mask (out, in, kh, kw) of a causal convolution (see the module docstring): an
+    output channel of group g sees input groups before g in the whole window and its own group at
+    the positions before the centre in raster order, the centre too for mask 'B'."""
+    rows, cols = torch.meshgrid(torch.arange(kh), torch.arange(kw), indexing="ij")
+    before = (rows < kh // 2) | ((rows == kh // 2) & (cols < kw // 2))
+    own = before | ((rows == kh // 2) & (cols == kw // 2)) if kind == "B" else before
+    out_group = channel_groups(out_channels, groups)[:, None, None, None]
+    in_group = channel_groups(in_channels, groups)[None, :, None, None]
+    mask = (in_group < out_group) | ((in_group == out_group) & own)
+    return mask.to(device=device, dtype=torch.float32)
+
+
+def masked_conv(h, W, b, mask="B", groups=1):
+    """A causal 2-D convolution of a map h (..., in, H, W) with weights W (out, in, kh, kw), kh and
+    kw odd, masked by `conv_mask`, plus the bias b (out,): (..., out, H, W)."""
+    out_channels, in_channels, kh, kw = W.shape
+    weight = W * conv_mask(out_channels, in_channels, kh, kw, groups, mask, str(W.device)).to(W.dtype)
+    lead = h.shape[:-3]
+    maps = h.reshape(-1, *h.shape[-3:])
+    out = torch.nn.functional.conv2d(maps, weight, b, padding=(kh // 2, kw // 2))
+    return out.reshape(*lead, *out.shape[-3:])
+
+
+def conv1x1(h, W, b, groups=1):
+    """A 1×1 convolution of h (..., in, H, W) with W (out, in) and b (out,), causal between
+    channel groups (mask 'B'): each position mixes its own channels."""
+    return masked_conv(h, W[..., None, None], b, "B", groups)
+
+
+def gated(h, groups=1):
+    """The gated activation of PixelCNN (van den Oord et al., 2016): each group's channels split in
+    two halves a and b, tanh(a) * sigmoid(b), (..., F, H, W) -> (..., F/2, H, W)."""
+    F, H, W = h.shape[-3:]
+    halves = h.reshape(*h.shape[:-3], groups, 2, F // (2 * groups), H, W)
+    out = torch.tanh(halves[..., 0, :, :, :]) * torch.sigmoid(halves[..., 1, :, :, :])
+    return out.reshape(*h.shape[:-3], F // 2, H, W)
+
+
+def conv_problem(h, W, b) -> str | None:
+    """Why masked_conv's arguments do not fit together (None when they do)."""
+    if not isinstance(h, torch.Tensor) or h.dim() < 3:
+        return ("its first argument must be a map of C×H×W (or F×H×W) values, e.g. image(x) or an earlier "
+                f"convolution's output; found shape {list(getattr(h, 'shape', []))}")
+    if W.dim() != 4:
+        return f"its weight must have shape (out, in, kh, kw), found {list(W.shape)}"
+    out_channels, in_channels, kh, kw = W.shape
+    if kh % 2 == 0 or kw % 2 == 0:
+        return f"its kernel must have odd sizes (it is centred on each pixel), found {kh}×{kw}"
+    if in_channels != h.shape[-3]:
+        return f"its weight takes {in_channels} input channels, but the map has {h.shape[-3]} (shape {list(h.shape)})"
+    if b.shape != (out_channels,):
+        return f"its bias must have shape ({out_channels},), one number per output channel, found {list(b.shape)}"
+    return None
+
+
+BLOCKS = ("image", "flat", "masked_conv", "conv1x1", "gated")
+SOURCES = {"image": [image], "flat": [flat], "masked_conv": [channel_groups, conv_mask, masked_conv],
+           "conv1x1": [channel_groups, conv_mask, masked_conv, conv1x1], "gated": [gated]}
