@@ -115,7 +115,8 @@ def _made(ctx, x, *layers):
     return made(ctx.tensor(x), *layers)
 
 
-def _image(ctx, x, *, dims):
+def _image(ctx, x, *, dims, crop=None):
+    from probkit.convolution import crop as cut
     from probkit.convolution import image
 
     x = ctx.tensor(x)
@@ -123,11 +124,14 @@ def _image(ctx, x, *, dims):
     if x.dim() < 1 or x.shape[-1] != C * H * W:
         raise ValueError(f"image(...) views a flat image of D = C*H*W = {C * H * W} values as C×H×W; found shape "
                          f"{list(x.shape)}")
-    return image(x, C, H, W)
+    return image(x, C, H, W) if crop is None else cut(image(x, C, H, W), *crop, *dims)
 
 
-def _flat(ctx, h, levels=None, *, dims):
-    from probkit.convolution import flat
+def _flat(ctx, h, levels=None, *, dims, crop=None):
+    from probkit.convolution import at_pixel, flat
+
+    if crop is not None:  # drawing pixel d: the network ran on d's window, its output at d alone
+        return at_pixel(ctx.tensor(h), *crop, *dims, levels=levels)
 
     h = ctx.tensor(h)
     if h.dim() < 3:
@@ -558,11 +562,14 @@ def _eval(expr: Expr, node: ast.AST, env: dict[str, Any], ctx: Context) -> Any:
         function = FUNCTIONS[name]
         if function.image_dims:
             kwargs["dims"] = image_dims(env)
+            if CROP_KEY in env and name in ("image", "flat"):
+                kwargs["crop"] = env[CROP_KEY]
         return function.run(ctx, *args, **kwargs)
     raise AssertionError(f"unchecked node {node!r}")
 
 
 PIXEL_KEY = "__pixel__"  # env entry while drawing pixel d of an autoregressive likelihood; not a spec name
+CROP_KEY = "__crop__"  # env entry (d, radius): a convolutional network evaluated on pixel d's window alone
 GRID_KEY = "__grid__"  # env entry: {id(grid tensor): (dim, number of grid dims)}; not a spec name
 
 

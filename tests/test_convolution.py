@@ -219,3 +219,61 @@ def test_a_mask_that_is_not_a_or_b_and_a_kernel_of_even_size_are_refused_at_the_
 def test_the_pixelcnn_test_specs_compile_as_autoregressive(name):
     prepared = prepare(HERE / "specs" / name)
     assert prepared.compiled.structure.name == "autoregressive"
+
+
+# ----- drawing pixel by pixel on a window ---------------------------------------------------------
+
+@pytest.mark.parametrize("seed, C, H, W, activation", _cases(12))
+def test_a_network_on_the_window_around_each_pixel_gives_that_pixels_output_exactly(seed, C, H, W, activation):
+    text, shapes = _network(random.Random(seed), C, activation)
+    D = C * H * W
+    sizes = {"C": C, "H": H, "W": W, "D": D}
+    expr = expressions.parse(text, path=("x",), smap=None, names=set(shapes) | set(sizes) | {"x"},
+                             allow_distribution=False)
+    radius = convolution.crop_radius({"logits": expr.tree}, (), shapes)
+    assert radius is not None, text
+    generator = torch.Generator().manual_seed(seed)
+    values = {n: torch.randn(s, generator=generator, dtype=torch.float64) for n, s in shapes.items()}
+    image = torch.rand(D, generator=generator, dtype=torch.float64)
+    ctx = Context(dtype=torch.float64)
+    full = expressions.evaluate(expr, {**values, **sizes, "x": image}, ctx)
+    for d in range(D):
+        local = expressions.evaluate(expr, {**values, **sizes, "x": image, expressions.CROP_KEY: (d, radius)}, ctx)
+        assert torch.allclose(local.squeeze(-2) if full.dim() == 2 else local.squeeze(-1), full[d], atol=1e-12), (d, text)
+
+
+@pytest.mark.parametrize("text", [
+    "flat(masked_conv(image(x), W0, b0, mask='A') + image(v))",  # a position-dependent map
+    "flat(masked_conv(image(x), W0, b0, mask='A')) + x",          # the whole image beside the pixel's output
+    "sum(flat(masked_conv(image(x), W0, b0, mask='A')))",         # every position's output at once
+    "A @ flat(masked_conv(image(x), W0, b0, mask='A'))",
+])
+def test_a_network_that_is_not_the_same_at_every_position_is_evaluated_whole(text):
+    shapes = {"W0": (1, 1, 3, 3), "b0": (1,), "v": (12,), "A": (12, 12)}
+    expr = expressions.parse(text, path=("x",), smap=None, names=set(shapes) | {"x", "C", "H", "W", "D"},
+                             allow_distribution=False)
+    assert convolution.crop_radius({"logits": expr.tree}, (), shapes) is None
+
+
+@pytest.mark.parametrize("name", ["tiny-pixelcnn.yaml", "tiny-pixelcnn-levels.yaml"])
+def test_the_pixel_stepper_of_the_pixelcnn_specs_uses_the_window_and_equals_the_full_evaluation(name, monkeypatch):
+    prepared = prepare(HERE / "specs" / name)
+    model = prepared.compiled
+    generator = torch.Generator().manual_seed(1)
+    values = {k: v + 0.3 * torch.randn(v.shape, generator=generator) for k, v in model.initial_values(0).items()}
+    x = prepared.dataset.fixed("test")[:5]
+    chosen = torch.zeros(5, dtype=torch.long)
+    full = model.structure.image_arguments(values, x, chosen)
+    windows = []
+    original = convolution.crop
+
+    def counted(h, d, radius, *dims):
+        windows.append(h.shape[-2:])
+        return original(h, d, radius, *dims)
+
+    monkeypatch.setattr(convolution, "crop", counted)
+    step = model.structure.pixel_stepper(values, chosen)
+    for d in range(model.dims.D):
+        for arg, value in step(x, d).items():
+            assert torch.allclose(value, full[arg][:, 0, d:d + 1], atol=1e-5), (name, d)
+    assert len(windows) == model.dims.D  # every step ran on a window

@@ -155,7 +155,8 @@ class Autoregressive(Structure):
     # ----- run time -------------------------------------------------------------------------
 
     def image_arguments(self, values: dict[str, torch.Tensor], x: torch.Tensor, chosen: torch.Tensor | None = None,
-                        ctx=None, *, pixel: int | None = None) -> dict[str, torch.Tensor]:
+                        ctx=None, *, pixel: int | None = None, crop: tuple[int, int] | None = None
+                        ) -> dict[str, torch.Tensor]:
         """The arguments of every image x_n (N x D), the expression evaluated per image (vmap):
         (N, K or 1) + one configuration's shape over the latent grid, or (N, 1) + ... at one
         configuration per image, `chosen` (N,) flat indices. With `pixel` d, building blocks that
@@ -166,6 +167,8 @@ class Autoregressive(Structure):
         env = {**model.base_env(), **values}
         if pixel is not None:
             env[expressions.PIXEL_KEY] = pixel
+        if crop is not None:  # (d, radius): a convolutional network on pixel d's window (probkit.convolution)
+            env[expressions.CROP_KEY] = crop
         if chosen is None:
             env.update(model.grid(ctx))
             grid, per_image = model.grid_shape, {}
@@ -223,6 +226,7 @@ class Autoregressive(Structure):
         whose x enters only through nade(...) and elementwise operations evaluates nade for pixel
         d alone, O(H d); anything else evaluates every pixel's arguments, O(the likelihood)."""
         from probkit.autoregressive import is_affine, pixelwise_nade
+        from probkit.convolution import crop_radius
 
         model = self.model
         D, ctx = model.dims.D, model.context
@@ -258,9 +262,13 @@ class Autoregressive(Structure):
 
             return affine_step
         only_pixel = all(pixelwise_nade(n, constant) for n in nodes.values())
+        radius = None if only_pixel else crop_radius(
+            model.likelihood.argument_nodes(written=True), model.likelihood.expr.bindings,
+            {p.name: p.shape for p in model.params})
 
         def evaluated_step(x, d):
-            args = self.image_arguments(values, x, chosen, pixel=d if only_pixel else None)
+            args = self.image_arguments(values, x, chosen, pixel=d if only_pixel else None,
+                                        crop=None if radius is None else (d, radius))
             return {arg: value[:, 0, d : d + 1] for arg, value in args.items()}
 
         return evaluated_step
