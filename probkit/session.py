@@ -108,7 +108,7 @@ def check_run_revisions(run: Run, compiled: CompiledModel) -> None:
     recorded have revision 1) is refused, never read through other connections."""
     from probkit.autoregressive import revision_mismatch
 
-    problem = revision_mismatch(compiled.likelihood.expr.tree, run.info.get("revisions"))
+    problem = revision_mismatch(compiled.likelihood.expr.whole_tree, run.info.get("revisions"))
     if problem:
         raise RunError(f"{run.path / 'run.json'}: the run was fitted by probkit "
                        f"{run.info.get('probkit', 'of an unknown version')} with {problem}. Fit the spec again "

@@ -152,6 +152,9 @@ class Spec(_Strict):
     constants: dict[str, Union[Int, Float]] = Field(default_factory=dict)
     params: dict[str, ParamSpec] = Field(default_factory=dict)
     latent: dict[str, Union[str, LatentSpec]] = Field(default_factory=dict)
+    define: dict[str, Union[str, Float]] = Field(
+        default_factory=dict, description="named expressions (name -> expression, in order) of params, latents, "
+        "x and earlier names, usable in the likelihood: a deep likelihood reads as layers")
     likelihood: LikelihoodSpec
     fit: FitSpec = Field(default_factory=FitSpec)
 
@@ -376,7 +379,7 @@ def _translate(exc: ValidationError, smap: SourceMap) -> SpecError:
 def _is_dynamic(parent: KeyPath, part) -> bool:
     """Names the user chose (param and latent names) are not schema fields."""
     index = parent.index(part)
-    return index > 0 and parent[index - 1] in ("params", "latent", "constants")
+    return index > 0 and parent[index - 1] in ("params", "latent", "constants", "define")
 
 
 class LoadedSpec:
