@@ -105,11 +105,13 @@ likelihood:
   x: {likelihood}
 fit: {{optimizer: adam, steps: 5, batch_size: full}}
 """
-NADE_CASES = {  # plain; a mixture whose hidden and output biases are the component's; one under elementwise functions
+NADE_CASES = {  # plain; a mixture with per-component hidden and output biases; under elementwise functions; named
     "plain": ("", "Bernoulli(logits=nade(x, U, c[0], V, b[0]))"),
     "mixture": ("latent:\n  z: Categorical(probs=weights)", "Bernoulli(logits=nade(x, U, c[z], V, b[z]))"),
     "elementwise": ("latent:\n  z: Categorical(probs=weights)",
                     "Bernoulli(logits=2.0 * tanh(nade(x, U, c[z], V, b[z])) + b[0])"),
+    "named": ("latent:\n  z: Categorical(probs=weights)\ndefine:\n  bias: b[z]\n  out: nade(x, U, c[z], V, bias)",
+              "Bernoulli(logits=out)"),
 }
 
 
@@ -152,7 +154,8 @@ def test_the_running_nade_stepper_gives_the_teacher_forced_probabilities(write_s
     expected = _teacher_forced_logits(case, values, x, chosen)
     step = compiled.structure.pixel_stepper(values, chosen)
     assert isinstance(step, RunningNade)
-    assert bool(step.rows) == (per_image and case != "plain")  # the plain NADE reads no latent
+    # b[z], c[z] read once per image where the likelihood reads a latent, outside named expressions
+    assert bool(step.rows) == (per_image and case in ("mixture", "elementwise"))
     drawn = torch.zeros_like(x)
     for d in range(D):
         got = step(drawn, d)["logits"][:, 0]

@@ -79,8 +79,9 @@ class Autoregressive(Structure):
         for latent in model.latents:
             env[latent.name] = dependency.leaf(grid[latent.name], D, concrete=True)
         env["x"] = dependency.leaf(torch.empty(D, device="meta"), D, reads=dependency.pixels(D))
+        named: dict[str, dependency.Abstract] = {}
         try:
-            arguments = dependency.analyse(site.expr, env, D)
+            arguments = dependency.analyse(site.expr, env, D, named)
         except dependency.Unanalysable as exc:
             raise site.expr.error(f"cannot prove that each pixel depends only on earlier pixels: {exc}") from None
         found = []
@@ -93,10 +94,24 @@ class Autoregressive(Structure):
             d, j = min(found)
             dims = (model.dims.C, model.dims.H, model.dims.W)
             what = "itself" if d == j else f"the later {describe_pixel(j, *dims)}"
-            message = str(site.expr.error(
-                f"not autoregressive: the distribution of {describe_pixel(d, *dims)} may depend on {what}; each "
-                "pixel may depend only on earlier pixels (channel-first raster order), so mask the weights "
-                "strictly below the diagonal, e.g. tril(A, -1) @ x, or use nade(...)/made(...)"))
+            where, fix = site.expr, ("mask the weights strictly below the diagonal, e.g. tril(A, -1) @ x, or use "
+                                     "nade(...)/made(...)/masked_conv(...)")
+            for name, binding in site.expr.bindings:  # a deep likelihood: the first layer that breaks the order
+                broken = dependency.map_violation(named[name], dims)
+                if broken is not None:
+                    d, j = broken
+                    what = "itself" if d == j else f"the later {describe_pixel(j, *dims)}"
+                    where = binding
+                    if any(isinstance(n, ast.Call) and getattr(n.func, "id", "") == "masked_conv"
+                           for n in ast.walk(binding.tree)):
+                        fix = ("the first convolution on the image takes mask='A' (a pixel must not see itself), "
+                               "later ones mask='B'")
+                    break
+            subject = (f"the distribution of {describe_pixel(d, *dims)}" if where is site.expr else
+                       f"'{where.path[-1]}' at {describe_pixel(d, *dims)}")
+            message = str(where.error(
+                f"not autoregressive: {subject} may depend on {what}; each pixel may depend only on earlier pixels "
+                f"(channel-first raster order), so {fix}"))
             raise NotAutoregressive(message)
 
     def memory_estimate(self) -> dict[str, int]:
@@ -141,14 +156,16 @@ class Autoregressive(Structure):
     # ----- run time -------------------------------------------------------------------------
 
     def image_arguments(self, values: dict[str, torch.Tensor], x: torch.Tensor, chosen: torch.Tensor | None = None,
-                        ctx=None, *, pixel: int | None = None) -> dict[str, torch.Tensor]:
+                        ctx=None, *, pixel: int | None = None, crop: tuple[int, int] | None = None
+                        ) -> dict[str, torch.Tensor]:
         """The arguments of every image x_n (N x D), the expression evaluated per image (vmap):
         (N, K or 1) + one configuration's shape over the latent grid, or (N, 1) + ... at one
         configuration per image, `chosen` (N,) flat indices. With `pixel` d, building blocks that
-        can (nade) compute pixel d's output alone, from scratch: only entry d is then meaningful."""
-        return self._evaluate(values, x, chosen, ctx, None if pixel is None else NadePass(pixel))[0]
+        can (nade) compute pixel d's output alone, from scratch: only entry d is then meaningful.
+        With `crop` (d, radius), a convolutional network is evaluated on pixel d's window alone."""
+        return self._evaluate(values, x, chosen, ctx, None if pixel is None else NadePass(pixel), crop=crop)[0]
 
-    def _evaluate(self, values, x, chosen, ctx, step: NadePass | None, expr=None, rows=None):
+    def _evaluate(self, values, x, chosen, ctx, step: NadePass | None, expr=None, rows=None, crop=None):
         """image_arguments, and with `step` (pixel d, start, the running sums (N, ..., H) of every
         nade call at start) each nade call's running sum at d, a tuple of (N, ..., H). `expr`
         stands in for the likelihood's expression, reading `rows` (name -> a value per image)."""
@@ -157,6 +174,8 @@ class Autoregressive(Structure):
         site, D = model.likelihood, model.dims.D
         expr = expr or site.expr
         env = {**model.base_env(), **values}
+        if crop is not None:  # (d, radius): a convolutional network on pixel d's window (probkit.convolution)
+            env[expressions.CROP_KEY] = crop
         if chosen is None:
             env.update(model.grid(ctx))
             grid, per_image = model.grid_shape, {}
@@ -224,6 +243,7 @@ class Autoregressive(Structure):
         last step, so a pass costs O(H D) (`RunningNade`); anything else evaluates every pixel's
         arguments, O(the likelihood)."""
         from probkit.autoregressive import is_affine, pixelwise_nade
+        from probkit.convolution import crop_radius
 
         model = self.model
         D, ctx = model.dims.D, model.context
@@ -260,9 +280,11 @@ class Autoregressive(Structure):
             return affine_step
         if all(pixelwise_nade(n, constant) for n in nodes.values()):
             return RunningNade(self, values, chosen)
+        radius = crop_radius(model.likelihood.argument_nodes(written=True), model.likelihood.expr.bindings,
+                             {p.name: p.shape for p in model.params})
 
         def evaluated_step(x, d):
-            args = self.image_arguments(values, x, chosen)
+            args = self.image_arguments(values, x, chosen, crop=None if radius is None else (d, radius))
             return {arg: value[:, 0, d : d + 1] for arg, value in args.items()}
 
         return evaluated_step
@@ -357,7 +379,7 @@ def per_image_constants(structure: Autoregressive, values: dict[str, torch.Tenso
     model = structure.model
     site, ctx = model.likelihood, model.context
     latents = {latent.name for latent in model.latents}
-    if not latents:
+    if not latents or site.expr.bindings:  # named expressions (define:) hide what reads what: left as they are
         return site.expr, {}
     parts: dict[str, ast.expr] = {}
 
