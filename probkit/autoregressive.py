@@ -241,3 +241,95 @@ def pixelwise_nade(node, constant: Callable[[object], bool]) -> bool:
     if isinstance(node, ast.BinOp) and not isinstance(node.op, ast.MatMult):
         return pixelwise_nade(node.left, constant) and pixelwise_nade(node.right, constant)
     return False
+
+
+def crop_radius(argument_nodes, bindings, shapes) -> int | None:
+    """How far (rows and columns) pixel d's arguments reach into the image, when they are a
+    convolutional network evaluated the same way at every position, so that evaluating it on the
+    window of that radius around pixel d gives pixel d's arguments exactly; None when they are
+    not (then every pixel's arguments are evaluated). The network qualifies when x enters only
+    through image(...) of elementwise functions of x and numbers, maps are combined only by the
+    image-shaped blocks (weights and biases that are params), elementwise functions and sums or
+    products of maps or numbers, and maps leave only through flat(...), whose outputs may then
+    meet anything that does not read x. The radius is the largest sum of kernel half-sizes along
+    any path from image(x) to flat. `shapes`: the params' shapes (a kernel's size is its weight's)."""
+    import ast
+
+    named = dict(bindings)
+    memo: dict[str, object] = {}
+    reads_x: dict[str, bool] = {}
+
+    def reads(node) -> bool:
+        for n in ast.walk(node):
+            if isinstance(n, ast.Name) and (n.id == "x" or (n.id in named and name_reads(n.id))):
+                return True
+        return False
+
+    def name_reads(name) -> bool:
+        if name not in reads_x:
+            reads_x[name] = reads(named[name].tree)
+        return reads_x[name]
+
+    NUMBER, CONST, IMAGE = "number", "const", "image"  # IMAGE: an elementwise function of x and numbers
+
+    def kind(node):
+        """NUMBER, CONST, IMAGE, ('map', reach), ('pixel', reach) or None (not local)."""
+        if isinstance(node, ast.Constant):
+            return NUMBER
+        if not reads(node):
+            return CONST
+        if isinstance(node, ast.Name):
+            if node.id == "x":
+                return IMAGE
+            if node.id not in memo:
+                memo[node.id] = kind(named[node.id].tree)
+            return memo[node.id]
+        if isinstance(node, ast.UnaryOp):
+            return kind(node.operand)
+        if isinstance(node, ast.BinOp) and not isinstance(node.op, ast.MatMult):
+            return combine(kind(node.left), kind(node.right), node.op)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            name, args = node.func.id, node.args
+            if name in ELEMENTWISE:
+                return kind(args[0])
+            if name == "image":
+                return ("map", 0) if kind(args[0]) == IMAGE else None
+            if name in ("masked_conv", "conv1x1"):
+                inner = kind(args[0])
+                weight, bias = args[1], args[2]
+                if not (isinstance(inner, tuple) and inner[0] == "map" and isinstance(weight, ast.Name)
+                        and weight.id in shapes and not reads(bias)):
+                    return None
+                size = shapes[weight.id]
+                half = max(size[-2] // 2, size[-1] // 2) if name == "masked_conv" and len(size) == 4 else 0
+                return ("map", inner[1] + half)
+            if name == "gated":
+                return kind(args[0]) if isinstance(kind(args[0]), tuple) and kind(args[0])[0] == "map" else None
+            if name == "flat":
+                inner = kind(args[0])
+                if isinstance(inner, tuple) and inner[0] == "map" and all(kind(a) in (NUMBER, CONST) for a in args[1:]):
+                    return ("pixel", inner[1])
+        return None
+
+    def combine(a, b, op):
+        if a is None or b is None:
+            return None
+        kinds = {a if not isinstance(a, tuple) else a[0], b if not isinstance(b, tuple) else b[0]}
+        reach = max(k[1] for k in (a, b) if isinstance(k, tuple)) if any(isinstance(k, tuple) for k in (a, b)) else 0
+        if kinds <= {IMAGE, NUMBER}:
+            return IMAGE
+        if kinds <= {"map", NUMBER}:
+            return ("map", reach)
+        if kinds <= {"pixel", NUMBER, CONST}:
+            return ("pixel", reach)
+        return None
+
+    radius = 0
+    for node in argument_nodes.values():
+        found = kind(node)
+        if found in (NUMBER, CONST):
+            continue
+        if not (isinstance(found, tuple) and found[0] == "pixel"):
+            return None
+        radius = max(radius, found[1])
+    return radius

@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from probkit import convolution, expressions
+from probkit.autoregressive import crop_radius
 from probkit.api import prepare
 from probkit.cli import app
 from probkit.context import Context
@@ -230,7 +231,7 @@ def test_a_network_on_the_window_around_each_pixel_gives_that_pixels_output_exac
     sizes = {"C": C, "H": H, "W": W, "D": D}
     expr = expressions.parse(text, path=("x",), smap=None, names=set(shapes) | set(sizes) | {"x"},
                              allow_distribution=False)
-    radius = convolution.crop_radius({"logits": expr.tree}, (), shapes)
+    radius = crop_radius({"logits": expr.tree}, (), shapes)
     assert radius is not None, text
     generator = torch.Generator().manual_seed(seed)
     values = {n: torch.randn(s, generator=generator, dtype=torch.float64) for n, s in shapes.items()}
@@ -252,7 +253,7 @@ def test_a_network_that_is_not_the_same_at_every_position_is_evaluated_whole(tex
     shapes = {"W0": (1, 1, 3, 3), "b0": (1,), "v": (12,), "A": (12, 12)}
     expr = expressions.parse(text, path=("x",), smap=None, names=set(shapes) | {"x", "C", "H", "W", "D"},
                              allow_distribution=False)
-    assert convolution.crop_radius({"logits": expr.tree}, (), shapes) is None
+    assert crop_radius({"logits": expr.tree}, (), shapes) is None
 
 
 @pytest.mark.parametrize("name", ["tiny-pixelcnn.yaml", "tiny-pixelcnn-levels.yaml"])

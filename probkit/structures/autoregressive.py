@@ -242,8 +242,7 @@ class Autoregressive(Structure):
         running sum W[:, :d] @ x[:d] per image and configuration and adds the pixels since the
         last step, so a pass costs O(H D) (`RunningNade`); anything else evaluates every pixel's
         arguments, O(the likelihood)."""
-        from probkit.autoregressive import is_affine, pixelwise_nade
-        from probkit.convolution import crop_radius
+        from probkit.autoregressive import crop_radius, is_affine, pixelwise_nade
 
         model = self.model
         D, ctx = model.dims.D, model.context
