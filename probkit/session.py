@@ -243,7 +243,7 @@ def input_levels(path: str | Path, dataset: Dataset, *, hw: tuple[int, int] | No
 def held_out_images(run: Run, dataset: Dataset, images: int) -> torch.Tensor:
     """The first `images` held-out images (float64, model scale) of a run whose data is unchanged."""
     check_run_data(run, dataset)
-    held_out = dataset.fixed("test")[:images].double()
+    held_out = dataset.fixed_head("test", images).double()
     if len(held_out) == 0:
         raise UsageError("the spec's data has no held-out images (test_fraction: 0); pass --input IMAGES")
     return held_out

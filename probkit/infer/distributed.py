@@ -44,6 +44,10 @@ class Local:
     def share(self, batch: Batch) -> Batch:
         return batch
 
+    def bounds(self, n: int) -> tuple[int, int]:
+        """The rows low..high of n that are this rank's contiguous share (all of them here)."""
+        return 0, n
+
     def agree(self, error: BaseException | None) -> None:
         if error is not None:
             raise error
@@ -89,7 +93,9 @@ class Ranks(Local):
 
     def share(self, batch: Batch) -> Batch:
         """This rank's contiguous share of the global batch; the scale N / global batch stays, and
-        the prior is counted on rank 0 only."""
+        the prior is counted on rank 0 only. A streamed batch comes already cut (`shared`)."""
+        if batch.shared:
+            return replace(batch, prior_weight=1.0 if self.is_main else 0.0)
         if self._shared is not None and self._shared[0] is batch.x:
             x, labels = self._shared[1]
         else:
@@ -97,6 +103,13 @@ class Ranks(Local):
             labels = None if batch.labels is None else torch.tensor_split(batch.labels, self.world_size)[self.rank]
             self._shared = (batch.x, (x, labels))
         return replace(batch, x=x, labels=labels, prior_weight=1.0 if self.is_main else 0.0)
+
+    def bounds(self, n: int) -> tuple[int, int]:
+        """This rank's contiguous share of n rows, cut as torch.tensor_split cuts them (the first
+        n % world_size ranks take one more)."""
+        base, extra = divmod(n, self.world_size)
+        low = self.rank * base + min(self.rank, extra)
+        return low, low + base + (self.rank < extra)
 
     def agree(self, error: BaseException | None) -> None:
         """Raise on every rank when any rank failed (the first failing rank's error), so no rank
