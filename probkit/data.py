@@ -471,9 +471,12 @@ def prepare(raw: RawImages, spec: DataSpec) -> np.ndarray:
     return out
 
 
-def load_dataset(spec: DataSpec, base_dir: Path) -> Dataset:
-    """Load, prepare and split the spec's data (deterministic in `data.seed`)."""
-    levels, labels_np, label_names, notes = _prepared_levels(spec, base_dir)
+def load_dataset(spec: DataSpec, base_dir: Path, *, from_main=None) -> Dataset:
+    """Load, prepare and split the spec's data (deterministic in `data.seed`).
+
+    from_main: under torchrun, the collective's `from_main`: the source's fingerprint is hashed on
+    rank 0 and broadcast, so the ranks do not all read a large file to hash it."""
+    levels, labels_np, label_names, notes = _prepared_levels(spec, base_dir, from_main)
     n = len(levels)
     n_test = math.ceil(n * spec.test_fraction - 1e-9)
     if spec.test_fraction > 0 and n_test == 0:
@@ -561,7 +564,7 @@ def _check_data_memory(spec: DataSpec, n: int, *, building: bool = False) -> Non
 PREPARE_VERSION = 3
 
 
-def _prepared_levels(spec: DataSpec, base_dir: Path):
+def _prepared_levels(spec: DataSpec, base_dir: Path, from_main=None):
     """Load, resize and match channels, through the on-disk cache (keyed by the source's bytes and
     the options)."""
     if spec.count is not None:  # before generating `count` images, not after
@@ -584,7 +587,8 @@ def _prepared_levels(spec: DataSpec, base_dir: Path):
     # content-addressed: the bytes of the source (and the loader's code), not its name or file times,
     # so a file rewritten in place with its size and times kept is read again
     key = {
-        "fingerprint": source_fingerprint(spec.source, base_dir=base_dir),
+        "fingerprint": (from_main or (lambda compute: compute()))(
+            lambda: source_fingerprint(spec.source, base_dir=base_dir)),
         "size": list(spec.hw), "channels": spec.channels, "seed": spec.seed, "count": spec.count,
         "version": PREPARE_VERSION,
     }

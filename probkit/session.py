@@ -51,12 +51,14 @@ class Prepared:
     device: torch.device
 
 
-def prepare(spec: SpecLike, *, device: str | torch.device = "cpu") -> Prepared:
-    """Load data and compile: all spec and data errors surface here, before any work."""
+def prepare(spec: SpecLike, *, device: str | torch.device = "cpu", collective=None) -> Prepared:
+    """Load data and compile: all spec and data errors surface here, before any work.
+    collective: under torchrun, the ranks (the data's fingerprint is hashed on rank 0 only)."""
     loaded = load_spec(spec)
     device = resolve_device(device)
     prove_order_before_data(loaded)
-    dataset = load_dataset(loaded.spec.data, loaded.base_dir)
+    dataset = load_dataset(loaded.spec.data, loaded.base_dir,
+                           from_main=None if collective is None else collective.from_main)
     dims = Dims(dataset.channels, dataset.height, dataset.width, dataset.n_train)
     compiled = compile_spec(loaded, dims, device=device)
     _check_labels(compiled, dataset, loaded)

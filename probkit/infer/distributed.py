@@ -55,14 +55,23 @@ class Local:
     def barrier(self) -> None:
         pass
 
+    def from_main(self, compute):
+        """`compute()`'s text (at most 64 ASCII characters), computed on rank 0 only and received
+        by every rank: a large source's digest is hashed once, not once per rank."""
+        return compute()
+
+
+MAIN_TEXT_BYTES = 64
+
 
 class Ranks(Local):
     """The ranks of a torchrun launch, joined by torch.distributed."""
 
-    def __init__(self, rank: int, world_size: int):
+    def __init__(self, rank: int, world_size: int, device: torch.device | str = "cpu"):
         self.rank = rank
         self.world_size = world_size
         self.is_main = rank == 0
+        self.device = torch.device(device)  # where its collectives' tensors live (NCCL: a GPU)
         self._shared: tuple | None = None  # (the batch's images, this rank's share): a fixed batch is cut once
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -134,6 +143,34 @@ class Ranks(Local):
 
         dist.barrier()
 
+    def from_main(self, compute):
+        """Rank 0 computes the text and broadcasts it as bytes in a tensor (nothing is pickled);
+        when rank 0 fails, every other rank fails too, with a message naming rank 0."""
+        import torch.distributed as dist
+
+        buffer = torch.zeros(MAIN_TEXT_BYTES + 1, dtype=torch.uint8)  # [status, text...]
+        error = None
+        if self.is_main:
+            try:
+                text = compute()
+                data = text.encode("ascii")
+                if len(data) > MAIN_TEXT_BYTES:
+                    raise ValueError(f"from_main carries at most {MAIN_TEXT_BYTES} bytes, got {len(data)}")
+                buffer[0] = 1
+                buffer[1 : 1 + len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+            except Exception as exc:  # noqa: BLE001 - raised below, once the others know
+                error = exc
+        buffer = buffer.to(self.device)
+        dist.broadcast(buffer, src=0)
+        if error is not None:
+            raise error
+        buffer = buffer.cpu()
+        if int(buffer[0]) != 1:
+            failure = ProbkitError("rank 0 failed while loading the data; its message says why")
+            failure.exit_code = 1
+            raise failure
+        return bytes(buffer[1:].tolist()).rstrip(b"\0").decode("ascii")
+
 
 def launched() -> tuple[int, int, int] | None:
     """(rank, world size, local rank) when torchrun started this process with more than one rank."""
@@ -173,7 +210,7 @@ def collective_from_env(device: torch.device) -> Local:
         dist.init_process_group(backend=backend, store=_store(rank, world), rank=rank, world_size=world)
     if dist.get_world_size() != world:
         raise UsageError(f"WORLD_SIZE is {world}, but the process group has {dist.get_world_size()} ranks")
-    return Ranks(rank, world)
+    return Ranks(rank, world, device)
 
 
 def leave() -> None:
