@@ -380,15 +380,21 @@ class Dataset:
         """The first n images of `part` with their fixed noise (the rows `fixed(part)[:n]` holds),
         read without making the rest."""
         n = min(n, self.count(part))
-        chunks = [x for _, x in self.fixed_chunks(part, 0, n)]
-        return torch.cat(chunks) if len(chunks) != 1 else chunks[0]
+        head = None
+        for start, x in self.fixed_chunks(part, 0, n):
+            if start == 0 and len(x) == n:  # one chunk (a held set's slice)
+                return x
+            if head is None:  # filled in place: no second copy while the chunks are joined
+                head = torch.empty((n, self.D), dtype=x.dtype, device=x.device)
+            head[start : start + len(x)] = x
+        return head if head is not None else torch.empty((0, self.D), device=self.device)
 
     def start_images(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(x, labels) the data-driven starts (k-means) read: the fixed-noise training set, or for a
-        streamed one its first images (the split is shuffled), as many as fit in CHUNK_BYTES x 8."""
+        streamed one its first `start_rows` images (the split is shuffled)."""
         if self.resident:
             return self.fixed("train"), self.train_labels
-        n = min(self.n_train, max(1, 8 * chunk_rows(self.D)))
+        n = start_rows(self.n_train, self.D)
         return self.fixed_head("train", n), None if self.train_labels is None else self.train_labels[:n]
 
     def to(self, device: torch.device) -> "Dataset":
@@ -507,8 +513,9 @@ def holds_whole(n: int, D: int) -> bool:
 
 
 def start_rows(n: int, D: int) -> int:
-    """How many training images a streamed set's data-driven start (k-means) reads."""
-    return min(n, max(1, 4 * chunk_rows(D)))
+    """How many training images a streamed set's data-driven start (k-means) reads: 2 x CHUNK_BYTES
+    of float32 (the k-means start copies them again in float64)."""
+    return min(n, max(1, 2 * chunk_rows(D)))
 
 
 MAPPED = "(memory-mapped)"  # a part of the estimate that is paged in from the cache file, not held

@@ -204,7 +204,7 @@ def test_the_memory_estimate_follows_the_path_the_fit_takes(tmp_path, monkeypatc
     big = data_memory_parts(1_300_000, 0, 3072)
     assert big[f"images: levels (uint8) {MAPPED}"] == 1_300_000 * 3072
     rows = CHUNK_BYTES // (4 * 3072)
-    assert data_memory(1_300_000, 3, 32, 32) == 4 * CHUNK_BYTES + 4 * 4 * rows * 3072 < 2**30
+    assert data_memory(1_300_000, 3, 32, 32) == 4 * CHUNK_BYTES + 4 * 2 * rows * 3072 < 2**30
 
 
 def test_a_fit_that_cannot_hold_its_data_path_is_refused_before_it_starts(tmp_path, monkeypatch):
