@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,10 +194,23 @@ class StoredRows:
     holds the split as a whole. `tensor`, once made (a split small enough to be held), answers
     instead, on its device."""
 
+    RELEASE_BYTES = 64 * 2**20  # a memory-mapped array's pages are let go after this many bytes are read
+
     def __init__(self, array: np.ndarray, index: np.ndarray):
         self.array = array
         self.index = np.asarray(index, dtype=np.int64)
         self.tensor: torch.Tensor | None = None
+        self._read = 0  # bytes read from a mapped array since its pages were last let go
+
+    def _release(self) -> None:
+        """Let go of the pages of a memory-mapped array read so far (madvise MADV_DONTNEED): they
+        stay in the page cache, but no longer count in this process's resident memory, which
+        would otherwise grow to the whole file over an epoch. Nothing for an in-memory array."""
+        mapping = getattr(self.array, "_mmap", None)
+        advice = getattr(mmap, "MADV_DONTNEED", None)
+        if mapping is not None and advice is not None and hasattr(mapping, "madvise"):
+            mapping.madvise(advice)
+        self._read = 0
 
     def __len__(self) -> int:
         return len(self.index)
@@ -218,6 +232,9 @@ class StoredRows:
         order = np.argsort(wanted, kind="stable")  # a memory-mapped file reads best front to back
         rows = np.empty((len(wanted), self.array.shape[1]), dtype=np.uint8)
         rows[order] = self.array[wanted[order]]
+        self._read += rows.nbytes
+        if self._read > self.RELEASE_BYTES:
+            self._release()
         return torch.from_numpy(rows)
 
     def moved(self, device: torch.device | str) -> "StoredRows":

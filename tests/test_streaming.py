@@ -221,3 +221,27 @@ def test_a_fit_that_cannot_hold_its_data_path_is_refused_before_it_starts(tmp_pa
     monkeypatch.setattr(probkit.context, "memory_bytes", lambda device="cpu": 2**20)
     with pytest.raises(probkit.errors.DataError, match=r"1,797 images of 1×8×8 need about .* while fitting"):
         load_dataset(_data(tmp_path, size=8), tmp_path)  # from the cache, on a machine too small to fit it
+
+
+def test_reading_a_mapped_set_lets_its_pages_go(tmp_path, monkeypatch):
+    """Resident file-backed memory does not grow with what a streamed set has read: after
+    RELEASE_BYTES the mapping's pages are let go (they stay in the page cache), the rows read
+    are still the stored ones."""
+    from probkit.data import StoredRows
+
+    def file_rss() -> int:
+        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("RssFile"))
+        return int(line.split()[1]) * 1024
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("reads RssFile from /proc")
+    array = np.arange(4096 * 2048, dtype=np.int64).astype(np.uint8).reshape(4096, 2048)  # 8 MiB
+    np.save(tmp_path / "levels.npy", array)
+    mapped = np.load(tmp_path / "levels.npy", mmap_mode="r")
+    stored = StoredRows(mapped, np.arange(4096)[::-1].copy())
+    monkeypatch.setattr(StoredRows, "RELEASE_BYTES", 2**20)
+    before = file_rss()
+    for low in range(0, 4096, 256):
+        rows = stored.rows(slice(low, low + 256))
+        np.testing.assert_array_equal(rows.numpy(), array[::-1][low : low + 256])
+    assert file_rss() - before < 4 * 2**20  # at most what was read since the last release, not 8 MiB
