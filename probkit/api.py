@@ -19,6 +19,7 @@ from probkit.compiler import CompiledModel
 from probkit.errors import UsageError
 from probkit.infer import (Evaluator, FitResult, Trainer, fitted_spec_text, run_info, settings_from,
                            write_run)
+from probkit.resources import check_data_memory
 from probkit.runs import (CHECKPOINT, PENDING, RUN_FILES, RunFolder, default_run_dir, fit_manifest)
 from probkit.session import (Prepared, SpecLike, check_run_data, check_run_revisions, check_run_values,
                               input_levels, load_spec, open_run, prepare, read_image_file, read_input_images,
@@ -65,11 +66,13 @@ def fit(spec: SpecLike, *, steps: int | None = None, device: str = "auto", seed:
 
     if resume and overwrite:
         raise UsageError("--resume continues the run in the folder and --overwrite replaces it: pick one")
-    prepared = prepare(spec, device=distributed_device(device))
+    device = distributed_device(device)
+    ranks = collective_from_env(resolve_device(device))  # joined first: rank 0 alone hashes the data
+    prepared = prepare(spec, device=device, collective=ranks)
     compiled, dataset = prepared.compiled, prepared.dataset
     settings = settings_from(compiled, dataset.n_train, steps=steps, seed=seed, engine=engine, compile=compile)
+    check_data_memory(compiled, dataset, settings.optimizer)
     run_dir = Path(out) if out else default_run_dir(compiled.spec.name)
-    ranks = collective_from_env(prepared.device)
     if ranks.world_size > 1:
         _check_ranks(ranks.world_size, settings, dataset.n_train)
         if restarted() and (run_dir / CHECKPOINT).exists():  # torchrun's restart after a rank failed

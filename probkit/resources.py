@@ -56,3 +56,44 @@ def batch_images(model) -> int:
     """Images one step of a gradient fit evaluates at once (its minibatch, or all)."""
     batch = model.spec.fit.batch_size
     return model.dims.N if batch == "full" else min(int(batch), model.dims.N)
+
+
+def data_work(model, dataset, optimizer: str) -> dict[str, int]:
+    """Bytes the fit's data path holds beside the params (probkit.data.data_memory_parts: levels,
+    held or streamed x), plus what depends on the model: a batch's transform (its uint8 rows, noise
+    and float32 x), what EM keeps of the images (a held set's chunks are kept for the whole fit,
+    in float64 and with their squares: 16 bytes a pixel at most; a streamed set's are made again
+    each iteration, a chunk at a time) and the k-means start's float64 copy of the images it reads."""
+    from probkit.data import chunk_rows, data_memory_parts, start_rows
+    from probkit.families.base import CHUNK_ELEMENTS
+
+    D, n = dataset.D, dataset.n_train
+    parts = data_memory_parts(n, dataset.n_test, D)
+    if optimizer != "em":  # EM reads chunks, counted below
+        parts["a batch's transform"] = 9 * batch_images(model) * D
+    if optimizer == "em":
+        parts["EM's images"] = 16 * n * D if dataset.resident else 8 * 3 * min(CHUNK_ELEMENTS, chunk_rows(D) * D)
+    if any(not latent.observed for latent in model.latents):
+        parts["k-means start"] = 8 * (n if dataset.resident else start_rows(n, D)) * D
+    return parts
+
+
+def check_data_memory(model, dataset, optimizer: str) -> None:
+    """Refuse, before any work, a fit whose params and data path (`memory_estimate`, `data_work`)
+    would not fit in this machine's memory; memory-mapped levels are paged, not held, and do not
+    count."""
+    from probkit.data import MAPPED
+    from probkit.errors import DataError
+
+    available = memory_bytes()
+    if available is None:
+        return
+    parts = {**memory_estimate(model), **data_work(model, dataset, optimizer)}
+    need = sum(size for what, size in parts.items() if MAPPED not in what)
+    if need <= available:
+        return
+    largest = sorted(((size, what) for what, size in parts.items() if MAPPED not in what), reverse=True)[:3]
+    raise DataError(
+        f"this fit would hold about {human_bytes(need)} ({', '.join(f'{w} {human_bytes(b)}' for b, w in largest)}), "
+        f"more than the {human_bytes(available)} of memory here; use minibatches (fit.batch_size), a smaller "
+        "data.size or data.count, or fewer components")

@@ -51,12 +51,14 @@ class Prepared:
     device: torch.device
 
 
-def prepare(spec: SpecLike, *, device: str | torch.device = "cpu") -> Prepared:
-    """Load data and compile: all spec and data errors surface here, before any work."""
+def prepare(spec: SpecLike, *, device: str | torch.device = "cpu", collective=None) -> Prepared:
+    """Load data and compile: all spec and data errors surface here, before any work.
+    collective: under torchrun, the ranks (the data's fingerprint is hashed on rank 0 only)."""
     loaded = load_spec(spec)
     device = resolve_device(device)
     prove_order_before_data(loaded)
-    dataset = load_dataset(loaded.spec.data, loaded.base_dir, where=loaded.where(("data", "test")))
+    dataset = load_dataset(loaded.spec.data, loaded.base_dir, where=loaded.where(("data", "test")),
+                           from_main=None if collective is None else collective.from_main)
     dims = Dims(dataset.channels, dataset.height, dataset.width, dataset.n_train)
     compiled = compile_spec(loaded, dims, device=device)
     _check_labels(compiled, dataset, loaded)
@@ -243,7 +245,7 @@ def input_levels(path: str | Path, dataset: Dataset, *, hw: tuple[int, int] | No
 def held_out_images(run: Run, dataset: Dataset, images: int) -> torch.Tensor:
     """The first `images` held-out images (float64, model scale) of a run whose data is unchanged."""
     check_run_data(run, dataset)
-    held_out = dataset.fixed("test")[:images].double()
+    held_out = dataset.fixed_head("test", images).double()
     if len(held_out) == 0:
         raise UsageError("the spec's data has no held-out images (test_fraction: 0); pass --input IMAGES")
     return held_out

@@ -272,11 +272,11 @@ def write_training_array(prepared: Prepared, path: Path) -> Path:
     """The training levels (and labels) the printed program loads, and its start, as one .npz."""
     dataset = prepared.dataset
     buffer = io.BytesIO()
-    arrays = {"levels": dataset.train_levels.cpu().numpy()}
+    arrays = {"levels": dataset.train_levels.cpu().numpy().astype(np.float32)}  # the program's float levels
     if dataset.train_labels is not None:
         arrays["labels"] = dataset.train_labels.cpu().numpy()
     start = initial_values(prepared.compiled, prepared.loaded.spec.fit.seed,
-                           data=(dataset.fixed("train"), dataset.train_labels))
+                           data=dataset.start_images())
     arrays.update({f"init_{name}": value.cpu().numpy() for name, value in start.items()})
     np.savez(buffer, **arrays)
     atomic_write(Path(path), buffer.getvalue())

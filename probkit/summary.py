@@ -27,7 +27,7 @@ def summary_tables(prepared: Prepared) -> list[Table]:
     compiled, dataset = prepared.compiled, prepared.dataset
     settings = fit_settings(prepared)
     # the start `probkit fit` makes (probkit.infer.Trainer): the same seed, images and optimizer
-    starts = start_rules(compiled, settings.seed, (dataset.fixed("train"), dataset.train_labels),
+    starts = start_rules(compiled, settings.seed, dataset.start_images(),
                          optimizer=settings.optimizer)
     params = Table(title=f"{prepared.loaded.name}: params θ ({compiled.method.upper()})")
     for column in ("name", "shape", "elements", "prior / support", "init"):
@@ -71,22 +71,21 @@ def memory_table(prepared: Prepared) -> Table:
     import os
 
     from probkit.context import human_bytes, memory_bytes
-    from probkit.data import data_memory
-    from probkit.resources import memory_estimate
+    from probkit.data import MAPPED
+    from probkit.resources import data_work, memory_estimate
     from probkit.runs import default_run_dir
 
     compiled, dataset = prepared.compiled, prepared.dataset
     estimate = memory_estimate(compiled)
-    estimate["images"] = data_memory(dataset.n_train + dataset.n_test, dataset.channels, dataset.height,
-                                     dataset.width)
+    estimate.update(data_work(compiled, dataset, fit_settings(prepared).optimizer))
+    total = sum(size for what, size in estimate.items() if MAPPED not in what)  # mapped pages are not held
     available = memory_bytes(prepared.device)
     table = Table(title="memory and run folder")
     table.add_column("what")
     table.add_column("needs about", justify="right")
     for what, size in estimate.items():
         table.add_row(what, human_bytes(size))
-    table.add_row("total", human_bytes(sum(estimate.values())),
-                  style="bold" if available is None or sum(estimate.values()) <= available else "bold red")
+    table.add_row("total", human_bytes(total), style="bold" if available is None or total <= available else "bold red")
     run_dir = default_run_dir(prepared.loaded.name)
     parent = next((p for p in [run_dir, *run_dir.parents] if p.exists()), None)
     writable = parent is not None and os.access(parent, os.W_OK | os.X_OK)

@@ -529,15 +529,18 @@ def test_a_file_replaced_by_other_images_of_the_same_size_and_mtime_is_read_agai
 
 
 def test_data_that_would_not_fit_in_memory_is_refused_before_it_is_resized(tmp_path, monkeypatch):
-    """About 32 bytes a pixel while fitting; `count` is checked before anything is generated."""
+    """What loading (the loader's float32 images, then uint8 levels) and fitting hold
+    (probkit.data.data_memory_parts); `count` is checked before anything is generated."""
     import probkit.context
     from probkit.data import load_dataset
     from probkit.spec import DataSpec
 
     monkeypatch.setenv("PROBKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(probkit.context, "memory_bytes", lambda device="cpu": 50 * 2**20)  # a 50 MiB machine
-    with pytest.raises(DataError, match=r"data: 1,797 images of 1×32×32 need about 56\.2 MiB while fitting, more "
-                                        r"than the 50\.0 MiB of memory here; use a smaller data\.size or data\.count"):
+    monkeypatch.setattr(probkit.context, "memory_bytes", lambda device="cpu": 20 * 2**20)  # a 20 MiB machine
+    # 5 bytes a pixel of 1,797 x 1,024 and three 7.4 MB chunks
+    with pytest.raises(DataError, match=r"data: 1,797 images of 1×32×32 need about 29\.8 MiB while loading and "
+                                        r"resizing them, more than the 20\.0 MiB of memory here; use a smaller "
+                                        r"data\.size or data\.count"):
         load_dataset(DataSpec(source="digits", size=32), tmp_path)
     with pytest.raises(DataError, match=r"data: 10,000,000 images of 3×8×8"):
         load_dataset(DataSpec(source="wallpaper", size=8, channels=3, count=10_000_000), tmp_path)

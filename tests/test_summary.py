@@ -276,5 +276,11 @@ def test_validate_prints_the_memory_a_fit_needs_and_whether_its_run_folder_can_b
     numbers = sum(math.prod(site.shape) for site in prepared.compiled.params)
     assert numbers == 3 + 3 * 64 and rows["params"] == f"{16 * numbers / 2**10:,.1f} KiB"
     assert rows["latent grid"] == f"{16 * 3 * 64 / 2**10:,.1f} KiB"
-    assert rows["images"] == f"{32 * 1797 * 64 / 2**20:,.1f} MiB"
+    # the data path of a held set: uint8 levels, the fixed-noise float32 x of both splits, an epoch's
+    # fresh x of the 1,437 training images, evaluation's float64 copy of them
+    assert rows["images: levels (uint8)"] == f"{1797 * 64 / 2**10:,.1f} KiB"
+    assert rows["images: fixed-noise x (float32)"] == f"{4 * 1797 * 64 / 2**10:,.1f} KiB"
+    assert rows["images: an epoch's fresh x (float32)"] == f"{4 * 1437 * 64 / 2**10:,.1f} KiB"
+    assert rows["images: evaluation copy (float64)"] == f"{8 * 1437 * 64 / 2**10:,.1f} KiB"
+    assert rows["a batch's transform"] == f"{9 * 1437 * 64 / 2**10:,.1f} KiB"  # full batch: uint8, noise, float32 x
     assert "can be written" in str(table.caption)

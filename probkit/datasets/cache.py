@@ -8,6 +8,11 @@ named by a hash of their key; the caller puts into the key everything the arrays
 the cache is addressed by content: a file rewritten in place is read again whatever its name,
 size and times say, and a renamed or copied file is still a hit. Files are written
 atomically and read without pickle, so a crash or a hostile file cannot hurt.
+
+Arrays named in `mapped` (a data set's levels) are stored beside the entry as their own
+`.npy` and read back memory-mapped, so a set larger than memory is paged in only where it is
+read. The entry records each one's shape, dtype and byte count, and the file's header and size
+are checked against them before it is mapped: a truncated or replaced file is a miss.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ from pathlib import Path
 import numpy as np
 
 CACHE_ENV = "PROBKIT_CACHE"
-CACHE_FORMAT = 1  # bump when the layout of cached files changes
+CACHE_FORMAT = 2  # bump when the layout of cached files changes (2: `mapped` arrays in .npy files)
 _KEY_FIELD = "__probkit_cache_key__"
-_RESERVED = {_KEY_FIELD, "file", "allow_pickle"}  # names np.savez cannot take as arrays
+_MAPPED_FIELD = "__probkit_mapped__"  # JSON: name -> shape, dtype and bytes of each array stored as .npy
+_RESERVED = {_KEY_FIELD, _MAPPED_FIELD, "file", "allow_pickle"}  # names np.savez cannot take as arrays
 
 
 def cache_dir() -> Path:
@@ -56,11 +62,18 @@ def cache_path(key: dict, label: str | None = None) -> Path:
     return _arrays_dir() / f"{slug}-{digest}.npz"
 
 
-def cached_arrays(key: dict, build: Callable[[], dict[str, np.ndarray]], *, label: str | None = None
-                  ) -> dict[str, np.ndarray]:
+def mapped_path(entry: Path, name: str) -> Path:
+    """Where the `.npy` of the mapped array `name` of an entry lives: beside it, named after it."""
+    return entry.with_name(f"{entry.stem}.{name}.npy")
+
+
+def cached_arrays(key: dict, build: Callable[[], dict[str, np.ndarray]], *, label: str | None = None,
+                  mapped: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
     """The arrays stored under `key`, calling `build()` and storing its result on a miss.
 
     label: names the entry's file for people (the data source); it is not part of the key.
+    mapped: names of arrays stored as their own `.npy` and returned memory-mapped (read-only),
+    on a miss too once written.
 
     A cache that cannot be written (read-only disk) only costs speed: a RuntimeWarning is
     issued and the freshly built arrays are returned.
@@ -74,7 +87,10 @@ def cached_arrays(key: dict, build: Callable[[], dict[str, np.ndarray]], *, labe
     arrays = build()
     _check_arrays(arrays)
     try:
-        _write(path, arrays, text)
+        _write(path, arrays, text, mapped)
+        stored = _read(path, text)
+        if stored is not None:  # the mapped copy: the built arrays can be freed
+            return stored
     except OSError as exc:
         warnings.warn(
             f"could not write the data cache {path} ({exc}); the next load will not be "
@@ -99,7 +115,7 @@ def clear_cache() -> int:
         return 0
     removed = 0
     for path in folder.iterdir():
-        if path.is_file() and path.suffix == ".npz":
+        if path.is_file() and path.suffix in (".npz", ".npy"):
             path.unlink(missing_ok=True)
             removed += 1
     return removed
@@ -126,17 +142,61 @@ def _read(path: Path, key_text: str) -> dict[str, np.ndarray] | None:
         with np.load(path, allow_pickle=False) as archive:
             if _KEY_FIELD not in archive.files or str(archive[_KEY_FIELD]) != key_text:
                 return None
-            return {name: archive[name] for name in archive.files if name != _KEY_FIELD}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+            arrays = {name: archive[name] for name in archive.files if name not in (_KEY_FIELD, _MAPPED_FIELD)}
+            mapped = json.loads(str(archive[_MAPPED_FIELD])) if _MAPPED_FIELD in archive.files else {}
+        if not isinstance(mapped, dict):
+            return None
+        for name, record in mapped.items():
+            array = _read_mapped(mapped_path(path, name), record)
+            if array is None:
+                return None
+            arrays[name] = array
+        return arrays
+    except (OSError, ValueError, EOFError, KeyError, TypeError, zipfile.BadZipFile):
         return None  # a damaged entry is rebuilt and overwritten
 
 
-def _write(path: Path, arrays: dict[str, np.ndarray], key_text: str) -> None:
+def _read_mapped(path: Path, record) -> np.ndarray | None:
+    """The `.npy` at `path` memory-mapped read-only, if its header and size are those the entry
+    recorded (shape, dtype, bytes; C order); else None."""
+    if not isinstance(record, dict) or not path.is_file():
+        return None
+    shape, dtype = tuple(int(s) for s in record["shape"]), np.dtype(str(record["dtype"]))
+    if dtype.hasobject:
+        return None
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        if version == (1, 0):
+            found_shape, fortran, found_dtype = np.lib.format.read_array_header_1_0(handle)
+        else:
+            found_shape, fortran, found_dtype = np.lib.format.read_array_header_2_0(handle)
+        offset = handle.tell()
+    nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if (tuple(found_shape) != shape or found_dtype != dtype or fortran or nbytes != int(record["bytes"])
+            or path.stat().st_size != offset + nbytes):
+        return None
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _write(path: Path, arrays: dict[str, np.ndarray], key_text: str, mapped: tuple[str, ...] = ()) -> None:
+    """The mapped arrays' `.npy` files first, then the entry that vouches for them (each atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
+    records = {}
+    for name in mapped:
+        if name in arrays:
+            array = np.ascontiguousarray(arrays[name])
+            _atomic(mapped_path(path, name), ".npy", lambda stream, array=array: np.save(stream, array))
+            records[name] = {"shape": list(array.shape), "dtype": array.dtype.str, "bytes": int(array.nbytes)}
+    small = {name: array for name, array in arrays.items() if name not in records}
+    _atomic(path, ".npz", lambda stream: np.savez(stream, **small, **{
+        _KEY_FIELD: np.array(key_text), _MAPPED_FIELD: np.array(json.dumps(records))}))
+
+
+def _atomic(path: Path, suffix: str, write: Callable) -> None:
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=suffix)
     try:
         with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **arrays, **{_KEY_FIELD: np.array(key_text)})
+            write(stream)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -44,6 +44,10 @@ class Local:
     def share(self, batch: Batch) -> Batch:
         return batch
 
+    def bounds(self, n: int) -> tuple[int, int]:
+        """The rows low..high of n that are this rank's contiguous share (all of them here)."""
+        return 0, n
+
     def agree(self, error: BaseException | None) -> None:
         if error is not None:
             raise error
@@ -51,14 +55,23 @@ class Local:
     def barrier(self) -> None:
         pass
 
+    def from_main(self, compute):
+        """`compute()`'s text (at most 64 ASCII characters), computed on rank 0 only and received
+        by every rank: a large source's digest is hashed once, not once per rank."""
+        return compute()
+
+
+MAIN_TEXT_BYTES = 64
+
 
 class Ranks(Local):
     """The ranks of a torchrun launch, joined by torch.distributed."""
 
-    def __init__(self, rank: int, world_size: int):
+    def __init__(self, rank: int, world_size: int, device: torch.device | str = "cpu"):
         self.rank = rank
         self.world_size = world_size
         self.is_main = rank == 0
+        self.device = torch.device(device)  # where its collectives' tensors live (NCCL: a GPU)
         self._shared: tuple | None = None  # (the batch's images, this rank's share): a fixed batch is cut once
 
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -89,7 +102,9 @@ class Ranks(Local):
 
     def share(self, batch: Batch) -> Batch:
         """This rank's contiguous share of the global batch; the scale N / global batch stays, and
-        the prior is counted on rank 0 only."""
+        the prior is counted on rank 0 only. A streamed batch comes already cut (`shared`)."""
+        if batch.shared:
+            return replace(batch, prior_weight=1.0 if self.is_main else 0.0)
         if self._shared is not None and self._shared[0] is batch.x:
             x, labels = self._shared[1]
         else:
@@ -97,6 +112,13 @@ class Ranks(Local):
             labels = None if batch.labels is None else torch.tensor_split(batch.labels, self.world_size)[self.rank]
             self._shared = (batch.x, (x, labels))
         return replace(batch, x=x, labels=labels, prior_weight=1.0 if self.is_main else 0.0)
+
+    def bounds(self, n: int) -> tuple[int, int]:
+        """This rank's contiguous share of n rows, cut as torch.tensor_split cuts them (the first
+        n % world_size ranks take one more)."""
+        base, extra = divmod(n, self.world_size)
+        low = self.rank * base + min(self.rank, extra)
+        return low, low + base + (self.rank < extra)
 
     def agree(self, error: BaseException | None) -> None:
         """Raise on every rank when any rank failed (the first failing rank's error), so no rank
@@ -120,6 +142,34 @@ class Ranks(Local):
         import torch.distributed as dist
 
         dist.barrier()
+
+    def from_main(self, compute):
+        """Rank 0 computes the text and broadcasts it as bytes in a tensor (nothing is pickled);
+        when rank 0 fails, every other rank fails too, with a message naming rank 0."""
+        import torch.distributed as dist
+
+        buffer = torch.zeros(MAIN_TEXT_BYTES + 1, dtype=torch.uint8)  # [status, text...]
+        error = None
+        if self.is_main:
+            try:
+                text = compute()
+                data = text.encode("ascii")
+                if len(data) > MAIN_TEXT_BYTES:
+                    raise ValueError(f"from_main carries at most {MAIN_TEXT_BYTES} bytes, got {len(data)}")
+                buffer[0] = 1
+                buffer[1 : 1 + len(data)] = torch.tensor(list(data), dtype=torch.uint8)
+            except Exception as exc:  # noqa: BLE001 - raised below, once the others know
+                error = exc
+        buffer = buffer.to(self.device)
+        dist.broadcast(buffer, src=0)
+        if error is not None:
+            raise error
+        buffer = buffer.cpu()
+        if int(buffer[0]) != 1:
+            failure = ProbkitError("rank 0 failed while loading the data; its message says why")
+            failure.exit_code = 1
+            raise failure
+        return bytes(buffer[1:].tolist()).rstrip(b"\0").decode("ascii")
 
 
 def launched() -> tuple[int, int, int] | None:
@@ -160,7 +210,7 @@ def collective_from_env(device: torch.device) -> Local:
         dist.init_process_group(backend=backend, store=_store(rank, world), rank=rank, world_size=world)
     if dist.get_world_size() != world:
         raise UsageError(f"WORLD_SIZE is {world}, but the process group has {dist.get_world_size()} ranks")
-    return Ranks(rank, world)
+    return Ranks(rank, world, device)
 
 
 def leave() -> None:

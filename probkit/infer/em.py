@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from probkit.compiler import CompiledModel
+from probkit.data import StreamedImages
 from probkit.errors import SpecError
 from probkit.families import likelihood_family
 from probkit.families.base import CHUNK_ELEMENTS
@@ -273,10 +274,15 @@ class EMStepper(Stepper):
                 stats[key] = stats[key] + value if key in stats else value
         return stats, counts, log_likelihood
 
-    def _chunks(self, args, x: torch.Tensor) -> list[tuple[int, dict[str, torch.Tensor]]]:
+    def _chunks(self, args, x) -> list[tuple[int, dict[str, torch.Tensor]]]:
         """The images in chunks, with what the family keeps of each (`em_data`): made once and
-        reused while the images are the same tensor (EM's training set does not change)."""
+        reused while the images are the same tensor (EM's training set does not change). Streamed
+        images (probkit.data.StreamedImages, a set too large to hold) are read and transformed
+        chunk by chunk at every iteration instead, and nothing of them is kept."""
         rows = self._rows(args, len(x))
+        if isinstance(x, StreamedImages):
+            family = self.compiled.family
+            return ((start, family.em_data(chunk)) for start, chunk in x.chunks(rows))
         key = (x.data_ptr(), tuple(x.shape), x.device, rows)
         if self._data_key != key:
             family = self.compiled.family

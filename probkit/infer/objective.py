@@ -29,6 +29,7 @@ class Batch:
     labels: torch.Tensor | None = None
     scale: float = 1.0
     prior_weight: float = 1.0  # 0 on every data-parallel rank but the first: the prior counts once
+    shared: bool = False  # already this rank's share (a streamed batch): not to be cut again
 
 
 class Params:

@@ -25,7 +25,7 @@ import torch
 
 from probkit.autoregressive import block_revisions, revision_mismatch
 from probkit.compiler import CompiledModel
-from probkit.data import Dataset
+from probkit.data import RESIDENT_ENV, Dataset
 from probkit.errors import DomainError, FitError, UsageError
 from probkit.infer.batches import BatchPlan, BatchStream
 from probkit.infer.checkpoint import load_checkpoint, save_checkpoint
@@ -129,7 +129,7 @@ class Trainer:
         self.run_id = uuid.uuid4().hex[:16]  # every file of the run carries it (a resumed run keeps its own)
         # a resumed fit takes its values from the checkpoint: no data-driven start to compute;
         # data-parallel ranks take rank 0's start (its k-means runs once)
-        data = None if resume or not collective.is_main else (dataset.fixed("train"), dataset.train_labels)
+        data = None if resume or not collective.is_main else dataset.start_images()
         start = initial_values(compiled, settings.seed, data=data, optimizer=settings.optimizer)
         self.guide = compiled.program.make_guide(settings.seed, start)
         self.params = Params(compiled, self.guide)
@@ -143,7 +143,7 @@ class Trainer:
         self.stopping = StoppingRule.of(settings.optimizer, settings.tolerance)
         self.stopped = ""  # why the fit ended before its last step (a convergence), if it did
         self.steps_done = 0
-        self.batches = BatchStream(BatchPlan.of(compiled, dataset, settings), dataset)
+        self.batches = BatchStream(BatchPlan.of(compiled, dataset, settings), dataset, collective)
         self.compiled_loss = CompiledLoss(self.objective, self.params) if (
             self.params.names and compiles(settings)) else None
         if resume:
@@ -174,7 +174,8 @@ class Trainer:
         if not self.collective.is_main:  # the params are the same on every rank: rank 0 writes them
             return
         meta = {"seed": str(self.settings.seed), "data": self.dataset.fingerprint(), **self.batches.state(),
-                **self.stopping.state(), "world_size": str(self.collective.world_size), "run_id": self.run_id,
+                **self.stopping.state(), "world_size": str(self.collective.world_size),
+                "batch_noise": self.batches.plan.noise, "run_id": self.run_id,
                 "revisions": json.dumps(block_revisions(self.compiled.likelihood.expr.whole_tree))}
         save_checkpoint(self.run_dir, step, self.checkpoint_tensors(), meta, self.history)
 
@@ -208,6 +209,13 @@ class Trainer:
         if self.start_step > self.settings.steps:
             raise UsageError(f"--resume: the checkpoint in {self.run_dir} is already at step {self.start_step}; "
                              f"pass --steps {self.start_step} or more")
+        recorded_noise = checkpoint.meta.get("batch_noise")
+        if recorded_noise not in (None, self.batches.plan.noise):
+            raise UsageError(
+                f"--resume: the checkpoint in {self.run_dir} drew its fresh noise once per {recorded_noise}, but this data set "
+                f"is {'streamed' if self.batches.plan.streamed else 'held in memory'} here, which draws it once per "
+                f"{self.batches.plan.noise} (probkit.data.resident_limit: set ${RESIDENT_ENV} as the fit had it), "
+                "or start again with --overwrite")
         self.batches.restore(checkpoint.meta)
         self.stopping.restore(checkpoint.meta)
         self.history = [r for r in read_history(self.run_dir / "history.csv") if r["step"] <= self.start_step]
@@ -232,8 +240,8 @@ class Trainer:
         if cause is not None:
             return FitError(f"at step {step + 1}: {cause}; {kept}.")
         with torch.no_grad():
-            try:
-                terms = self.objective.terms(self.params, batch)
+            try:  # a streamed EM batch is read chunk by chunk: its terms are not computed here
+                terms = self.objective.terms(self.params, batch) if isinstance(batch.x, torch.Tensor) else {}
             except DomainError:
                 terms = {}
             bad_params = [n for n, v in self.values().items() if not torch.isfinite(v).all()]

@@ -546,7 +546,7 @@ def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, in
     mask_tensor, notes = load_mask(mask, C, H, W, seed=seed)
     if input is None:
         check_run_data(run, dataset)
-        x = dataset.fixed("test")[:images]
+        x = dataset.fixed_head("test", images)
         if len(x) == 0:
             raise UsageError("the spec's data has no held-out images; pass --input FILE")
     else:

@@ -217,8 +217,8 @@ def test_a_second_source_is_the_held_out_set_in_its_order(tmp_path):
     assert summarize(dataset)["held_out"] == "from test.npz"
     kept = load_dataset(DataSpec(source="train.npz", size=28, transform="discrete",
                                  test={"source": "test.npz", "count": 4}), tmp_path)
-    assert kept.n_test == 4 and {r.tobytes() for r in kept.test_levels.numpy()} <= {r.tobytes() for r in
-                                                                                   test.astype(np.float32)}
+    assert kept.n_test == 4 and {r.tobytes() for r in kept.test_levels.numpy().astype(np.float32)} <= {
+        r.tobytes() for r in test.astype(np.float32)}
     assert kept.fingerprint() != dataset.fingerprint()
     # labels named otherwise mean other classes: refused; one side without labels: neither is used
     save_npz(tmp_path / "other.npz", test, np.arange(7) % 3, ["c", "b", "a"])

@@ -213,3 +213,57 @@ def test_a_rank_ends_with_its_commands_exit_code_without_finalising(monkeypatch,
     with pytest.raises(Ended):
         command()
     assert ended == [code]
+
+
+_FROM_MAIN = """
+import sys, os
+from pathlib import Path
+import torch.distributed as dist
+from probkit.infer.distributed import Ranks
+rank, folder, fail = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "fail"
+dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2)
+def compute():
+    (folder / f"hashed-by-{rank}").write_text("")
+    if fail:
+        raise OSError("cannot read the source")
+    return "0123456789abcdef"
+try:
+    print("got", Ranks(rank, 2).from_main(compute))
+except Exception as exc:
+    print("failed", type(exc).__name__, exc)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_the_data_fingerprint_is_hashed_on_rank_0_and_broadcast(tmp_path, fail):
+    """Rank 0 alone computes the text every rank receives (bytes in a tensor, nothing pickled);
+    when it fails, the other rank fails too instead of waiting."""
+    script = tmp_path / "from_main.py"
+    script.write_text(_FROM_MAIN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(rank), str(tmp_path), "fail" if fail else "ok"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert sorted(p.name for p in tmp_path.glob("hashed-by-*")) == ["hashed-by-0"]
+    if fail:
+        assert "failed OSError cannot read the source" in outputs[0], outputs
+        assert "failed ProbkitError rank 0 failed while loading the data" in outputs[1], outputs
+    else:
+        assert all("got 0123456789abcdef" in out for out in outputs), outputs
+
+
+@pytest.mark.parametrize("case", ["em", "adam-minibatches-observed-labels"])
+def test_two_streamed_ranks_fit_what_one_streamed_process_fits(case, tmp_path, write_spec, monkeypatch):
+    """A set too large to hold (here: nothing held, $PROBKIT_RESIDENT_BYTES=0): each rank reads its
+    share of every batch from the memory-mapped levels; the params are one process's."""
+    monkeypatch.setenv("PROBKIT_RESIDENT_BYTES", "0")
+    name, fit = CASES[case]
+    spec = write_spec(_with_fit((SPECS / name).read_text(), fit), name=case)
+    one = probkit.fit(spec, out=tmp_path / "one", device="cpu", samples=0)
+    _torchrun(spec, tmp_path / "two")
+    _assert_same_params(_params(tmp_path / "two"), _params(tmp_path / "one"))
+    info = json.loads((tmp_path / "two" / "run.json").read_text())
+    for part in ("train", "test"):
+        assert info[part]["nll"] == pytest.approx(one.metrics[part]["nll"], rel=1e-5)
