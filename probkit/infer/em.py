@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ast
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -82,8 +83,18 @@ def _use_of(node: ast.AST, params: set[str], latents: dict[str, int]) -> tuple[s
     return None if use is None else (use.param, [latents[name] for name in use.index])
 
 
+_PLANS: "weakref.WeakKeyDictionary[CompiledModel, EMPlan]" = weakref.WeakKeyDictionary()
+
+
 def em_plan(compiled: CompiledModel) -> EMPlan:
-    """Whether EM applies to this model, and the params' uses when it does."""
+    """Whether EM applies to this model, and the params' uses when it does (worked out once per
+    compiled model: it draws the spec's start, which for a large model takes a while)."""
+    if compiled not in _PLANS:
+        _PLANS[compiled] = _em_plan(compiled)
+    return _PLANS[compiled]
+
+
+def _em_plan(compiled: CompiledModel) -> EMPlan:
     plan = EMPlan(compiled)
     params = {p.name for p in compiled.params}
     positions = {latent.name: i for i, latent in enumerate(compiled.latents)}
