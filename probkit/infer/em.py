@@ -366,6 +366,19 @@ class EMStepper(Stepper):
         self.previous = value
         return value
 
+    def objective(self, batch: Batch) -> tuple[float, float]:
+        """(the loss, Σ_n log p(x_n | θ)) at the current params, summed over the ranks' images:
+        what the next step would report, without taking it."""
+        with torch.no_grad():
+            values = {k: v.detach() for k, v in self.holder.values().items()}
+            _, _, log_likelihood = self.e_step(values, batch.x, batch.labels)
+            if self.collective.world_size > 1:
+                log_likelihood = self.collective.sum_(log_likelihood.reshape(1).to(DTYPE)).reshape(())
+            value = -(float(self.compiled.joint.log_prior(values)) + float(log_likelihood))
+        if not math.isfinite(value):
+            raise NonFiniteLoss
+        return value, float(log_likelihood)
+
     def _sum_over_ranks(self, stats: dict[str, torch.Tensor], counts: torch.Tensor, log_likelihood: torch.Tensor):
         """One all-reduce of everything the E-step summed (a few small calls cost gloo far more)."""
         keys = sorted(stats)
