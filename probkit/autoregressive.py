@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from probkit.convolution import BLOCKS as CONVOLUTION_BLOCKS
+
 
 def nade(x, W, c, V, b):
     """NADE (Larochelle & Murray, 2011) of one flat image x (D,): hidden units
@@ -114,7 +116,7 @@ def describe_pixel(d: int, C: int, H: int, W: int) -> str:
     return f"pixel {d} ({where})"
 
 
-BUILDING_BLOCKS = ("nade", "made")  # spec functions defined here: `probkit show` prints their source, runs record their revisions
+BUILDING_BLOCKS = ("nade", "made", *CONVOLUTION_BLOCKS)  # spec functions defined here and in probkit.convolution: `probkit show` prints their source, runs record their revisions
 
 # What a building block's params mean, numbered: a run records the revision of each block its
 # likelihood calls, and a run fitted under another revision is refused rather than read wrongly.
@@ -155,22 +157,22 @@ def revision_mismatch(tree, recorded) -> str | None:
     return None
 
 
-def source_of(name: str) -> str:
-    """The source of a building block (and what it needs), for `probkit show`'s program."""
+def sources_of(names) -> str:
+    """The source of the building blocks `names` and of what they need, each function once, for
+    `probkit show`'s program."""
     import inspect
 
-    parts = {"nade": [nade], "made": [hidden_degrees, made_masks, made]}[name]
-    text = []
-    for function in parts:
-        source = inspect.getsource(function)
-        text.append(source)
-    return "\n\n".join(text)
+    from probkit import convolution
+
+    parts = {"nade": [nade], "made": [hidden_degrees, made_masks, made], **convolution.SOURCES}
+    functions = list(dict.fromkeys(f for name in names for f in parts[name]))
+    return "\n\n".join(inspect.getsource(function) for function in functions)
 
 
 # ----- drawing pixel by pixel ------------------------------------------------------------------
 
 ELEMENTWISE = frozenset({"exp", "log", "log1p", "expm1", "sqrt", "abs", "square", "sigmoid", "logit", "tanh",
-                         "softplus", "relu"})
+                         "softplus", "relu", "elu"})
 
 
 def is_affine(node, constant: Callable[[object], bool]) -> bool:

@@ -51,7 +51,7 @@ def check_names(loaded) -> None:
     spec, smap = loaded.spec, loaded.smap
     seen: dict[str, str] = {}
     for section, names in (
-        ("constants", spec.constants), ("params", spec.params), ("latent", spec.latent),
+        ("constants", spec.constants), ("params", spec.params), ("latent", spec.latent), ("define", spec.define),
     ):
         for name in names:
             path = (section, name)
@@ -73,7 +73,11 @@ def check_names(loaded) -> None:
 
 
 def checked(expr: Expr, env: dict[str, Any], ctx) -> Any:
-    """Evaluate while compiling (in `ctx`, the CPU): an error of shapes or values is the spec's."""
+    """Evaluate while compiling (in `ctx`, the CPU): an error of shapes or values is the spec's,
+    reported at the line of the named expression (`define:`) where it happens."""
+    if expr.bindings:
+        env = expressions.bind(expr, env, ctx, each=checked)
+        expr = expr.unbound()
     try:
         return expressions.evaluate(expr, env, ctx)
     except SpecError:

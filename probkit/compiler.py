@@ -81,12 +81,16 @@ class LikelihoodSite:
     def text(self) -> str:
         return self.expr.text
 
-    def argument_nodes(self) -> dict[str, Any]:
-        """The expression's arguments by name (positional ones named as the family names them)."""
+    def argument_nodes(self, *, written: bool = False) -> dict[str, Any]:
+        """The expression's arguments by name (positional ones named as the family names them),
+        each named expression (`define:`) written out in place of its name, so a reader of how
+        params and x enter an argument sees them (`written`: the trees as the spec writes them)."""
         tree = self.expr.tree
         nodes = dict(zip(self.family.pyro.args, tree.args))
         nodes.update({k.arg: k.value for k in tree.keywords})
-        return nodes
+        if written or not self.expr.bindings:
+            return nodes
+        return {arg: self.expr.inline(node) for arg, node in nodes.items()}
 
 
 class CompiledModel:
@@ -364,7 +368,11 @@ class CompiledModel:
     def _compile_likelihood(self) -> LikelihoodSite:
         # x, the image itself, is in scope here only: an autoregressive likelihood reads it
         names = [*self.base_env(), *(p.name for p in self.params), *(l.name for l in self.latents), "x"]
-        expr = self._parse(self.spec.likelihood.x, ("likelihood", "x"), names, dist=True)
+        bindings = []
+        for name, text in self.spec.define.items():  # in order: each reads the names before it
+            bindings.append((name, self._parse(text, ("define", name), names, dist=False)))
+            names.append(name)
+        expr = self._parse(self.spec.likelihood.x, ("likelihood", "x"), names, dist=True).bound(bindings)
         site = LikelihoodSite(expr, likelihood_family(expr.call_name))
         self.likelihood = site  # the checks below evaluate it
         # the likelihood's structure: autoregressive when it reads x itself, else independent pixels
@@ -436,8 +444,10 @@ def prove_order_before_data(loaded: LoadedSpec) -> None:
     needs the image's sizes, which the spec gives (data.size, data.channels), not the data.
     Where the spec names N (the training images) the proof waits for the data's count; any
     other error waits for the full compile, which reports it with the real sizes."""
-    text = " ".join(str(v) for v in (loaded.spec.likelihood.x, *(p.shape for p in loaded.spec.params.values())))
-    if "x" not in re.findall(r"[A-Za-z_]\w*", str(loaded.spec.likelihood.x)) or \
+    spec = loaded.spec
+    text = " ".join(str(v) for v in (spec.likelihood.x, *(p.shape for p in spec.params.values())))
+    reads = " ".join(str(v) for v in (spec.likelihood.x, *spec.define.values()))
+    if "x" not in re.findall(r"[A-Za-z_]\w*", reads) or \
             "N" in re.findall(r"[A-Za-z_]\w*", text):
         return
     H, W = loaded.spec.data.hw

@@ -238,6 +238,8 @@ class Dataset:
         if "fingerprint" in self._cached:
             return self._cached["fingerprint"]
         digest = hashlib.sha256()
+        if self.spec.test is not None:  # named held-out images: which of them are held out is part of the data
+            digest.update(f"held-out {self.spec.test!r}: {self.n_train} + {self.n_test}\n".encode())
         for tensor in (self.train_levels, self.test_levels, self.train_labels, self.test_labels):
             if tensor is not None:
                 digest.update(tensor.detach().cpu().to(torch.int16).numpy().tobytes())
@@ -262,9 +264,14 @@ def prepare(raw: RawImages, spec: DataSpec) -> np.ndarray:
     return np.round(images * 255.0).astype(np.float32)
 
 
-def load_dataset(spec: DataSpec, base_dir: Path) -> Dataset:
-    """Load, prepare and split the spec's data (deterministic in `data.seed`)."""
-    levels, labels_np, label_names, notes = _prepared_levels(spec, base_dir)
+def load_dataset(spec: DataSpec, base_dir: Path, *, where: str | None = None) -> Dataset:
+    """Load, prepare and split the spec's data (deterministic in `data.seed`).
+
+    where: the spec's `file:line:col` of `data.test`, for the messages of a named held-out set.
+    """
+    levels, labels_np, label_names, notes, own_test = _prepared_levels(spec, base_dir)
+    if spec.test is not None:
+        return _named_held_out(spec, base_dir, levels, labels_np, label_names, notes, own_test, where)
     n = len(levels)
     n_test = math.ceil(n * spec.test_fraction - 1e-9)
     if spec.test_fraction > 0 and n_test == 0:
@@ -283,6 +290,78 @@ def load_dataset(spec: DataSpec, base_dir: Path) -> Dataset:
         None if labels is None else labels[test_idx],
         label_names, notes,
     )
+
+
+def _named_held_out(spec: DataSpec, base_dir: Path, levels, labels, label_names, notes, own_test,
+                    where: str | None) -> Dataset:
+    """The Dataset of a spec whose `data.test` names its held-out images: the source's own test split,
+    or a second source prepared as the training images are. Both keep their stored order."""
+    if spec.test == "split":
+        train_idx, test_idx = own_split(spec, own_test, where)
+        train, test = levels[train_idx], levels[test_idx]
+        train_labels, test_labels = (None, None) if labels is None else (labels[train_idx], labels[test_idx])
+    else:
+        train, train_labels = levels, labels
+        test, test_labels, label_names, more = held_out_source(spec, base_dir, labels, label_names, where)
+        train_labels = None if test_labels is None else labels
+        notes = [*notes, *more]
+    C, H, W = levels.shape[1:]
+
+    def flat(array):
+        return torch.from_numpy(np.ascontiguousarray(array.reshape(len(array), -1)))
+
+    def tensor(array):
+        return None if array is None else torch.from_numpy(array.astype(np.int64))
+
+    return Dataset(spec, C, H, W, flat(train), flat(test), tensor(train_labels), tensor(test_labels),
+                   label_names, notes)
+
+
+def own_split(spec: DataSpec, own_test: np.ndarray | None, where: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """`data.test: split`: (train indices, test indices) from the source's own test split."""
+    at = f"{where}: data.test: split" if where else "data.test: split"
+    if own_test is None:
+        from probkit.datasets import BUILTIN
+
+        having = [name for name, (info, _) in BUILTIN.items() if info.test_split]
+        raise DataError(f"{at}: data source '{spec.source}' has no test split of its own (among the built-in sets "
+                        f"{', '.join(having)} has one); hold images out at random with test_fraction, or name them "
+                        "in a second source: test: {source: PATH}")
+    test_idx, train_idx = np.flatnonzero(own_test), np.flatnonzero(~own_test)
+    if len(test_idx) == 0 or len(train_idx) == 0:
+        part = "test" if len(test_idx) == 0 else "training"
+        raise DataError(f"{at}: the {len(own_test)} images kept from '{spec.source}' (data.count) hold none of its "
+                        f"{part} images; keep more (a larger data.count, or none)")
+    return train_idx, test_idx
+
+
+def held_out_source(spec: DataSpec, base_dir: Path, labels, label_names, where: str | None):
+    """`data.test: {source: ...}`: the second source's levels, labels and label names, prepared with the
+    spec's size and channels (the transform then applies to both alike), and notes on what was dropped.
+    Its labels are kept only when both sources have them under the same names (a folder's are its
+    sub-folders, sorted)."""
+    at = f"{where}: data.test" if where else "data.test"
+    held = spec.test
+    from probkit.datasets import BUILTIN
+
+    drawn = held.source in BUILTIN and BUILTIN[held.source][0].drawn
+    if held.source == spec.source and not drawn:
+        raise DataError(f"{at}: the held-out source '{held.source}' is the training source itself, so the "
+                        "held-out images would be training images; name another source, or use test: split "
+                        "or test_fraction")
+    # a set drawn with the training seed would repeat the training images
+    second = spec.model_copy(update={"source": held.source, "count": held.count, "test": None,
+                                     "seed": (spec.seed + 1) % (2**32) if drawn else spec.seed})
+    levels, test_labels, test_names, notes, _ = _prepared_levels(second, base_dir)
+    if labels is not None and test_labels is not None and label_names != test_names:
+        raise DataError(f"{at}: the held-out source '{held.source}' names its labels {test_names}, the training "
+                        f"source {label_names}: label k must mean the same class in both; give both the same "
+                        "classes (sub-folders)")
+    if (labels is None) != (test_labels is None):
+        which = "training" if labels is None else "held-out"
+        notes = [*notes, f"the {which} source has no labels, so neither set's labels are used"]
+        return levels, None, None, notes
+    return levels, test_labels, label_names, notes
 
 
 def data_memory(n: int, C: int, H: int, W: int) -> int:
@@ -328,6 +407,8 @@ def _prepared_levels(spec: DataSpec, base_dir: Path):
             arrays["label_names"] = np.asarray(raw.label_names, dtype=str)
         if raw.notes:
             arrays["notes"] = np.asarray(raw.notes, dtype=str)
+        if raw.own_test is not None:
+            arrays["own_test"] = raw.own_test.astype(bool)
         return arrays
 
     # content-addressed: the bytes of the source (and the loader's code), not its name or file times,
@@ -341,7 +422,7 @@ def _prepared_levels(spec: DataSpec, base_dir: Path):
     _check_data_memory(spec, len(arrays["levels"]))  # a cached set too: this machine may be smaller
     label_names = [str(n) for n in arrays["label_names"]] if "label_names" in arrays else None
     notes = [str(n) for n in arrays["notes"]] if "notes" in arrays else []
-    return arrays["levels"].astype(np.float32), arrays.get("labels"), label_names, notes
+    return arrays["levels"].astype(np.float32), arrays.get("labels"), label_names, notes, arrays.get("own_test")
 
 
 def summarize(dataset: Dataset) -> dict:
@@ -352,7 +433,17 @@ def summarize(dataset: Dataset) -> dict:
         "shape": [dataset.channels, dataset.height, dataset.width],
         "transform": dataset.transform,
         "labels": dataset.train_labels is not None,
+        "held_out": held_out_rule(dataset.spec),
     }
+
+
+def held_out_rule(spec: DataSpec) -> str:
+    """How the held-out images were chosen, in words for tables."""
+    if spec.test == "split":
+        return "the source's test split"
+    if spec.test is not None:
+        return f"from {spec.test.source}"
+    return f"random {spec.test_fraction:g}" if spec.test_fraction else "none"
 
 
 def uniform_bits_per_dim(transform: str) -> float:

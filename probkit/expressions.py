@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import ast
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -31,6 +32,8 @@ class Function:
     source: str  # format string over the rendered arguments
     min_args: int = 1
     max_args: int | None = 1
+    image_dims: bool = False  # takes the image's sizes: run(ctx, *args, dims=(C, H, W))
+    options: tuple[str, ...] = ()  # keywords it takes besides dim= (strings such as mask='A')
 
 
 def _elementwise(op):
@@ -41,7 +44,7 @@ def _elementwise(op):
 def _reduce(op):
     def run(ctx, x, dim=None):
         x = ctx.tensor(x)
-        return op(x) if dim is None else op(x, dim=dim)
+        return op(x) if dim is None else op(x, dim=int(dim))
 
     return run
 
@@ -112,6 +115,70 @@ def _made(ctx, x, *layers):
     return made(ctx.tensor(x), *layers)
 
 
+def _image(ctx, x, *, dims, crop=None):
+    from probkit.convolution import crop as cut
+    from probkit.convolution import image
+
+    x = ctx.tensor(x)
+    C, H, W = dims
+    if x.dim() < 1 or x.shape[-1] != C * H * W:
+        raise ValueError(f"image(...) views a flat image of D = C*H*W = {C * H * W} values as C×H×W; found shape "
+                         f"{list(x.shape)}")
+    return image(x, C, H, W) if crop is None else cut(image(x, C, H, W), *crop, *dims)
+
+
+def _flat(ctx, h, levels=None, *, dims, crop=None):
+    from probkit.convolution import at_pixel, flat
+
+    if crop is not None:  # drawing pixel d: the network ran on d's window, its output at d alone
+        return at_pixel(ctx.tensor(h), *crop, *dims, levels=levels)
+
+    h = ctx.tensor(h)
+    if h.dim() < 3:
+        raise ValueError(f"flat(h) takes a map of F×H×W values (a convolution's output); found shape {list(h.shape)}")
+    if levels is None:
+        return flat(h)
+    if float(levels) != int(float(levels)) or int(float(levels)) < 1:
+        raise ValueError(f"flat(h, L) takes a whole number of levels L, found {levels}")
+    C, L = dims[0], int(float(levels))
+    if h.shape[-3] != C * L:
+        raise ValueError(f"flat(h, {L}) takes a map of C*L = {C * L} channels (L numbers for each of the "
+                         f"{C} image channels), found {h.shape[-3]} (shape {list(h.shape)})")
+    return flat(h, L)
+
+
+def _masked_conv(ctx, h, W, b, mask="B", *, dims):
+    from probkit.convolution import conv_problem, masked_conv
+
+    h, W, b = (ctx.tensor(a) for a in (h, W, b))
+    problem = conv_problem(h, W, b)
+    if problem is not None:
+        raise ValueError(f"masked_conv(h, W, b, mask): {problem}")
+    return masked_conv(h, W, b, mask, dims[0])
+
+
+def _conv1x1(ctx, h, W, b, *, dims):
+    from probkit.convolution import conv1x1, conv_problem
+
+    h, W, b = (ctx.tensor(a) for a in (h, W, b))
+    if W.dim() != 2:
+        raise ValueError(f"conv1x1(h, W, b): its weight must have shape (out, in), found {list(W.shape)}")
+    problem = conv_problem(h, W[..., None, None], b)
+    if problem is not None:
+        raise ValueError(f"conv1x1(h, W, b): {problem}")
+    return conv1x1(h, W, b, dims[0])
+
+
+def _gated(ctx, h, *, dims):
+    from probkit.convolution import gated
+
+    h = ctx.tensor(h)
+    if h.dim() < 3 or h.shape[-3] % (2 * dims[0]):
+        raise ValueError(f"gated(h) takes a map whose channels split into two halves for each of the {dims[0]} "
+                         f"image channels (a multiple of {2 * dims[0]}); found shape {list(h.shape)}")
+    return gated(h, dims[0])
+
+
 _GRID_RBF_SOURCE = (
     "(lambda r, c: torch.kron(torch.eye(int({0})), torch.exp(-0.5 * ((r[:, None] - r[None]).square() "
     "+ (c[:, None] - c[None]).square()) / torch.as_tensor({3}) ** 2)))"
@@ -129,8 +196,15 @@ FUNCTIONS: dict[str, Function] = {
     "sigmoid": Function(_elementwise(torch.sigmoid), "torch.sigmoid({0})"),
     "logit": Function(_elementwise(torch.logit), "torch.logit({0})"),
     "tanh": Function(_elementwise(torch.tanh), "torch.tanh({0})"),
-    "softplus": Function(_elementwise(F.softplus), "F.softplus({0})"),
+    "softplus": Function(_elementwise(F.softplus), "torch.nn.functional.softplus({0})"),
     "relu": Function(_elementwise(torch.relu), "torch.relu({0})"),
+    "elu": Function(_elementwise(F.elu), "torch.nn.functional.elu({0})"),
+    "image": Function(_image, "image({0}, C, H, W)", image_dims=True),
+    "flat": Function(_flat, "flat({all})", 1, 2, image_dims=True),
+    "masked_conv": Function(_masked_conv, "masked_conv({0}, {1}, {2}, {mask!r}, C)", 3, 4, image_dims=True,
+                            options=("mask",)),
+    "conv1x1": Function(_conv1x1, "conv1x1({0}, {1}, {2}, C)", 3, 3, image_dims=True),
+    "gated": Function(_gated, "gated({0}, C)", image_dims=True),
     "tril": Function(_triangle(torch.tril), "torch.tril({0}, int({1}))", 1, 2),
     "triu": Function(_triangle(torch.triu), "torch.triu({0}, int({1}))", 1, 2),
     "nade": Function(_nade, "nade({0}, {1}, {2}, {3}, {4})", 5, 5),
@@ -171,7 +245,46 @@ class Expr:
         self.tree = tree
         self.path = path
         self.smap = smap
+        self.bindings: tuple[tuple[str, "Expr"], ...] = ()  # `define:` names evaluated first, in order
         self._names: frozenset[str] | None = None
+
+    def bound(self, bindings) -> "Expr":
+        """This expression after named ones (the spec's `define:` block: (name, Expr) in order, each
+        reading earlier names), all of them used: a name nothing reads raises SpecError at its line."""
+        self.bindings, self._names = tuple(bindings), None
+        used = {n.id for n in ast.walk(self.tree) if isinstance(n, ast.Name)}
+        for name, expr in reversed(self.bindings):
+            if name not in used:
+                raise SpecError(f"{expr.where()}: {dotted(expr.path)}: '{name}' is defined but neither the "
+                                "likelihood nor a later name uses it; use it or delete it")
+            used |= {n.id for n in ast.walk(expr.tree) if isinstance(n, ast.Name)}
+        return self
+
+    def unbound(self) -> "Expr":
+        """The expression alone, its named expressions already in the environment it is evaluated in."""
+        alone = copy.copy(self)
+        alone.bindings, alone._names = (), None
+        return alone
+
+    @property
+    def whole_tree(self) -> ast.AST:
+        """The named expressions' trees and this one's, as one tree to walk (which blocks it calls)."""
+        return ast.Tuple(elts=[expr.tree for _, expr in self.bindings] + [self.tree], ctx=ast.Load())
+
+    def inline(self, node: ast.AST) -> ast.AST:
+        """`node` of this expression with each named expression written out in place of its name: the
+        same function, for the readers that parse how params and x enter an argument. A named
+        expression whose written-out tree would pass INLINE_NODES nodes stands as an opaque call of
+        every name it reads (`__named__(x, W1, ...)`), which those readers take as 'reads these
+        through an expression'."""
+        trees: dict[str, ast.AST] = {}
+        for name, expr in self.bindings:
+            tree = _substitute(_unplaced(expr.tree), trees)
+            if sum(1 for _ in ast.walk(tree)) > INLINE_NODES:
+                tree = ast.Call(func=ast.Name(id=OPAQUE, ctx=ast.Load()),
+                                args=[ast.Name(id=n, ctx=ast.Load()) for n in sorted(_free(tree))], keywords=[])
+            trees[name] = tree
+        return _substitute(node, trees)
 
     def error(self, message: str, node: ast.AST | None = None) -> SpecError:
         where = self.where(node)
@@ -193,12 +306,15 @@ class Expr:
         return None
 
     def names(self) -> frozenset[str]:
-        """The spec names the expression reads (computed once: the fit asks every step)."""
+        """The spec names the expression reads, through its named expressions too (computed once:
+        the fit asks every step)."""
         if self._names is None:
-            self._names = frozenset(
-                n.id for n in ast.walk(self.tree)
-                if isinstance(n, ast.Name) and n.id not in FUNCTIONS and n.id not in FAMILIES
-            )
+            needed = {n.id for n in ast.walk(self.tree)
+                      if isinstance(n, ast.Name) and n.id not in FUNCTIONS and n.id not in FAMILIES}
+            for name, expr in reversed(self.bindings):
+                if name in needed:
+                    needed = (needed - {name}) | expr.names()
+            self._names = frozenset(needed)
         return self._names
 
     def __repr__(self) -> str:
@@ -304,8 +420,9 @@ def _check_call(expr: Expr, node: ast.Call, names: set[str], allow_dist: bool) -
         function = FUNCTIONS[name]
         takes_dim = name in _DEFAULT_DIM
         for keyword in node.keywords:
-            if keyword.arg != "dim" or not takes_dim:
-                allowed = "only dim=" if takes_dim else "none"
+            if not ((keyword.arg == "dim" and takes_dim) or keyword.arg in function.options):
+                allowed = "only dim=" if takes_dim else \
+                    ", ".join(f"{o}=" for o in function.options) if function.options else "none"
                 raise expr.error(f"{name}() takes no keyword '{keyword.arg}' ({allowed})", keyword.value)
         given = len(node.args) + len(node.keywords)
         most = function.max_args
@@ -322,21 +439,93 @@ def _check_call(expr: Expr, node: ast.Call, names: set[str], allow_dist: bool) -
             f"(known {kind}s: {', '.join(pool)})",
             node.func,
         )
+    mask = mask_node(node)
+    if name == "masked_conv" and mask is not None:
+        if not (isinstance(mask, ast.Constant) and mask.value in ("A", "B")):
+            raise expr.error("masked_conv's mask must be 'A' (the first layer on the image: a pixel does not see "
+                             "itself) or 'B' (later layers: a position sees its own earlier features), written "
+                             "in quotes, e.g. mask='A'", mask)
     for arg in node.args:
-        _check(expr, arg, names, False)
+        if arg is not mask:
+            _check(expr, arg, names, False)
     for keyword in node.keywords:
-        _check(expr, keyword.value, names, False)
+        if keyword.value is not mask:
+            _check(expr, keyword.value, names, False)
+
+
+def mask_node(node: ast.Call) -> ast.AST | None:
+    """The mask argument of a masked_conv call (its 4th positional or `mask=`), None when absent."""
+    if not (isinstance(node.func, ast.Name) and node.func.id == "masked_conv"):
+        return None
+    keyword = next((k.value for k in node.keywords if k.arg == "mask"), None)
+    return keyword if keyword is not None else (node.args[3] if len(node.args) > 3 else None)
+
+
+def mask_kind(node: ast.Call) -> str:
+    """A checked masked_conv call's mask type, 'A' or 'B' ('B' when not given)."""
+    mask = mask_node(node)
+    return "B" if mask is None else mask.value
+
+
+def image_dims(env: dict[str, Any]) -> tuple[int, int, int]:
+    """The image's (C, H, W) from an environment (the reserved sizes are always in it)."""
+    return int(env["C"]), int(env["H"]), int(env["W"])
 
 
 def evaluate(expr: Expr, env: dict[str, Any], ctx: Context = Context()) -> Any:
     """Interpret a checked expression in `ctx` (the device and dtype of the constants it
-    builds); a distribution call returns (family name, kwargs)."""
+    builds), its named expressions first; a distribution call returns (family name, kwargs)."""
+    if expr.bindings:
+        env = bind(expr, env, ctx)
     return _eval(expr, expr.tree, env, ctx)
+
+
+def bind(expr: Expr, env: dict[str, Any], ctx: Context, each: Callable[..., Any] | None = None) -> dict[str, Any]:
+    """env with the values of expr's named expressions added, in order (`each(named, env, ctx)`
+    evaluates one; the compile-time checks pass their own, which names the line that fails)."""
+    env = dict(env)
+    for name, named in expr.bindings:
+        env[name] = (each or evaluate)(named, env, ctx)
+    return env
+
+
+INLINE_NODES = 20_000  # a named expression written out beyond this stands as one opaque call
+OPAQUE = "__named__"
+
+
+def _substitute(node: ast.AST, trees: dict[str, ast.AST]) -> ast.AST:
+    """A copy of node with every name in `trees` replaced by its tree (shared, not copied)."""
+    if not trees:
+        return node
+
+    class Substitute(ast.NodeTransformer):
+        def visit_Name(self, name):
+            return trees.get(name.id, name)
+
+    return Substitute().visit(copy.deepcopy(node)) if any(
+        isinstance(n, ast.Name) and n.id in trees for n in ast.walk(node)) else node
+
+
+def _free(tree: ast.AST) -> set[str]:
+    """The spec names a written-out tree reads (for the opaque stand-in of a large one)."""
+    return {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)
+            and n.id not in FUNCTIONS and n.id not in FAMILIES and n.id != OPAQUE}
+
+
+def _unplaced(tree: ast.AST) -> ast.AST:
+    """A copy of a named expression's tree without positions: written out inside another
+    expression, its columns would point into the wrong text (an error then names the line)."""
+    tree = copy.deepcopy(tree)
+    for node in ast.walk(tree):
+        for attribute in ("lineno", "col_offset", "end_lineno", "end_col_offset"):
+            if hasattr(node, attribute):
+                delattr(node, attribute)
+    return tree
 
 
 def _eval(expr: Expr, node: ast.AST, env: dict[str, Any], ctx: Context) -> Any:
     if isinstance(node, ast.Constant):
-        return float(node.value)
+        return node.value if isinstance(node.value, str) else float(node.value)  # a str only as a mask
     if isinstance(node, ast.Name):
         return env[node.id]
     if isinstance(node, ast.BinOp):
@@ -370,11 +559,17 @@ def _eval(expr: Expr, node: ast.AST, env: dict[str, Any], ctx: Context) -> Any:
             return nade_pixel(*(ctx.tensor(a) for a in args), env[PIXEL_KEY])
         if "dim" in kwargs:
             kwargs["dim"] = int(kwargs["dim"])
-        return FUNCTIONS[name].run(ctx, *args, **kwargs)
+        function = FUNCTIONS[name]
+        if function.image_dims:
+            kwargs["dims"] = image_dims(env)
+            if CROP_KEY in env and name in ("image", "flat"):
+                kwargs["crop"] = env[CROP_KEY]
+        return function.run(ctx, *args, **kwargs)
     raise AssertionError(f"unchecked node {node!r}")
 
 
 PIXEL_KEY = "__pixel__"  # env entry while drawing pixel d of an autoregressive likelihood; not a spec name
+CROP_KEY = "__crop__"  # env entry (d, radius): a convolutional network evaluated on pixel d's window alone
 GRID_KEY = "__grid__"  # env entry: {id(grid tensor): (dim, number of grid dims)}; not a spec name
 
 
@@ -414,7 +609,7 @@ def render(expr: Expr, rename: Callable[[str], str] = lambda n: n) -> str:
 
 def render_node(node: ast.AST, rename=lambda name: name) -> str:
     if isinstance(node, ast.Constant):
-        return repr(float(node.value))
+        return repr(node.value) if isinstance(node.value, str) else repr(float(node.value))
     if isinstance(node, ast.Name):
         return rename(node.id)
     if isinstance(node, ast.BinOp):
@@ -435,6 +630,10 @@ def render_node(node: ast.AST, rename=lambda name: name) -> str:
             named = [f"{n}={a}" for n, a in zip(family.args, args)]
             named += [f"{k.arg}={render_node(k.value, rename)}" for k in node.keywords]
             return f"dist.{name}({', '.join(named)})"
+        if FUNCTIONS[name].image_dims:
+            args = [a for a, n in zip(args, node.args) if n is not mask_node(node)]
+            return FUNCTIONS[name].source.format(*args, all=", ".join(args[:1] + [f"int({a})" for a in args[1:]]),
+                                                 mask=mask_kind(node))
         dim = next((render_node(k.value, rename) for k in node.keywords), None)
         if dim is not None:
             dim = str(int(float(dim)))

@@ -56,7 +56,7 @@ def prepare(spec: SpecLike, *, device: str | torch.device = "cpu") -> Prepared:
     loaded = load_spec(spec)
     device = resolve_device(device)
     prove_order_before_data(loaded)
-    dataset = load_dataset(loaded.spec.data, loaded.base_dir)
+    dataset = load_dataset(loaded.spec.data, loaded.base_dir, where=loaded.where(("data", "test")))
     dims = Dims(dataset.channels, dataset.height, dataset.width, dataset.n_train)
     compiled = compile_spec(loaded, dims, device=device)
     _check_labels(compiled, dataset, loaded)
@@ -108,7 +108,7 @@ def check_run_revisions(run: Run, compiled: CompiledModel) -> None:
     recorded have revision 1) is refused, never read through other connections."""
     from probkit.autoregressive import revision_mismatch
 
-    problem = revision_mismatch(compiled.likelihood.expr.tree, run.info.get("revisions"))
+    problem = revision_mismatch(compiled.likelihood.expr.whole_tree, run.info.get("revisions"))
     if problem:
         raise RunError(f"{run.path / 'run.json'}: the run was fitted by probkit "
                        f"{run.info.get('probkit', 'of an unknown version')} with {problem}. Fit the spec again "

@@ -20,7 +20,7 @@ import torch
 from torch.distributions import constraints
 
 from probkit.session import Prepared
-from probkit.autoregressive import blocks_called, source_of
+from probkit.autoregressive import blocks_called, sources_of
 from probkit.data import fixed_noise_generator
 from probkit.distributions import FAMILIES, SUPPORTS, VECTOR_ARGS
 from probkit.expressions import render, render_node
@@ -88,7 +88,7 @@ def program_source(prepared: Prepared, npz_path: Path) -> str:
         emit("batch: it reaches the same optimum (given enough steps), not the same numbers step by step.")
     emit('"""')
     emit("import sys")
-    if compiled.structure.reads_image:
+    if compiled.structure.reads_image or blocks_called(compiled.likelihood.expr.whole_tree):
         emit("from functools import lru_cache")
     emit("")
     emit("import numpy as np")
@@ -118,6 +118,10 @@ def program_source(prepared: Prepared, npz_path: Path) -> str:
     emit('    """Univariate over x: independent across the D pixels, one event of D values."""')
     emit("    return d.expand(d.batch_shape[:-1] + (D,)).to_event(1) if d.batch_shape else d.expand((D,)).to_event(1)\n")
 
+    called = blocks_called(compiled.likelihood.expr.whole_tree)
+    if called:  # the building blocks the likelihood calls, as probkit runs them
+        emit("")
+        emit(sources_of(called))
     if compiled.structure.reads_image:
         _emit_autoregressive(emit, compiled)
 
@@ -139,18 +143,24 @@ def program_source(prepared: Prepared, npz_path: Path) -> str:
             emit(f'        {latent.name} = pyro.sample("{latent.name}", {render(latent.expr)}, '
                  'infer={"enumerate": "parallel"})')
     likelihood = render(compiled.likelihood.expr)
+    named = compiled.likelihood.expr.bindings  # `define:`, as Python variables before their use
     if compiled.structure.reads_image:
         emit("")
         emit("        def likelihood_arguments(x" + "".join(f", {l.name}" for l in compiled.latents) + "):")
         emit('            """The likelihood\'s arguments for one image x (a flat vector): pixel d reads x[:d] only."""')
+        for name, expr in named:
+            emit(f"            {name} = {render(expr)}")
         emit("            return pixel_shaped({")
-        for arg, node in compiled.likelihood.argument_nodes().items():
+        for arg, node in compiled.likelihood.argument_nodes(written=True).items():
             emit(f"                {arg!r}: torch.as_tensor({render_node(node)}),")
         emit("            })")
         emit("")
         latents = ", ".join(f"{l.name}={l.name}" for l in compiled.latents)
         likelihood = (f"dist.{compiled.family.name}(**per_image(likelihood_arguments, x"
                       f"{', ' + latents if latents else ''}))")
+    else:
+        for name, expr in named:
+            emit(f"        {name} = {render(expr)}")
     if not compiled.family.joint:
         likelihood = f"pixels({likelihood})"
     emit(f'        return pyro.sample("x", {likelihood}, obs=x)\n')
@@ -225,9 +235,6 @@ def program_source(prepared: Prepared, npz_path: Path) -> str:
 def _emit_autoregressive(emit, compiled) -> None:
     """The per-image arguments of an autoregressive likelihood (it reads x), vmapped over the
     images as probkit's compiler does, and the building blocks it calls."""
-    for name in blocks_called(compiled.likelihood.expr.tree):
-        emit("")
-        emit(source_of(name))
     start = compiled.start_for_checks()
     args = compiled.config_arguments({**start, "x": torch.zeros(compiled.dims.D)}, compiled.checks)
     shapes = {arg: tuple(value.shape[1:]) for arg, value in args.items()}

@@ -42,6 +42,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+def _split_or_mapping(value):
+    """`test:` is the word split or a mapping: anything else gets one message naming both forms."""
+    if value is None or value == "split" or isinstance(value, dict):
+        return value
+    raise ValueError("expected 'split' (the source's own test split) or a mapping {source: ...} (held-out images "
+                     "from a second source)")
+
+
+class HeldOutSourceSpec(_Strict):
+    """Held-out images from a second source, prepared as the training images are (docs/data.md)."""
+
+    source: str = Field(description="a built-in data set name, or a path relative to the spec")
+    count: Int | None = Field(None, gt=0, description="how many of its images to keep (seeded by data.seed)")
+
+
 class DataSpec(_Strict):
     """Where the images come from and how they are prepared (docs/data.md)."""
 
@@ -53,7 +68,10 @@ class DataSpec(_Strict):
     binarize: Literal["fixed", "dynamic"] = Field(
         "fixed", description="binary: 'dynamic' resamples x ~ Bernoulli(intensity) each epoch"
     )
-    test_fraction: Float = Field(0.2, ge=0, lt=1)
+    test_fraction: Float = Field(0.2, ge=0, lt=1, description="share of the images held out at random")
+    test: Annotated[Union[Literal["split"], HeldOutSourceSpec, None], BeforeValidator(_split_or_mapping)] = Field(
+        None, description="named held-out images instead of test_fraction: 'split' (the source's own test "
+        "split) or {source: ...} (a second source)")
     seed: Int = Field(0, ge=0, le=MAX_SEED, description="fixes the train/held-out split and generated data")
     count: Int | None = Field(None, gt=0, description="how many images to generate or keep")
 
@@ -64,6 +82,13 @@ class DataSpec(_Strict):
         if any(s < 1 or s > 512 for s in sizes):
             raise ValueError("size must be between 1 and 512 pixels")
         return value
+
+    @model_validator(mode="after")
+    def _one_held_out_rule(self):
+        if self.test is not None and "test_fraction" in self.model_fields_set:
+            raise ValueError("give either test_fraction (held-out images drawn at random) or test (named "
+                             "held-out images), not both")
+        return self
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -133,6 +158,9 @@ class Spec(_Strict):
     constants: dict[str, Union[Int, Float]] = Field(default_factory=dict)
     params: dict[str, ParamSpec] = Field(default_factory=dict)
     latent: dict[str, Union[str, LatentSpec]] = Field(default_factory=dict)
+    define: dict[str, Union[str, Float]] = Field(
+        default_factory=dict, description="named expressions (name -> expression, in order) of params, latents, "
+        "x and earlier names, usable in the likelihood: a deep likelihood reads as layers")
     likelihood: LikelihoodSpec
     fit: FitSpec = Field(default_factory=FitSpec)
 
@@ -314,9 +342,15 @@ def _describe(value) -> str:
 def _translate(exc: ValidationError, smap: SourceMap) -> SpecError:
     lines = []
     seen = set()
+    models = {name for name, value in globals().items() if isinstance(value, type) and issubclass(value, BaseModel)}
     for err in exc.errors():
         if "str" in err["loc"] and isinstance(err.get("input"), dict):
             continue  # the mapping branch of `str | Mapping` says what is wrong
+        branch = {part for part in err["loc"] if isinstance(part, str)}
+        if isinstance(err.get("input"), dict) and any(part.startswith("literal[") for part in branch):
+            continue  # the same for `'word' | Mapping`
+        if err["type"] == "model_type" and branch & models:
+            continue  # a union's mapping branch refusing a word or number: the other branch says why
         path = _model_path(err["loc"])
         kind = err["type"]
         if kind == "extra_forbidden":
@@ -351,7 +385,7 @@ def _translate(exc: ValidationError, smap: SourceMap) -> SpecError:
 def _is_dynamic(parent: KeyPath, part) -> bool:
     """Names the user chose (param and latent names) are not schema fields."""
     index = parent.index(part)
-    return index > 0 and parent[index - 1] in ("params", "latent", "constants")
+    return index > 0 and parent[index - 1] in ("params", "latent", "constants", "define")
 
 
 class LoadedSpec:
@@ -377,9 +411,19 @@ class LoadedSpec:
         }
 
 
+def _check_held_out_rule(data: dict, smap: SourceMap) -> None:
+    """data.test and data.test_fraction are two ways to say which images are held out: refused
+    together at test's line (DataSpec refuses them too, where no line is known)."""
+    block = data.get("data")
+    if isinstance(block, dict) and "test" in block and "test_fraction" in block and block["test"] is not None:
+        raise SpecError(f"{smap.where(('data', 'test'), key=True)}: data.test: give either test (named held-out "
+                        "images) or test_fraction (held out at random), not both; delete one")
+
+
 def spec_from_text(text: str, file: str = "<spec>", base_dir: Path | None = None) -> LoadedSpec:
     """Parse and validate spec text; structural errors raise SpecError naming the line."""
     data, smap = parse_yaml(text, file)
+    _check_held_out_rule(data, smap)
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:

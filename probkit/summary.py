@@ -50,6 +50,8 @@ def summary_tables(prepared: Prepared) -> list[Table]:
     for latent in compiled.latents:
         how = latent.strategy.describe
         model.add_row(latent.name, escape(latent.expr.text), str(latent.cardinality), how)
+    for name, expr in compiled.likelihood.expr.bindings:  # define:, in the order they are evaluated
+        model.add_row(name, escape(expr.text), "", "named expression (define)")
     structure = compiled.structure.describe
     model.add_row("x", escape(compiled.likelihood.text), f"D = {compiled.dims.D}", structure)
 
@@ -58,8 +60,8 @@ def summary_tables(prepared: Prepared) -> list[Table]:
         data.add_column(column)
     info = summarize(dataset)
     data.add_row(
-        info["source"], str(info["train"]), str(info["test"]), "×".join(map(str, info["shape"])),
-        info["transform"], "yes" if info["labels"] else "no",
+        info["source"], str(info["train"]), f"{info['test']} ({info['held_out']})",
+        "×".join(map(str, info["shape"])), info["transform"], "yes" if info["labels"] else "no",
     )
     return [params, model, data, fit_table(prepared, settings), memory_table(prepared)]
 

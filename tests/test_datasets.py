@@ -317,7 +317,7 @@ def test_paths_are_relative_to_base_dir_and_count_takes_a_seeded_subset(tmp_path
 def test_describe_lists_every_builtin_set():
     infos = describe()
     assert [info.name for info in infos] == list(BUILTIN) == [
-        "digits", "mnist", "faces", "textures", "wallpaper",
+        "digits", "mnist", "mnist-full", "faces", "textures", "wallpaper",
     ]
     assert {info.name: info.channels for info in infos}["wallpaper"] == 3
     assert all(info.licence and info.package and info.resolution for info in infos)

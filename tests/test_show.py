@@ -20,7 +20,7 @@ HERE = Path(__file__).parent
 @pytest.mark.parametrize("spec", [HERE / "specs" / "tiny-mixture.yaml", HERE / "specs" / "tiny-class.yaml",
                                   HERE / "specs" / "tiny-smooth.yaml", HERE / "specs" / "tiny-diag.yaml",
                                   HERE / "specs" / "tiny-fvsbn-mixture.yaml", HERE / "specs" / "tiny-nade.yaml",
-                                  HERE / "specs" / "tiny-made.yaml"],
+                                  HERE / "specs" / "tiny-made.yaml", HERE / "specs" / "tiny-pixelcnn.yaml"],
                          ids=lambda p: p.stem)
 def test_shown_program_reaches_the_same_params(tmp_path, spec):
     npy = tmp_path / "train.npz"

@@ -21,6 +21,7 @@ class RawImages:
     labels: np.ndarray | None = None  # int64, N
     label_names: list[str] | None = None  # label_names[k] names label k
     notes: list[str] = field(default_factory=list)  # one line each, shown to the user
+    own_test: np.ndarray | None = None  # bool, N: the image is in the source's own test split (mnist-full)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class DatasetInfo:
     channels: int
     package: str
     licence: str
+    test_split: bool = False  # the set knows its own test images (data.test: split)
+    drawn: bool = False  # its images are drawn by data.seed (patches, patterns): another seed gives others
 
 
 def take_subset(raw: RawImages, count: int | None, *, seed: int, where: str) -> RawImages:
@@ -50,4 +53,5 @@ def take_subset(raw: RawImages, count: int | None, *, seed: int, where: str) -> 
         return raw
     keep = np.sort(np.random.default_rng(seed).choice(available, size=count, replace=False))
     labels = None if raw.labels is None else raw.labels[keep]
-    return RawImages(raw.images[keep], labels, raw.label_names, list(raw.notes))
+    own_test = None if raw.own_test is None else raw.own_test[keep]
+    return RawImages(raw.images[keep], labels, raw.label_names, list(raw.notes), own_test)

@@ -85,7 +85,7 @@ def run_info(compiled, dataset, settings, device: torch.device, wall_time: float
             "label_names": dataset.label_names,  # what --given NAME=LABEL and the captions read
         },
         "spec_dir": str(spec_dir),
-        "revisions": block_revisions(compiled.likelihood.expr.tree),
+        "revisions": block_revisions(compiled.likelihood.expr.whole_tree),
         **metrics,
     }
 

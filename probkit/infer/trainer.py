@@ -191,7 +191,7 @@ class Trainer:
             return
         meta = {"seed": str(self.settings.seed), "data": self.dataset.fingerprint(), **self.batches.state(),
                 **self.stopping.state(), "world_size": str(self.collective.world_size), "run_id": self.run_id,
-                "revisions": json.dumps(block_revisions(self.compiled.likelihood.expr.tree))}
+                "revisions": json.dumps(block_revisions(self.compiled.likelihood.expr.whole_tree))}
         if self.restarts is not None:
             meta["restarts"] = json.dumps(self.restarts.as_json())
         save_checkpoint(self.run_dir, step, self.checkpoint_tensors(), meta, self.history)
@@ -224,7 +224,7 @@ class Trainer:
             recorded = json.loads(checkpoint.meta.get("revisions", "{}"))
         except ValueError:
             recorded = None
-        problem = revision_mismatch(self.compiled.likelihood.expr.tree, recorded)
+        problem = revision_mismatch(self.compiled.likelihood.expr.whole_tree, recorded)
         if problem:
             raise UsageError(f"--resume: the checkpoint in {self.run_dir} was written with {problem}; start again "
                              "with --overwrite")

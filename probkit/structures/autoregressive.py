@@ -78,8 +78,9 @@ class Autoregressive(Structure):
         for latent in model.latents:
             env[latent.name] = dependency.leaf(grid[latent.name], D, concrete=True)
         env["x"] = dependency.leaf(torch.empty(D, device="meta"), D, reads=dependency.pixels(D))
+        named: dict[str, dependency.Abstract] = {}
         try:
-            arguments = dependency.analyse(site.expr, env, D)
+            arguments = dependency.analyse(site.expr, env, D, named)
         except dependency.Unanalysable as exc:
             raise site.expr.error(f"cannot prove that each pixel depends only on earlier pixels: {exc}") from None
         found = []
@@ -92,10 +93,24 @@ class Autoregressive(Structure):
             d, j = min(found)
             dims = (model.dims.C, model.dims.H, model.dims.W)
             what = "itself" if d == j else f"the later {describe_pixel(j, *dims)}"
-            message = str(site.expr.error(
-                f"not autoregressive: the distribution of {describe_pixel(d, *dims)} may depend on {what}; each "
-                "pixel may depend only on earlier pixels (channel-first raster order), so mask the weights "
-                "strictly below the diagonal, e.g. tril(A, -1) @ x, or use nade(...)/made(...)"))
+            where, fix = site.expr, ("mask the weights strictly below the diagonal, e.g. tril(A, -1) @ x, or use "
+                                     "nade(...)/made(...)/masked_conv(...)")
+            for name, binding in site.expr.bindings:  # a deep likelihood: the first layer that breaks the order
+                broken = dependency.map_violation(named[name], dims)
+                if broken is not None:
+                    d, j = broken
+                    what = "itself" if d == j else f"the later {describe_pixel(j, *dims)}"
+                    where = binding
+                    if any(isinstance(n, ast.Call) and getattr(n.func, "id", "") == "masked_conv"
+                           for n in ast.walk(binding.tree)):
+                        fix = ("the first convolution on the image takes mask='A' (a pixel must not see itself), "
+                               "later ones mask='B'")
+                    break
+            subject = (f"the distribution of {describe_pixel(d, *dims)}" if where is site.expr else
+                       f"'{where.path[-1]}' at {describe_pixel(d, *dims)}")
+            message = str(where.error(
+                f"not autoregressive: {subject} may depend on {what}; each pixel may depend only on earlier pixels "
+                f"(channel-first raster order), so {fix}"))
             raise NotAutoregressive(message)
 
     def memory_estimate(self) -> dict[str, int]:
@@ -140,7 +155,8 @@ class Autoregressive(Structure):
     # ----- run time -------------------------------------------------------------------------
 
     def image_arguments(self, values: dict[str, torch.Tensor], x: torch.Tensor, chosen: torch.Tensor | None = None,
-                        ctx=None, *, pixel: int | None = None) -> dict[str, torch.Tensor]:
+                        ctx=None, *, pixel: int | None = None, crop: tuple[int, int] | None = None
+                        ) -> dict[str, torch.Tensor]:
         """The arguments of every image x_n (N x D), the expression evaluated per image (vmap):
         (N, K or 1) + one configuration's shape over the latent grid, or (N, 1) + ... at one
         configuration per image, `chosen` (N,) flat indices. With `pixel` d, building blocks that
@@ -151,6 +167,8 @@ class Autoregressive(Structure):
         env = {**model.base_env(), **values}
         if pixel is not None:
             env[expressions.PIXEL_KEY] = pixel
+        if crop is not None:  # (d, radius): a convolutional network on pixel d's window (probkit.convolution)
+            env[expressions.CROP_KEY] = crop
         if chosen is None:
             env.update(model.grid(ctx))
             grid, per_image = model.grid_shape, {}
@@ -208,6 +226,7 @@ class Autoregressive(Structure):
         whose x enters only through nade(...) and elementwise operations evaluates nade for pixel
         d alone, O(H d); anything else evaluates every pixel's arguments, O(the likelihood)."""
         from probkit.autoregressive import is_affine, pixelwise_nade
+        from probkit.convolution import crop_radius
 
         model = self.model
         D, ctx = model.dims.D, model.context
@@ -243,9 +262,13 @@ class Autoregressive(Structure):
 
             return affine_step
         only_pixel = all(pixelwise_nade(n, constant) for n in nodes.values())
+        radius = None if only_pixel else crop_radius(
+            model.likelihood.argument_nodes(written=True), model.likelihood.expr.bindings,
+            {p.name: p.shape for p in model.params})
 
         def evaluated_step(x, d):
-            args = self.image_arguments(values, x, chosen, pixel=d if only_pixel else None)
+            args = self.image_arguments(values, x, chosen, pixel=d if only_pixel else None,
+                                        crop=None if radius is None else (d, radius))
             return {arg: value[:, 0, d : d + 1] for arg, value in args.items()}
 
         return evaluated_step

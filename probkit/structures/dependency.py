@@ -39,7 +39,7 @@ META = Context(torch.device("meta"))
 LIMIT = 1 << 27  # the most booleans one intermediate mask may hold; beyond it the analysis folds (sound, coarser)
 
 # f(0) = 0: a structural zero stays zero through these
-ZERO_PRESERVING = frozenset({"abs", "square", "sqrt", "relu", "tanh", "expm1", "log1p"})
+ZERO_PRESERVING = frozenset({"abs", "square", "sqrt", "relu", "elu", "tanh", "expm1", "log1p"})
 
 
 @dataclass(frozen=True)
@@ -88,9 +88,17 @@ def leaf(value, D: int, *, concrete: bool = False, reads: torch.Tensor | None = 
     return Abstract(number, nothing((), D), None if number != 0.0 else torch.tensor(False), number)
 
 
-def analyse(expr: expressions.Expr, env: dict[str, Abstract], D: int) -> Any:
-    """The abstract value of a checked expression; a distribution call gives {argument: Abstract}."""
+def analyse(expr: expressions.Expr, env: dict[str, Abstract], D: int, named: dict[str, Abstract] | None = None
+            ) -> Any:
+    """The abstract value of a checked expression; a distribution call gives {argument: Abstract}.
+    `named`, when given, receives the abstract value of each named expression (`define:`)."""
     try:
+        if expr.bindings:  # the named expressions, in order, each as its value's abstraction
+            env = dict(env)
+            for name, binding in expr.bindings:
+                env[name] = _walk(binding.tree, env, D)
+                if named is not None:
+                    named[name] = env[name]
         return _walk(expr.tree, env, D)
     except (RuntimeError, IndexError, ValueError, TypeError, ArithmeticError) as exc:
         raise Unanalysable(str(exc).splitlines()[0] if str(exc) else type(exc).__name__) from None
@@ -113,10 +121,14 @@ def _walk(node: ast.AST, env: dict[str, Abstract], D: int) -> Any:
         return _subscript(node, env, D)
     if isinstance(node, ast.Call):
         name = node.func.id
-        args = [_walk(a, env, D) for a in node.args]
-        kwargs = {k.arg: _walk(k.value, env, D) for k in node.keywords}
+        mask = expressions.mask_node(node)
+        args = [_walk(a, env, D) for a in node.args if a is not mask]
+        kwargs = {k.arg: _walk(k.value, env, D) for k in node.keywords if k.value is not mask}
         if name in FAMILIES:
             return {**dict(zip(FAMILIES[name].args, args)), **kwargs}
+        if name in IMAGE_RULES:  # the image's sizes (the reserved names are numbers) and a conv's mask type
+            dims = tuple(int(env[n].concrete) for n in ("C", "H", "W"))
+            return IMAGE_RULES[name](args, D, dims, expressions.mask_kind(node))
         rule = RULES.get(name, _unknown)
         return rule(name, args, kwargs, D)
     raise AssertionError(f"unchecked node {node!r}")
@@ -449,6 +461,116 @@ def _unknown(name, args, kwargs, D):
     return Abstract(value, _ndim(_uniform([*args, *kwargs.values()], D), len(shape) + 1), None)
 
 
+# ----- image-shaped blocks (probkit.convolution) ----------------------------------------------
+
+def _image_value(name: str, args: list[Abstract], dims, mask: str):
+    values = [_meta(a) if isinstance(a.value, torch.Tensor) else a.value for a in args]
+    if name == "masked_conv":
+        values.append(mask)
+    return _run(name, *values, dims=dims)
+
+
+def _map_deps(a: Abstract, D: int) -> torch.Tensor:
+    """A map's deps as (channels or 1, H, W, D): leading dims (latent configurations) folded
+    into one (every configuration reads what any reads: sound, and they rarely differ)."""
+    deps = _deps_for(a, a.value.dim())
+    lead = deps.dim() - 4
+    if lead > 0:
+        deps = deps.reshape(-1, *deps.shape[lead:]).any(0)
+    return deps.expand(deps.shape[0], *a.shape[-2:], D)
+
+
+def _grouped(deps: torch.Tensor, channels: int, groups: int) -> torch.Tensor:
+    """(channels or 1, H, W, D) -> (groups or 1, H, W, D): what any channel of each group reads."""
+    if deps.shape[0] == 1 or groups == 1:
+        return deps.any(0, keepdim=True)
+    from probkit.convolution import channel_groups
+
+    which = channel_groups(channels, groups)
+    return torch.stack([deps[which == g].any(0) for g in range(groups)])
+
+
+def _ungrouped(deps: torch.Tensor, channels: int, groups: int) -> torch.Tensor:
+    """(groups or 1, H, W, D) -> deps broadcastable over (channels, H, W, D), each channel its group's."""
+    if deps.shape[0] == 1:
+        return deps
+    from probkit.convolution import channel_groups
+
+    return deps[channel_groups(channels, groups)]
+
+
+def _image_rule(args, D, dims, mask):
+    (a,) = args
+    value = _image_value("image", args, dims, mask)
+    deps = _deps_for(a, a.value.dim())
+    if deps.shape[-2] == 1:  # the same for every entry of the flat vector
+        return Abstract(value, _ndim(deps.unsqueeze(-2).unsqueeze(-2), value.dim() + 1), None)
+    return Abstract(value, deps.reshape(*deps.shape[:-2], *value.shape[-3:], D), None)
+
+
+def _flat_rule(args, D, dims, mask):
+    h, *levels = args
+    value = _image_value("flat", args, dims, mask)
+    deps = _map_deps(h, D)
+    if not levels:  # entry (f, row, column) reads what that channel reads there
+        channels = h.shape[-3]
+        return Abstract(value, _ndim(deps.expand(channels, *deps.shape[1:]).reshape(-1, D), value.dim() + 1), None)
+    # entry (pixel (c, row, column), level l) reads what channel c*L + l reads there: every level of
+    # a pixel taken together (sound; a pixel's levels are one argument of its distribution)
+    C = dims[0]
+    per_pixel = _grouped(deps, h.shape[-3], C).expand(C, *deps.shape[1:])  # channels c*L..c*L+L-1 are group c
+    return Abstract(value, _ndim(per_pixel.reshape(-1, 1, D), value.dim() + 1), None)
+
+
+def _conv_rule(args, D, dims, mask, *, one_by_one: bool = False):
+    """out[o, p] reads, for each input channel i and kernel offset the mask keeps for (o, i), what
+    input i reads at p + offset (zero padding reads nothing), and what the weights and bias read.
+    Computed per channel group (a conv's mask depends on channels only through their groups) as a
+    boolean convolution of the deps with the group-level mask."""
+    from probkit.convolution import conv_mask
+
+    h, weight, bias = args
+    value = _image_value("conv1x1" if one_by_one else "masked_conv", args, dims, mask)
+    out_channels, in_channels = weight.shape[:2]
+    kh, kw = (1, 1) if one_by_one else weight.shape[2:]
+    groups = dims[0]
+    deps = _grouped(_map_deps(h, D), in_channels, groups)  # (G or 1, H, W, D)
+    full = conv_mask(out_channels, in_channels, kh, kw, groups, "B" if one_by_one else mask) > 0
+    from probkit.convolution import channel_groups
+
+    out_g, in_g = channel_groups(out_channels, groups), channel_groups(in_channels, groups)
+    group_mask = torch.stack([  # (G_out, G_in or 1, kh, kw): what any channel pair of the two groups keeps
+        torch.stack([full[out_g == g][:, in_g == j].any(0).any(0) for j in range(groups)])
+        if deps.shape[0] > 1 else full[out_g == g].any(0).any(0, keepdim=True)
+        for g in range(groups)])
+    H_, W_ = deps.shape[1:3]
+    grid = deps.permute(3, 0, 1, 2).float()  # (D, G_in, H, W): one boolean map per pixel of x
+    reached = torch.nn.functional.conv2d(grid, group_mask.float(), padding=(kh // 2, kw // 2)) > 0
+    out = reached.permute(1, 2, 3, 0)  # (G_out, H, W, D)
+    if groups > 1 and out_channels * H_ * W_ * D > LIMIT:
+        out = out.any(0, keepdim=True)  # too large to keep per group: every group reads all (sound, coarser)
+    out = _ungrouped(out, out_channels, groups) | _uniform([weight, bias], D)
+    return Abstract(value, _ndim(out, value.dim() + 1), None)
+
+
+def _gated_rule(args, D, dims, mask):
+    """Channel j of group g is tanh(a) * sigmoid(b) of two channels of g: it reads what they read."""
+    (h,) = args
+    value = _image_value("gated", args, dims, mask)
+    deps = _map_deps(h, D)
+    if deps.shape[0] > 1:
+        G = dims[0]
+        deps = deps.reshape(G, 2, deps.shape[0] // (2 * G), *deps.shape[1:]).any(1).reshape(-1, *deps.shape[1:])
+    return Abstract(value, _ndim(deps, value.dim() + 1), None)
+
+
+IMAGE_RULES: dict[str, Callable[..., Abstract]] = {
+    "image": _image_rule, "flat": _flat_rule, "masked_conv": _conv_rule,
+    "conv1x1": lambda args, D, dims, mask: _conv_rule(args, D, dims, mask, one_by_one=True),
+    "gated": _gated_rule,
+}
+
+
 RULES: dict[str, Callable[..., Abstract]] = {
     **{name: _elementwise for name in ELEMENTWISE},
     "tril": _triangle, "triu": _triangle,
@@ -474,6 +596,35 @@ def pixel_reads(argument: Abstract, config_dims: int, D: int) -> torch.Tensor:
     other = tuple(i for i in range(ndim) if i != axis)
     rows = deps.any(dim=other) if other else deps
     return rows.expand(D, D)
+
+
+def map_violation(value: Abstract, dims: tuple[int, int, int]) -> tuple[int, int] | None:
+    """For a feature map (F, H, W) of the image's height and width, or a flat vector of D values:
+    the first (pixel d, pixel j), j >= d, such that an element standing at pixel d (channel group,
+    row, column; see probkit.convolution) reads pixel j; None when none does, or the value is
+    neither. Where a deep likelihood first breaks the order, for its error message."""
+    from probkit.convolution import channel_groups
+
+    C, H, W = dims
+    D = C * H * W
+    shape = value.shape
+    deps = _ndim(value.deps, len(shape) + 1)
+    if len(shape) >= 3 and shape[-2:] == (H, W):
+        lead = deps.dim() - 4
+        deps = deps.reshape(-1, *deps.shape[lead:]).any(0) if lead > 0 else deps
+        deps = deps.expand(shape[-3], H, W, D)
+        group = channel_groups(shape[-3], C)
+        at = (group[:, None, None] * H * W + torch.arange(H)[None, :, None] * W + torch.arange(W)[None, None, :])
+        bad = deps & (torch.arange(D) >= at.unsqueeze(-1))
+        if not bool(bad.any()):
+            return None
+        found = bad.nonzero()
+        rows = at[found[:, 0], found[:, 1], found[:, 2]]
+        first = int(torch.argmin(rows * D + found[:, 3]))
+        return int(rows[first]), int(found[first, 3])
+    if len(shape) >= 1 and shape[-1] == D:
+        return first_violation(pixel_reads(value, 1, D))
+    return None
 
 
 def first_violation(reads: torch.Tensor) -> tuple[int, int] | None:

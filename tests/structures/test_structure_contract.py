@@ -21,7 +21,8 @@ from probkit.structures.independent import Independent
 SPECS = Path(__file__).resolve().parents[1] / "specs"
 CASES = {
     Independent: ["tiny-mixture.yaml", "tiny-diag.yaml", "tiny-binomial.yaml"],
-    Autoregressive: ["tiny-fvsbn-mixture.yaml", "tiny-nade.yaml", "tiny-made.yaml"],
+    Autoregressive: ["tiny-fvsbn-mixture.yaml", "tiny-nade.yaml", "tiny-made.yaml", "tiny-pixelcnn.yaml",
+                     "tiny-pixelcnn-levels.yaml"],
 }
 
 
