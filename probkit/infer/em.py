@@ -156,7 +156,7 @@ def _em_plan(compiled: CompiledModel) -> EMPlan:
         if len({tuple(u.index) for u in together.values()}) > 1:
             return fail(f"{family.name}'s EM needs {' and '.join(sorted(family.em_together))} indexed by the "
                         "same latents")
-    start = compiled.initial_values(0)
+    start = {k: v.to(compiled.device) for k, v in compiled.start_for_checks().items()}  # seed 0, drawn once
     args = compiled.config_arguments(start)
     for use in found:
         site = compiled.param(use.name)
