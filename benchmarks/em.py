@@ -9,6 +9,12 @@ fixed dequantised arrays (`prepare(spec).dataset.fixed("train"/"test")`), and th
 implementations all start from the values probkit's EM Trainer starts from (k-means, then each
 cluster's moments), read off the Trainer before it runs.
 
+Table 3 (`--datasets restarts`), EM restarts against scikit-learn's n_init: the K=10 diagonal
+mixture on 8x8 digits by MLE with `fit.restarts: 3` (probkit's start, its restarts and the fit,
+end to end) against `GaussianMixture(10, covariance_type='diag', n_init=3)` (its k-means starts
+and three fits) on the same fixed dequantised array, alternating, each timed `--rounds` times
+(medians); train bits/dim of both from their own scoring of that array, and the time ratio.
+
 Table 2, EM at scale: a K=10 Bernoulli mixture (MAP, Dirichlet(2) on the weights, Beta(2, 2) on
 the probs) on 60,000 binarised 28x28 mnist images (the ~4,000 training images and shifted copies
 of them), probkit's EMStepper against pomegranate's Bernoulli mixture from the same start.
@@ -17,6 +23,7 @@ of them), probkit's EMStepper against pomegranate's Bernoulli mixture from the s
     python benchmarks/em.py --quick              # digits only, fewer steps (a smoke run)
     python benchmarks/em.py --datasets digits8 bernoulli
     python benchmarks/em.py --threads 1          # torch/BLAS threads (see the README on busy machines)
+    python benchmarks/em.py --datasets restarts --threads 1   # table 3 alone (~1 min)
 
 Progress goes to stderr, the tables (markdown) to stdout.
 """
@@ -45,6 +52,7 @@ from fit_speed import CpuLoad  # other processes' CPU use while a block runs
 
 GMM_DATASETS = {"digits8": ("digits", 8), "digits32": ("digits", 32), "mnist32": ("mnist", 32)}
 BERNOULLI = "bernoulli"
+RESTARTS = "restarts"
 K = 10
 EM_TOLERANCE = 1e-7  # probkit's default for EM: stop when the loss changes by less than this share of itself
 
@@ -83,7 +91,7 @@ fit: {{method: map, optimizer: em, steps: {steps}}}
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    choices = list(GMM_DATASETS) + [BERNOULLI]
+    choices = list(GMM_DATASETS) + [BERNOULLI, RESTARTS]
     p.add_argument("--datasets", nargs="+", choices=choices, default=None,
                    help=f"default: all of {', '.join(choices)}; with --quick: digits8 digits32 bernoulli "
                         "(the Bernoulli table then on binarised digits)")
@@ -110,10 +118,11 @@ def parse_args(argv=None):
     p.add_argument("--wait-idle", type=float, default=3.0, metavar="S",
                    help="before each timed fit wait up to S seconds for a quiet second (default 3; 0: do not wait)")
     p.add_argument("--skip-pomegranate", action="store_true", help="leave pomegranate's rows out")
+    p.add_argument("--rounds", type=int, default=3, help="table 3: timed rounds of each side (default 3)")
     args = p.parse_args(argv)
     quick = args.quick
     if args.datasets is None:
-        args.datasets = ["digits8", "digits32", BERNOULLI] if quick else choices
+        args.datasets = ["digits8", "digits32", BERNOULLI, RESTARTS] if quick else choices
     if quick and any(d.startswith("mnist") for d in args.datasets):
         p.error("--quick runs digits only")
     defaults = dict(em_steps=500, adam_steps=300 if quick else 3000, lbfgs_steps=15 if quick else 100,
@@ -515,6 +524,83 @@ def print_gmm_table(rows: list[Row]) -> None:
     print(markdown(header, body))
 
 
+# ================================================================ table 3: restarts against n_init
+
+
+RESTARTS_FIT = "{{method: mle, optimizer: em, steps: {em}, restarts: {restarts}}}"
+
+
+def restarts_table(folder: Path, args) -> tuple[list[list[str]], list[str]]:
+    """probkit EM with fit.restarts 3 (and 1) against scikit-learn's n_init=3 on digits 8x8."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.mixture import GaussianMixture
+
+    from probkit.api import prepare
+    from probkit.infer import Evaluator, Trainer, settings_from
+
+    specs = {}
+    for restarts in (1, 3):
+        specs[restarts] = folder / f"restarts-{restarts}.yaml"
+        fit = RESTARTS_FIT.format(em=args.em_steps, restarts=restarts)
+        specs[restarts].write_text(GMM_SPEC.format(key=f"restarts-{restarts}", source="digits", size=8, K=K, fit=fit))
+    prepared = {r: prepare(spec, device="cpu") for r, spec in specs.items()}
+    x_t = prepared[3].dataset.fixed("train")
+    x = x_t.double().numpy()
+    D = x.shape[1]
+    times: dict[str, list[float]] = {"probkit 1": [], "probkit 3": [], "sklearn": []}
+    results: dict[str, float] = {}
+    chosen = ""
+
+    def probkit_fit(restarts: int) -> float:
+        nonlocal chosen
+        compiled, dataset = prepared[restarts].compiled, prepared[restarts].dataset
+        settings = settings_from(compiled, dataset.n_train, steps=None, seed=None)
+        settings.eval_every = max(1, settings.steps)
+        t0 = time.perf_counter()
+        trainer = Trainer(compiled, dataset, settings, run_dir=Path(tempfile.mkdtemp(dir=folder)))
+        trainer.run()
+        seconds = time.perf_counter() - t0
+        results[f"probkit {restarts}"] = Evaluator(compiled, dataset).metrics(trainer.values(), "train")[
+            "bits_per_dim"]
+        if trainer.restarts is not None:
+            chosen = trainer.restarts.describe()
+        return seconds
+
+    for round_ in range(args.rounds):
+        progress(f"restarts: round {round_ + 1} of {args.rounds}")
+        for restarts in (1, 3):
+            with Timer(args.wait_idle) as timer:
+                probkit_fit(restarts)
+            times[f"probkit {restarts}"].append(timer.seconds)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            for seed in range(3):
+                g = GaussianMixture(K, covariance_type="diag", n_init=3, random_state=seed)
+                with Timer(args.wait_idle) as timer:
+                    g.fit(x)
+                if round_ == 0:
+                    results[f"sklearn seed {seed}"] = to_bpd(g.score_samples(x), D)
+                times.setdefault(f"sklearn seed {seed}", []).append(timer.seconds)
+    sk_median = statistics.median(statistics.median(times[f"sklearn seed {s}"]) for s in range(3))
+    rows = []
+    for label, key in (("probkit EM, fit.restarts: 3", "probkit 3"), ("probkit EM, one start", "probkit 1")):
+        t = statistics.median(times[key])
+        rows.append([label, fmt(results[key]), fmt(t, 2), f"{t / sk_median:.2f}"])
+    for seed in range(3):
+        t = statistics.median(times[f"sklearn seed {seed}"])
+        rows.append([f"sklearn GaussianMixture(diag, n_init=3), random_state={seed}", fmt(results[f"sklearn seed {seed}"]),
+                     fmt(t, 2), f"{t / sk_median:.2f}"])
+    best = min(results[f"sklearn seed {s}"] for s in range(3))
+    info = [f"digits 8x8, N={len(x)}, D={D}, K={K}, MLE; seconds: medians of {args.rounds} alternating rounds, end "
+            "to end (probkit: Trainer construction, i.e. k-means starts and restarts, and run; scikit-learn: fit, "
+            "its k-means starts included); ratio: to scikit-learn's median",
+            f"probkit restarts: {chosen}",
+            f"probkit with 3 starts - best scikit-learn n_init=3: {results['probkit 3'] - best:+.4f} bits/dim "
+            f"(target <= +0.002); time ratio to scikit-learn's median {statistics.median(times['probkit 3']) / sk_median:.2f} "
+            "(target <= 3)"]
+    return rows, info
+
+
 # ================================================================ table 2: Bernoulli EM at scale
 
 
@@ -800,6 +886,7 @@ def main(argv=None) -> int:
     gmm_sets = [d for d in args.datasets if d in GMM_DATASETS]
     gmm_rows, checks = gmm_table(gmm_sets, folder, args) if gmm_sets else ([], [])
     b_rows, b_info = bernoulli_table(folder, args) if BERNOULLI in args.datasets else ([], [])
+    r_rows, r_info = restarts_table(folder, args) if RESTARTS in args.datasets else ([], [])
     load_after = os.getloadavg()
 
     print(f"date {datetime.datetime.now().isoformat(timespec='seconds')}; {platform.machine()} "
@@ -828,6 +915,14 @@ def main(argv=None) -> int:
         print()
         print("ms/iteration: median of the first 10 iterations. train MAP loss and held-out NLL: probkit's "
               "code (EMStepper.e_step, Evaluator.nll) on each row's fitted params.")
+    if r_rows:
+        print()
+        print("EM restarts against scikit-learn's n_init: " + r_info[0])
+        print()
+        print(markdown(["method", "train bits/dim", "seconds", "time / sklearn's"], r_rows))
+        print()
+        for line in r_info[1:]:
+            print(line)
     print(f"\ntotal {time.perf_counter() - began:.0f} s")
     return 0
 

@@ -157,6 +157,9 @@ def _fit_into(prepared: Prepared, settings, trainer: Trainer, run_dir: Path, sam
     info["world_size"] = ranks.world_size
     info.update({"optimizer_choice": settings.choice, "tolerance": settings.tolerance,
                  "steps_done": trainer.steps_done, "stopped": stopped})
+    restarts = trainer.restarts.as_json() if trainer.restarts is not None else None
+    if restarts is not None:
+        info["restarts"] = restarts
     spec_text = fitted_spec_text(prepared.loaded, settings)
     info.update({"fitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "spec_sha256": hashlib.sha256(spec_text.encode()).hexdigest()})
@@ -173,7 +176,7 @@ def _fit_into(prepared: Prepared, settings, trainer: Trainer, run_dir: Path, sam
         png = save_grid(run_dir / "samples.png", dataset.images(drawn), title=f"{samples} samples",
                         captions=captions if compiled.latents else None)
     return FitResult(run_dir, metrics, values, trainer.history, png, settings.optimizer, settings.choice, stopped,
-                     list(dataset.notes))
+                     list(dataset.notes), trainer.restarts)
 
 
 def dataset_examples(source: str, out: str | Path | None = None, *, size: int = 32, n: int = 64,

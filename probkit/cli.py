@@ -111,6 +111,8 @@ def fit(
     for note in result.notes:  # what loading the data said (e.g. 0/1 integers read as binary images)
         console.print(f"note: data: {escape(note)}", highlight=False)
     console.print(f"optimizer: {result.optimizer} ({result.choice}); {result.stopped}", highlight=False)
+    if result.restarts is not None:
+        console.print(f"restarts: {escape(result.restarts.describe())}", highlight=False)
     _print_metrics(result.metrics)
     for latent, usage in (result.metrics.get("components") or {}).items():
         if usage["collapsed"]:

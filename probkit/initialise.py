@@ -3,10 +3,10 @@
 What a careful hand-written EM does before its first iteration, applied to the params the
 likelihood uses directly (`loc[z]`, `scale[z]`, `precision`, `cov_factor[z]` ...):
 
-1. per-component locations come from k-means over the training images: k-means++ seeding
-   (each component starts at a distinct image, of the right class when the latent is
-   observed), then Lloyd iterations until no image changes component, so each starts at
-   the mean of its images; an unindexed location starts at the training mean;
+1. per-component locations come from k-means over the training images (probkit.kmeans):
+   k-means++ seeding (each component starts at a distinct image, of the right class when the
+   latent is observed), then Lloyd iterations (after mini-batch ones on large problems), so
+   each starts at the mean of its images; an unindexed location starts at the training mean;
 2. with every image in its nearest component, each component's spread starts at the
    moments of its images: per-pixel standard deviations for `scale`, the covariance (or its
    inverse, or Cholesky factor) for a MultivariateNormal, the PPCA solution (top principal
@@ -22,21 +22,19 @@ likelihood uses directly (`loc[z]`, `scale[z]`, `precision`, `cov_factor[z]` ...
 A param with an explicit `init:`, or used through an expression rather than by name, keeps
 the start the spec gives it. Every start is checked against the param's support.
 `start_rules` says in words which of these rules set each param (what `probkit validate` shows),
-by running the same code with a record of each rule that took.
+by running the same code with a record of each rule that took; with `run_kmeans=False` (what
+validate uses) the images are dealt to the components in turn instead of clustered, so the
+rules are found without k-means' work, and k-means' plan is described rather than run.
 
-This module knows k-means and which param feeds which likelihood argument; how an argument
-starts from a component's images is its family's business (`location_args`,
-`spread_start` and `histogram_args` in probkit.families). It uses the compiler's public
-interface only, and draws from its own CPU generator. k-means runs on the model's device
-(float64 for small problems, so a start is the same on every device to rounding; float32, a
-seeding subsample and minibatches above LARGE_KMEANS_WORK, so K = 1,000 on 60,000 images takes
-seconds); the rest works on the CPU.
+This module knows which param feeds which likelihood argument; how an argument starts from a
+component's images is its family's business (`location_args`, `spread_start` and
+`histogram_args` in probkit.families), and how the images are clustered probkit.kmeans's. It
+uses the compiler's public interface only, and draws from its own CPU generator. k-means runs
+on the model's device; the rest works on the CPU.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 from dataclasses import dataclass
 
 import pyro.distributions as dist
@@ -47,13 +45,13 @@ from probkit.compiler import CompiledModel
 from probkit.context import CPU, Context
 from probkit.distributions import FAMILIES
 from probkit.families import Moments, SpreadStart
+from probkit.kmeans import combos, dealt, kmeans, kmeans_words
 from probkit.latents import LatentSite
 from probkit.param_uses import ParamUse, param_use
 
 _CPU = Context(CPU)
 
 PSEUDO_COUNT_FLOOR = 1e-3  # unseen levels keep a little mass, so the start is inside the simplex
-LLOYD_ITERATIONS = 100  # Lloyd iterations at most; they stop when no image changes component
 
 
 @dataclass
@@ -67,11 +65,13 @@ class _Use:
 
 def initial_values(compiled: CompiledModel, seed: int = 0,
                    data: tuple[torch.Tensor, torch.Tensor | None] | None = None, *,
-                   optimizer: str | None = None, record: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+                   optimizer: str | None = None, record: dict[str, str] | None = None,
+                   run_kmeans: bool = True) -> dict[str, torch.Tensor]:
     """Where a fit starts, on the model's device: the spec's own start (seeded), then, with
     `data` (x, labels), the locations and spreads the likelihood uses from the training images.
     `optimizer`: the one the fit uses (default: the spec's, `auto` resolved); only Adam's spreads
-    start no narrower than its step. `record`: gets, per param the data started, how (in words)."""
+    start no narrower than its step. `record`: gets, per param the data started, how (in words).
+    `run_kmeans=False`: images dealt to components in turn instead (for `start_rules`)."""
     values = {k: v.cpu() for k, v in compiled.initial_values(seed).items()}
     if data is not None:
         x, labels = data
@@ -81,18 +81,19 @@ def initial_values(compiled: CompiledModel, seed: int = 0,
 
             optimizer = choose_optimizer(compiled)[0]
         floor = float(compiled.spec.fit.lr) if optimizer == "adam" else 0.0
-        from_data(compiled, values, x.detach().cpu(), None if labels is None else labels.cpu(), generator,
-                  floor=floor, record=record)
+        from_data(compiled, values, x.detach(), None if labels is None else labels.cpu(), generator,
+                  floor=floor, record=record, run_kmeans=run_kmeans)
     return {k: v.to(compiled.device) for k, v in values.items()}
 
 
 def start_rules(compiled: CompiledModel, seed: int = 0,
                 data: tuple[torch.Tensor, torch.Tensor | None] | None = None, *,
-                optimizer: str | None = None) -> dict[str, str]:
+                optimizer: str | None = None, run_kmeans: bool = False) -> dict[str, str]:
     """How `initial_values` with these arguments starts each param, in words: the spec's rule,
-    replaced by the data-driven rule that took, recorded as `from_data` applies it."""
+    replaced by the data-driven rule that took, recorded as `from_data` applies it (by default
+    without k-means' work: images dealt to the components in turn, k-means' plan described)."""
     rules = {site.name: _spec_rule(compiled, site, seed) for site in compiled.params}
-    initial_values(compiled, seed, data, optimizer=optimizer, record=rules)
+    initial_values(compiled, seed, data, optimizer=optimizer, record=rules, run_kmeans=run_kmeans)
     return rules
 
 
@@ -122,19 +123,6 @@ SPREAD_WORDS = {
 }
 
 
-def _clusters(latents: list[LatentSite], labels, n: int, generator: torch.Generator) -> str:
-    """Which k-means a location indexed by `latents` starts from, in words."""
-    observed = {l.name for l in latents if l.observed and labels is not None}
-    classes = math.prod(l.cardinality for l in latents if l.name in observed)
-    clusters = math.prod(l.cardinality for l in latents if l.name not in observed)
-    seed = generator.initial_seed()
-    if not observed:
-        return f"k-means centres ({clusters} clusters of {n:,} images, seed {seed})"
-    if clusters == 1:
-        return f"per-class k-means: each class's mean image ({classes} classes, {n:,} images)"
-    return f"per-class k-means centres ({classes} classes × {clusters} clusters of {n:,} images, seed {seed})"
-
-
 def _images(use: _Use, groups, labels) -> str:
     """Whose moments a spread of `use` starts from (as `_members` picks them), in words."""
     if use.latents and groups is not None and _same(groups[0], use.latents):
@@ -146,9 +134,10 @@ def _images(use: _Use, groups, labels) -> str:
 
 def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Tensor,
               labels: torch.Tensor | None, generator: torch.Generator, *, floor: float = 0.0,
-              record: dict[str, str] | None = None) -> None:
+              record: dict[str, str] | None = None, run_kmeans: bool = True) -> None:
     """Replace the starts in `values` (constrained, CPU) by data-driven ones where it applies;
-    `record` gets how, in words, for each param replaced."""
+    `record` gets how, in words, for each param replaced. `x` may live on the model's device
+    (k-means runs there); moments are taken on the CPU in float64, a component at a time."""
     record = {} if record is None else record
     if model.structure.reads_image:
         # its arguments are functions of the image itself: no per-component location or spread
@@ -157,7 +146,14 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
     family = model.family
     explicit = {p.name for p in model.params if p.init is not None}
     uses = [u for u in _param_uses(model) if u.name in values and u.name not in explicit]
-    flat = x.reshape(len(x), -1).double()
+    on_device = x.reshape(len(x), -1)
+    flat = on_device.cpu()  # no copy on the CPU; float64 per use
+
+    def cluster(latents):
+        if not run_kmeans:
+            return dealt(flat, labels, latents)
+        return kmeans(on_device, labels, latents, generator, device=model.device)
+
     groups = None  # (the latents locations are indexed by, each image's component, the centres)
 
     def current(arg: str) -> torch.Tensor:
@@ -165,7 +161,7 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
 
     for use in uses:
         if use.arg in family.histogram_args:
-            groups = _histograms(model, values, use, flat, labels, generator, groups, record)
+            groups = _histograms(model, values, use, flat, labels, cluster, groups, record)
             continue
         if use.arg not in family.location_args:
             continue
@@ -174,7 +170,7 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
             return family.location_start(arg, image, current)
 
         if not use.latents:
-            mean = flat.mean(0)
+            mean = flat.mean(0, dtype=torch.float64)
             value = start(mean).float()
             if _put(model, values, use.name, value):  # if it is one image
                 record[use.name] = "the training images' mean" + _mapped(use.arg, value, mean.float(), family)
@@ -183,14 +179,15 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
         if tuple(values[use.name].shape) != shape:
             continue
         if groups is None or not _same(groups[0], use.latents):
-            centres, assignment = _kmeans(flat, labels, use.latents, generator, device=model.device)
+            centres, assignment = cluster(use.latents)
         else:
             _, assignment, centres = groups
         value = values[use.name].clone()
         for combo, centre in centres.items():
             value[combo] = start(centre.float())
         if _put(model, values, use.name, value):
-            record[use.name] = _clusters(use.latents, labels, len(flat), generator) + (
+            record[use.name] = kmeans_words(len(flat), use.latents, labels, generator.initial_seed(),
+                                            flat.shape[1]) + (
                 _mapped(use.arg, value[combo], centre.float(), family) if centres else "")
             if groups is None:
                 groups = (use.latents, assignment, centres)
@@ -207,7 +204,7 @@ def from_data(model: CompiledModel, values: dict[str, torch.Tensor], x: torch.Te
         members = _members(use, groups, len(flat))
         value = values[use.name].clone()
         for combo, member in members.items():
-            rows = flat[member] if int(member.sum()) >= 2 else flat
+            rows = (flat[member] if int(member.sum()) >= 2 else flat).double()
             start = SpreadStart(floor, prior, current, frozenset(by_arg), caches.setdefault(combo, {}))
             spread = family.spread_start(use.arg, Moments(rows, floor), start)
             if spread is None:
@@ -241,7 +238,7 @@ def _spread_words(use: _Use, groups, labels, current, by_arg, prior, floor: floa
     return words
 
 
-def _histograms(model: CompiledModel, values, use: _Use, flat, labels, generator, groups, record):
+def _histograms(model: CompiledModel, values, use: _Use, flat, labels, cluster, groups, record):
     """Start a Categorical's probs (or logits) [..., D, L] at each component's histogram of levels."""
     D, levels = flat.shape[1], values[use.name].shape[-1]
     shape = tuple(l.cardinality for l in use.latents) + (D, levels)
@@ -252,7 +249,7 @@ def _histograms(model: CompiledModel, values, use: _Use, flat, labels, generator
     if isinstance(prior, dist.Dirichlet):
         pseudo = (prior.concentration.reshape(-1, levels)[0].double() - 1.0).clamp_min(PSEUDO_COUNT_FLOOR)
     if use.latents and (groups is None or not _same(groups[0], use.latents)):
-        centres, assignment = _kmeans(flat, labels, use.latents, generator, device=model.device)
+        centres, assignment = cluster(use.latents)
         groups = (use.latents, assignment, centres)
     members = _members(use, groups, len(flat))
     value = values[use.name].clone()
@@ -275,7 +272,7 @@ def _members(use: _Use, groups, n: int) -> dict[tuple[int, ...], torch.Tensor]:
     """Which images each component's start is computed from: its k-means cluster when the param
     is indexed by the latents the clustering was over, else all images (one start for all)."""
     if use.latents and groups is not None and _same(groups[0], use.latents):
-        return {combo: groups[1] == i for i, combo in enumerate(_combos(use.latents))}
+        return {combo: groups[1] == i for i, combo in enumerate(combos(use.latents))}
     return {(): torch.ones(n, dtype=torch.bool)}
 
 
@@ -293,163 +290,6 @@ def _param_uses(model: CompiledModel) -> list[_Use]:
         if isinstance(use, ParamUse) and not use.broadcast and not use.empty_index:
             uses.append(_Use(arg, use.param, [latents[name] for name in use.index]))
     return uses
-
-
-def _combos(latents) -> list[tuple[int, ...]]:
-    return list(itertools.product(*(range(l.cardinality) for l in latents)))
-
-
-def _allowed(labels, latents, combo) -> torch.Tensor | None:
-    """Which images may belong to `combo` (observed latents must match the labels)."""
-    allowed = None
-    for latent, level in zip(latents, combo):
-        if latent.observed and labels is not None:
-            match = labels == level
-            allowed = match if allowed is None else allowed & match
-    return allowed
-
-
-def _kmeans_pp(flat, labels, latents, generator, *, exact: bool = True) -> dict[tuple[int, ...], int]:
-    """One distinct training image per component: each next start is drawn with probability
-    proportional to its squared distance from the starts so far (k-means++). The distances are
-    computed where `flat` lives, the draws on the CPU generator; `exact=False` takes them from
-    norms and one matrix-vector product per start instead of differences (large problems)."""
-    taken = torch.zeros(len(flat), dtype=torch.bool)
-    nearest = torch.full((len(flat),), float("inf"), dtype=torch.float64)
-    labels = None if labels is None else labels.cpu()
-    squares = None if exact else flat.pow(2).sum(-1)
-    picks = {}
-    for combo in _combos(latents):
-        allowed = ~taken
-        match = _allowed(labels, latents, combo)
-        if match is not None:
-            allowed &= match
-        pool = allowed.nonzero().flatten()
-        if len(pool) == 0:
-            continue
-        weights = nearest[pool]
-        # every image has a finite distance once there is a start: the first start is uniform
-        if not picks or not bool((weights > 0).any()):
-            pick = pool[torch.randint(len(pool), (1,), generator=generator)]
-        else:
-            pick = pool[torch.multinomial(weights, 1, generator=generator)]
-        taken[pick] = True
-        row = flat[int(pick[0])]
-        if exact:
-            distance = (flat - row).pow(2).sum(-1)
-        else:
-            distance = (squares - 2.0 * (flat @ row) + row.pow(2).sum()).clamp_min(0.0)
-        nearest = torch.minimum(nearest, distance.double().cpu())
-        picks[combo] = int(pick[0])
-    return picks
-
-
-# k-means of N images of D pixels into K clusters costs about N·K·D multiply-adds per pass,
-# and Lloyd may take 100 passes (60,000 × 10 × 784 images took 5 minutes on 2 CPU cores);
-# above this, it works in float32, seeds from a subsample and refines by minibatches, then
-# assigns every image once (a 60,000 × 1,000 × 784 problem costs about three passes)
-LARGE_KMEANS_WORK = 2e8
-SEED_POOL = (8, 8192)  # large problems: k-means++ over at most max(8·K, 8192) images
-MINIBATCH = (30, 4096)  # large problems: 30 minibatch k-means steps of max(4·K, 4096) images
-DISTANCE_CHUNK = 1 << 24  # images × centres distances held at once
-
-
-def _nearest(flat, centres, allowed) -> torch.Tensor:
-    """Each image's nearest centre (among those `allowed`), in chunks of images."""
-    rows = max(1, DISTANCE_CHUNK // max(1, len(centres)))
-    centre_squares = centres.pow(2).sum(-1)
-    parts = []
-    for start in range(0, len(flat), rows):
-        chunk = flat[start : start + rows]
-        distance = chunk.pow(2).sum(-1, keepdim=True) - 2.0 * chunk @ centres.T + centre_squares
-        if allowed is not None:
-            distance = distance.masked_fill(~allowed[start : start + rows], torch.inf)
-        parts.append(distance.argmin(-1))
-    return torch.cat(parts)
-
-
-def _cluster_sums(flat, assignment, k: int, products: bool) -> torch.Tensor:
-    """Each cluster's sum of images: index_add_, or (`products`, for large problems, where
-    index_add_'s many writes to few rows serialise on the CPU) one-hot matrix products in chunks."""
-    if not products:
-        return flat.new_zeros(k, flat.shape[1]).index_add_(0, assignment, flat)
-    rows = max(1, DISTANCE_CHUNK // k)
-    sums = flat.new_zeros(k, flat.shape[1])
-    for start in range(0, len(flat), rows):
-        one_hot = torch.nn.functional.one_hot(assignment[start : start + rows], k).to(flat.dtype)
-        sums += one_hot.T @ flat[start : start + rows]
-    return sums
-
-
-def _means(flat, assignment, centres, products: bool = False) -> torch.Tensor:
-    """Each centre moved to the mean of its images (an empty one keeps its place)."""
-    counts = torch.bincount(assignment, minlength=len(centres)).to(flat.dtype)
-    sums = _cluster_sums(flat, assignment, len(centres), products)
-    filled = counts > 0
-    centres = centres.clone()
-    centres[filled] = sums[filled] / counts[filled, None]
-    return centres
-
-
-def _minibatch_kmeans(flat, centres, allowed, generator, steps: int, size: int) -> torch.Tensor:
-    """Sculley's minibatch k-means: each step draws `size` images (CPU generator) and moves every
-    centre towards its share of them, by its share of all the images it has seen so far."""
-    seen = torch.zeros(len(centres), dtype=flat.dtype, device=flat.device)
-    for _ in range(steps):
-        index = torch.randint(len(flat), (size,), generator=generator).to(flat.device)
-        batch = flat[index]
-        nearest = _nearest(batch, centres, None if allowed is None else allowed[index])
-        counts = torch.bincount(nearest, minlength=len(centres)).to(flat.dtype)
-        sums = _cluster_sums(batch, nearest, len(centres), products=True)
-        seen += counts
-        rate = (counts / seen.clamp_min(1.0))[:, None]
-        centres = centres + rate * (sums / counts.clamp_min(1.0)[:, None] - centres)
-    return centres
-
-
-def _kmeans(flat, labels, latents, generator, iterations: int = LLOYD_ITERATIONS, device=None):
-    """k-means++ starts refined by Lloyd iterations until no image changes component: each
-    component's centre (the mean of its images) and each image's component (index into _combos).
-    It runs on `device` (default: flat's); problems above LARGE_KMEANS_WORK seed from a
-    subsample and refine by minibatches before the last assignment. Results come back to the CPU."""
-    combos = _combos(latents)
-    n, d = flat.shape
-    large = n * len(combos) * d > LARGE_KMEANS_WORK
-    data = flat.to(device or flat.device, torch.float32 if large else torch.float64)
-    pool = torch.arange(n)
-    pool_size = max(SEED_POOL[0] * len(combos), SEED_POOL[1])
-    if large and n > pool_size:
-        pool = torch.randperm(n, generator=generator)[:pool_size].sort().values
-    pool_labels = None if labels is None else labels.cpu()[pool]
-    picks = _kmeans_pp(data[pool.to(data.device)], pool_labels, latents, generator, exact=not large)
-    if not picks:
-        return {}, torch.zeros(n, dtype=torch.long)
-    seeded = [i for i, combo in enumerate(combos) if combo in picks]  # components with a start
-    centres = data[pool[[picks[combos[i]] for i in seeded]].to(data.device)]
-    allowed = None  # which images each component may take (observed latents must match the labels)
-    matches = [_allowed(labels, latents, combos[i]) for i in seeded]
-    if any(m is not None for m in matches):
-        allowed = torch.ones(n, len(seeded), dtype=torch.bool)
-        for j, match in enumerate(matches):
-            if match is not None:
-                allowed[:, j] = match.cpu()
-        allowed = allowed.to(data.device)
-    if large:
-        steps, size = MINIBATCH[0], max(4 * len(seeded), MINIBATCH[1])
-        centres = _minibatch_kmeans(data, centres, allowed, generator, steps, size)
-        assignment = _nearest(data, centres, allowed)
-        centres = _means(data, assignment, centres, products=True)
-    else:
-        assignment = None
-        for _ in range(iterations):
-            nearest = _nearest(data, centres, allowed)
-            if assignment is not None and torch.equal(nearest, assignment):
-                break
-            assignment = nearest
-            centres = _means(data, assignment, centres)
-    centres = centres.cpu().double()
-    index = torch.tensor(seeded)[assignment.cpu()]  # into _combos
-    return {combos[i]: centres[j] for j, i in enumerate(seeded)}, index
 
 
 def _put(model: CompiledModel, values, name: str, value: torch.Tensor) -> bool:

@@ -21,6 +21,7 @@ KeyPath = tuple[Union[str, int], ...]
 
 
 MAX_SEED = 2**32 - 1  # seeds are 32-bit: numpy's and torch's generators both take them
+MAX_RESTARTS = 100  # fit.restarts: each start costs a k-means and fit.restart_steps EM steps
 
 
 def _not_yes_or_no(value):
@@ -133,6 +134,11 @@ class FitSpec(_Strict):
     eval_every: Int | None = Field(None, gt=0, description="held-out evaluation period (steps)")
     tolerance: Float | None = Field(None, ge=0, description="stop when 3 steps in a row each change the loss by "
                                     "less than this share of it (default 1e-7 for em; 0, never, for the others)")
+    restarts: Int = Field(1, ge=1, le=MAX_RESTARTS, description="EM only: how many starts (seeds fit.seed, "
+                          "fit.seed + 1, ...; k-means each) run fit.restart_steps EM steps; the best by the fit's "
+                          "objective continues")
+    restart_steps: Int = Field(20, ge=1, le=10000, description="EM steps each start runs before the best is picked "
+                               "(fewer where it converges first); not counted in fit.steps")
 
     @field_validator("batch_size")
     @classmethod

@@ -126,6 +126,13 @@ def fit_table(prepared: Prepared, settings=None) -> Table:
         ("seed", value("seed", settings.seed), "the start (k-means, prior draws) and the batches' order"),
         ("eval_every", value("eval_every", settings.eval_every, "default: steps / 20"),
          "held-out evaluation and checkpoint period (steps)"),
+        ("restarts", value("restarts", settings.restarts),
+         "one start" if settings.restarts == 1 else
+         f"{settings.restarts} starts (seeds {settings.seed}, {settings.seed + 1}, ...; the start rule above each), "
+         "the best by the fit's objective continues"),
+        ("restart_steps", value("restart_steps", settings.restart_steps),
+         "unused: one start" if settings.restarts == 1 else
+         "EM steps each start runs before the best is picked (not counted in fit.steps)"),
     ]
     table = Table(title=f"fit ({prepared.compiled.method.upper()}, {settings.optimizer})")
     for column in ("setting", "value", "what it does"):

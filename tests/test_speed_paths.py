@@ -180,13 +180,14 @@ def test_the_compiled_loss_and_gradient_equal_the_eager_ones(tmp_path):
 
 def test_large_kmeans_ends_at_the_means_of_its_clusters(monkeypatch):
     """Above LARGE_KMEANS_WORK (lowered here), k-means seeds from a subsample and refines by
-    minibatches; its result is still a seeded set of distinct centres, each the mean of the
-    images nearest to it after the last assignment, and it separates well-apart clusters."""
-    from probkit import initialise
+    minibatches, then Lloyd passes; its result is still a seeded set of distinct centres, each
+    the mean of the images nearest to it after the last assignment, and it separates well-apart
+    clusters."""
+    from probkit import kmeans
 
-    monkeypatch.setattr(initialise, "LARGE_KMEANS_WORK", 1.0)
-    monkeypatch.setattr(initialise, "SEED_POOL", (4, 64))
-    monkeypatch.setattr(initialise, "MINIBATCH", (20, 128))
+    monkeypatch.setattr(kmeans, "LARGE_KMEANS_WORK", 1.0)
+    monkeypatch.setattr(kmeans, "SEED_POOL", (4, 64))
+    monkeypatch.setattr(kmeans, "MINIBATCH", (20, 128))
     generator = torch.Generator().manual_seed(0)
     prototypes = (torch.rand(4, 200, generator=generator) < 0.5).double()  # ~100 pixels apart
     truth = torch.arange(400) % 4
@@ -196,8 +197,8 @@ def test_large_kmeans_ends_at_the_means_of_its_clusters(monkeypatch):
     class Latent:
         name, cardinality, observed = "z", 4, False
 
-    first = initialise._kmeans(images, None, [Latent()], torch.Generator().manual_seed(1))
-    again = initialise._kmeans(images, None, [Latent()], torch.Generator().manual_seed(1))
+    first = kmeans.kmeans(images, None, [Latent()], torch.Generator().manual_seed(1))
+    again = kmeans.kmeans(images, None, [Latent()], torch.Generator().manual_seed(1))
     centres, assignment = first
     assert all(torch.equal(centres[k], again[0][k]) for k in centres) and torch.equal(assignment, again[1])
     stacked = torch.stack([centres[(k,)] for k in range(4)])

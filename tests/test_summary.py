@@ -209,7 +209,8 @@ def test_fit_table_marks_the_defaults(write_spec):
     assert rows == {"fit.method": "MAP (default)", "fit.optimizer": "em (auto, default)", "fit.steps": "200",
                     "fit.tolerance": "1e-07 (default for em)", "fit.batch_size": "full (default)",
                     "fit.lr": "0.05 (default)", "fit.seed": "0 (default)",
-                    "fit.eval_every": "10 (default: steps / 20)"}
+                    "fit.eval_every": "10 (default: steps / 20)", "fit.restarts": "1 (default)",
+                    "fit.restart_steps": "20 (default)"}
     rows = fit_rows(prepare(SPECS / "digits-mixture.yaml"))  # gives every key but eval_every and tolerance
     assert rows["fit.optimizer"] == "em (auto)" and rows["fit.steps"] == "500" and rows["fit.seed"] == "0"
     text = (TEST_SPECS / "tiny-mixture.yaml").read_text().split("fit:")[0]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ast
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -83,8 +84,18 @@ def _use_of(node: ast.AST, params: set[str], latents: dict[str, int]) -> tuple[s
     return None if use is None else (use.param, [latents[name] for name in use.index])
 
 
+_PLANS: "weakref.WeakKeyDictionary[CompiledModel, EMPlan]" = weakref.WeakKeyDictionary()
+
+
 def em_plan(compiled: CompiledModel) -> EMPlan:
-    """Whether EM applies to this model, and the params' uses when it does."""
+    """Whether EM applies to this model, and the params' uses when it does (worked out once per
+    compiled model: it draws the spec's start, which for a large model takes a while)."""
+    if compiled not in _PLANS:
+        _PLANS[compiled] = _em_plan(compiled)
+    return _PLANS[compiled]
+
+
+def _em_plan(compiled: CompiledModel) -> EMPlan:
     plan = EMPlan(compiled)
     params = {p.name for p in compiled.params}
     positions = {latent.name: i for i, latent in enumerate(compiled.latents)}
@@ -146,7 +157,7 @@ def em_plan(compiled: CompiledModel) -> EMPlan:
         if len({tuple(u.index) for u in together.values()}) > 1:
             return fail(f"{family.name}'s EM needs {' and '.join(sorted(family.em_together))} indexed by the "
                         "same latents")
-    start = compiled.initial_values(0)
+    start = {k: v.to(compiled.device) for k, v in compiled.start_for_checks().items()}  # seed 0, drawn once
     args = compiled.config_arguments(start)
     for use in found:
         site = compiled.param(use.name)
@@ -360,6 +371,19 @@ class EMStepper(Stepper):
             self.largest_increase = max(self.largest_increase, -change / scale)
         self.previous = value
         return value
+
+    def objective(self, batch: Batch) -> tuple[float, float]:
+        """(the loss, Σ_n log p(x_n | θ)) at the current params, summed over the ranks' images:
+        what the next step would report, without taking it."""
+        with torch.no_grad():
+            values = {k: v.detach() for k, v in self.holder.values().items()}
+            _, _, log_likelihood = self.e_step(values, batch.x, batch.labels)
+            if self.collective.world_size > 1:
+                log_likelihood = self.collective.sum_(log_likelihood.reshape(1).to(DTYPE)).reshape(())
+            value = -(float(self.compiled.joint.log_prior(values)) + float(log_likelihood))
+        if not math.isfinite(value):
+            raise NonFiniteLoss
+        return value, float(log_likelihood)
 
     def _sum_over_ranks(self, stats: dict[str, torch.Tensor], counts: torch.Tensor, log_likelihood: torch.Tensor):
         """One all-reduce of everything the E-step summed (a few small calls cost gloo far more)."""

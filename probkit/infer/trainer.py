@@ -26,13 +26,14 @@ import torch
 from probkit.autoregressive import block_revisions, revision_mismatch
 from probkit.compiler import CompiledModel
 from probkit.data import RESIDENT_ENV, Dataset
-from probkit.errors import DomainError, FitError, UsageError
+from probkit.errors import DomainError, FitError, SpecError, UsageError
 from probkit.infer.batches import BatchPlan, BatchStream
 from probkit.infer.checkpoint import load_checkpoint, save_checkpoint
 from probkit.infer.distributed import Local
 from probkit.infer.em import EMFailure, EMStepper, choose_optimizer, em_plan
 from probkit.infer.evaluation import Evaluator
 from probkit.infer.objective import ENGINES, Batch, CompiledLoss, Params
+from probkit.infer.restarts import RestartReport, describe_restarts, run_restarts
 from probkit.infer.steppers import AdamStepper, NonFiniteLoss, make_stepper
 from probkit.infer.stopping import StoppingRule
 from probkit.infer.watch import READ_PERIOD_S, DeviceWatch, LastGood
@@ -54,6 +55,7 @@ class FitResult:
     choice: str = ""  # why that optimizer
     stopped: str = ""  # why the fit ended (its steps ran out, or it converged)
     notes: list[str] = field(default_factory=list)  # what loading the data said, for the user
+    restarts: RestartReport | None = None  # what fit.restarts did, if it tried several starts
 
 
 # relative change of the loss at which a fit stops (Adam, whose minibatch losses are noisy: never)
@@ -76,6 +78,8 @@ class FitSettings:
     tolerance: float = 0.0
     choice: str = ""  # why this optimizer (for fit, validate and run.json)
     compile: str = "off"  # one of COMPILE_CHOICES
+    restarts: int = 1  # EM starts tried (probkit.infer.restarts)
+    restart_steps: int = 20  # EM steps each of them runs
 
 
 def settings_from(compiled: CompiledModel, n_train: int, *, steps: int | None, seed: int | None,
@@ -101,8 +105,17 @@ def settings_from(compiled: CompiledModel, n_train: int, *, steps: int | None, s
         raise UsageError(f"unknown compile setting '{compile}' (expected one of: {', '.join(COMPILE_CHOICES)})")
     eval_every = fit.eval_every or max(1, steps // 20) if steps else 1
     tolerance = DEFAULT_TOLERANCE.get(optimizer, 0.0) if fit.tolerance is None else fit.tolerance
-    return FitSettings(steps, fit.lr, optimizer, batch, fit.seed if seed is None else seed,
-                       eval_every, engine, tolerance, choice, compile)
+    seed = fit.seed if seed is None else seed
+    if fit.restarts > 1:
+        if optimizer != "em":
+            raise SpecError(
+                f"{compiled.loaded.where(('fit', 'restarts'))}: fit.restarts: {fit.restarts} tries several EM "
+                f"starts and continues the best, but this fit uses {optimizer} ({choice}); a few {optimizer} "
+                "steps rank starts by where they begin, not where they lead, so probkit does not pick among "
+                "them. Drop fit.restarts, or fit several seeds (--seed) and compare them with probkit runs")
+        choice += "; " + describe_restarts(seed, fit.restarts, fit.restart_steps)
+    return FitSettings(steps, fit.lr, optimizer, batch, seed, eval_every, engine, tolerance, choice, compile,
+                       fit.restarts, fit.restart_steps)
 
 
 def compiles(settings: FitSettings) -> bool:
@@ -140,6 +153,9 @@ class Trainer:
                                      collective=collective)
         else:
             self.stepper = make_stepper(settings.optimizer, self.params.unconstrained, settings.lr, collective)
+        self.restarts: RestartReport | None = None  # what fit.restarts did (a resumed fit: from its checkpoint)
+        if settings.restarts > 1 and not resume:
+            self.restarts = run_restarts(compiled, dataset, settings, self.params, self.stepper, collective)
         self.stopping = StoppingRule.of(settings.optimizer, settings.tolerance)
         self.stopped = ""  # why the fit ended before its last step (a convergence), if it did
         self.steps_done = 0
@@ -177,6 +193,8 @@ class Trainer:
                 **self.stopping.state(), "world_size": str(self.collective.world_size),
                 "batch_noise": self.batches.plan.noise, "run_id": self.run_id,
                 "revisions": json.dumps(block_revisions(self.compiled.likelihood.expr.whole_tree))}
+        if self.restarts is not None:
+            meta["restarts"] = json.dumps(self.restarts.as_json())
         save_checkpoint(self.run_dir, step, self.checkpoint_tensors(), meta, self.history)
 
     def _resume(self) -> None:
@@ -193,6 +211,11 @@ class Trainer:
         self.start_step = checkpoint.step
         if checkpoint.meta.get("run_id"):
             self.run_id = checkpoint.meta["run_id"]
+        if checkpoint.meta.get("restarts"):  # done before the checkpoint: reported, not run again
+            try:
+                self.restarts = RestartReport.from_json(json.loads(checkpoint.meta["restarts"]))
+            except (ValueError, KeyError, TypeError):
+                self.restarts = None
         if str(checkpoint.meta.get("seed", "")).isdigit():  # the run continues its own seed (run.json says it)
             self.settings.seed = int(checkpoint.meta["seed"])
         if checkpoint.meta.get("data") not in (None, self.dataset.fingerprint()):

@@ -57,6 +57,7 @@ CASES = {  # spec, what it adds to the spec's fit block
     "adam-minibatches-observed-labels": ("tiny-class.yaml", {}),  # batches of 256 of 1,437 images
     "lbfgs": ("tiny-smooth.yaml", {}),
     "em": ("tiny-em.yaml", {"steps": 30}),
+    "em-restarts": ("tiny-em.yaml", {"steps": 10, "restarts": 3, "restart_steps": 5}),  # every rank: one winner
 }
 
 
@@ -72,6 +73,11 @@ def test_two_gloo_ranks_fit_what_one_process_fits(case, tmp_path, write_spec):
     assert info["world_size"] == 2 and info["steps_done"] == one.history[-1]["step"]
     for part in ("train", "test"):  # held-out metrics: sums over disjoint shares, all-reduced
         assert info[part]["nll"] == pytest.approx(one.metrics[part]["nll"], rel=1e-5)
+    if one.restarts is not None:  # the ranks tried the same starts and picked the one-process winner
+        restarts = info["restarts"]
+        assert restarts["chosen_seed"] == one.restarts.trials[one.restarts.chosen].seed
+        assert [t["loss"] for t in restarts["trials"]] == pytest.approx([t.loss for t in one.restarts.trials],
+                                                                         rel=1e-9)
     assert not list((tmp_path / "two").glob("*.tmp")) and (tmp_path / "two" / "samples.png").exists()
 
 
