@@ -1,8 +1,9 @@
 """Gibbs sweeps for models whose pixels depend on each other (autoregressive likelihoods):
 denoise and upscale against brute force.
 
-The reference enumerates every clean image of a tiny model (D = 6 or 8 binary pixels, or a
-D = 2 grid of 256 levels each) in numpy: log p(x) from the model's own formulas (an FVSBN
+The reference enumerates every clean image of a tiny model (D = 6 or 8 binary pixels, D = 2
+pixels of 256 levels or grid points each, or the 84 images of 2 x 2 levels with one block sum)
+in numpy: log p(x) from the model's own formulas (an FVSBN
 mixture, a NADE), written here independently of probkit's code, times the observation's weight
 (the noise's p(y | x), or the indicator of the observed block means), normalised over all images.
 
@@ -61,6 +62,10 @@ MODELS = {
                "  b: {shape: [D], support: real, init: 0.5}\n"
                "  s: {shape: [D], support: positive, init: 0.2}",
         latent="", likelihood="Normal(loc=b + tril(A, -1) @ x, scale=s)"),
+    "binomial-fvsbn": dict(
+        params="  A: {shape: [D, D], prior: 'Normal(0.0, 1.0)'}\n"
+               "  b: {shape: [D], support: real, init: -3.0}",
+        latent="", likelihood="Binomial(total_count=255, logits=b + tril(A, -1) @ x / 255)"),
 }
 
 
@@ -70,6 +75,10 @@ def _model(write_spec, name, size, transform="binary", seed=5):
     values = {k: v.double() for k, v in prepared.compiled.initial_values(seed).items()}
     if name == "normal-fvsbn":
         values["A"] = torch.tensor([[0.0, 0.0], [0.8, 0.0]], dtype=torch.float64)
+    if name == "binomial-fvsbn":  # each pixel's level pulls the later ones up (or down)
+        D = prepared.compiled.dims.D
+        values["A"] = torch.linspace(-2.0, 3.0, D * D, dtype=torch.float64).reshape(D, D)
+        values["b"] = torch.linspace(-3.5, -2.5, D, dtype=torch.float64)
     return prepared, values
 
 
@@ -91,6 +100,11 @@ def _log_p(name, values, X):
             hidden = 1 / (1 + np.exp(-(v["c"] + X[:, :d] @ v["U"][:, :d].T)))
             logits[:, d] = v["b"][d] + hidden @ v["V"][d]
         return _log_bernoulli(X, logits)
+    if name == "binomial-fvsbn":
+        from scipy.stats import binom
+
+        logits = v["b"] + X @ np.tril(v["A"], -1).T / 255
+        return binom.logpmf(X, 255, 1 / (1 + np.exp(-logits))).sum(-1)
     loc = v["b"] + X @ np.tril(v["A"], -1).T
     return (-0.5 * ((X - loc) / v["s"]) ** 2 - np.log(v["s"])).sum(-1)
 
@@ -198,6 +212,44 @@ def test_gibbs_denoise_of_continuous_pixels_is_the_posterior_on_the_grid(write_s
         var = post @ X**2 - mean**2
         _assert_within_four_standard_errors(result.mean[n].numpy(), mean, var, k)
         _assert_within_four_standard_errors(result.samples[n].mean(0).numpy(), mean, var, k)
+
+
+@pytest.mark.slow  # all 256 levels of every pixel for every chain: ~10 s
+def test_gibbs_denoise_of_discrete_levels_matches_the_brute_force_posterior(write_spec):
+    """A Binomial(255) FVSBN with two pixels under Gaussian noise: all 256^2 clean images."""
+    prepared, values = _model(write_spec, "binomial-fvsbn", "[1, 2]", transform="discrete")
+    spec = parse_noise("gaussian:0.05", "discrete")
+    clean = prepared.dataset.fixed("test")[:2].double()
+    y = spec.corrupt(clean, torch.Generator().manual_seed(5))
+    k = 100
+    result = denoise_images(prepared.compiled, values, y, spec, k=k, seed=6, clean=clean, mcmc_warmup=4,
+                            mcmc_samples=6)
+    assert result.method == "gibbs"
+    X = np.array(list(itertools.product(np.arange(256.0), repeat=2)))
+    log_p = _log_p("binomial-fvsbn", values, X)
+    for n in range(len(y)):
+        post = _posterior_marginals(log_p + (-0.5 * ((X - y[n].numpy()) / spec.std) ** 2).sum(1))
+        mean = post @ X
+        var = post @ X**2 - mean**2
+        _assert_within_four_standard_errors(result.mean[n].numpy(), mean, var, k)
+        _assert_within_four_standard_errors(result.samples[n].mean(0).numpy(), mean, var, k)
+
+
+def test_gibbs_upscale_of_discrete_levels_matches_the_brute_force_posterior(write_spec):
+    """A Binomial(255) FVSBN on 2 x 2 levels, one block of sum 6: every image with that sum
+    (84 of them) enumerated."""
+    prepared, values = _model(write_spec, "binomial-fvsbn", "[2, 2]", transform="discrete")
+    low = torch.tensor([[1.5]], dtype=torch.float64)
+    k = 80
+    result = upscale_images(prepared.compiled, values, low, 2, k=k, seed=7, mcmc_warmup=3, mcmc_samples=5)
+    assert result.method == "gibbs"
+    assert torch.equal(result.samples.sum(-1), torch.full((1, k), 6.0, dtype=result.samples.dtype))
+    X = np.array([x for x in itertools.product(range(7), repeat=4) if sum(x) == 6], dtype=float)
+    post = _posterior_marginals(_log_p("binomial-fvsbn", values, X))
+    mean = post @ X
+    var = post @ X**2 - mean**2
+    _assert_within_four_standard_errors(result.mean[0].numpy(), mean, var, k)
+    _assert_within_four_standard_errors(result.samples[0].mean(0).numpy(), mean, var, k)
 
 
 def test_continuous_salt_and_pepper_keeps_the_pixels_the_noise_left(write_spec):
