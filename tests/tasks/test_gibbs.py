@@ -191,7 +191,6 @@ def test_gibbs_upscale_matches_the_brute_force_posterior_and_keeps_the_block_mea
     assert torch.allclose(blocks.average(result.mean), low.to(result.mean.dtype), rtol=0, atol=1e-12)
 
 
-@pytest.mark.slow  # 256 candidates a pixel for every chain: ~10 s (the quick suite covers the grid below)
 def test_gibbs_denoise_of_continuous_pixels_is_the_posterior_on_the_grid(write_spec):
     """A Normal FVSBN with two pixels: the 256 x 256 grid of bin midpoints enumerated."""
     prepared, values = _model(write_spec, "normal-fvsbn", "[1, 2]", transform="continuous")
@@ -214,7 +213,6 @@ def test_gibbs_denoise_of_continuous_pixels_is_the_posterior_on_the_grid(write_s
         _assert_within_four_standard_errors(result.samples[n].mean(0).numpy(), mean, var, k)
 
 
-@pytest.mark.slow  # all 256 levels of every pixel for every chain: ~10 s
 def test_gibbs_denoise_of_discrete_levels_matches_the_brute_force_posterior(write_spec):
     """A Binomial(255) FVSBN with two pixels under Gaussian noise: all 256^2 clean images."""
     prepared, values = _model(write_spec, "binomial-fvsbn", "[1, 2]", transform="discrete")
