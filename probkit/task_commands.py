@@ -5,6 +5,7 @@ decompress, denoise, upscale and cluster (registered on the app by probkit.cli, 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -47,26 +48,11 @@ def complete(
 
     run = resolve_run(target)
     destination = out or run.path / f"complete-{mask_label(mask)}.png"
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    # only NUTS is slow enough to need a bar (seconds per image); the exact methods never call it
-    bar = Progress(TextColumn("mcmc completion"), MofNCompleteColumn(), TimeRemainingColumn(compact=True),
-                   BarColumn(bar_width=20), TextColumn("images"), console=err_console, transient=True)
-    task = None
-
-    def on_image(done: int, total: int) -> None:
-        nonlocal task
-        if task is None:
-            bar.start()
-            task = bar.add_task("mcmc", total=total)
-        bar.update(task, completed=done)
-
-    try:
+    # only the samplers are slow enough to need a bar; the exact methods never call it
+    with _sampler_bar("mcmc completion", "images") as on_image:
         result, files = api.complete(run, mask=mask, images=images, input=input, k=k, seed=seed, device=device,
                                      out=destination, method=method, mcmc_warmup=mcmc_warmup,
                                      mcmc_samples=mcmc_samples, on_image=on_image, overwrite=overwrite)
-    finally:
-        bar.stop()
     if as_json:
         typer.echo(json.dumps({**result.metrics(), "png": str(files["png"]), "npy": str(files["npy"])}))
         return
@@ -80,9 +66,8 @@ def complete(
     table.add_row("conditional NLL (bits/missing pixel)",
                   f"{nll:.4f}" if math.isfinite(nll) else f"not estimated ({result.method})")
     table.add_row("PSNR of the mean on missing pixels (dB)", f"{result.psnr_db:.2f}")
-    for key, value in result.settings.items():
-        shown = "n/a" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
-        table.add_row(f"{result.method} {key}", shown)
+    for row in _settings_rows(result.method, result.settings):
+        table.add_row(*row)
     console.print(table)
     for note in result.notes:
         console.print(f"note: {escape(note)}", highlight=False)
@@ -160,6 +145,40 @@ def decompress(
                   highlight=False)
 
 
+@contextmanager
+def _sampler_bar(label: str, unit: str):
+    """A progress bar on stderr that appears at a sampler's first report: yields on_step(done, total)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bar = Progress(TextColumn(label), MofNCompleteColumn(), TimeRemainingColumn(compact=True),
+                   BarColumn(bar_width=20), TextColumn(unit), console=err_console, transient=True)
+    task = None
+
+    def on_step(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(label, total=total)
+        bar.update(task, completed=done)
+
+    try:
+        yield on_step
+    finally:
+        bar.stop()
+
+
+def _settings_rows(method: str, settings: dict) -> list[tuple[str, str]]:
+    """A sampler's settings and diagnostics (min ESS, max split R-hat) as table rows."""
+    return [(f"{method} {key}", "n/a" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value))
+            for key, value in settings.items()]
+
+
+SweepsWarmupOpt = Annotated[Optional[int], typer.Option(
+    "--mcmc-warmup", help="Gibbs burn-in sweeps, where the model's pixels depend on each other (default 20)")]
+SweepsKeptOpt = Annotated[Optional[int], typer.Option(
+    "--mcmc-samples", help="Gibbs sweeps kept, where the model's pixels depend on each other (default 50)")]
+
+
 def _print_task_table(title: str, rows: list[tuple[str, str]], notes: list[str]) -> None:
     table = Table(title=title)
     table.add_column("")
@@ -189,15 +208,20 @@ def denoise(
     out: Annotated[Optional[Path], typer.Option("--out", help="a .png path or a folder (default: the run folder)")
                    ] = None,
     as_json: Annotated[bool, flag("--json", help="print one JSON object")] = False,
+    mcmc_warmup: SweepsWarmupOpt = None,
+    mcmc_samples: SweepsKeptOpt = None,
     overwrite: OverwriteOpt = False,
 ):
     """Restore noisy images: the posterior mean and draws of the clean image under the model
-    (exact where the model allows; the method is printed), against a 3x3 median filter."""
+    (exact where the model allows, else Gibbs sweeps with ESS and R-hat; the method is printed),
+    against a 3x3 median filter."""
     from probkit.runs import resolve_run
 
     run = resolve_run(target)
-    result, files = api.denoise(run, noise=noise, images=images, input=input, k=k, seed=seed, device=device,
-                                out=out or run.path, overwrite=overwrite)
+    with _sampler_bar("gibbs denoising", "sweeps") as on_sweep:
+        result, files = api.denoise(run, noise=noise, images=images, input=input, k=k, seed=seed, device=device,
+                                    out=out or run.path, overwrite=overwrite, mcmc_warmup=mcmc_warmup,
+                                    mcmc_samples=mcmc_samples, on_sweep=on_sweep)
     if as_json:
         typer.echo(json.dumps({**result.metrics(), **{key: str(path) for key, path in files.items()}}))
         return
@@ -205,7 +229,8 @@ def denoise(
     _print_task_table("denoising", [
         ("noise", metrics["noise"]), ("method", result.method), ("images", str(result.images)),
         ("PSNR noisy", _db(metrics["psnr_noisy_db"])), ("PSNR 3x3 median", _db(metrics["psnr_median_db"])),
-        ("PSNR posterior mean", _db(metrics["psnr_denoised_db"]))], result.notes)
+        ("PSNR posterior mean", _db(metrics["psnr_denoised_db"])),
+        *_settings_rows(result.method, result.settings)], result.notes)
     console.print(f"denoised: {files['png']} (grid), {files['npy']} (means), {files['samples']} (draws)")
 
 
@@ -223,15 +248,20 @@ def upscale(
     out: Annotated[Optional[Path], typer.Option("--out", help="a .png path or a folder (default: the run folder)")
                    ] = None,
     as_json: Annotated[bool, flag("--json", help="print one JSON object")] = False,
+    mcmc_warmup: SweepsWarmupOpt = None,
+    mcmc_samples: SweepsKeptOpt = None,
     overwrite: OverwriteOpt = False,
 ):
     """Super-resolution: the posterior mean and draws of the full image given its block averages
-    (exact where the model allows; the method is printed), against Pillow's bicubic upscaling."""
+    (exact where the model allows, else Gibbs sweeps with ESS and R-hat; the method is printed),
+    against Pillow's bicubic upscaling."""
     from probkit.runs import resolve_run
 
     run = resolve_run(target)
-    result, files = api.upscale(run, factor=factor, images=images, input=input, k=k, seed=seed, device=device,
-                                out=out or run.path, overwrite=overwrite)
+    with _sampler_bar("gibbs upscaling", "sweeps") as on_sweep:
+        result, files = api.upscale(run, factor=factor, images=images, input=input, k=k, seed=seed, device=device,
+                                    out=out or run.path, overwrite=overwrite, mcmc_warmup=mcmc_warmup,
+                                    mcmc_samples=mcmc_samples, on_sweep=on_sweep)
     if as_json:
         typer.echo(json.dumps({**result.metrics(), **{key: str(path) for key, path in files.items()}}))
         return
@@ -239,7 +269,8 @@ def upscale(
     _print_task_table("super-resolution", [
         ("factor", str(factor)), ("method", result.method), ("images", str(result.images)),
         ("PSNR bicubic (Pillow)", _db(metrics["psnr_bicubic_db"])),
-        ("PSNR posterior mean", _db(metrics["psnr_model_db"]))], result.notes)
+        ("PSNR posterior mean", _db(metrics["psnr_model_db"])),
+        *_settings_rows(result.method, result.settings)], result.notes)
     console.print(f"upscaled: {files['png']} (grid), {files['npy']} (means), {files['samples']} (draws)")
 
 

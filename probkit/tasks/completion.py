@@ -56,7 +56,9 @@ from probkit.families import GaussianConditional
 from probkit.runs import Run
 from probkit.session import SpecLike, check_run_data, open_run, read_input_images
 from probkit.spec import suggest
-from probkit.tasks.limits import MAX_COMPLETIONS, check_completion_memory
+from probkit.tasks import gibbs
+from probkit.tasks.gibbs import GIBBS_DEFAULTS, GibbsSettings
+from probkit.tasks.limits import MAX_COMPLETIONS, check_completion_memory, check_sampler_steps
 from probkit.tasks.masks import load_mask, mask_label
 from probkit.tasks.outputs import check_outputs, output_files
 from probkit.tasks.restoration import choose
@@ -152,8 +154,6 @@ def _complete_gaussian(compiled, values, x, mask, k):
 
 METHODS = ("auto", "mcmc", "gibbs")
 MCMC_DEFAULTS = {"warmup_steps": 200, "num_samples": 500}
-MAX_SAMPLER_STEPS = 100_000  # warmup or kept steps (NUTS) or sweeps (Gibbs): beyond it a run takes days
-GIBBS_DEFAULTS = {"warmup_steps": 20, "num_samples": 50}  # sweeps over the missing pixels
 
 
 @dataclass
@@ -321,30 +321,14 @@ def _complete_autoregressive(compiled, values, x, mask, k):
     return draws.to(x.dtype), mean.to(x.dtype), cond_ll, notes
 
 
-@dataclass
-class GibbsSettings:
-    """Gibbs sampling of the missing discrete pixels: one chain per completion, seeded."""
-
-    warmup_steps: int = GIBBS_DEFAULTS["warmup_steps"]  # sweeps discarded
-    num_samples: int = GIBBS_DEFAULTS["num_samples"]  # sweeps kept
-    seed: int = 0
-
-    def describe(self, chains: int) -> str:
-        return (f"Gibbs, {chains} chain{'s' * (chains != 1)} per image (one per completion), "
-                f"{self.warmup_steps} burn-in sweeps and {self.num_samples} kept, latents summed out, seed={self.seed}")
-
-
 def _complete_gibbs(compiled, values, x, mask, k, settings: GibbsSettings, on_image=None):
-    """Collapsed Gibbs over the missing pixels: each sweep visits them in order and redraws
-    pixel d from p(x_d | every other pixel) ∝ p(x) (the latents summed out), computed from the
-    model's joint at each value the pixel can take. Chains start from the pixel-by-pixel draw
-    that ignores the observed pixels after each missing one. The mean is Rao-Blackwellised:
-    the average over kept sweeps of each pixel's conditional mean."""
-    from pyro.ops.stats import effective_sample_size, split_gelman_rubin
-
+    """Collapsed Gibbs over the missing pixels (`probkit.tasks.gibbs`): each sweep visits them in
+    order and redraws pixel d from p(x_d | every other pixel) ∝ p(x) (the latents summed out),
+    computed from the model's joint at each value the pixel can take. Chains start from the
+    pixel-by-pixel draw that ignores the observed pixels after each missing one. The mean is
+    Rao-Blackwellised: the average over kept sweeps of each pixel's conditional mean."""
     from probkit.tasks.sampling import draw_pixel_by_pixel
 
-    levels = _pixel_levels(compiled, values).to(x.device, x.dtype)
     missing = mask.nonzero().flatten().tolist()
     prior = _latent_prior(compiled, values)
     N = len(x)
@@ -352,60 +336,23 @@ def _complete_gibbs(compiled, values, x, mask, k, settings: GibbsSettings, on_im
     log_post = _autoregressive_posterior(compiled, values, x, ~mask) if prefix else prior.expand(N, -1).log_softmax(-1)
     state = draw_pixel_by_pixel(compiled, values, choose(log_post, k).reshape(-1), x=x.repeat_interleave(k, 0),
                                 missing=mask)
-    total = settings.warmup_steps + settings.num_samples
-    mean = torch.zeros(len(state), len(missing), dtype=torch.float64, device=x.device)
-    trace = torch.zeros(len(state), settings.num_samples, dtype=torch.float64, device=x.device)
-
-    def log_joint(images):
-        table = compiled.structure.table(values, images) + prior
-        return table.logsumexp(-1)
-
-    for sweep in range(total):
-        for i, d in enumerate(missing):
-            candidates = state.unsqueeze(0).repeat(len(levels), 1, 1)
-            candidates[:, :, d] = levels[:, None]
-            scores = log_joint(candidates.reshape(-1, state.shape[1])).reshape(len(levels), -1).T  # (chains, L)
-            probs = scores.double().softmax(-1)
-            state[:, d] = levels[torch.multinomial(probs.float(), 1)[:, 0]]
-            if sweep >= settings.warmup_steps:
-                mean[:, i] += probs @ levels.double()
-        if sweep >= settings.warmup_steps:
-            trace[:, sweep - settings.warmup_steps] = log_joint(state).double()
-        if on_image is not None:
-            on_image(sweep + 1, total)
-    mean = (mean / settings.num_samples).reshape(N, k, -1).mean(1)
-    full_mean = x.clone()
-    full_mean[:, mask] = mean.to(x.dtype)
-    draws = state.reshape(N, k, -1)
-    chains = trace.reshape(N, k, -1)
-    diagnostics = {"min_ess": None, "max_split_rhat": None}
-    if settings.num_samples >= 4:
-        rhat = torch.stack([split_gelman_rubin(chains[n], chain_dim=0, sample_dim=1) for n in range(N)])
-        ess = torch.stack([effective_sample_size(chains[n], chain_dim=0, sample_dim=1) for n in range(N)])
-        finite = torch.isfinite(rhat)
-        diagnostics = {"min_ess": float(ess[torch.isfinite(ess)].min()) if bool(torch.isfinite(ess).any()) else None,
-                       "max_split_rhat": float(rhat[finite].max()) if bool(finite.any()) else None}
+    chains = gibbs.Chains(gibbs.log_joint(compiled, values), state)
+    moves = gibbs.site_moves(missing, gibbs.pixel_levels(compiled).to(x.dtype))
+    trace = gibbs.run_sweeps(chains, moves, settings, on_sweep=on_image)
+    mean = chains.mean().reshape(N, k, -1).mean(1).to(x.dtype)
+    full_mean = torch.where(mask, mean, x)
+    draws = chains.state.reshape(N, k, -1)
+    diagnostics = gibbs.diagnostics(trace.reshape(N, k, -1))
     cond_ll = torch.full((N,), float("nan"), dtype=x.dtype, device=x.device)
     notes = [f"gibbs: {settings.describe(k)}; the missing pixels do not all come after the observed ones in the "
              "model's order, so no exact method applies",
              "gibbs: the conditional NLL is not estimated (reported as None): log p(x_obs) sums over every "
              "value of the missing pixels; the PSNR is of the Rao-Blackwellised mean over the kept sweeps",
              ]
-    ess, rhat = diagnostics["min_ess"], diagnostics["max_split_rhat"]
-    if rhat is not None:
-        notes.append(f"gibbs diagnostics (log p(x) per sweep): min effective sample size {ess:.0f} of "
-                     f"{settings.num_samples * k}, max split R-hat {rhat:.3f}"
-                     + (" (poor mixing: raise --mcmc-warmup / --mcmc-samples)" if rhat > 1.1 else ""))
-    info = {"kernel": "Gibbs", "warmup_steps": settings.warmup_steps, "num_samples": settings.num_samples,
-            "num_chains": k, "seed": settings.seed, **diagnostics}
-    return draws, full_mean, cond_ll, notes, info
-
-
-def _pixel_levels(compiled: CompiledModel, values) -> torch.Tensor:
-    """Every value one discrete pixel can take under the data transform (0 and 1; 0..255)."""
-    from probkit.data import pixel_transform
-
-    return torch.tensor(pixel_transform(compiled.spec.data).values, dtype=torch.float32)
+    note = gibbs.diagnostics_note(diagnostics, settings.num_samples * k)
+    if note is not None:
+        notes.append(note)
+    return draws, full_mean, cond_ll, notes, settings.info(k, diagnostics)
 
 
 def exact_method(compiled: CompiledModel, mask: torch.Tensor | None = None) -> str | None:
@@ -464,9 +411,7 @@ def complete_images(compiled: CompiledModel, values: dict[str, torch.Tensor], x:
     defaults = GIBBS_DEFAULTS if method == "gibbs" else MCMC_DEFAULTS
     mcmc_warmup = defaults["warmup_steps"] if mcmc_warmup is None else mcmc_warmup
     mcmc_samples = defaults["num_samples"] if mcmc_samples is None else mcmc_samples
-    if not (0 <= mcmc_warmup <= MAX_SAMPLER_STEPS and 1 <= mcmc_samples <= MAX_SAMPLER_STEPS):
-        raise UsageError(f"--mcmc-warmup must be 0 to {MAX_SAMPLER_STEPS:,} and --mcmc-samples 1 to "
-                         f"{MAX_SAMPLER_STEPS:,}, found {mcmc_warmup} and {mcmc_samples}")
+    check_sampler_steps(mcmc_warmup, mcmc_samples)
     if method == "mcmc":
         _missing_support(compiled, values)  # discrete pixels: a usage error before anything runs
     notes: list[str] = []
@@ -528,10 +473,7 @@ def complete(target: SpecLike | Run, *, mask: str = "half", images: int = 16, in
     the original, what was observed (the missing region grey, tinted red and hatched), then the k
     completions; and a .npy of the completions, N x k x C x H x W on the display scale [0, 1].
     """
-    if not (mcmc_warmup is None or 0 <= mcmc_warmup <= MAX_SAMPLER_STEPS) or \
-            not (mcmc_samples is None or 1 <= mcmc_samples <= MAX_SAMPLER_STEPS):
-        raise UsageError(f"--mcmc-warmup must be 0 to {MAX_SAMPLER_STEPS:,} and --mcmc-samples 1 to "
-                         f"{MAX_SAMPLER_STEPS:,}, found {mcmc_warmup} and {mcmc_samples}")
+    check_sampler_steps(mcmc_warmup, mcmc_samples)
     if images < 1:
         raise UsageError(f"--images must be at least 1, found {images}")
     if not 1 <= k <= MAX_COMPLETIONS:

@@ -32,8 +32,17 @@ over the latent configurations k; `DenoiseResult.method` says how it was compute
   exact conditional of the replaced pixels given the others (one factorisation per image,
   since the replaced pixels differ between images).
 
-Families whose pixels are not independent given the latents (autoregressive ones) are
-refused: the sums above would not factorise over pixels.
+- ``gibbs`` (a structure whose pixels depend on each other: autoregressive likelihoods, where
+  the sums above would not factorise over pixels): Gibbs sweeps over every pixel
+  (`probkit.tasks.gibbs`, the sampler completion uses), each pixel drawn from its full
+  conditional p(x_d | x_-d, y) ∝ p(x) p(y_d | x_d), with p(x) the model's joint (latents summed
+  out) at every value the pixel can take: 2 for binary, all 256 levels batched for discrete
+  pixels, the 256 bin midpoints (l + 1/2)/256 for continuous ones (the posterior restricted to
+  that grid, as ``quadrature-256``). k chains per image (one per draw), started from a
+  pixel-by-pixel draw from p(x_d | x_<d) p(y_d | x_d); the mean is Rao-Blackwellised (the
+  average over kept sweeps of each pixel's conditional mean) and the draws are the chains' last
+  states. The settings, the min effective sample size and the max split R-hat of
+  log p(x) + log p(y | x) per sweep are in `DenoiseResult.settings` and the notes.
 
 Metrics (`DenoiseResult.metrics`): the PSNR (dB, [0, 1] display scale, over all pixels) of the
 noisy image (clipped to the display range), of a 3 x 3 median filter of it (the baseline a
@@ -45,6 +54,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -58,6 +68,7 @@ from probkit.families.normal import normal_table
 from probkit.runs import Run
 from probkit.session import SpecLike, held_out_images, input_levels, open_run
 from probkit.spec import suggest
+from probkit.tasks import gibbs
 from probkit.tasks.limits import check_completion_memory, check_draw_counts
 from probkit.tasks.outputs import GRID_ROWS, grid_file, output_files
 from probkit.tasks.restoration import (DTYPE, LOG_2PI, choose, joint_moments, linear_gaussian_posterior, log_prior,
@@ -162,6 +173,7 @@ class DenoiseResult:
     noise: Noise
     clean: torch.Tensor | None = None
     notes: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)  # a sampler's settings and diagnostics (gibbs)
 
     @property
     def images(self) -> int:
@@ -178,7 +190,7 @@ class DenoiseResult:
             "noise": self.noise.label(), "method": self.method, "images": self.images,
             "psnr_noisy_db": self.psnr(self.noisy.clamp(0, self.noise.top)),
             "psnr_median_db": self.psnr(self.median), "psnr_denoised_db": self.psnr(self.mean),
-            "notes": list(self.notes),
+            "notes": list(self.notes), **({"settings": dict(self.settings)} if self.settings else {}),
         }
 
 
@@ -256,6 +268,7 @@ class Denoiser:
         self.compiled, self.values, self.noise = compiled, values, noise
         self.prior = log_prior(compiled, values)
         self.notes: list[str] = []
+        self.settings: dict = {}  # what a sampler reports: its settings and diagnostics
 
     def run(self, y: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -385,10 +398,67 @@ class MaskedGaussian(Denoiser):
         return mean, draws
 
 
-def denoiser_for(compiled: CompiledModel, values, noise: Noise) -> Denoiser:
-    """The strategy that computes p(x | y) for this model and noise (UsageError when none does)."""
+class GibbsPixels(Denoiser):
+    """Pixels that depend on each other: Gibbs sweeps over every pixel, each from
+    p(x_d | x_-d) p(y_d | x_d) (see the module docstring)."""
+
+    method = "gibbs"
+
+    def __init__(self, compiled, values, noise, settings: gibbs.GibbsSettings, on_sweep=None):
+        super().__init__(compiled, values, noise)
+        self.gibbs, self.on_sweep = settings, on_sweep
+        self.levels = gibbs.pixel_levels(compiled)
+        if compiled.spec.data.transform == "continuous":
+            self.notes.append(f"gibbs: continuous pixels are drawn on the {len(self.levels)} bin midpoints "
+                              f"(l + 1/2)/{len(self.levels)} of (0, 1), so the chains sample the posterior "
+                              "restricted to that grid (a midpoint rule)")
+
+    def weight(self, y: torch.Tensor):
+        """weight(d, state) -> each chain's values of pixel d (L x n) and log p(y_d | value) (n x L)."""
+        levels, noise = self.levels, self.noise
+        n = len(y)
+        spread = levels.unsqueeze(1).expand(-1, n)
+        first = torch.arange(len(levels), device=levels.device) == 0
+        keep_first = torch.where(first, 0.0, float("-inf")).to(DTYPE)
+
+        def weight(d, state):
+            yd = y[:, d : d + 1].to(DTYPE)  # n x 1
+            if noise.kind == "saltpepper" and noise.transform == "continuous":
+                # a pixel the noise left alone is its clean value, off the grid: its only candidate
+                replaced = noise.replaced(yd)
+                values = torch.where(replaced.T, spread, yd.T)
+                return values, torch.where(replaced, torch.zeros_like(keep_first), keep_first)
+            return spread, noise.log_likelihood(yd, levels)
+
+        return weight
+
+    def run(self, y, k):
+        rows = y.repeat_interleave(k, 0)  # image-major: image n's k chains together
+        weight = self.weight(rows)
+
+        def observation(state):
+            return self.noise.log_likelihood(rows.to(DTYPE), state.to(DTYPE)).sum(-1)
+
+        found = gibbs.sample_posterior(
+            self.compiled, self.values, weight, gibbs.site_moves(list(range(self.compiled.dims.D)), self.levels, weight),
+            self.gibbs, len(y), k, observation=observation, on_sweep=self.on_sweep, traced="log p(x) + log p(y | x)")
+        self.settings = found.info
+        self.notes.append(f"gibbs: {self.gibbs.describe(k, 'draw')}; every pixel is redrawn from p(x_d | the other "
+                          "pixels) p(y_d | x_d) each sweep (the model's pixels depend on each other, so the posterior "
+                          "does not factorise); the mean is Rao-Blackwellised over the kept sweeps, the draws are "
+                          "the chains' last states")
+        self.notes.extend([found.note] if found.note else [])
+        return found.mean, found.draws
+
+
+def denoiser_for(compiled: CompiledModel, values, noise: Noise, settings: gibbs.GibbsSettings | None = None,
+                 on_sweep=None) -> Denoiser:
+    """The strategy that computes p(x | y) for this model and noise (UsageError when none does).
+    settings: the Gibbs sampler's, where the pixels depend on each other."""
     family = compiled.family
     transform = compiled.spec.data.transform
+    if compiled.structure.discrete_sampler == "gibbs":
+        return GibbsPixels(compiled, values, noise, settings or gibbs.GibbsSettings(), on_sweep)
     if family.completion == "exact-gaussian":
         if noise.kind == "gaussian":
             return LinearGaussian(compiled, values, noise)
@@ -409,16 +479,21 @@ def denoiser_for(compiled: CompiledModel, values, noise: Noise) -> Denoiser:
 
 
 def denoise_images(compiled: CompiledModel, values: dict[str, torch.Tensor], noisy: torch.Tensor, noise: Noise,
-                   *, k: int = 4, seed: int = 0, clean: torch.Tensor | None = None) -> DenoiseResult:
+                   *, k: int = 4, seed: int = 0, clean: torch.Tensor | None = None, mcmc_warmup: int | None = None,
+                   mcmc_samples: int | None = None,
+                   on_sweep: Callable[[int, int], None] | None = None) -> DenoiseResult:
     """Restore noisy model-scale images (N x D) under `noise`: the posterior mean and k draws of
-    the clean images. `clean`: the true images, when known, for the PSNRs."""
+    the clean images. `clean`: the true images, when known, for the PSNRs. `mcmc_warmup` /
+    `mcmc_samples`: the Gibbs sampler's burn-in and kept sweeps where it runs (defaults
+    gibbs.GIBBS_DEFAULTS); `on_sweep(done, total)` follows its sweeps."""
     D = compiled.dims.D
     if noisy.dim() != 2 or noisy.shape[1] != D:
         raise UsageError(f"the images have shape {list(noisy.shape)}; expected N x D with D = {D}")
     if k < 1:
         raise UsageError(f"-k must be at least 1, found {k}")
+    settings = gibbs.settings_from(mcmc_warmup, mcmc_samples, seed)
     values = {name: v.to(compiled.device) for name, v in values.items()}
-    denoiser = denoiser_for(compiled, values, noise)
+    denoiser = denoiser_for(compiled, values, noise, settings, on_sweep)
     with torch.no_grad(), seeded(seed, compiled.device):
         mean, draws = denoiser.run(noisy, k)
     dims = compiled.dims
@@ -427,12 +502,14 @@ def denoise_images(compiled: CompiledModel, values: dict[str, torch.Tensor], noi
     for latent in compiled.observed_latents:
         notes.append(f"latent '{latent.name}' (a label in training) is not given and is summed out")
     return DenoiseResult(noisy, mean.to(noisy.dtype), draws.to(noisy.dtype),
-                         median_filter(display, dims.C, dims.H, dims.W), denoiser.method, noise, clean, notes)
+                         median_filter(display, dims.C, dims.H, dims.W), denoiser.method, noise, clean, notes,
+                         denoiser.settings)
 
 
 def denoise(target: SpecLike | Run, *, noise: str, images: int = 16, input: str | Path | None = None, k: int = 4,
             seed: int = 0, device: str = "auto", out: str | Path | None = None,
-            run_out: str | Path | None = None, overwrite: bool = False):
+            run_out: str | Path | None = None, overwrite: bool = False, mcmc_warmup: int | None = None,
+            mcmc_samples: int | None = None, on_sweep: Callable[[int, int], None] | None = None):
     """Restore noisy images with a fitted run as the prior (see `probkit.tasks.denoising`).
 
     Without `input`, the first `images` held-out images are corrupted with `noise` (seeded by
@@ -441,8 +518,11 @@ def denoise(target: SpecLike | Run, *, noise: str, images: int = 16, input: str 
     is given (a .png path or a folder, where the file is denoise-<noise>.png) it writes a grid,
     one row per image (the first GRID_ROWS): clean, noisy, 3x3 median, posterior mean, then the k draws; a .npy of the
     means (N x C x H x W) and one of the draws (<name>-samples.npy, N x k x C x H x W), on the
-    [0, 1] display scale. Returns (DenoiseResult, files)."""
+    [0, 1] display scale. `mcmc_warmup` / `mcmc_samples`: the Gibbs sweeps (burn-in, kept) where
+    the model's pixels depend on each other; `on_sweep(done, total)` follows them.
+    Returns (DenoiseResult, files)."""
     check_draw_counts(images, k)
+    gibbs.settings_from(mcmc_warmup, mcmc_samples, seed)  # bad sweep counts: before any work
     run, prepared = open_run(target, device=device, out=run_out)
     dataset, compiled = prepared.dataset, prepared.compiled
     noise_model = parse_noise(noise, dataset.transform)
@@ -466,7 +546,8 @@ def denoise(target: SpecLike | Run, *, noise: str, images: int = 16, input: str 
         if noise_model.kind == "gaussian":
             notes.append("the input's pixels are quantised to 256 levels; they are taken as the noisy values as "
                          "they are (quantisation and clipping are not part of the noise model)")
-    result = denoise_images(compiled, run.values, noisy, noise_model, k=k, seed=seed, clean=clean)
+    result = denoise_images(compiled, run.values, noisy, noise_model, k=k, seed=seed, clean=clean,
+                            mcmc_warmup=mcmc_warmup, mcmc_samples=mcmc_samples, on_sweep=on_sweep)
     result.notes[:0] = notes
     files: dict[str, Path] = {}
     if out is not None:

@@ -8,6 +8,7 @@ from probkit.errors import UsageError
 from probkit.session import Prepared
 
 MAX_COMPLETIONS = 1000  # per image: a grid row of 1,002 cells is already more than anyone reads
+MAX_SAMPLER_STEPS = 100_000  # warmup or kept steps (NUTS) or sweeps (Gibbs): beyond it a run takes days
 
 
 def check_completion_memory(images: int, k: int, prepared: Prepared) -> None:
@@ -27,3 +28,11 @@ def check_draw_counts(images: int, k: int) -> None:
         raise UsageError(f"--images must be at least 1, found {images}")
     if not 1 <= k <= MAX_COMPLETIONS:
         raise UsageError(f"-k must be between 1 and {MAX_COMPLETIONS:,} draws per image, found {k}")
+
+
+def check_sampler_steps(warmup: int | None, samples: int | None) -> None:
+    """--mcmc-warmup and --mcmc-samples (None: the sampler's default), before any work."""
+    if not (warmup is None or 0 <= warmup <= MAX_SAMPLER_STEPS) or \
+            not (samples is None or 1 <= samples <= MAX_SAMPLER_STEPS):
+        raise UsageError(f"--mcmc-warmup must be 0 to {MAX_SAMPLER_STEPS:,} and --mcmc-samples 1 to "
+                         f"{MAX_SAMPLER_STEPS:,}, found {warmup} and {samples}")

@@ -25,7 +25,21 @@ configurations; `UpscaleResult.method` says how it was computed:
   Normal, by the central limit theorem over f^2 pixels), the result clipped to the pixel range
   (draws of discrete levels rounded). Not exact; the method says so.
 
-Families whose pixels are not independent given the latents (autoregressive ones) are refused.
+- ``gibbs`` (a structure whose pixels depend on each other: autoregressive likelihoods, where
+  the sums above would not factorise; binary and discrete pixels): Gibbs sweeps
+  (`probkit.tasks.gibbs`, the sampler completion and denoise use) under the observation's hard
+  constraint, each block's sum. A single pixel cannot change without breaking its block's sum,
+  so every step moves two pixels of one block and keeps their sum: each pixel in turn, paired
+  with another of its block drawn at random, takes every value the pair's sum allows (2 for
+  binary, up to 256 levels for discrete), drawn from p(x) (latents summed out) at each. Swaps
+  within a block reach every image with the same block sums. k chains per image, started from a
+  pixel-by-pixel draw from p(x_d | x_<d) restricted to values that leave the rest of the block
+  a reachable sum, so every state has exactly the observed block means; the mean is the average
+  of the states over the kept sweeps (so it has them too), the draws are the chains' last
+  states; the settings, min effective sample
+  size and max split R-hat of log p(x) per sweep are in `UpscaleResult.settings` and the notes.
+  Continuous pixels are refused: their block means are a constraint on real values that these
+  discrete moves cannot follow.
 The baseline is Pillow's bicubic upscaling of the low-resolution image; the PSNR of both
 against the true images is on the [0, 1] display scale.
 """
@@ -35,6 +49,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -45,6 +60,7 @@ from probkit.errors import UsageError
 from probkit.families.base import chunk_size
 from probkit.runs import Run
 from probkit.session import SpecLike, held_out_images, input_levels, open_run
+from probkit.tasks import gibbs
 from probkit.tasks.limits import check_completion_memory, check_draw_counts
 from probkit.tasks.outputs import GRID_ROWS, check_outputs, grid_file, output_files
 from probkit.tasks.restoration import (DTYPE, choose, joint_moments, linear_gaussian_posterior, log_prior,
@@ -132,6 +148,7 @@ class UpscaleResult:
     top: float  # the model scale's largest value (255 for discrete levels, else 1)
     truth: torch.Tensor | None = None
     notes: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)  # a sampler's settings and diagnostics (gibbs)
 
     @property
     def images(self) -> int:
@@ -142,7 +159,8 @@ class UpscaleResult:
             return None if self.truth is None else psnr_db(estimate, self.truth, self.top)
 
         return {"factor": self.factor, "method": self.method, "images": self.images,
-                "psnr_bicubic_db": psnr(self.bicubic), "psnr_model_db": psnr(self.mean), "notes": list(self.notes)}
+                "psnr_bicubic_db": psnr(self.bicubic), "psnr_model_db": psnr(self.mean), "notes": list(self.notes),
+                **({"settings": dict(self.settings)} if self.settings else {})}
 
 
 def bicubic(low: torch.Tensor, blocks: Blocks, top: float) -> torch.Tensor:
@@ -171,6 +189,7 @@ class Upscaler:
         self.prior = log_prior(compiled, values)
         self.K = self.prior.numel()
         self.notes: list[str] = []
+        self.settings: dict = {}  # what a sampler reports: its settings and diagnostics
 
     def run(self, low: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -327,10 +346,79 @@ class GaussianBlocks(Upscaler):
         return mean.clamp(self.low, self.high), draws
 
 
-def upscaler_for(compiled: CompiledModel, values, blocks: Blocks) -> Upscaler:
-    """The strategy for this model (UsageError for a family whose pixels depend on each other)."""
+class GibbsBlocks(Upscaler):
+    """Pixels that depend on each other: Gibbs sweeps of pairs within a block, their sum kept (see
+    the module docstring)."""
+
+    method = "gibbs"
+
+    def __init__(self, compiled, values, blocks, settings: gibbs.GibbsSettings, on_sweep=None):
+        super().__init__(compiled, values, blocks)
+        if compiled.spec.data.transform == "continuous":
+            raise UsageError("upscale needs binary or discrete pixels for a model whose pixels depend on each other "
+                             f"({compiled.structure.describe}): the block means are a constraint on continuous "
+                             "values that its Gibbs moves cannot follow; use `transform: binary` or `discrete`, or a "
+                             "Gaussian or pixel family")
+        self.gibbs, self.on_sweep = settings, on_sweep
+        self.levels = gibbs.pixel_levels(compiled)
+        self.top = float(self.levels.max())
+        D = compiled.dims.D
+        self.members = blocks.split(torch.arange(D, device=compiled.device))  # blocks x m pixel indices
+        self.block_of = torch.empty(D, dtype=torch.long, device=compiled.device)
+        self.block_of[self.members.reshape(-1)] = torch.arange(blocks.count, device=compiled.device
+                                                               ).repeat_interleave(blocks.size)
+        later = self.members.unsqueeze(-1) < self.members.unsqueeze(-2)  # position a before b in the order
+        self.after = torch.empty(D, dtype=torch.long, device=compiled.device)
+        self.after[self.members.reshape(-1)] = later.sum(-1).reshape(-1)  # pixels of its block after it
+
+    def sums(self, low: torch.Tensor) -> torch.Tensor:
+        """Each block's sum of levels (N x blocks), an integer; UsageError outside [0, top * f^2]."""
+        sums = (low.to(DTYPE) * self.blocks.size).round()
+        top = self.top * self.blocks.size
+        if bool(((sums < 0) | (sums > top)).any()):
+            raise UsageError(f"a low-resolution pixel lies outside [0, {self.top:g}] on the model's scale, so no "
+                             "image has that block mean")
+        return sums
+
+    def constraint(self, sums: torch.Tensor):
+        """weight(d, x) for the start: the values of pixel d that leave the rest of its block (the
+        pixels after d, at most `top` each) a reachable sum, given the pixels drawn so far."""
+        levels, top = self.levels, self.top
+        spread = levels.unsqueeze(1).expand(-1, len(sums))
+        zero = torch.zeros((), dtype=DTYPE, device=levels.device)
+        never = torch.tensor(float("-inf"), dtype=DTYPE, device=levels.device)
+
+        def weight(d, x):
+            b = int(self.block_of[d])
+            left = sums[:, b] - x[:, self.members[b]].to(DTYPE).sum(-1)  # n: what d and the later pixels hold
+            rest = left.unsqueeze(1) - levels.unsqueeze(0)  # n x L
+            allowed = (rest >= 0) & (rest <= top * int(self.after[d]))
+            return spread, torch.where(allowed, zero, never)
+
+        return weight
+
+    def run(self, low, k):
+        sums = self.sums(low).repeat_interleave(k, 0)  # image-major: image n's k chains together
+        found = gibbs.sample_posterior(self.compiled, self.values, self.constraint(sums),
+                                       gibbs.pair_moves(self.members, self.levels, self.top), self.gibbs, len(low), k,
+                                       rao_blackwell=False, on_sweep=self.on_sweep)
+        self.settings = found.info
+        self.notes.append(f"gibbs: {self.gibbs.describe(k, 'draw')}; each sweep moves every pixel together with "
+                          "another pixel of its block, their sum kept, so every state has exactly the observed block "
+                          "means; the mean is the average of the states over the kept sweeps (so it keeps them too), "
+                          "the draws are the chains' last states")
+        self.notes.extend([found.note] if found.note else [])
+        return found.mean, found.draws
+
+
+def upscaler_for(compiled: CompiledModel, values, blocks: Blocks, settings: gibbs.GibbsSettings | None = None,
+                 on_sweep=None) -> Upscaler:
+    """The strategy for this model (UsageError where none applies). settings: the Gibbs
+    sampler's, where the pixels depend on each other."""
     family = compiled.family
     transform = compiled.spec.data.transform
+    if compiled.structure.discrete_sampler == "gibbs":
+        return GibbsBlocks(compiled, values, blocks, settings or gibbs.GibbsSettings(), on_sweep)
     if family.completion == "exact-gaussian":
         return LinearGaussianBlocks(compiled, values, blocks)
     require_independent_pixels(compiled, "upscale")
@@ -344,10 +432,14 @@ def upscaler_for(compiled: CompiledModel, values, blocks: Blocks) -> Upscaler:
 
 
 def upscale_images(compiled: CompiledModel, values: dict[str, torch.Tensor], low: torch.Tensor, factor: int, *,
-                   k: int = 4, seed: int = 0, truth: torch.Tensor | None = None) -> UpscaleResult:
+                   k: int = 4, seed: int = 0, truth: torch.Tensor | None = None, mcmc_warmup: int | None = None,
+                   mcmc_samples: int | None = None,
+                   on_sweep: Callable[[int, int], None] | None = None) -> UpscaleResult:
     """Super-resolve low-resolution model-scale images (N x blocks, block means of the unknown
     images) by `factor`: the posterior mean and k draws of the full images. `truth`: the true
-    full images, when known, for the PSNRs."""
+    full images, when known, for the PSNRs. `mcmc_warmup` / `mcmc_samples`: the Gibbs sampler's
+    burn-in and kept sweeps where it runs (defaults gibbs.GIBBS_DEFAULTS); `on_sweep(done,
+    total)` follows its sweeps."""
     dims = compiled.dims
     blocks = blocks_for(dims.C, dims.H, dims.W, factor)
     if low.dim() != 2 or low.shape[1] != blocks.count:
@@ -355,8 +447,9 @@ def upscale_images(compiled: CompiledModel, values: dict[str, torch.Tensor], low
                          f"({dims.C} x {blocks.low_hw[0]} x {blocks.low_hw[1]})")
     if k < 1:
         raise UsageError(f"-k must be at least 1, found {k}")
+    settings = gibbs.settings_from(mcmc_warmup, mcmc_samples, seed)
     values = {name: v.to(compiled.device) for name, v in values.items()}
-    upscaler = upscaler_for(compiled, values, blocks)
+    upscaler = upscaler_for(compiled, values, blocks, settings, on_sweep)
     with torch.no_grad(), seeded(seed, compiled.device):
         mean, draws = upscaler.run(low, k)
     top = 255.0 if compiled.spec.data.transform == "discrete" else 1.0
@@ -364,12 +457,13 @@ def upscale_images(compiled: CompiledModel, values: dict[str, torch.Tensor], low
     for latent in compiled.observed_latents:
         notes.append(f"latent '{latent.name}' (a label in training) is not given and is summed out")
     return UpscaleResult(low, mean.to(low.dtype), draws.to(low.dtype), bicubic(low, blocks, top), upscaler.method,
-                         factor, top, truth, notes)
+                         factor, top, truth, notes, upscaler.settings)
 
 
 def upscale(target: SpecLike | Run, *, factor: int = 2, images: int = 16, input: str | Path | None = None,
             k: int = 4, seed: int = 0, device: str = "auto", out: str | Path | None = None,
-            run_out: str | Path | None = None, overwrite: bool = False):
+            run_out: str | Path | None = None, overwrite: bool = False, mcmc_warmup: int | None = None,
+            mcmc_samples: int | None = None, on_sweep: Callable[[int, int], None] | None = None):
     """Super-resolve low-resolution images by `factor` with a fitted run (see `probkit.tasks.upscaling`).
 
     Without `input`, the low-resolution images are the f x f block averages of the first
@@ -379,8 +473,10 @@ def upscale(target: SpecLike | Run, *, factor: int = 2, images: int = 16, input:
     When `out` is given (a .png path or a folder, where the file is upscale-x<factor>.png) it
     writes a grid, one row per image (the first GRID_ROWS): low-res, bicubic, posterior mean, truth, then the k draws;
     a .npy of the means and one of the draws (<name>-samples.npy), on the [0, 1] display scale.
-    Returns (UpscaleResult, files)."""
+    `mcmc_warmup` / `mcmc_samples`: the Gibbs sweeps (burn-in, kept) where the model's pixels
+    depend on each other; `on_sweep(done, total)` follows them. Returns (UpscaleResult, files)."""
     check_draw_counts(images, k)
+    gibbs.settings_from(mcmc_warmup, mcmc_samples, seed)  # bad sweep counts: before any work
     if out is not None:  # before any work
         png = grid_file(Path(out), f"upscale-x{factor}.png")
         check_outputs(png, png.with_suffix(".npy"), png.with_name(png.stem + "-samples.npy"),
@@ -404,7 +500,8 @@ def upscale(target: SpecLike | Run, *, factor: int = 2, images: int = 16, input:
             low = (levels + 0.5) / 256.0
         else:
             low = levels
-    result = upscale_images(compiled, run.values, low, factor, k=k, seed=seed, truth=truth)
+    result = upscale_images(compiled, run.values, low, factor, k=k, seed=seed, truth=truth, mcmc_warmup=mcmc_warmup,
+                            mcmc_samples=mcmc_samples, on_sweep=on_sweep)
     result.notes[:0] = notes
     files: dict[str, Path] = {}
     if out is not None:

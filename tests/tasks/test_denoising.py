@@ -313,17 +313,28 @@ def test_cli_bad_usage_exits_2(tiny_run, tmp_path, args, words):
     assert words in " ".join(result.output.split())
 
 
-def test_an_autoregressive_likelihood_is_refused(write_spec):
-    text = """probkit: 1
-name: den-fvsbn
-data: {source: digits, size: 4, transform: binary}
-params:
-  b: {shape: [D], support: real}
-  A: {shape: [D, D], support: real}
-likelihood:
-  x: Bernoulli(logits=b + tril(A, -1) @ x)
-"""
-    prepared = probkit.prepare(write_spec(text, "den-fvsbn"))
-    y = prepared.dataset.fixed("test")[:2]
-    with pytest.raises(UsageError, match="autoregressive"):
-        denoise_images(prepared.compiled, prepared.compiled.initial_values(), y, parse_noise("flip:0.1", "binary"))
+@pytest.fixture(scope="module")
+def nade_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("nade") / "run"
+    probkit.fit(TEST_SPECS / "tiny-nade.yaml", steps=3, out=path, device="cpu", samples=0)
+    return path
+
+
+def test_cli_denoise_of_an_autoregressive_model_runs_gibbs_and_prints_its_diagnostics(nade_run, tmp_path):
+    """tiny-nade's pixels depend on each other: Gibbs sweeps (tested against brute force in
+    tests/tasks/test_gibbs.py), with the settings, ESS and R-hat printed as completion prints them."""
+    args = ["denoise", str(nade_run), "--noise", "flip:0.1", "--images", "2", "-k", "2", "--mcmc-warmup", "1",
+            "--mcmc-samples", "4", "--out", str(tmp_path / "d.png")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    for words in ("gibbs", "gibbs min_ess", "gibbs max_split_rhat", "min effective sample size", "max split R-hat",
+                  "PSNR 3x3 median"):
+        assert words in text, words
+    result = CliRunner().invoke(app, args + ["--json", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["method"] == "gibbs" and data["settings"]["num_chains"] == 2
+    assert data["settings"]["warmup_steps"] == 1 and data["settings"]["num_samples"] == 4
+    assert math.isfinite(data["psnr_denoised_db"]) and math.isfinite(data["psnr_median_db"])
+    assert np.load(tmp_path / "d-samples.npy").shape == (2, 2, 1, 4, 4)

@@ -222,17 +222,27 @@ def test_cli_bad_factor_exits_2(tiny_run, tmp_path, factor, words):
     assert words in " ".join(result.output.split())
 
 
-def test_an_autoregressive_likelihood_is_refused(write_spec):
-    text = """probkit: 1
-name: up-fvsbn
-data: {source: digits, size: 4, transform: binary}
-params:
-  b: {shape: [D], support: real}
-  A: {shape: [D, D], support: real}
-likelihood:
-  x: Bernoulli(logits=b + tril(A, -1) @ x)
-"""
-    prepared = probkit.prepare(write_spec(text, "up-fvsbn"))
-    low = blocks_for(1, 4, 4, 2).average(prepared.dataset.fixed("test")[:2])
-    with pytest.raises(UsageError, match="autoregressive"):
-        upscale_images(prepared.compiled, prepared.compiled.initial_values(), low, 2)
+def test_cli_upscale_of_an_autoregressive_model_runs_gibbs_and_prints_its_diagnostics(tmp_path):
+    """tiny-fvsbn-mixture's pixels depend on each other: Gibbs sweeps that keep each block's sum
+    (tested against brute force in tests/tasks/test_gibbs.py), with ESS and R-hat printed."""
+    run = tmp_path / "run"
+    probkit.fit(TEST_SPECS / "tiny-fvsbn-mixture.yaml", steps=3, out=run, device="cpu", samples=0)
+    args = ["upscale", str(run), "--factor", "2", "--images", "3", "-k", "2", "--mcmc-warmup", "1",
+            "--mcmc-samples", "4", "--out", str(tmp_path / "u.png")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    for words in ("gibbs min_ess", "gibbs max_split_rhat", "max split R-hat", "PSNR bicubic"):
+        assert words in text, words
+    result = CliRunner().invoke(app, args + ["--json", "--overwrite"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["method"] == "gibbs" and data["settings"]["kernel"] == "Gibbs"
+    # the draws and the mean (an average of states) keep the observed block means exactly
+    blocks = blocks_for(1, 4, 4, 2)
+    truth = probkit.prepare(TEST_SPECS / "tiny-fvsbn-mixture.yaml").dataset.fixed("test")[:3].double()
+    draws = torch.from_numpy(np.load(tmp_path / "u-samples.npy").reshape(3, 2, -1)).double()
+    means = torch.from_numpy(np.load(tmp_path / "u.npy").reshape(3, 1, -1)).double()
+    for images in (draws, means):
+        assert torch.allclose(blocks.average(images), blocks.average(truth).unsqueeze(1).expand_as(
+            blocks.average(images)), atol=1e-6)
