@@ -41,6 +41,12 @@ def check_evaluate_and_compress_agree(run: Path, tmp_path: Path, metrics: dict) 
         assert coded == pytest.approx(evaluated, rel=1e-6), (coded, evaluated)
 
 
+# full-size specs whose every pixel is a network evaluation when drawn or coded: evaluate's 500
+# memorisation draws and compress's held-out images take many minutes, so they run validate, fit and
+# sample here; the tiny PixelCNN test specs (tests/specs) check evaluate and compress on the same blocks
+PER_PIXEL_NETWORKS = ("mnist-pixelcnn", "textures-pixelcnn")
+
+
 @pytest.mark.parametrize("spec", _params(SPECS))
 def test_spec_runs_end_to_end(spec, tmp_path):
     result = runner.invoke(app, ["validate", str(spec)])
@@ -48,9 +54,12 @@ def test_spec_runs_end_to_end(spec, tmp_path):
     run = tmp_path / "run"
     result = runner.invoke(app, ["fit", str(spec), "--steps", "3", "--out", str(run), "--no-progress"])
     assert result.exit_code == 0, result.output
-    metrics = json.loads(runner.invoke(app, ["evaluate", str(run), "--json"]).output)
-    assert np.isfinite(metrics["test"]["bits_per_dim"])
-    check_evaluate_and_compress_agree(run, tmp_path, metrics)
+    if spec.stem not in PER_PIXEL_NETWORKS:
+        metrics = json.loads(runner.invoke(app, ["evaluate", str(run), "--json"]).output)
+        assert np.isfinite(metrics["test"]["bits_per_dim"])
+        check_evaluate_and_compress_agree(run, tmp_path, metrics)
+    else:
+        assert np.isfinite(json.loads((run / "run.json").read_text())["test"]["bits_per_dim"])
     result = runner.invoke(app, ["sample", str(run), "-n", "4", "--out", str(tmp_path / "s.png")])
     assert result.exit_code == 0, result.output
     assert np.isfinite(np.load(tmp_path / "s.npy")).all()
