@@ -106,7 +106,7 @@ def run_restarts(compiled, dataset, settings, params: Params, stepper: EMStepper
     `params`, and report. `stepper` is the fit's EM stepper; it is left ready for step 1."""
     began = time.perf_counter()
     # the full batch EM's steps read (a fresh stream's first: this rank's share, in chunks when streamed)
-    batch = next(BatchStream(BatchPlan.of(compiled, dataset, settings), dataset, collective))
+    batch = collective.share(next(BatchStream(BatchPlan.of(compiled, dataset, settings), dataset, collective)))
     data = dataset.start_images() if collective.is_main else None
     trials: list[Trial] = []
     best: list[torch.Tensor] | None = None
