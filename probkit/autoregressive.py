@@ -304,7 +304,8 @@ def crop_radius(argument_nodes, bindings, shapes) -> int | None:
                 half = max(size[-2] // 2, size[-1] // 2) if name == "masked_conv" and len(size) == 4 else 0
                 return ("map", inner[1] + half)
             if name == "gated":
-                return kind(args[0]) if isinstance(kind(args[0]), tuple) and kind(args[0])[0] == "map" else None
+                inner = kind(args[0])
+                return inner if isinstance(inner, tuple) and inner[0] == "map" else None
             if name == "flat":
                 inner = kind(args[0])
                 if isinstance(inner, tuple) and inner[0] == "map" and all(kind(a) in (NUMBER, CONST) for a in args[1:]):

@@ -32,6 +32,7 @@ import torch
 
 from probkit import expressions
 from probkit.autoregressive import ELEMENTWISE
+from probkit.convolution import channel_groups, conv_mask
 from probkit.context import Context
 from probkit.distributions import FAMILIES
 
@@ -484,8 +485,6 @@ def _grouped(deps: torch.Tensor, channels: int, groups: int) -> torch.Tensor:
     """(channels or 1, H, W, D) -> (groups or 1, H, W, D): what any channel of each group reads."""
     if deps.shape[0] == 1 or groups == 1:
         return deps.any(0, keepdim=True)
-    from probkit.convolution import channel_groups
-
     which = channel_groups(channels, groups)
     return torch.stack([deps[which == g].any(0) for g in range(groups)])
 
@@ -494,8 +493,6 @@ def _ungrouped(deps: torch.Tensor, channels: int, groups: int) -> torch.Tensor:
     """(groups or 1, H, W, D) -> deps broadcastable over (channels, H, W, D), each channel its group's."""
     if deps.shape[0] == 1:
         return deps
-    from probkit.convolution import channel_groups
-
     return deps[channel_groups(channels, groups)]
 
 
@@ -527,8 +524,6 @@ def _conv_rule(args, D, dims, mask, *, one_by_one: bool = False):
     input i reads at p + offset (zero padding reads nothing), and what the weights and bias read.
     Computed per channel group (a conv's mask depends on channels only through their groups) as a
     boolean convolution of the deps with the group-level mask."""
-    from probkit.convolution import conv_mask
-
     h, weight, bias = args
     value = _image_value("conv1x1" if one_by_one else "masked_conv", args, dims, mask)
     out_channels, in_channels = weight.shape[:2]
@@ -536,8 +531,6 @@ def _conv_rule(args, D, dims, mask, *, one_by_one: bool = False):
     groups = dims[0]
     deps = _grouped(_map_deps(h, D), in_channels, groups)  # (G or 1, H, W, D)
     full = conv_mask(out_channels, in_channels, kh, kw, groups, "B" if one_by_one else mask) > 0
-    from probkit.convolution import channel_groups
-
     out_g, in_g = channel_groups(out_channels, groups), channel_groups(in_channels, groups)
     group_mask = torch.stack([  # (G_out, G_in or 1, kh, kw): what any channel pair of the two groups keeps
         torch.stack([full[out_g == g][:, in_g == j].any(0).any(0) for j in range(groups)])
@@ -603,16 +596,11 @@ def map_violation(value: Abstract, dims: tuple[int, int, int]) -> tuple[int, int
     the first (pixel d, pixel j), j >= d, such that an element standing at pixel d (channel group,
     row, column; see probkit.convolution) reads pixel j; None when none does, or the value is
     neither. Where a deep likelihood first breaks the order, for its error message."""
-    from probkit.convolution import channel_groups
-
     C, H, W = dims
     D = C * H * W
     shape = value.shape
-    deps = _ndim(value.deps, len(shape) + 1)
     if len(shape) >= 3 and shape[-2:] == (H, W):
-        lead = deps.dim() - 4
-        deps = deps.reshape(-1, *deps.shape[lead:]).any(0) if lead > 0 else deps
-        deps = deps.expand(shape[-3], H, W, D)
+        deps = _map_deps(value, D).expand(shape[-3], H, W, D)
         group = channel_groups(shape[-3], C)
         at = (group[:, None, None] * H * W + torch.arange(H)[None, :, None] * W + torch.arange(W)[None, None, :])
         bad = deps & (torch.arange(D) >= at.unsqueeze(-1))
